@@ -1,0 +1,36 @@
+# Two commands on a fresh machine with Python 3.11 and make:
+#   make serve   set up .venv, migrate the embedded SQLite database, serve http://127.0.0.1:8080/fhir
+#   make test    set up .venv and run the test suite (PostgreSQL lane when FHIR_NORSE_TEST_POSTGRES_URL is set)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test migrate lint typecheck bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/fhir-norse serve --host 127.0.0.1 --port 8080
+
+migrate: $(STAMP)
+	$(BIN)/fhir-norse migrate
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy fhir_norse
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

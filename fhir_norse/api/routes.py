@@ -1,0 +1,135 @@
+"""The FHIR REST routes at ``/fhir``: thin adapters from HTTP to one interaction each.
+
+https://hl7.org/fhir/R4/http.html. Parsing of headers and bodies happens in
+:mod:`fhir_norse.api.deps`; the interaction runs in the FHIR layer; the answer is rendered by
+:mod:`fhir_norse.api.rendering`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from fhir_norse.api.deps import Context, PatchBody, ResourceBody, Service, read_body
+from fhir_norse.api.rendering import render
+from fhir_norse.fhir.bundles import BundleProcessor
+from fhir_norse.fhir.capability import capability_statement
+from fhir_norse.fhir.errors import BadRequest, MethodNotAllowed
+from fhir_norse.fhir.operations.validate import validate_operation
+from fhir_norse.fhir.searching import search, search_params_from_form
+
+router = APIRouter(prefix="/fhir")
+OptionalHeader = Annotated[str | None, Header()]
+
+
+def _query(request: Request) -> list[tuple[str, str]]:
+    return list(request.query_params.multi_items())
+
+
+def _query_text(request: Request) -> str:
+    return request.url.query
+
+
+@router.get("/metadata")
+def metadata(request: Request, ctx: Context, service: Service) -> Response:
+    return render(capability_statement(service, ctx, request.app.state.settings))
+
+
+@router.post("")
+@router.post("/")
+async def batch_or_transaction(request: Request, ctx: Context, service: Service) -> Response:
+    bundle = await read_body(request)
+    return render(await run_in_threadpool(BundleProcessor(service).process, ctx, bundle))
+
+
+@router.get("/_history")
+def system_history(request: Request, ctx: Context, service: Service) -> Response:
+    return render(service.history(ctx, None, None, _query(request)))
+
+
+@router.get("/{res_type}")
+def search_type(request: Request, res_type: str, ctx: Context, service: Service) -> Response:
+    return render(search(service, ctx, res_type, _query(request)))
+
+
+@router.post("/{res_type}/_search")
+async def search_post(request: Request, res_type: str, ctx: Context, service: Service) -> Response:
+    params = await search_params_from_form(request.headers.get("content-type", ""), await request.body())
+    return render(await run_in_threadpool(search, service, ctx, res_type, _query(request) + params))
+
+
+@router.post("/{res_type}")
+def create(res_type: str, body: ResourceBody, ctx: Context, service: Service,
+           if_none_exist: OptionalHeader = None) -> Response:
+    return render(service.create(ctx, res_type, body, if_none_exist))
+
+
+@router.put("/{res_type}")
+def conditional_update(request: Request, res_type: str, body: ResourceBody, ctx: Context, service: Service,
+                       if_match: OptionalHeader = None) -> Response:
+    query = _query_text(request)
+    if not query:
+        raise MethodNotAllowed("PUT on a resource type needs search parameters (conditional update) or an id")
+    return render(service.conditional_update(ctx, res_type, query, body, if_match))
+
+
+@router.delete("/{res_type}")
+def conditional_delete(request: Request, res_type: str, ctx: Context, service: Service) -> Response:
+    query = _query_text(request)
+    if not query:
+        raise MethodNotAllowed("DELETE on a resource type needs search parameters (conditional delete)")
+    return render(service.conditional_delete(ctx, res_type, query))
+
+
+@router.get("/{res_type}/_history")
+def type_history(request: Request, res_type: str, ctx: Context, service: Service) -> Response:
+    return render(service.history(ctx, res_type, None, _query(request)))
+
+
+@router.post("/{res_type}/$validate")
+def validate_type(res_type: str, body: ResourceBody, ctx: Context, service: Service) -> Response:
+    return render(validate_operation(service, ctx, res_type, None, body))
+
+
+@router.post("/{res_type}/{res_id}/$validate")
+def validate_instance(res_type: str, res_id: str, body: ResourceBody, ctx: Context, service: Service) -> Response:
+    return render(validate_operation(service, ctx, res_type, res_id, body))
+
+
+@router.get("/{res_type}/{res_id}")
+def read(res_type: str, res_id: str, ctx: Context, service: Service, if_none_match: OptionalHeader = None,
+         if_modified_since: OptionalHeader = None) -> Response:
+    if res_id.startswith("$"):
+        raise BadRequest(f"Operation {res_id} is not supported on {res_type}", code="not-supported")
+    return render(service.read(ctx, res_type, res_id, if_none_match=if_none_match,
+                               if_modified_since=if_modified_since))
+
+
+@router.put("/{res_type}/{res_id}")
+def update(res_type: str, res_id: str, body: ResourceBody, ctx: Context, service: Service,
+           if_match: OptionalHeader = None) -> Response:
+    return render(service.update(ctx, res_type, res_id, body, if_match))
+
+
+@router.patch("/{res_type}/{res_id}")
+def patch(res_type: str, res_id: str, body: PatchBody, ctx: Context, service: Service,
+          if_match: OptionalHeader = None) -> Response:
+    return render(service.patch(ctx, res_type, res_id, body, if_match))
+
+
+@router.delete("/{res_type}/{res_id}")
+def delete(res_type: str, res_id: str, ctx: Context, service: Service) -> Response:
+    return render(service.delete(ctx, res_type, res_id))
+
+
+@router.get("/{res_type}/{res_id}/_history")
+def instance_history(request: Request, res_type: str, res_id: str, ctx: Context, service: Service) -> Response:
+    return render(service.history(ctx, res_type, res_id, _query(request)))
+
+
+@router.get("/{res_type}/{res_id}/_history/{version}")
+def vread(res_type: str, res_id: str, version: str, ctx: Context, service: Service) -> Response:
+    return render(service.vread(ctx, res_type, res_id, version))
+

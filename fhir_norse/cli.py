@@ -1,0 +1,56 @@
+"""The ``fhir-norse`` command: ``serve`` and ``migrate``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fhir_norse.config import load_settings
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database-url", help="SQLAlchemy URL (env FHIR_NORSE_DATABASE_URL); "
+                        "default: SQLite file under ./var/")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fhir-norse", description="fhir-norse FHIR R4 server")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP server")
+    _common(serve)
+    serve.add_argument("--host", help="interface to bind (env FHIR_NORSE_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (env FHIR_NORSE_PORT, default 8080)")
+    serve.add_argument("--no-migrate", action="store_true", help="do not upgrade the schema on start")
+
+    migrate = sub.add_parser("migrate", help="upgrade the database schema to the newest revision")
+    _common(migrate)
+
+    args = parser.parse_args(argv)
+    settings = load_settings(database_url=args.database_url,
+                             host=getattr(args, "host", None), port=getattr(args, "port", None))
+
+    from fhir_norse.store import migrate as migrations
+    from fhir_norse.store.db import create_engine
+
+    if args.command == "migrate" or (args.command == "serve" and not args.no_migrate):
+        engine = create_engine(settings.database_url)
+        migrations.upgrade(engine)
+        print(f"database at revision {migrations.current_revision(engine)}", file=sys.stderr)
+        engine.dispose()
+        if args.command == "migrate":
+            return 0
+
+    import uvicorn
+
+    from fhir_norse.api.app import configure_logging, create_app
+
+    configure_logging(settings.log_level)
+    print(f"fhir-norse serving FHIR R4 at http://{settings.host}:{settings.port}/fhir", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower(), access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""The CapabilityStatement, generated from what this server really implements.
+
+https://hl7.org/fhir/R4/capabilitystatement.html. Resource types, interactions, search
+parameters and includes are read from the same registries the server runs on, so the
+statement cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fhir_norse import __version__
+from fhir_norse.config import Settings
+from fhir_norse.fhir.context import RequestContext, Result
+from fhir_norse.fhir.interactions import FhirService
+from fhir_norse.fhir.resource_types import SUPPORTED_TYPES
+from fhir_norse.fhir.search.registry import RESOURCE_COLUMN_PARAMS
+
+TYPE_INTERACTIONS = ("read", "vread", "update", "patch", "delete", "history-instance", "history-type",
+                     "create", "search-type")
+
+
+def _resource(service: FhirService, res_type: str) -> dict[str, Any]:
+    definitions = service.registry.for_type(res_type)
+    searchable = {d.code: d for d in service.registry.indexed(res_type)}
+    for code in RESOURCE_COLUMN_PARAMS:
+        if code in definitions:
+            searchable[code] = definitions[code]
+    params = [
+        {"name": d.code, "definition": d.url, "type": d.type, **({"documentation": d.description}
+                                                                    if d.description else {})}
+        for d in sorted(searchable.values(), key=lambda d: d.code)
+    ]
+    references = sorted(d.code for d in searchable.values() if d.type == "reference")
+    revincludes = sorted(
+        f"{other}:{d.code}"
+        for other in SUPPORTED_TYPES
+        for d in service.registry.indexed(other)
+        if d.type == "reference" and (not d.targets or res_type in d.targets)
+    )
+    return {
+        "type": res_type,
+        "profile": f"http://hl7.org/fhir/StructureDefinition/{res_type}",
+        "interaction": [{"code": code} for code in TYPE_INTERACTIONS],
+        "versioning": "versioned-update",
+        "readHistory": True,
+        "updateCreate": True,
+        "conditionalCreate": True,
+        "conditionalRead": "full-support",
+        "conditionalUpdate": True,
+        "conditionalDelete": "single",
+        "referencePolicy": ["literal", "local"],
+        "searchInclude": ["*", *(f"{res_type}:{code}" for code in references)],
+        "searchRevInclude": revincludes,
+        "searchParam": params,
+        "operation": [{"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}],
+    }
+
+
+def capability_statement(service: FhirService, ctx: RequestContext, settings: Settings) -> Result:
+    statement = {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-26",
+        "publisher": "fhir-norse",
+        "kind": "instance",
+        "software": {"name": "fhir-norse", "version": __version__},
+        "implementation": {"description": "fhir-norse FHIR R4 server", "url": ctx.base_url},
+        "fhirVersion": "4.0.1",
+        "format": ["json", "application/fhir+json"],
+        "patchFormat": ["application/json-patch+json"],
+        "rest": [{
+            "mode": "server",
+            "documentation": (
+                "Search results are paged with opaque keyset cursors; _total is only computed when "
+                "_total=accurate is asked for. Unknown search parameters are ignored unless "
+                "'Prefer: handling=strict' is sent."
+            ),
+            "resource": [_resource(service, t) for t in SUPPORTED_TYPES],
+            "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+        }],
+    }
+    return Result(200, body=statement)

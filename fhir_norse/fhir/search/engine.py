@@ -1,0 +1,412 @@
+"""Run a parsed search against the resource and index tables: matches, paging, includes, totals.
+
+Implements the result side of https://hl7.org/fhir/R4/search.html: sorting (``_sort``),
+keyset paging (opaque ``_cursor`` links, https://hl7.org/fhir/R4/http.html#paging),
+``_include``/``_revinclude`` (one ``:iterate`` level) and ``_total``. Bodies are returned as
+the stored JSON text so the caller can splice them into a Bundle without re-parsing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.sql.elements import ColumnElement
+
+from fhir_norse.fhir.resource_types import SUPPORTED_TYPE_SET
+from fhir_norse.fhir.search.cursor import Cursor, CursorValue, encode_cursor
+from fhir_norse.fhir.search.query import IncludeSpec, SearchRequest, parse_search
+from fhir_norse.fhir.search.sql import (
+    REFERENCE,
+    RESOURCE,
+    TOKEN,
+    URI,
+    Condition,
+    match_conditions,
+    not_deleted,
+    sort_expression,
+)
+
+# Rows added by _include/_revinclude per search; beyond it the page says it was truncated.
+INCLUDE_LIMIT = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRow:
+    """A current resource version as stored: ``body_text`` is the stored JSON, not re-serialised."""
+
+    pk: int
+    res_type: str
+    res_id: str
+    version: int
+    last_updated: datetime
+    body_text: str
+
+
+@dataclass(frozen=True, slots=True)
+class SearchPage:
+    """One page of search results plus what ``_include``/``_revinclude`` added."""
+
+    request: SearchRequest
+    matches: list[StoredRow]
+    includes: list[StoredRow]
+    next_cursor: str | None = None
+    prev_cursor: str | None = None
+    total: int | None = None
+    includes_truncated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Term:
+    """One ORDER BY term: a column of the ranked subquery, its direction and whether it can be NULL."""
+
+    name: str
+    descending: bool
+    nullable: bool
+
+    def order(self, column: ColumnElement[Any], reverse: bool) -> ColumnElement[Any]:
+        descending = self.descending != reverse
+        clause = column.desc() if descending else column.asc()
+        if not self.nullable:
+            return clause
+        # Missing values sort last in both directions (first when walking backwards).
+        return clause.nulls_first() if reverse else clause.nulls_last()
+
+    def after(self, column: ColumnElement[Any], value: CursorValue, reverse: bool) -> Condition:
+        """Rows strictly after ``value`` in this term's order (reversed: strictly before)."""
+        descending = self.descending != reverse
+        nulls_last = not reverse
+        if value is None:
+            return sa.false() if nulls_last else column.is_not(None)
+        beyond = column < value if descending else column > value
+        if self.nullable and nulls_last:
+            return sa.or_(beyond, column.is_(None))
+        return beyond
+
+    def equal(self, column: ColumnElement[Any], value: CursorValue) -> Condition:
+        return column.is_(None) if value is None else column == value
+
+
+def _row(mapping: sa.RowMapping) -> StoredRow:
+    return StoredRow(
+        pk=mapping["pk"],
+        res_type=mapping["res_type"],
+        res_id=mapping["res_id"],
+        version=mapping["version"],
+        last_updated=mapping["last_updated"],
+        body_text=mapping["body_text"],
+    )
+
+
+def _stored_columns(res: sa.FromClause) -> list[ColumnElement[Any]]:
+    return [
+        res.c.pk,
+        res.c.res_type,
+        res.c.res_id,
+        res.c.version,
+        res.c.last_updated,
+        sa.cast(res.c.body, sa.Text).label("body_text"),
+    ]
+
+
+def _keyset(
+    terms: Sequence[_Term],
+    columns: Sequence[ColumnElement[Any]],
+    values: Sequence[CursorValue],
+    reverse: bool,
+) -> Condition:
+    """Rows strictly after the cursor position in the (possibly reversed) order."""
+    if all(not t.nullable for t in terms) and len({t.descending for t in terms}) == 1:
+        # One direction and no NULLs: a row-value comparison, which both databases can turn
+        # into an index range instead of scanning from the start.
+        left = sa.tuple_(*columns)
+        right = sa.tuple_(*(sa.literal(v, type_=c.type) for v, c in zip(values, columns, strict=True)))
+        return left < right if terms[0].descending != reverse else left > right
+    alternatives: list[Condition] = []
+    for i, term in enumerate(terms):
+        prefix = [terms[j].equal(columns[j], values[j]) for j in range(i)]
+        alternatives.append(sa.and_(*prefix, term.after(columns[i], values[i], reverse)))
+    return sa.or_(*alternatives)
+
+
+def _ranked(req: SearchRequest) -> tuple[sa.Subquery, list[_Term]]:
+    """The matching resources' pks with one column per sort key (``k0``, ``k1``, ...)."""
+    r = RESOURCE.alias("r")
+    columns: list[ColumnElement[Any]] = [r.c.pk.label("pk")]
+    terms: list[_Term] = []
+    computed = False
+    for i, key in enumerate(req.sort):
+        expression, nullable = sort_expression(key, r)
+        computed = computed or nullable
+        columns.append(expression.label(f"k{i}"))
+        terms.append(_Term(f"k{i}", key.descending, nullable))
+    # pk breaks ties; it follows the last key's direction so an index on (…, key, pk) serves both.
+    terms.append(_Term("pk", terms[-1].descending if terms else False, False))
+    inner = sa.select(*columns).where(*match_conditions(req.resource_type, req.criteria, r, req.now))
+    if computed:
+        # A fence: without it the planner inlines the subquery and evaluates each correlated
+        # sort-key subquery again in the keyset filter and in ORDER BY.
+        inner = inner.offset(0)
+    return inner.subquery("m"), terms
+
+
+def _fetch_page(
+    conn: sa.Connection, req: SearchRequest, cursor: Cursor | None
+) -> tuple[list[StoredRow], list[tuple[CursorValue, ...]], bool]:
+    """Rows of one page in display order, their sort-key values (pk last), and whether more exist
+    beyond the page in the direction walked."""
+    ranked, terms = _ranked(req)
+    reverse = cursor is not None and cursor.direction == "prev"
+    page = sa.select(*(ranked.c[t.name] for t in terms))
+    if cursor is not None:
+        values = (*cursor.values, cursor.pk)
+        page = page.where(_keyset(terms, [ranked.c[t.name] for t in terms], values, reverse))
+    page_sq = (
+        page.order_by(*(t.order(ranked.c[t.name], reverse) for t in terms))
+        .limit(req.count + 1)
+        .subquery("page")
+    )
+    res = RESOURCE.alias("res")
+    key_columns = [page_sq.c[t.name].label(f"sort_{t.name}") for t in terms]
+    statement = (
+        sa.select(*_stored_columns(res), *key_columns)
+        .select_from(res.join(page_sq, res.c.pk == page_sq.c.pk))
+        .order_by(*(t.order(page_sq.c[t.name], reverse) for t in terms))
+    )
+    result = conn.execute(statement).mappings().all()
+    more = len(result) > req.count
+    result = result[: req.count]
+    if reverse:
+        result = list(reversed(result))
+    rows = [_row(m) for m in result]
+    keys = [tuple(m[f"sort_{t.name}"] for t in terms) for m in result]
+    return rows, keys, more
+
+
+def count_matches(conn: sa.Connection, req: SearchRequest) -> int:
+    """The number of resources matching the criteria (``_total=accurate``)."""
+    r = RESOURCE.alias("r")
+    statement = (
+        sa.select(sa.func.count())
+        .select_from(r)
+        .where(*match_conditions(req.resource_type, req.criteria, r, req.now))
+    )
+    return int(conn.execute(statement).scalar_one())
+
+
+def _cursor_token(req: SearchRequest, key: tuple[CursorValue, ...], direction: str) -> str:
+    pk = key[-1]
+    assert isinstance(pk, int)
+    cursor = Cursor(direction="next" if direction == "next" else "prev", values=key[:-1], pk=pk)
+    return encode_cursor(cursor, req.sort_signature)
+
+
+def execute_search(conn: sa.Connection, req: SearchRequest) -> SearchPage:
+    """Run ``req``: one page of matches in sort order, cursors for the neighbouring pages,
+    the included resources, and the total when asked for.
+
+    Paging is by keyset: the next page holds the rows strictly after the last row of this one
+    in the sort order, so rows that exist throughout are neither skipped nor repeated while
+    others are created or deleted between requests.
+    """
+    total = count_matches(conn, req) if req.wants_total else None
+    if not req.wants_matches:
+        return SearchPage(request=req, matches=[], includes=[], total=total)
+    cursor = req.cursor
+    rows, keys, more = _fetch_page(conn, req, cursor)
+    next_cursor: str | None = None
+    prev_cursor: str | None = None
+    if cursor is not None and cursor.direction == "prev":
+        if not more:
+            # Walked back to the start: serve a full first page rather than a short one.
+            rows, keys, more = _fetch_page(conn, req, None)
+            next_cursor = _cursor_token(req, keys[-1], "next") if more else None
+        else:
+            next_cursor = _cursor_token(req, keys[-1], "next") if keys else None
+            prev_cursor = _cursor_token(req, keys[0], "prev") if keys else None
+    else:
+        next_cursor = _cursor_token(req, keys[-1], "next") if more and keys else None
+        prev_cursor = _cursor_token(req, keys[0], "prev") if cursor is not None and keys else None
+    includes, truncated = _includes(conn, req, rows)
+    return SearchPage(
+        request=req,
+        matches=rows,
+        includes=includes,
+        next_cursor=next_cursor,
+        prev_cursor=prev_cursor,
+        total=total,
+        includes_truncated=truncated,
+    )
+
+
+def find_matching(
+    conn: sa.Connection, resource_type: str, params: Iterable[tuple[str, str]], limit: int
+) -> list[StoredRow]:
+    """Resources matching a conditional create/update/delete query (strict parsing, no paging).
+
+    See https://hl7.org/fhir/R4/http.html#ccreate. Callers usually pass ``limit=2`` to tell
+    "none", "one" and "several" apart.
+    """
+    req = parse_search(resource_type, params, strict=True)
+    req = replace(req, sort=(), cursor=None, count=max(0, limit))
+    if limit <= 0:
+        return []
+    rows, _, _ = _fetch_page(conn, req, None)
+    return rows[:limit]
+
+
+# --- _include / _revinclude ----------------------------------------------------------------------
+
+
+def _target_types(spec: IncludeSpec) -> list[str]:
+    if spec.target_type is not None:
+        return [spec.target_type]
+    types: set[str] = set()
+    for param in spec.params:
+        types.update(param.targets)
+    return sorted(types & SUPPORTED_TYPE_SET)
+
+
+def _forward(conn: sa.Connection, spec: IncludeSpec, sources: list[StoredRow], limit: int) -> list[int]:
+    """pks of the live resources the sources' references (``spec.params``) point at."""
+    source_pks = [s.pk for s in sources if s.res_type == spec.source_type]
+    if not source_pks or not spec.params:
+        return []
+    codes = [p.code for p in spec.params]
+    ref = REFERENCE.alias("ref")
+    target = RESOURCE.alias("t")
+    local = (
+        sa.select(target.c.pk)
+        .select_from(
+            ref.join(
+                target, sa.and_(target.c.res_type == ref.c.target_type, target.c.res_id == ref.c.target_id)
+            )
+        )
+        .where(ref.c.resource_pk.in_(source_pks), ref.c.param.in_(codes), not_deleted(target))
+    )
+    if spec.target_type is not None:
+        local = local.where(ref.c.target_type == spec.target_type)
+    found = list(conn.execute(local.distinct().limit(limit)).scalars())
+    canonical_types = _target_types(spec)
+    if canonical_types:
+        # Canonical references (``questionnaire``) name the target by its ``url``, not its id.
+        uri = URI.alias("u")
+        version = TOKEN.alias("v")
+        version_matches = sa.or_(
+            ref.c.canonical_version.is_(None),
+            sa.exists().where(
+                version.c.resource_pk == target.c.pk,
+                version.c.param == "version",
+                version.c.code == ref.c.canonical_version,
+            ),
+        )
+        canonical = (
+            sa.select(target.c.pk)
+            .select_from(
+                ref.join(uri, sa.and_(uri.c.value == ref.c.url, uri.c.param == "url")).join(
+                    target, target.c.pk == uri.c.resource_pk
+                )
+            )
+            .where(
+                ref.c.resource_pk.in_(source_pks),
+                ref.c.param.in_(codes),
+                ref.c.url.is_not(None),
+                ref.c.target_id.is_(None),
+                uri.c.res_type.in_(canonical_types),
+                not_deleted(target),
+                version_matches,
+            )
+        )
+        found.extend(conn.execute(canonical.distinct().limit(limit)).scalars())
+    return found
+
+
+def _reverse(conn: sa.Connection, spec: IncludeSpec, targets: list[StoredRow], limit: int) -> list[int]:
+    """pks of the live ``spec.source_type`` resources whose references point at ``targets``."""
+    if not spec.params:
+        return []
+    codes = [p.code for p in spec.params]
+    ref = REFERENCE.alias("ref")
+    source = RESOURCE.alias("s")
+    by_type: dict[str, list[str]] = {}
+    for t in targets:
+        if spec.target_type is None or spec.target_type == t.res_type:
+            by_type.setdefault(t.res_type, []).append(t.res_id)
+    if not by_type:
+        return []
+    pointing = sa.or_(
+        *(sa.and_(ref.c.target_type == rtype, ref.c.target_id.in_(ids)) for rtype, ids in by_type.items())
+    )
+    # Canonical references point at a target's ``url``.
+    uri = URI.alias("u")
+    target_urls = sa.select(uri.c.value).where(
+        uri.c.resource_pk.in_([t.pk for t in targets if t.res_type in by_type]), uri.c.param == "url"
+    )
+    statement = (
+        sa.select(source.c.pk)
+        .select_from(ref.join(source, source.c.pk == ref.c.resource_pk))
+        .where(
+            ref.c.res_type == spec.source_type,
+            ref.c.param.in_(codes),
+            sa.or_(pointing, ref.c.url.in_(target_urls)),
+            not_deleted(source),
+        )
+        .distinct()
+        .limit(limit)
+    )
+    return list(conn.execute(statement).scalars())
+
+
+def _includes(
+    conn: sa.Connection, req: SearchRequest, matches: list[StoredRow]
+) -> tuple[list[StoredRow], bool]:
+    """Resources added by ``_include``/``_revinclude``: one pass over the matches, then one more
+    over what that pass added for the ``:iterate`` specifications."""
+    specs = [*req.includes, *req.revincludes]
+    if not specs or not matches:
+        return [], False
+    seen: set[int] = {m.pk for m in matches}
+    added: list[int] = []
+    truncated = False
+
+    def run(spec: IncludeSpec, sources: list[StoredRow]) -> None:
+        nonlocal truncated
+        room = INCLUDE_LIMIT - len(added)
+        if room <= 0:
+            truncated = True
+            return
+        pks = (
+            _reverse(conn, spec, sources, room + 1)
+            if spec.reverse
+            else _forward(conn, spec, sources, room + 1)
+        )
+        for pk in pks:
+            if pk in seen:
+                continue
+            if len(added) >= INCLUDE_LIMIT:
+                truncated = True
+                break
+            seen.add(pk)
+            added.append(pk)
+
+    for spec in specs:
+        run(spec, matches)
+    first_level = _load(conn, added)
+    iterating = [s for s in specs if s.iterate]
+    if iterating and first_level:
+        before = len(added)
+        for spec in iterating:
+            run(spec, first_level)
+        return first_level + _load(conn, added[before:]), truncated
+    return first_level, truncated
+
+
+def _load(conn: sa.Connection, pks: list[int]) -> list[StoredRow]:
+    if not pks:
+        return []
+    res = RESOURCE.alias("res")
+    statement = sa.select(*_stored_columns(res)).where(res.c.pk.in_(pks), not_deleted(res)).order_by(res.c.pk)
+    return [_row(m) for m in conn.execute(statement).mappings()]

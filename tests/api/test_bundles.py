@@ -1,0 +1,140 @@
+"""Batch and transaction Bundles: https://hl7.org/fhir/R4/http.html#transaction."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import orjson
+from fastapi.testclient import TestClient
+
+FHIR = {"Content-Type": "application/fhir+json"}
+
+
+def observation(subject: str, code: str = "8867-4", **extra: Any) -> dict[str, Any]:
+    return {"resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+            "subject": {"reference": subject}, "effectiveDateTime": "2024-05-01T10:00:00Z", **extra}
+
+
+def total(client: TestClient, res_type: str) -> int:
+    value: int = client.get(f"/fhir/{res_type}?_total=accurate&_count=0").json()["total"]
+    return value
+
+
+def test_transaction_resolves_urn_uuid_references(client: TestClient) -> None:
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:0c3b1b64-6c5c-4b6d-9d6e-000000000002",
+         "resource": observation("urn:uuid:0c3b1b64-6c5c-4b6d-9d6e-000000000001"),
+         "request": {"method": "POST", "url": "Observation"}},
+        {"fullUrl": "urn:uuid:0c3b1b64-6c5c-4b6d-9d6e-000000000001",
+         "resource": {"resourceType": "Patient", "name": [{"family": "Hansen"}]},
+         "request": {"method": "POST", "url": "Patient"}},
+    ]}
+    response = client.post("/fhir", json=bundle, headers=FHIR)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["type"] == "transaction-response"
+    obs_entry, patient_entry = body["entry"]
+    assert obs_entry["response"]["status"].startswith("201")
+    patient_id = patient_entry["response"]["location"].split("/")[1]
+    obs_location = obs_entry["response"]["location"]
+    stored = client.get(f"/fhir/{obs_location.rsplit('/_history', 1)[0]}").json()
+    assert stored["subject"]["reference"] == f"Patient/{patient_id}"
+
+
+def test_transaction_is_atomic_when_50th_entry_is_invalid(client: TestClient) -> None:
+    entries: list[dict[str, Any]] = [
+        {"resource": {"resourceType": "Patient", "name": [{"family": f"P{i}"}]},
+         "request": {"method": "POST", "url": "Patient"}} for i in range(49)
+    ]
+    entries.append({"resource": {"resourceType": "Observation", "status": "not-a-status", "code": {"text": "x"}},
+                    "request": {"method": "POST", "url": "Observation"}})
+    response = client.post("/fhir", json={"resourceType": "Bundle", "type": "transaction", "entry": entries},
+                           headers=FHIR)
+    assert response.status_code == 400
+    outcome = response.json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert any("Bundle.entry[49]" in e for i in outcome["issue"] for e in i.get("expression", []))
+    assert total(client, "Patient") == 0
+    assert client.get("/fhir/_history").json().get("entry", []) == []
+
+
+def test_transaction_conditional_reference_and_if_none_exist(client: TestClient) -> None:
+    client.post("/fhir/Patient", json={"resourceType": "Patient", "identifier": [
+        {"system": "http://hospital.example/mrn", "value": "777"}]}, headers=FHIR)
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": observation("Patient?identifier=http://hospital.example/mrn|777"),
+         "request": {"method": "POST", "url": "Observation"}},
+        {"resource": {"resourceType": "Patient", "identifier": [{"system": "http://hospital.example/mrn",
+                                                                 "value": "777"}]},
+         "request": {"method": "POST", "url": "Patient",
+                     "ifNoneExist": "identifier=http://hospital.example/mrn|777"}},
+    ]}
+    response = client.post("/fhir", json=bundle, headers=FHIR)
+    assert response.status_code == 200, response.text
+    assert response.json()["entry"][1]["response"]["status"].startswith("200")
+    assert total(client, "Patient") == 1
+    obs = client.get("/fhir/Observation").json()["entry"][0]["resource"]
+    patient_id = client.get("/fhir/Patient").json()["entry"][0]["resource"]["id"]
+    assert obs["subject"]["reference"] == f"Patient/{patient_id}"
+
+
+def test_transaction_unresolvable_conditional_reference_stores_nothing(client: TestClient) -> None:
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}},
+        {"resource": observation("Patient?identifier=http://nowhere|0"),
+         "request": {"method": "POST", "url": "Observation"}},
+    ]}
+    response = client.post("/fhir", json=bundle, headers=FHIR)
+    assert response.status_code == 412
+    assert total(client, "Patient") == 0
+
+
+def test_transaction_put_delete_patch_and_get(client: TestClient) -> None:
+    client.put("/fhir/Patient/keep", json={"resourceType": "Patient", "id": "keep", "gender": "female"},
+               headers=FHIR)
+    client.put("/fhir/Patient/drop", json={"resourceType": "Patient", "id": "drop"}, headers=FHIR)
+    patch = base64.b64encode(orjson.dumps([{"op": "replace", "path": "/gender", "value": "male"}])).decode()
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "GET", "url": "Patient/keep"}},
+        {"resource": {"resourceType": "Binary", "contentType": "application/json-patch+json", "data": patch},
+         "request": {"method": "PATCH", "url": "Patient/keep"}},
+        {"request": {"method": "DELETE", "url": "Patient/drop"}},
+        {"resource": {"resourceType": "Patient", "id": "new-one"}, "request": {"method": "PUT",
+                                                                             "url": "Patient/new-one"}},
+    ]}
+    response = client.post("/fhir", json=bundle, headers=FHIR)
+    assert response.status_code == 200, response.text
+    entries = response.json()["entry"]
+    # GET runs after the writes, so it sees the patched resource.
+    assert entries[0]["resource"]["gender"] == "male"
+    assert entries[1]["response"]["status"].startswith("200")
+    assert entries[2]["response"]["status"].startswith("204")
+    assert entries[3]["response"]["status"].startswith("201")
+    assert client.get("/fhir/Patient/drop").status_code == 410
+
+
+def test_batch_entries_succeed_or_fail_independently(client: TestClient) -> None:
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {"resourceType": "Observation", "status": "bad"}, "request": {"method": "POST",
+                                                                                 "url": "Observation"}},
+        {"request": {"method": "GET", "url": "Patient/missing"}},
+    ]}
+    response = client.post("/fhir", json=bundle, headers=FHIR)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["type"] == "batch-response"
+    statuses = [e["response"]["status"][:3] for e in body["entry"]]
+    assert statuses == ["201", "400", "404"]
+    assert body["entry"][1]["response"]["outcome"]["resourceType"] == "OperationOutcome"
+    assert total(client, "Patient") == 1
+
+
+def test_bundle_of_wrong_type_is_400(client: TestClient) -> None:
+    response = client.post("/fhir", json={"resourceType": "Bundle", "type": "collection"}, headers=FHIR)
+    assert response.status_code == 400
+    response = client.post("/fhir", json={"resourceType": "Bundle", "type": "transaction",
+                                          "entry": [{"resource": {"resourceType": "Patient"}}]}, headers=FHIR)
+    assert response.status_code == 400

@@ -1,0 +1,124 @@
+"""Shared fixtures: every database-backed test runs on SQLite and, when
+``FHIR_NORSE_TEST_POSTGRES_URL`` is set, on PostgreSQL too (each test session in its own schema).
+
+With ``FHIR_NORSE_REQUIRE_POSTGRES=1`` (CI) an unreachable PostgreSQL is an error, not a skip,
+and the number of PostgreSQL tests that passed is written to ``var/postgres-lane.txt``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from fhir_norse.api.app import create_app
+from fhir_norse.config import Settings
+from fhir_norse.store import migrate
+from fhir_norse.store.db import create_engine
+from fhir_norse.store.tables import INDEX_TABLES, HistoryRow, ResourceRow
+from tests.fhir_r4_client import check_response
+
+PG_URL = os.environ.get("FHIR_NORSE_TEST_POSTGRES_URL")
+REQUIRE_PG = os.environ.get("FHIR_NORSE_REQUIRE_POSTGRES") == "1"
+LANE_FILE = Path(__file__).resolve().parents[1] / "var" / "postgres-lane.txt"
+_pg_passed = 0
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and any("postgres" in str(v) for v in callspec.params.values()):
+            item.add_marker(pytest.mark.postgres)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    global _pg_passed
+    if report.when == "call" and report.passed and "postgres" in report.keywords:
+        _pg_passed += 1
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if PG_URL:
+        LANE_FILE.parent.mkdir(parents=True, exist_ok=True)
+        LANE_FILE.write_text(f"{_pg_passed}\n")
+
+
+def _with_search_path(url: str, schema: str) -> str:
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(scope="session")
+def pg_schema_url() -> Iterator[str]:
+    if not PG_URL:
+        if REQUIRE_PG:
+            pytest.fail("FHIR_NORSE_REQUIRE_POSTGRES=1 but FHIR_NORSE_TEST_POSTGRES_URL is not set")
+        pytest.skip("PostgreSQL lane: set FHIR_NORSE_TEST_POSTGRES_URL to run it")
+    schema = f"fhir_norse_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_URL)
+    try:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        if REQUIRE_PG:
+            pytest.fail(f"PostgreSQL at {PG_URL} is not reachable: {exc}")
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    url = _with_search_path(PG_URL, schema)
+    engine = create_engine(url)
+    migrate.upgrade(engine)
+    engine.dispose()
+    yield url
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "template.sqlite3"
+    engine = create_engine(f"sqlite:///{path}")
+    migrate.upgrade(engine)
+    engine.dispose()
+    return path
+
+
+_ALL_TABLES = [ResourceRow.__table__, HistoryRow.__table__, *INDEX_TABLES]  # type: ignore[attr-defined]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated, empty database: a fresh SQLite file, or the session's PostgreSQL schema emptied."""
+    if request.param == "sqlite":
+        template: Path = request.getfixturevalue("sqlite_template")
+        path = tmp_path / "fhir.sqlite3"
+        shutil.copy(template, path)
+        yield f"sqlite:///{path}"
+        return
+    url: str = request.getfixturevalue("pg_schema_url")
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        names = ", ".join(t.name for t in _ALL_TABLES)
+        conn.exec_driver_sql(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+    engine.dispose()
+    yield url
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return Settings(database_url=database_url, base_url="http://testserver/fhir")
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    app = create_app(settings)
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        test_client.event_hooks["response"] = [check_response]
+        yield test_client
+    app.state.service.repo.engine.dispose()
