@@ -26,6 +26,7 @@ from fhir_norse.fhir.errors import (
 from fhir_norse.fhir.interactions import FhirService
 from fhir_norse.fhir.search.extract import default_extractor
 from fhir_norse.fhir.search.registry import default_registry
+from fhir_norse.fhir.validation import preload as preload_validation
 from fhir_norse.store.db import create_engine
 from fhir_norse.store.repository import Repository
 
@@ -56,7 +57,11 @@ def configure_logging(level: str) -> None:
 def build_service(settings: Settings) -> FhirService:
     engine = create_engine(settings.database_url, synchronous=settings.sqlite_synchronous,
                            busy_timeout_ms=settings.sqlite_busy_timeout_ms, pool_size=settings.db_pool_size)
-    return FhirService(Repository(engine), default_registry(), default_extractor(), Authorizer(),
+    extractor = default_extractor()
+    # Compile every FHIRPath expression and load the definitions now, not on a patient's first write.
+    extractor.prepare()
+    preload_validation()
+    return FhirService(Repository(engine), default_registry(), extractor, Authorizer(),
                        default_count=settings.default_count, max_count=settings.max_count)
 
 

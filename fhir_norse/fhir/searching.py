@@ -63,11 +63,11 @@ def search_in(service: FhirService, conn: sa.Connection, ctx: RequestContext, re
 
 def _bundle(ctx: RequestContext, request: SearchRequest, page: engine.SearchPage) -> str:
     path = f"{ctx.base_url}/{request.resource_type}"
-    links = [{"relation": "self", "url": _url(path, engine.self_params(request))}]
+    links = [{"relation": "self", "url": _url(path, _page_params(request, request.cursor_token))}]
     if page.next_cursor:
-        links.append({"relation": "next", "url": _url(path, engine.page_params(request, page.next_cursor))})
+        links.append({"relation": "next", "url": _url(path, _page_params(request, page.next_cursor))})
     if page.prev_cursor:
-        links.append({"relation": "previous", "url": _url(path, engine.page_params(request, page.prev_cursor))})
+        links.append({"relation": "previous", "url": _url(path, _page_params(request, page.prev_cursor))})
     head: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
     if page.total is not None:
         head["total"] = page.total
@@ -114,6 +114,14 @@ def _shape(body_text: str, request: SearchRequest) -> str:
 
 def _choice_of(key: str, keep: set[str]) -> bool:
     return any(key.startswith(name) and key[len(name):][:1].isupper() for name in keep)
+
+
+def _page_params(request: SearchRequest, cursor: str | None) -> list[tuple[str, str]]:
+    """The understood parameters (ignored ones left out, as the self link must) and the page cursor."""
+    params = list(request.params)
+    if cursor:
+        params.append(("_cursor", cursor))
+    return params
 
 
 def _url(path: str, params: list[tuple[str, str]]) -> str:

@@ -55,6 +55,12 @@ _INDEX_TABLE: dict[type, sa.Table] = {
 }
 
 
+_STRING_LIMITS: dict[type, dict[str, int]] = {
+    row_type: {c.name: c.type.length for c in table.columns if isinstance(c.type, sa.String) and c.type.length}
+    for row_type, table in _INDEX_TABLE.items()
+}
+
+
 @dataclass(frozen=True, slots=True)
 class StoredResource:
     pk: int
@@ -100,6 +106,11 @@ def _row_values(resource_pk: int, res_type: str, row: IndexRow) -> dict[str, Any
         )
     else:
         values.update({f: getattr(row, f) for f in row.__slots__})  # type: ignore[union-attr]
+    # Index columns are bounded; a longer value is indexed by its prefix (the body keeps it whole).
+    for key, limit in _STRING_LIMITS[type(row)].items():
+        value = values.get(key)
+        if isinstance(value, str) and len(value) > limit:
+            values[key] = value[:limit]
     return values
 
 

@@ -214,8 +214,7 @@ def test_r4_elements_missing_from_r4b_models_pass() -> None:
     validate_resource(body)
 
 
-def test_r4_package_conformance_resources_pass() -> None:
-    # A ValueSet with nested compose and a CodeSystem from the committed R4 definitions' sources.
+def test_value_set_with_compose_passes() -> None:
     value_set = {
         "resourceType": "ValueSet",
         "url": "http://example.org/ValueSet/x",
@@ -553,6 +552,19 @@ def test_all_problems_are_reported_together() -> None:
         "Observation.issued",
         "Observation.status",
     ]
+
+
+def test_preload_compiles_every_supported_type() -> None:
+    validation.preload()
+    validate_resource(
+        {
+            "resourceType": "Subscription",
+            "status": "off",
+            "reason": "x",
+            "criteria": "Task?",
+            "channel": {"type": "rest-hook", "endpoint": "https://example.org/hook"},
+        }
+    )
 
 
 def test_pydantic_locations_map_to_fhirpath() -> None:

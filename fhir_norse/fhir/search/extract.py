@@ -25,13 +25,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from functools import cache, lru_cache
-from typing import Any
+from typing import Any, cast
 
 import fhirpathpy
+from antlr4 import CommonTokenStream, InputStream
+from antlr4.error.ErrorListener import ErrorListener
 from fhirpathpy.engine.invocations import invocation_registry
 from fhirpathpy.engine.nodes import FP_DateTime, ResourceNode, TypeInfo
 from fhirpathpy.models import models
 from fhirpathpy.parser import parse as _untyped_parse
+from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
+from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
 
 from fhir_norse.fhir.errors import BadRequest
 from fhir_norse.fhir.resource_types import SUPPORTED_TYPES
@@ -158,17 +162,44 @@ _USER_FUNCTIONS: dict[str, dict[str, Any]] = {
     "hasExtension": {"fn": _has_extension, "arity": {1: ["String"]}},
 }
 _OPTIONS = {"returnRawData": True, "userInvocationTable": _USER_FUNCTIONS}
-_KNOWN_FUNCTIONS = frozenset(invocation_registry) | frozenset(_USER_FUNCTIONS)
 
 
-def _function_names(tree: Any) -> Iterator[str]:
+def _functions(tree: Any) -> Iterator[tuple[str, int]]:
+    """Each function call in a parsed expression with its number of arguments."""
     if isinstance(tree, Mapping):
         if tree.get("type") == "Functn":
-            for child in tree.get("children", ()):
-                if child.get("type") == "Identifier":
-                    yield str(child.get("text", ""))
+            children = tree.get("children", ())
+            names = [str(c.get("text", "")) for c in children if c.get("type") == "Identifier"]
+            arguments = [c for c in children if c.get("type") == "ParamList"]
+            if names:
+                yield names[0], len(arguments[0].get("children", ())) if arguments else 0
         for child in tree.get("children", ()):
-            yield from _function_names(child)
+            yield from _functions(child)
+
+
+class _SyntaxErrors(ErrorListener):  # type: ignore[misc]
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def syntaxError(
+        self, recognizer: Any, offending: Any, line: int, column: int, message: str, error: Any
+    ) -> None:
+        self.messages.append(f"column {column}: {message}")
+
+
+def _syntax_errors(expression: str) -> list[str]:
+    """fhirpathpy's own parse recovers from syntax errors silently (``where(`` becomes a call
+    without arguments); parse once more with a listener to know."""
+    listener = _SyntaxErrors()
+    lexer = FHIRPathLexer(InputStream(expression))
+    lexer.removeErrorListeners()
+    lexer.addErrorListener(listener)
+    parser: Any = FHIRPathParser(CommonTokenStream(lexer))
+    parser.removeErrorListeners()
+    parser.addErrorListener(listener)
+    parser.entireExpression()
+    return listener.messages
 
 
 class UnsupportedExpression(ValueError):
@@ -178,13 +209,19 @@ class UnsupportedExpression(ValueError):
 @lru_cache(maxsize=4096)
 def compile_expression(expression: str) -> _Evaluate:
     """Compile a rewritten expression once: fhirpathpy's parser takes about a millisecond."""
+    errors = _syntax_errors(expression)
+    if errors:
+        raise UnsupportedExpression(f"cannot parse: {'; '.join(errors)}")
     try:
         tree = _parse(expression)
-    except Exception as exc:  # the ANTLR parser raises plain Exceptions
+    except Exception as exc:  # the ANTLR lexer raises plain Exceptions
         raise UnsupportedExpression(f"cannot parse: {exc}") from exc
-    unknown = sorted({name for name in _function_names(tree) if name not in _KNOWN_FUNCTIONS})
-    if unknown:
-        raise UnsupportedExpression(f"functions not implemented by fhirpathpy: {', '.join(unknown)}")
+    for name, count in _functions(tree):
+        known = cast("Mapping[str, Any] | None", _USER_FUNCTIONS.get(name) or invocation_registry.get(name))
+        if known is None:
+            raise UnsupportedExpression(f"function {name}() is not implemented by fhirpathpy")
+        if "variadic" not in known and count not in known.get("arity", {0: ()}):
+            raise UnsupportedExpression(f"function {name}() does not take {count} argument(s)")
     compiled = fhirpathpy.compile(expression, MODEL, _OPTIONS)
     return lambda resource: compiled(resource, None)
 
@@ -559,8 +596,9 @@ def quantity_rows(param: str, type_name: str, data: Any) -> Iterator[NumberRow]:
     if type_name in _QUANTITY_TYPES:
         value = _decimal(data.get("value"))
         if value is not None:
-            yield NumberRow(param, value, *decimal_range(value), data.get("system"), data.get("code"),
-                            data.get("unit"))
+            yield NumberRow(
+                param, value, *decimal_range(value), data.get("system"), data.get("code"), data.get("unit")
+            )
     elif type_name == "Money":
         value = _decimal(data.get("value"))
         if value is not None:
@@ -632,8 +670,9 @@ def reference_rows(param: str, type_name: str, data: Any) -> Iterator[ReferenceR
 
 
 def _with_param(row: ReferenceRow, param: str) -> ReferenceRow:
-    return ReferenceRow(param, row.target_type, row.target_id, row.target_version, row.url,
-                        row.canonical_version)
+    return ReferenceRow(
+        param, row.target_type, row.target_id, row.target_version, row.url, row.canonical_version
+    )
 
 
 def uri_rows(param: str, type_name: str, data: Any) -> Iterator[UriRow]:
@@ -703,7 +742,12 @@ class _Component:
     def present_in(self, path: str, data: Mapping[str, Any]) -> bool:
         if self.elements is None:
             return True
-        return any(key in data for step in self.elements for key in element_keys(path, *step))
+        return _present((_union_keys(path, self.elements),), data)
+
+
+@lru_cache(maxsize=4096)
+def _union_keys(path: str, steps: tuple[tuple[str, str | None], ...]) -> frozenset[str]:
+    return frozenset().union(*(element_keys(path, *step) for step in steps))
 
 
 @dataclass(slots=True, eq=False)
@@ -873,11 +917,7 @@ class IndexExtractor:
         if components and text.strip("() ") == resource_type:
             # The composite starts at the resource itself (``Observation``): it needs what each
             # component needs.
-            return tuple(
-                frozenset().union(*(element_keys(resource_type, *step) for step in c.elements))
-                for c in components
-                if c.elements is not None
-            )
+            return tuple(_union_keys(resource_type, c.elements) for c in components if c.elements is not None)
         keys = _branch_requirement(text, resource_type)
         return () if keys is None else (keys,)
 

@@ -519,8 +519,8 @@ class _Parser:
                     f"(allowed: {', '.join(param.targets)})",
                     expression=name,
                 )
-            if modifier not in SUPPORTED_TYPE_SET:
-                raise BadRequest(f"Resource type '{modifier}' is not supported", expression=name)
+            if not param.targets and modifier not in SUPPORTED_TYPE_SET:
+                raise BadRequest(f"Unknown resource type '{modifier}' in '{name}'", expression=name)
             return None, modifier
         if modifier in _MODIFIERS_BY_TYPE.get(param.type, frozenset()):
             return modifier, None

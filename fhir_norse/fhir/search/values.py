@@ -22,11 +22,17 @@ _DATE = re.compile(
 )
 
 
+# Letters that carry no combining mark in Unicode but are "accented" to a searcher:
+# "Tromso" should find "Tromsø" as "Ostbo" finds "Østbø".
+_LETTER_FOLDS = str.maketrans({"ø": "o", "æ": "ae", "ð": "d", "þ": "th", "ß": "ss", "ł": "l", "đ": "d",
+                               "œ": "oe", "ı": "i"})
+
+
 def normalize_string(value: str) -> str:
     """Fold for string search: accents removed, case folded, white space collapsed."""
-    decomposed = unicodedata.normalize("NFKD", value)
+    decomposed = unicodedata.normalize("NFKD", value.casefold().translate(_LETTER_FOLDS))
     stripped = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
-    return _SPACE.sub(" ", stripped.casefold()).strip()
+    return _SPACE.sub(" ", stripped).strip()
 
 
 def _to_naive_utc(moment: datetime) -> datetime:

@@ -7,11 +7,13 @@ because other test runs share the database.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -19,7 +21,7 @@ from urllib.parse import parse_qsl
 import orjson
 import sqlalchemy as sa
 
-from fhir_norse.fhir.search.engine import SearchPage, execute_search
+from fhir_norse.fhir.search.engine import SearchPage, StoredRow, execute_search
 from fhir_norse.fhir.search.query import SearchRequest, parse_search
 from fhir_norse.fhir.search.rows import (
     CompositeRow,
@@ -90,11 +92,11 @@ def postgres_engine(url: str) -> Iterator[sa.Engine]:
 
 def _row_values(row: IndexRow) -> dict[str, Any]:
     values: dict[str, Any] = {}
-    for name in row.__slots__:  # type: ignore[union-attr]
-        value = getattr(row, name)
-        if hasattr(value, "as_tuple"):  # Decimal -> the FLOAT columns
+    for field in dataclasses.fields(row):
+        value = getattr(row, field.name)
+        if isinstance(value, Decimal):  # the index tables hold FLOATs
             value = float(value)
-        values[name] = value
+        values[field.name] = value
     if isinstance(row, DateRow):
         values["low"] = row.low or DATE_MIN
         values["high"] = row.high or DATE_MAX
@@ -151,9 +153,7 @@ class Seeder:
         )
 
 
-def request(
-    res_type: str, query: str, *, strict: bool = True, now: datetime | None = None
-) -> SearchRequest:
+def request(res_type: str, query: str, *, strict: bool = True, now: datetime | None = None) -> SearchRequest:
     return parse_search(res_type, parse_qsl(query, keep_blank_values=True), strict=strict, now=now)
 
 
@@ -163,7 +163,7 @@ def search(
     return execute_search(conn, request(res_type, query, strict=strict, now=now))
 
 
-def ids(rows: Sequence[Any]) -> list[str]:
+def ids(rows: SearchPage | Sequence[StoredRow]) -> list[str]:
     """The ids of the matches (in order) of a page or of a list of stored rows."""
     items = rows.matches if isinstance(rows, SearchPage) else rows
     return [r.res_id for r in items]
@@ -173,6 +173,6 @@ def id_set(page: SearchPage) -> set[str]:
     return set(ids(page))
 
 
-def body(row: Any) -> dict[str, Any]:
+def body(row: StoredRow) -> dict[str, Any]:
     parsed: dict[str, Any] = orjson.loads(row.body_text)
     return parsed
