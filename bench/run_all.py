@@ -179,11 +179,14 @@ def report(label: str, run_info: dict[str, Any]) -> str:
             cells += [_f(v, 1 if stat == "per_s" else 2), _verdict(v, tval, higher, failed)]
         w(f"| {title} | {target} | " + " | ".join(cells) + " |")
     w("")
+    w("`health` below is `GET /health` (a trivial route through the same uvicorn + FastAPI + middleware "
+      "stack): the floor of any request on this machine with this client.")
+    w("")
     w("Other percentiles (ms):")
     w("")
     w("| Request | DB | n | p50 | p90 | p99 | max | mean |")
     w("|---|---|---|---|---|---|---|---|")
-    for key in ("search", "read", "create", "transaction"):
+    for key in ("search", "read", "create", "transaction", "health"):
         for db in DATABASES:
             s = _get(https[db], "http", key)
             if s:
@@ -259,6 +262,7 @@ def report(label: str, run_info: dict[str, Any]) -> str:
     prow("search: render Bundle", "profile", "search_phases", "bundle", "p50")
     prow("search: total in process", "profile", "search_phases", "total", "p50")
     prow("search: over HTTP", "http", "search", "p50")
+    prow("GET /health over HTTP (the stack's floor)", "http", "health", "p50")
     prow("read: in process (`FhirService.read`)", "profile", "read_in_process", "p50")
     prow("read: over HTTP", "http", "read", "p50")
     prow("create: validate_resource", "profile", "create_phases", "validate", "p50")
@@ -280,6 +284,9 @@ def report(label: str, run_info: dict[str, Any]) -> str:
             parts.append(f"read {http_r - prof_r:.2f} ms")
         if http_c and prof_c:
             parts.append(f"create {http_c - prof_c:.2f} ms")
+        floor = _get(h, "http", "health", "p50")
+        if floor:
+            parts.append(f"of which {floor:.2f} ms is the floor of any request (`GET /health`)")
         if parts:
             w(f"- {db}: HTTP + FastAPI/uvicorn + client cost per request (HTTP p50 − in-process p50): "
               + ", ".join(parts) + ".")

@@ -9,8 +9,10 @@ from fhir_norse.config import load_settings
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--database-url", help="SQLAlchemy URL (env FHIR_NORSE_DATABASE_URL); "
-                        "default: SQLite file under ./var/")
+    parser.add_argument(
+        "--database-url",
+        help="SQLAlchemy URL (env FHIR_NORSE_DATABASE_URL); default: SQLite file under ./var/",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     _common(migrate)
 
     args = parser.parse_args(argv)
-    settings = load_settings(database_url=args.database_url,
-                             host=getattr(args, "host", None), port=getattr(args, "port", None))
+    settings = load_settings(
+        database_url=args.database_url, host=getattr(args, "host", None), port=getattr(args, "port", None)
+    )
 
     from fhir_norse.store import migrate as migrations
     from fhir_norse.store.db import create_engine
@@ -47,8 +50,13 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging(settings.log_level)
     print(f"fhir-norse serving FHIR R4 at http://{settings.host}:{settings.port}/fhir", file=sys.stderr)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), access_log=False)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
     return 0
 
 

@@ -47,7 +47,9 @@ class RequestIdFilter(logging.Filter):
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s")
+    )
     root = logging.getLogger("fhir_norse")
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -55,24 +57,37 @@ def configure_logging(level: str) -> None:
 
 
 def build_service(settings: Settings) -> FhirService:
-    engine = create_engine(settings.database_url, synchronous=settings.sqlite_synchronous,
-                           busy_timeout_ms=settings.sqlite_busy_timeout_ms, pool_size=settings.db_pool_size)
+    engine = create_engine(
+        settings.database_url,
+        synchronous=settings.sqlite_synchronous,
+        busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+        pool_size=settings.db_pool_size,
+    )
     extractor = default_extractor()
     # Compile every FHIRPath expression and load the definitions now, not on a patient's first write.
     extractor.prepare()
     preload_validation()
-    return FhirService(Repository(engine), default_registry(), extractor, Authorizer(),
-                       default_count=settings.default_count, max_count=settings.max_count)
+    return FhirService(
+        Repository(engine),
+        default_registry(),
+        extractor,
+        Authorizer(),
+        default_count=settings.default_count,
+        max_count=settings.max_count,
+    )
 
 
 def create_app(settings: Settings, service: FhirService | None = None) -> FastAPI:
-    app = FastAPI(title="fhir-norse", version="0.1.0", docs_url="/docs", redoc_url=None,
-                  openapi_url="/openapi.json")
+    app = FastAPI(
+        title="fhir-norse", version="0.1.0", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json"
+    )
     app.state.settings = settings
     app.state.service = service or build_service(settings)
 
     @app.middleware("http")
-    async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    async def request_context(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         token = request_id.set(rid[:64])
         try:

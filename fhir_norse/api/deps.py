@@ -39,8 +39,9 @@ def base_url(request: Request) -> str:
 
 
 def get_context(request: Request, caller: Annotated[Caller, Depends(get_caller)]) -> RequestContext:
-    return RequestContext(caller=caller, base_url=base_url(request),
-                          prefer=Prefer.parse(request.headers.get("prefer")))
+    return RequestContext(
+        caller=caller, base_url=base_url(request), prefer=Prefer.parse(request.headers.get("prefer"))
+    )
 
 
 def media_type(request: Request) -> str:
@@ -56,7 +57,8 @@ async def read_body(request: Request, allowed: frozenset[str] = JSON_TYPES) -> A
     content_type = media_type(request)
     if content_type not in allowed:
         raise UnsupportedMediaType(
-            f"Content-Type '{content_type or '(none)'}' is not supported; use {', '.join(sorted(allowed))}")
+            f"Content-Type '{content_type or '(none)'}' is not supported; use {', '.join(sorted(allowed))}"
+        )
     chunks = []
     size = 0
     async for chunk in request.stream():

@@ -20,10 +20,15 @@ def render(result: Result) -> Response:
         content = orjson.dumps(result.body)
     else:
         return Response(status_code=result.status, headers=result.headers)
-    return Response(content=content, status_code=result.status, headers=result.headers,
-                    media_type=FHIR_JSON_UTF8)
+    return Response(
+        content=content, status_code=result.status, headers=result.headers, media_type=FHIR_JSON_UTF8
+    )
 
 
 def render_error(error: FhirError) -> Response:
-    return Response(content=orjson.dumps(error.outcome()), status_code=error.status, headers=error.headers,
-                    media_type=FHIR_JSON_UTF8)
+    return Response(
+        content=orjson.dumps(error.outcome()),
+        status_code=error.status,
+        headers=error.headers,
+        media_type=FHIR_JSON_UTF8,
+    )

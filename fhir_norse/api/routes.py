@@ -61,14 +61,21 @@ async def search_post(request: Request, res_type: str, ctx: Context, service: Se
 
 
 @router.post("/{res_type}")
-def create(res_type: str, body: ResourceBody, ctx: Context, service: Service,
-           if_none_exist: OptionalHeader = None) -> Response:
+def create(
+    res_type: str, body: ResourceBody, ctx: Context, service: Service, if_none_exist: OptionalHeader = None
+) -> Response:
     return render(service.create(ctx, res_type, body, if_none_exist))
 
 
 @router.put("/{res_type}")
-def conditional_update(request: Request, res_type: str, body: ResourceBody, ctx: Context, service: Service,
-                       if_match: OptionalHeader = None) -> Response:
+def conditional_update(
+    request: Request,
+    res_type: str,
+    body: ResourceBody,
+    ctx: Context,
+    service: Service,
+    if_match: OptionalHeader = None,
+) -> Response:
     query = _query_text(request)
     if not query:
         raise MethodNotAllowed("PUT on a resource type needs search parameters (conditional update) or an id")
@@ -94,28 +101,49 @@ def validate_type(res_type: str, body: ResourceBody, ctx: Context, service: Serv
 
 
 @router.post("/{res_type}/{res_id}/$validate")
-def validate_instance(res_type: str, res_id: str, body: ResourceBody, ctx: Context, service: Service) -> Response:
+def validate_instance(
+    res_type: str, res_id: str, body: ResourceBody, ctx: Context, service: Service
+) -> Response:
     return render(validate_operation(service, ctx, res_type, res_id, body))
 
 
 @router.get("/{res_type}/{res_id}")
-def read(res_type: str, res_id: str, ctx: Context, service: Service, if_none_match: OptionalHeader = None,
-         if_modified_since: OptionalHeader = None) -> Response:
+def read(
+    res_type: str,
+    res_id: str,
+    ctx: Context,
+    service: Service,
+    if_none_match: OptionalHeader = None,
+    if_modified_since: OptionalHeader = None,
+) -> Response:
     if res_id.startswith("$"):
         raise BadRequest(f"Operation {res_id} is not supported on {res_type}", code="not-supported")
-    return render(service.read(ctx, res_type, res_id, if_none_match=if_none_match,
-                               if_modified_since=if_modified_since))
+    return render(
+        service.read(ctx, res_type, res_id, if_none_match=if_none_match, if_modified_since=if_modified_since)
+    )
 
 
 @router.put("/{res_type}/{res_id}")
-def update(res_type: str, res_id: str, body: ResourceBody, ctx: Context, service: Service,
-           if_match: OptionalHeader = None) -> Response:
+def update(
+    res_type: str,
+    res_id: str,
+    body: ResourceBody,
+    ctx: Context,
+    service: Service,
+    if_match: OptionalHeader = None,
+) -> Response:
     return render(service.update(ctx, res_type, res_id, body, if_match))
 
 
 @router.patch("/{res_type}/{res_id}")
-def patch(res_type: str, res_id: str, body: PatchBody, ctx: Context, service: Service,
-          if_match: OptionalHeader = None) -> Response:
+def patch(
+    res_type: str,
+    res_id: str,
+    body: PatchBody,
+    ctx: Context,
+    service: Service,
+    if_match: OptionalHeader = None,
+) -> Response:
     return render(service.patch(ctx, res_type, res_id, body, if_match))
 
 
@@ -125,11 +153,12 @@ def delete(res_type: str, res_id: str, ctx: Context, service: Service) -> Respon
 
 
 @router.get("/{res_type}/{res_id}/_history")
-def instance_history(request: Request, res_type: str, res_id: str, ctx: Context, service: Service) -> Response:
+def instance_history(
+    request: Request, res_type: str, res_id: str, ctx: Context, service: Service
+) -> Response:
     return render(service.history(ctx, res_type, res_id, _query(request)))
 
 
 @router.get("/{res_type}/{res_id}/_history/{version}")
 def vread(res_type: str, res_id: str, version: str, ctx: Context, service: Service) -> Response:
     return render(service.vread(ctx, res_type, res_id, version))
-

@@ -51,8 +51,7 @@ def _parse_url(url: str) -> tuple[str, str | None, str | None, str | None]:
     if len(segments) == 4 and segments[2] == "_history":
         version = segments[3]
     elif len(segments) > 2:
-        if not (len(segments) == 3 and segments[2] in ("_history",)):
-            raise BadRequest(f"Entry request url '{url}' is not supported in a Bundle")
+        raise BadRequest(f"Entry request url '{url}' is not supported in a Bundle")
     return res_type, res_id, version, parts.query or None
 
 
@@ -67,8 +66,9 @@ def parse_entries(bundle: JsonDict, kind: str) -> list[EntryRequest]:
             raise BadRequest("A Bundle entry must be an object", expression=where)
         request = entry.get("request")
         if not isinstance(request, dict) or not request.get("method") or not request.get("url"):
-            raise BadRequest(f"Each {kind} entry needs request.method and request.url",
-                             expression=f"{where}.request")
+            raise BadRequest(
+                f"Each {kind} entry needs request.method and request.url", expression=f"{where}.request"
+            )
         method = str(request["method"]).upper()
         if method not in _ORDER:
             raise BadRequest(f"Unsupported entry method '{method}'", expression=f"{where}.request.method")
@@ -79,11 +79,21 @@ def parse_entries(bundle: JsonDict, kind: str) -> list[EntryRequest]:
             raise BadRequest(f"A {method} entry needs a resource", expression=f"{where}.resource")
         url = str(request["url"])
         res_type, res_id, _version, query = _parse_url(url)
-        parsed.append(EntryRequest(
-            index=i, method=method, url=url, res_type=res_type, res_id=res_id, query=query,
-            resource=resource, full_url=entry.get("fullUrl"), if_match=request.get("ifMatch"),
-            if_none_exist=request.get("ifNoneExist"), if_none_match=request.get("ifNoneMatch"),
-        ))
+        parsed.append(
+            EntryRequest(
+                index=i,
+                method=method,
+                url=url,
+                res_type=res_type,
+                res_id=res_id,
+                query=query,
+                resource=resource,
+                full_url=entry.get("fullUrl"),
+                if_match=request.get("ifMatch"),
+                if_none_exist=request.get("ifNoneExist"),
+                if_none_match=request.get("ifNoneMatch"),
+            )
+        )
     return parsed
 
 
@@ -99,7 +109,9 @@ class BundleProcessor:
             return self.transaction(ctx, bundle)
         if kind == "batch":
             return self.batch(ctx, bundle)
-        raise BadRequest(f"Bundle.type must be 'batch' or 'transaction', not '{kind}'", expression="Bundle.type")
+        raise BadRequest(
+            f"Bundle.type must be 'batch' or 'transaction', not '{kind}'", expression="Bundle.type"
+        )
 
     # ------------------------------------------------------------------ transaction
     def transaction(self, ctx: RequestContext, bundle: JsonDict) -> Result:
@@ -130,7 +142,8 @@ class BundleProcessor:
                         found = self.service.find_matching(uow, entry.res_type, entry.if_none_exist, limit=2)
                         if len(found) > 1:
                             raise PreconditionFailed(
-                                f"ifNoneExist '{entry.if_none_exist}' matches {len(found)} resources")
+                                f"ifNoneExist '{entry.if_none_exist}' matches {len(found)} resources"
+                            )
                         if found:
                             entry.res_id = found[0].res_id
                             target = f"{entry.res_type}/{found[0].res_id}"
@@ -140,7 +153,9 @@ class BundleProcessor:
                 elif entry.method == "PUT" and entry.query is not None and entry.res_id is None:
                     found = self.service.find_matching(uow, entry.res_type, entry.query, limit=2)
                     if len(found) > 1:
-                        raise PreconditionFailed(f"Conditional update '{entry.query}' matches several resources")
+                        raise PreconditionFailed(
+                            f"Conditional update '{entry.query}' matches several resources"
+                        )
                     body_id = (entry.resource or {}).get("id")
                     entry.res_id = found[0].res_id if found else (str(body_id) if body_id else new_id())
                     target = f"{entry.res_type}/{entry.res_id}"
@@ -181,18 +196,26 @@ class BundleProcessor:
             except FhirError as error:
                 raise _entry_error(error, index) from error
             if len(found) != 1:
-                raise _entry_error(PreconditionFailed(
-                    f"Conditional reference '{reference}' matches {len(found)} resources; it must match exactly one"),
-                    index)
+                raise _entry_error(
+                    PreconditionFailed(
+                        f"Conditional reference '{reference}' matches {len(found)} resources; "
+                        "it must match exactly one"
+                    ),
+                    index,
+                )
             return f"{res_type}/{found[0].res_id}"
         return reference
 
-    def _run(self, uow: UnitOfWork, ctx: RequestContext, entry: EntryRequest, ids: dict[str, str]) -> JsonDict:
+    def _run(
+        self, uow: UnitOfWork, ctx: RequestContext, entry: EntryRequest, ids: dict[str, str]
+    ) -> JsonDict:
         service = self.service
         try:
             check_type(entry.res_type)
             if entry.method == "GET" or entry.method == "HEAD":
-                service.authorizer.check(ctx.caller, "read" if entry.res_id else "search-type", entry.res_type)
+                service.authorizer.check(
+                    ctx.caller, "read" if entry.res_id else "search-type", entry.res_type
+                )
                 return self._get(uow, ctx, entry)
             if entry.method == "DELETE":
                 service.authorizer.check(ctx.caller, "delete", entry.res_type)
@@ -210,7 +233,9 @@ class BundleProcessor:
                 if entry.if_none_exist:
                     existing = uow.current(entry.res_type, entry.res_id)
                     if existing is not None and not existing.deleted:
-                        return _write_entry(ctx, WriteOutcome(200, existing, _parse(existing.body_text), noop=True))
+                        return _write_entry(
+                            ctx, WriteOutcome(200, existing, _parse(existing.body_text), noop=True)
+                        )
                 outcome = service.create_in(uow, ctx, entry.res_type, entry.resource, res_id=entry.res_id)
                 return _write_entry(ctx, outcome)
             if entry.method == "PUT":
@@ -223,8 +248,9 @@ class BundleProcessor:
             service.authorizer.check(ctx.caller, "patch", entry.res_type)
             if entry.res_id is None:
                 raise BadRequest("A PATCH entry needs Type/id in request.url")
-            outcome = service.patch_in(uow, ctx, entry.res_type, entry.res_id, _patch_document(entry.resource),
-                                       entry.if_match)
+            outcome = service.patch_in(
+                uow, ctx, entry.res_type, entry.res_id, _patch_document(entry.resource), entry.if_match
+            )
             return _write_entry(ctx, outcome)
         except FhirError as error:
             error.entry_index = entry.index  # type: ignore[attr-defined]
@@ -240,16 +266,26 @@ class BundleProcessor:
         _res_type, res_id, version, _query = _parse_url(entry.url)
         assert res_id is not None
         check_id(res_id)
-        stored = (view.version(entry.res_type, res_id, int(version)) if version and version.isdigit()
-                  else view.current(entry.res_type, res_id))
+        stored = (
+            view.version(entry.res_type, res_id, int(version))
+            if version and version.isdigit()
+            else view.current(entry.res_type, res_id)
+        )
         if stored is None:
             raise NotFound(f"{entry.res_type}/{res_id} is not known")
         if stored.deleted:
             from fhir_norse.fhir.errors import Gone
 
             raise Gone(f"{entry.res_type}/{res_id} was deleted")
-        response = {"status": "200 OK", "etag": etag(stored.version), "lastModified": instant(stored.last_updated)}
-        if entry.if_none_match and entry.if_none_match.strip() in (etag(stored.version), f'"{stored.version}"'):
+        response = {
+            "status": "200 OK",
+            "etag": etag(stored.version),
+            "lastModified": instant(stored.last_updated),
+        }
+        if entry.if_none_match and entry.if_none_match.strip() in (
+            etag(stored.version),
+            f'"{stored.version}"',
+        ):
             return {"response": {**response, "status": "304 Not Modified"}}
         return {"resource": _parse(stored.body_text), "response": response}
 
@@ -267,7 +303,10 @@ class BundleProcessor:
                     responses[entry.index] = self._run(uow, ctx, entry, ids)
             except FhirError as error:
                 responses[entry.index] = {
-                    "response": {"status": f"{error.status} {_reason(error.status)}", "outcome": error.outcome()}
+                    "response": {
+                        "status": f"{error.status} {_reason(error.status)}",
+                        "outcome": error.outcome(),
+                    }
                 }
         ordered = [responses[e.index] for e in entries]
         return Result(200, raw=_response_bundle("batch-response", ordered))
@@ -325,18 +364,40 @@ def _at_entry(error: FhirError, index: int | None) -> FhirError:
         return error
     located = []
     for issue in error.issues:
-        expression = tuple(f"Bundle.entry[{index}].resource.{e.split('.', 1)[1]}" if "." in e else
-                           f"Bundle.entry[{index}]" for e in issue.expression) or (f"Bundle.entry[{index}]",)
-        located.append(Issue(f"Transaction failed at entry {index}; nothing was stored: {issue.diagnostics}",
-                             code=issue.code, severity=issue.severity, expression=expression))
+        expression = tuple(
+            f"Bundle.entry[{index}].resource.{e.split('.', 1)[1]}" if "." in e else f"Bundle.entry[{index}]"
+            for e in issue.expression
+        ) or (f"Bundle.entry[{index}]",)
+        located.append(
+            Issue(
+                f"Transaction failed at entry {index}; nothing was stored: {issue.diagnostics}",
+                code=issue.code,
+                severity=issue.severity,
+                expression=expression,
+            )
+        )
     clone = type(error)(error.message, issues=located, headers=error.headers)
     return clone
 
 
-_REASONS = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified", 400: "Bad Request",
-            401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-            409: "Conflict", 410: "Gone", 412: "Precondition Failed", 413: "Payload Too Large",
-            415: "Unsupported Media Type", 422: "Unprocessable Entity", 500: "Internal Server Error"}
+_REASONS = {
+    200: "OK",
+    201: "Created",
+    204: "No Content",
+    304: "Not Modified",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    410: "Gone",
+    412: "Precondition Failed",
+    413: "Payload Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Entity",
+    500: "Internal Server Error",
+}
 
 
 def _reason(status: int) -> str:

@@ -16,8 +16,17 @@ from fhir_norse.fhir.interactions import FhirService
 from fhir_norse.fhir.resource_types import SUPPORTED_TYPES
 from fhir_norse.fhir.search.registry import RESOURCE_COLUMN_PARAMS
 
-TYPE_INTERACTIONS = ("read", "vread", "update", "patch", "delete", "history-instance", "history-type",
-                     "create", "search-type")
+TYPE_INTERACTIONS = (
+    "read",
+    "vread",
+    "update",
+    "patch",
+    "delete",
+    "history-instance",
+    "history-type",
+    "create",
+    "search-type",
+)
 
 
 def _resource(service: FhirService, res_type: str) -> dict[str, Any]:
@@ -27,8 +36,12 @@ def _resource(service: FhirService, res_type: str) -> dict[str, Any]:
         if code in definitions:
             searchable[code] = definitions[code]
     params = [
-        {"name": d.code, "definition": d.url, "type": d.type, **({"documentation": d.description}
-                                                                    if d.description else {})}
+        {
+            "name": d.code,
+            "definition": d.url,
+            "type": d.type,
+            **({"documentation": d.description} if d.description else {}),
+        }
         for d in sorted(searchable.values(), key=lambda d: d.code)
     ]
     references = sorted(d.code for d in searchable.values() if d.type == "reference")
@@ -53,7 +66,9 @@ def _resource(service: FhirService, res_type: str) -> dict[str, Any]:
         "searchInclude": ["*", *(f"{res_type}:{code}" for code in references)],
         "searchRevInclude": revincludes,
         "searchParam": params,
-        "operation": [{"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}],
+        "operation": [
+            {"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}
+        ],
     }
 
 
@@ -69,15 +84,17 @@ def capability_statement(service: FhirService, ctx: RequestContext, settings: Se
         "fhirVersion": "4.0.1",
         "format": ["json", "application/fhir+json"],
         "patchFormat": ["application/json-patch+json"],
-        "rest": [{
-            "mode": "server",
-            "documentation": (
-                "Search results are paged with opaque keyset cursors; _total is only computed when "
-                "_total=accurate is asked for. Unknown search parameters are ignored unless "
-                "'Prefer: handling=strict' is sent."
-            ),
-            "resource": [_resource(service, t) for t in SUPPORTED_TYPES],
-            "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
-        }],
+        "rest": [
+            {
+                "mode": "server",
+                "documentation": (
+                    "Search results are paged with opaque keyset cursors; _total is only computed when "
+                    "_total=accurate is asked for. Unknown search parameters are ignored unless "
+                    "'Prefer: handling=strict' is sent."
+                ),
+                "resource": [_resource(service, t) for t in SUPPORTED_TYPES],
+                "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+            }
+        ],
     }
     return Result(200, body=statement)

@@ -30,7 +30,11 @@ class Prefer:
             for token in part.split(";"):
                 key, _, value = token.strip().partition("=")
                 value = value.strip().strip('"')
-                if key.strip().lower() == "return" and value in ("minimal", "representation", "OperationOutcome"):
+                if key.strip().lower() == "return" and value in (
+                    "minimal",
+                    "representation",
+                    "OperationOutcome",
+                ):
                     ret = value  # type: ignore[assignment]
                 elif key.strip().lower() == "handling" and value in ("strict", "lenient"):
                     handling = value  # type: ignore[assignment]

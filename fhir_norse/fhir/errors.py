@@ -56,7 +56,11 @@ class FhirError(Exception):
             self.issues = list(issues)
         else:
             expr: tuple[str, ...] = (
-                () if expression is None else (expression,) if isinstance(expression, str) else tuple(expression)
+                ()
+                if expression is None
+                else (expression,)
+                if isinstance(expression, str)
+                else tuple(expression)
             )
             self.issues = [Issue(message, code=code or self.default_code, expression=expr)]
 

@@ -20,8 +20,9 @@ _ETAG = re.compile(r'^\s*(?:W/)?"?([^"]*)"?\s*$')
 
 def check_type(resource_type: str) -> str:
     if resource_type not in SUPPORTED_TYPE_SET:
-        raise NotFound(f"Resource type '{resource_type}' is not supported by this server",
-                       code="not-supported")
+        raise NotFound(
+            f"Resource type '{resource_type}' is not supported by this server", code="not-supported"
+        )
     return resource_type
 
 

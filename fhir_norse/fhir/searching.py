@@ -26,8 +26,11 @@ from fhir_norse.fhir.search.registry import SearchParamRegistry
 from fhir_norse.store.repository import StoredResource
 
 SUMMARY_FILE = Path(__file__).resolve().parent / "definitions" / "summary-elements.json"
-SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED",
-             "display": "subsetted"}
+SUBSETTED = {
+    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+    "code": "SUBSETTED",
+    "display": "subsetted",
+}
 _ALWAYS = ("resourceType", "id", "meta")
 
 
@@ -54,9 +57,16 @@ def search(service: FhirService, ctx: RequestContext, res_type: str, params: lis
         return search_in(service, view.conn, ctx, res_type, params)
 
 
-def search_in(service: FhirService, conn: sa.Connection, ctx: RequestContext, res_type: str,
-              params: list[tuple[str, str]]) -> Result:
-    request = parse_search(res_type, params, strict=ctx.prefer.handling == "strict", registry=service.registry)
+def search_in(
+    service: FhirService,
+    conn: sa.Connection,
+    ctx: RequestContext,
+    res_type: str,
+    params: list[tuple[str, str]],
+) -> Result:
+    request = parse_search(
+        res_type, params, strict=ctx.prefer.handling == "strict", registry=service.registry
+    )
     page = engine.execute_search(conn, request)
     return Result(200, raw=_bundle(ctx, request, page))
 
@@ -76,8 +86,15 @@ def _bundle(ctx: RequestContext, request: SearchRequest, page: engine.SearchPage
     entries += [_entry(ctx.base_url, row, "include", request) for row in page.includes]
     if request.ignored:
         names = ", ".join(sorted({name for name, _ in request.ignored}))
-        warning = operation_outcome([Issue(f"Unknown or unsupported search parameters ignored: {names}",
-                                           code="not-supported", severity="warning")])
+        warning = operation_outcome(
+            [
+                Issue(
+                    f"Unknown or unsupported search parameters ignored: {names}",
+                    code="not-supported",
+                    severity="warning",
+                )
+            ]
+        )
         entries.append('{"resource":' + dumps(warning) + ',"search":{"mode":"outcome"}}')
     text = dumps(head)[:-1]
     if entries:
@@ -95,7 +112,7 @@ def _shape(body_text: str, request: SearchRequest) -> str:
     """Apply ``_summary`` or ``_elements``; a cut-down resource is tagged SUBSETTED."""
     resource = orjson.loads(body_text)
     res_type = resource["resourceType"]
-    if request.summary == "false" or request.summary is None and not request.elements:
+    if request.summary == "false" or (request.summary is None and not request.elements):
         return body_text
     if request.summary == "text":
         keep = {"text", *mandatory_elements(res_type)}
@@ -113,7 +130,7 @@ def _shape(body_text: str, request: SearchRequest) -> str:
 
 
 def _choice_of(key: str, keep: set[str]) -> bool:
-    return any(key.startswith(name) and key[len(name):][:1].isupper() for name in keep)
+    return any(key.startswith(name) and key[len(name) :][:1].isupper() for name in keep)
 
 
 def _page_params(request: SearchRequest, cursor: str | None) -> list[tuple[str, str]]:
@@ -137,10 +154,13 @@ async def search_params_from_form(content_type: str, body: bytes) -> list[tuple[
     return parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True)
 
 
-def find_matching(conn: sa.Connection, registry: SearchParamRegistry, res_type: str, query: str,
-                  limit: int) -> list[StoredResource]:
+def find_matching(
+    conn: sa.Connection, registry: SearchParamRegistry, res_type: str, query: str, limit: int
+) -> list[StoredResource]:
     """Resources matching the search ``query`` of a conditional interaction (strict parsing)."""
     params = parse_qsl(query.lstrip("?"), keep_blank_values=True)
     rows = engine.find_matching(conn, res_type, params, limit)
-    return [StoredResource(r.pk, r.res_type, r.res_id, r.version, r.last_updated, False, r.body_text)
-            for r in rows]
+    return [
+        StoredResource(r.pk, r.res_type, r.res_id, r.version, r.last_updated, False, r.body_text)
+        for r in rows
+    ]

@@ -24,8 +24,9 @@ def is_sqlite(engine: sa.Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def create_engine(url: str, *, synchronous: str = "FULL", busy_timeout_ms: int = 30_000,
-                  pool_size: int = 10) -> sa.Engine:
+def create_engine(
+    url: str, *, synchronous: str = "FULL", busy_timeout_ms: int = 30_000, pool_size: int = 10
+) -> sa.Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database

@@ -56,7 +56,9 @@ _INDEX_TABLE: dict[type, sa.Table] = {
 
 
 _STRING_LIMITS: dict[type, dict[str, int]] = {
-    row_type: {c.name: c.type.length for c in table.columns if isinstance(c.type, sa.String) and c.type.length}
+    row_type: {
+        c.name: c.type.length for c in table.columns if isinstance(c.type, sa.String) and c.type.length
+    }
     for row_type, table in _INDEX_TABLE.items()
 }
 
@@ -79,10 +81,25 @@ def _json_text(column: Any) -> Any:
     return sa.cast(column, sa.Text)
 
 
-_RESOURCE_COLS = (R.c.pk, R.c.res_type, R.c.res_id, R.c.version, R.c.last_updated, R.c.deleted,
-                  _json_text(R.c.body))
-_HISTORY_COLS = (H.c.pk, H.c.res_type, H.c.res_id, H.c.version, H.c.last_updated, H.c.deleted,
-                 _json_text(H.c.body), H.c.method)
+_RESOURCE_COLS = (
+    R.c.pk,
+    R.c.res_type,
+    R.c.res_id,
+    R.c.version,
+    R.c.last_updated,
+    R.c.deleted,
+    _json_text(R.c.body),
+)
+_HISTORY_COLS = (
+    H.c.pk,
+    H.c.res_type,
+    H.c.res_id,
+    H.c.version,
+    H.c.last_updated,
+    H.c.deleted,
+    _json_text(H.c.body),
+    H.c.method,
+)
 
 
 def _stored(row: Sequence[Any]) -> StoredResource:
@@ -94,18 +111,30 @@ def _row_values(resource_pk: int, res_type: str, row: IndexRow) -> dict[str, Any
     if isinstance(row, DateRow):
         values.update(param=row.param, low=row.low or DATE_MIN, high=row.high or DATE_MAX)
     elif isinstance(row, NumberRow):
-        values.update(param=row.param, value=float(row.value), low=float(row.low), high=float(row.high),
-                      system=row.system, code=row.code, unit=row.unit)
+        values.update(
+            param=row.param,
+            value=float(row.value),
+            low=float(row.low),
+            high=float(row.high),
+            system=row.system,
+            code=row.code,
+            unit=row.unit,
+        )
     elif isinstance(row, CompositeRow):
         values.update(
-            param=row.param, c1_system=row.c1_system, c1_code=row.c1_code, c2_system=row.c2_system,
+            param=row.param,
+            c1_system=row.c1_system,
+            c1_code=row.c1_code,
+            c2_system=row.c2_system,
             c2_code=row.c2_code,
             c2_low=None if row.c2_low is None else float(row.c2_low),
             c2_high=None if row.c2_high is None else float(row.c2_high),
-            c2_date_low=row.c2_date_low, c2_date_high=row.c2_date_high, c2_string=row.c2_string,
+            c2_date_low=row.c2_date_low,
+            c2_date_high=row.c2_date_high,
+            c2_string=row.c2_string,
         )
     else:
-        values.update({f: getattr(row, f) for f in row.__slots__})  # type: ignore[union-attr]
+        values.update({f: getattr(row, f) for f in row.__slots__})
     # Index columns are bounded; a longer value is indexed by its prefix (the body keeps it whole).
     for key, limit in _STRING_LIMITS[type(row)].items():
         value = values.get(key)
@@ -165,8 +194,9 @@ class ReadView:
         query = query.limit(count)
         return [_stored(r) for r in self.conn.execute(query)]
 
-    def history_count(self, *, res_type: str | None = None, res_id: str | None = None,
-                      since: datetime | None = None) -> int:
+    def history_count(
+        self, *, res_type: str | None = None, res_id: str | None = None, since: datetime | None = None
+    ) -> int:
         query = sa.select(sa.func.count()).select_from(H)
         if res_type is not None:
             query = query.where(H.c.res_type == res_type)
@@ -215,8 +245,15 @@ class UnitOfWork(ReadView):
         try:
             if previous is None:
                 pk = self.conn.execute(
-                    sa.insert(R).values(res_type=res_type, res_id=res_id, version=version,
-                                        last_updated=last_updated, deleted=deleted, body=body)
+                    sa.insert(R)
+                    .values(
+                        res_type=res_type,
+                        res_id=res_id,
+                        version=version,
+                        last_updated=last_updated,
+                        deleted=deleted,
+                        body=body,
+                    )
                     .returning(R.c.pk)
                 ).scalar_one()
             else:
@@ -231,8 +268,15 @@ class UnitOfWork(ReadView):
                 for table in _INDEX_TABLE.values():
                     self.conn.execute(sa.delete(table).where(table.c.resource_pk == pk))
             self.conn.execute(
-                sa.insert(H).values(res_type=res_type, res_id=res_id, version=version,
-                                    last_updated=last_updated, method=method, deleted=deleted, body=body)
+                sa.insert(H).values(
+                    res_type=res_type,
+                    res_id=res_id,
+                    version=version,
+                    last_updated=last_updated,
+                    method=method,
+                    deleted=deleted,
+                    body=body,
+                )
             )
         except IntegrityError as exc:
             raise Conflict(f"{res_type}/{res_id} was written concurrently by another request; retry") from exc

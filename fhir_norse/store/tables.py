@@ -32,9 +32,7 @@ def _pk() -> Any:
 
 
 def _resource_fk() -> Any:
-    return Field(
-        sa_column=sa.Column(PK, sa.ForeignKey("resource.pk", ondelete="CASCADE"), nullable=False)
-    )
+    return Field(sa_column=sa.Column(PK, sa.ForeignKey("resource.pk", ondelete="CASCADE"), nullable=False))
 
 
 class ResourceRow(SQLModel, table=True):
@@ -197,7 +195,7 @@ class CompositeIndex(SQLModel, table=True):
 
 
 INDEX_TABLES: tuple[sa.Table, ...] = tuple(
-    m.__table__  # type: ignore[attr-defined]
+    m.__table__  # type: ignore[union-attr]
     for m in (TokenIndex, StringIndex, DateIndex, NumberIndex, ReferenceIndex, UriIndex, CompositeIndex)
 )
 METADATA = SQLModel.metadata

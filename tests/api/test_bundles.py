@@ -12,9 +12,14 @@ FHIR = {"Content-Type": "application/fhir+json"}
 
 
 def observation(subject: str, code: str = "8867-4", **extra: Any) -> dict[str, Any]:
-    return {"resourceType": "Observation", "status": "final",
-            "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
-            "subject": {"reference": subject}, "effectiveDateTime": "2024-05-01T10:00:00Z", **extra}
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+        "subject": {"reference": subject},
+        "effectiveDateTime": "2024-05-01T10:00:00Z",
+        **extra,
+    }
 
 
 def total(client: TestClient, res_type: str) -> int:
@@ -23,14 +28,22 @@ def total(client: TestClient, res_type: str) -> int:
 
 
 def test_transaction_resolves_urn_uuid_references(client: TestClient) -> None:
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"fullUrl": "urn:uuid:0c3b1b64-6c5c-4b6d-9d6e-000000000002",
-         "resource": observation("urn:uuid:0c3b1b64-6c5c-4b6d-9d6e-000000000001"),
-         "request": {"method": "POST", "url": "Observation"}},
-        {"fullUrl": "urn:uuid:0c3b1b64-6c5c-4b6d-9d6e-000000000001",
-         "resource": {"resourceType": "Patient", "name": [{"family": "Hansen"}]},
-         "request": {"method": "POST", "url": "Patient"}},
-    ]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:0c3b1b64-6c5c-4b6d-9d6e-000000000002",
+                "resource": observation("urn:uuid:0c3b1b64-6c5c-4b6d-9d6e-000000000001"),
+                "request": {"method": "POST", "url": "Observation"},
+            },
+            {
+                "fullUrl": "urn:uuid:0c3b1b64-6c5c-4b6d-9d6e-000000000001",
+                "resource": {"resourceType": "Patient", "name": [{"family": "Hansen"}]},
+                "request": {"method": "POST", "url": "Patient"},
+            },
+        ],
+    }
     response = client.post("/fhir", json=bundle, headers=FHIR)
     assert response.status_code == 200, response.text
     body = response.json()
@@ -45,13 +58,21 @@ def test_transaction_resolves_urn_uuid_references(client: TestClient) -> None:
 
 def test_transaction_is_atomic_when_50th_entry_is_invalid(client: TestClient) -> None:
     entries: list[dict[str, Any]] = [
-        {"resource": {"resourceType": "Patient", "name": [{"family": f"P{i}"}]},
-         "request": {"method": "POST", "url": "Patient"}} for i in range(49)
+        {
+            "resource": {"resourceType": "Patient", "name": [{"family": f"P{i}"}]},
+            "request": {"method": "POST", "url": "Patient"},
+        }
+        for i in range(49)
     ]
-    entries.append({"resource": {"resourceType": "Observation", "status": "not-a-status", "code": {"text": "x"}},
-                    "request": {"method": "POST", "url": "Observation"}})
-    response = client.post("/fhir", json={"resourceType": "Bundle", "type": "transaction", "entry": entries},
-                           headers=FHIR)
+    entries.append(
+        {
+            "resource": {"resourceType": "Observation", "status": "not-a-status", "code": {"text": "x"}},
+            "request": {"method": "POST", "url": "Observation"},
+        }
+    )
+    response = client.post(
+        "/fhir", json={"resourceType": "Bundle", "type": "transaction", "entry": entries}, headers=FHIR
+    )
     assert response.status_code == 400
     outcome = response.json()
     assert outcome["resourceType"] == "OperationOutcome"
@@ -61,16 +82,35 @@ def test_transaction_is_atomic_when_50th_entry_is_invalid(client: TestClient) ->
 
 
 def test_transaction_conditional_reference_and_if_none_exist(client: TestClient) -> None:
-    client.post("/fhir/Patient", json={"resourceType": "Patient", "identifier": [
-        {"system": "http://hospital.example/mrn", "value": "777"}]}, headers=FHIR)
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"resource": observation("Patient?identifier=http://hospital.example/mrn|777"),
-         "request": {"method": "POST", "url": "Observation"}},
-        {"resource": {"resourceType": "Patient", "identifier": [{"system": "http://hospital.example/mrn",
-                                                                 "value": "777"}]},
-         "request": {"method": "POST", "url": "Patient",
-                     "ifNoneExist": "identifier=http://hospital.example/mrn|777"}},
-    ]}
+    client.post(
+        "/fhir/Patient",
+        json={
+            "resourceType": "Patient",
+            "identifier": [{"system": "http://hospital.example/mrn", "value": "777"}],
+        },
+        headers=FHIR,
+    )
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "resource": observation("Patient?identifier=http://hospital.example/mrn|777"),
+                "request": {"method": "POST", "url": "Observation"},
+            },
+            {
+                "resource": {
+                    "resourceType": "Patient",
+                    "identifier": [{"system": "http://hospital.example/mrn", "value": "777"}],
+                },
+                "request": {
+                    "method": "POST",
+                    "url": "Patient",
+                    "ifNoneExist": "identifier=http://hospital.example/mrn|777",
+                },
+            },
+        ],
+    }
     response = client.post("/fhir", json=bundle, headers=FHIR)
     assert response.status_code == 200, response.text
     assert response.json()["entry"][1]["response"]["status"].startswith("200")
@@ -81,29 +121,48 @@ def test_transaction_conditional_reference_and_if_none_exist(client: TestClient)
 
 
 def test_transaction_unresolvable_conditional_reference_stores_nothing(client: TestClient) -> None:
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}},
-        {"resource": observation("Patient?identifier=http://nowhere|0"),
-         "request": {"method": "POST", "url": "Observation"}},
-    ]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}},
+            {
+                "resource": observation("Patient?identifier=http://nowhere|0"),
+                "request": {"method": "POST", "url": "Observation"},
+            },
+        ],
+    }
     response = client.post("/fhir", json=bundle, headers=FHIR)
     assert response.status_code == 412
     assert total(client, "Patient") == 0
 
 
 def test_transaction_put_delete_patch_and_get(client: TestClient) -> None:
-    client.put("/fhir/Patient/keep", json={"resourceType": "Patient", "id": "keep", "gender": "female"},
-               headers=FHIR)
+    client.put(
+        "/fhir/Patient/keep", json={"resourceType": "Patient", "id": "keep", "gender": "female"}, headers=FHIR
+    )
     client.put("/fhir/Patient/drop", json={"resourceType": "Patient", "id": "drop"}, headers=FHIR)
     patch = base64.b64encode(orjson.dumps([{"op": "replace", "path": "/gender", "value": "male"}])).decode()
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"request": {"method": "GET", "url": "Patient/keep"}},
-        {"resource": {"resourceType": "Binary", "contentType": "application/json-patch+json", "data": patch},
-         "request": {"method": "PATCH", "url": "Patient/keep"}},
-        {"request": {"method": "DELETE", "url": "Patient/drop"}},
-        {"resource": {"resourceType": "Patient", "id": "new-one"}, "request": {"method": "PUT",
-                                                                             "url": "Patient/new-one"}},
-    ]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"request": {"method": "GET", "url": "Patient/keep"}},
+            {
+                "resource": {
+                    "resourceType": "Binary",
+                    "contentType": "application/json-patch+json",
+                    "data": patch,
+                },
+                "request": {"method": "PATCH", "url": "Patient/keep"},
+            },
+            {"request": {"method": "DELETE", "url": "Patient/drop"}},
+            {
+                "resource": {"resourceType": "Patient", "id": "new-one"},
+                "request": {"method": "PUT", "url": "Patient/new-one"},
+            },
+        ],
+    }
     response = client.post("/fhir", json=bundle, headers=FHIR)
     assert response.status_code == 200, response.text
     entries = response.json()["entry"]
@@ -116,12 +175,18 @@ def test_transaction_put_delete_patch_and_get(client: TestClient) -> None:
 
 
 def test_batch_entries_succeed_or_fail_independently(client: TestClient) -> None:
-    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
-        {"resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}},
-        {"resource": {"resourceType": "Observation", "status": "bad"}, "request": {"method": "POST",
-                                                                                 "url": "Observation"}},
-        {"request": {"method": "GET", "url": "Patient/missing"}},
-    ]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}},
+            {
+                "resource": {"resourceType": "Observation", "status": "bad"},
+                "request": {"method": "POST", "url": "Observation"},
+            },
+            {"request": {"method": "GET", "url": "Patient/missing"}},
+        ],
+    }
     response = client.post("/fhir", json=bundle, headers=FHIR)
     assert response.status_code == 200
     body = response.json()
@@ -135,6 +200,13 @@ def test_batch_entries_succeed_or_fail_independently(client: TestClient) -> None
 def test_bundle_of_wrong_type_is_400(client: TestClient) -> None:
     response = client.post("/fhir", json={"resourceType": "Bundle", "type": "collection"}, headers=FHIR)
     assert response.status_code == 400
-    response = client.post("/fhir", json={"resourceType": "Bundle", "type": "transaction",
-                                          "entry": [{"resource": {"resourceType": "Patient"}}]}, headers=FHIR)
+    response = client.post(
+        "/fhir",
+        json={
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [{"resource": {"resourceType": "Patient"}}],
+        },
+        headers=FHIR,
+    )
     assert response.status_code == 400

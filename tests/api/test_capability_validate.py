@@ -19,7 +19,16 @@ def test_capability_statement_describes_the_server(client: TestClient) -> None:
     assert [r["type"] for r in rest["resource"]] == list(SUPPORTED_TYPES)
     observation = next(r for r in rest["resource"] if r["type"] == "Observation")
     codes = {i["code"] for i in observation["interaction"]}
-    assert {"read", "vread", "update", "patch", "delete", "create", "search-type", "history-instance"} <= codes
+    assert {
+        "read",
+        "vread",
+        "update",
+        "patch",
+        "delete",
+        "create",
+        "search-type",
+        "history-instance",
+    } <= codes
     params = {p["name"]: p["type"] for p in observation["searchParam"]}
     assert params["patient"] == "reference"
     assert params["code-value-quantity"] == "composite"
@@ -28,17 +37,25 @@ def test_capability_statement_describes_the_server(client: TestClient) -> None:
 
 
 def test_validate_type_level(client: TestClient) -> None:
-    good = client.post("/fhir/Patient/$validate", json={"resourceType": "Patient", "gender": "female"},
-                       headers=FHIR)
+    good = client.post(
+        "/fhir/Patient/$validate", json={"resourceType": "Patient", "gender": "female"}, headers=FHIR
+    )
     assert good.status_code == 200
     assert good.json()["issue"][0]["severity"] == "information"
-    bad = client.post("/fhir/Patient/$validate", json={"resourceType": "Patient", "gender": "robot"},
-                      headers=FHIR)
+    bad = client.post(
+        "/fhir/Patient/$validate", json={"resourceType": "Patient", "gender": "robot"}, headers=FHIR
+    )
     assert bad.status_code == 200
     assert bad.json()["issue"][0]["severity"] == "error"
     assert "Patient.gender" in bad.json()["issue"][0]["expression"]
-    wrapped = client.post("/fhir/Patient/$validate", headers=FHIR, json={
-        "resourceType": "Parameters", "parameter": [{"name": "resource", "resource": {"resourceType": "Patient"}}]})
+    wrapped = client.post(
+        "/fhir/Patient/$validate",
+        headers=FHIR,
+        json={
+            "resourceType": "Parameters",
+            "parameter": [{"name": "resource", "resource": {"resourceType": "Patient"}}],
+        },
+    )
     assert wrapped.json()["issue"][0]["severity"] == "information"
     # Nothing was stored.
     assert client.get("/fhir/Patient?_total=accurate").json()["total"] == 0
@@ -48,8 +65,13 @@ def test_validate_instance_level(client: TestClient) -> None:
     client.put("/fhir/Patient/p1", json={"resourceType": "Patient", "id": "p1"}, headers=FHIR)
     ok = client.post("/fhir/Patient/p1/$validate", json={"resourceType": "Patient", "id": "p1"}, headers=FHIR)
     assert ok.json()["issue"][0]["severity"] == "information"
-    mismatch = client.post("/fhir/Patient/p1/$validate", json={"resourceType": "Patient", "id": "p2"},
-                           headers=FHIR)
+    mismatch = client.post(
+        "/fhir/Patient/p1/$validate", json={"resourceType": "Patient", "id": "p2"}, headers=FHIR
+    )
     assert mismatch.json()["issue"][0]["severity"] == "error"
-    assert client.post("/fhir/Patient/nope/$validate", json={"resourceType": "Patient"},
-                       headers=FHIR).status_code == 404
+    assert (
+        client.post(
+            "/fhir/Patient/nope/$validate", json={"resourceType": "Patient"}, headers=FHIR
+        ).status_code
+        == 404
+    )

@@ -13,8 +13,12 @@ FHIR = {"Content-Type": "application/fhir+json"}
 
 
 def patient(**extra: Any) -> dict[str, Any]:
-    return {"resourceType": "Patient", "name": [{"family": "Nordmann", "given": ["Kari"]}], "gender": "female",
-            **extra}
+    return {
+        "resourceType": "Patient",
+        "name": [{"family": "Nordmann", "given": ["Kari"]}],
+        "gender": "female",
+        **extra,
+    }
 
 
 def create(client: TestClient, body: dict[str, Any]) -> dict[str, Any]:
@@ -31,8 +35,9 @@ def issue_codes(response: Any) -> list[str]:
 
 
 def test_create_assigns_id_version_and_headers(client: TestClient) -> None:
-    response = client.post("/fhir/Patient", json=patient(id="client-chosen", meta={"versionId": "99"}),
-                           headers=FHIR)
+    response = client.post(
+        "/fhir/Patient", json=patient(id="client-chosen", meta={"versionId": "99"}), headers=FHIR
+    )
     assert response.status_code == 201
     body = response.json()
     assert body["id"] != "client-chosen"
@@ -55,7 +60,10 @@ def test_read_returns_stored_resource(client: TestClient) -> None:
 def test_read_accepts_plain_json_and_format(client: TestClient) -> None:
     created = create(client, patient())
     assert client.get(f"/fhir/Patient/{created['id']}?_format=json").status_code == 200
-    assert client.get(f"/fhir/Patient/{created['id']}", headers={"Accept": "application/json"}).status_code == 200
+    assert (
+        client.get(f"/fhir/Patient/{created['id']}", headers={"Accept": "application/json"}).status_code
+        == 200
+    )
     assert client.get(f"/fhir/Patient/{created['id']}?_format=xml").status_code == 406
 
 
@@ -71,7 +79,9 @@ def test_unknown_id_is_404_and_unknown_type_is_404(client: TestClient) -> None:
     response = client.get("/fhir/Medication/1")
     assert response.status_code == 404
     assert response.json()["resourceType"] == "OperationOutcome"
-    assert client.post("/fhir/Medication", json={"resourceType": "Medication"}, headers=FHIR).status_code == 404
+    assert (
+        client.post("/fhir/Medication", json={"resourceType": "Medication"}, headers=FHIR).status_code == 404
+    )
 
 
 def test_update_creates_with_client_id_then_versions(client: TestClient) -> None:
@@ -103,12 +113,14 @@ def test_vread_returns_each_version(client: TestClient) -> None:
 
 def test_if_match_precondition(client: TestClient) -> None:
     client.put("/fhir/Patient/m", json=patient(id="m"), headers=FHIR)
-    stale = client.put("/fhir/Patient/m", json=patient(id="m", gender="male"),
-                       headers={**FHIR, "If-Match": 'W/"7"'})
+    stale = client.put(
+        "/fhir/Patient/m", json=patient(id="m", gender="male"), headers={**FHIR, "If-Match": 'W/"7"'}
+    )
     assert stale.status_code == 412
     assert issue_codes(stale) == ["conflict"]
-    fresh = client.put("/fhir/Patient/m", json=patient(id="m", gender="male"),
-                       headers={**FHIR, "If-Match": 'W/"1"'})
+    fresh = client.put(
+        "/fhir/Patient/m", json=patient(id="m", gender="male"), headers={**FHIR, "If-Match": 'W/"1"'}
+    )
     assert fresh.status_code == 200
     assert client.get("/fhir/Patient/m").json()["meta"]["versionId"] == "2"
 
@@ -127,7 +139,9 @@ def test_prefer_return(client: TestClient) -> None:
     minimal = client.post("/fhir/Patient", json=patient(), headers={**FHIR, "Prefer": "return=minimal"})
     assert minimal.status_code == 201 and minimal.content == b""
     assert minimal.headers["Location"]
-    outcome = client.post("/fhir/Patient", json=patient(), headers={**FHIR, "Prefer": "return=OperationOutcome"})
+    outcome = client.post(
+        "/fhir/Patient", json=patient(), headers={**FHIR, "Prefer": "return=OperationOutcome"}
+    )
     assert outcome.status_code == 201
     assert outcome.json()["resourceType"] == "OperationOutcome"
     full = client.post("/fhir/Patient", json=patient(), headers={**FHIR, "Prefer": "return=representation"})
@@ -135,8 +149,14 @@ def test_prefer_return(client: TestClient) -> None:
 
 
 def test_server_owns_meta_on_update(client: TestClient) -> None:
-    body = patient(id="owned", meta={"versionId": "42", "lastUpdated": "2001-01-01T00:00:00Z",
-                                     "tag": [{"system": "http://example.org/tags", "code": "keep"}]})
+    body = patient(
+        id="owned",
+        meta={
+            "versionId": "42",
+            "lastUpdated": "2001-01-01T00:00:00Z",
+            "tag": [{"system": "http://example.org/tags", "code": "keep"}],
+        },
+    )
     stored = client.put("/fhir/Patient/owned", json=body, headers=FHIR).json()
     assert stored["meta"]["versionId"] == "1"
     assert stored["meta"]["lastUpdated"] != "2001-01-01T00:00:00Z"
@@ -158,37 +178,56 @@ def test_conditional_create(client: TestClient) -> None:
 
 def test_conditional_update(client: TestClient) -> None:
     ident = {"system": "http://hospital.example/mrn", "value": "A-1"}
-    created = client.put("/fhir/Patient?identifier=http://hospital.example/mrn|A-1",
-                         json=patient(identifier=[ident]), headers=FHIR)
+    created = client.put(
+        "/fhir/Patient?identifier=http://hospital.example/mrn|A-1",
+        json=patient(identifier=[ident]),
+        headers=FHIR,
+    )
     assert created.status_code == 201
-    updated = client.put("/fhir/Patient?identifier=http://hospital.example/mrn|A-1",
-                         json=patient(identifier=[ident], gender="male"), headers=FHIR)
+    updated = client.put(
+        "/fhir/Patient?identifier=http://hospital.example/mrn|A-1",
+        json=patient(identifier=[ident], gender="male"),
+        headers=FHIR,
+    )
     assert updated.status_code == 200
     assert updated.json()["id"] == created.json()["id"]
     assert updated.json()["meta"]["versionId"] == "2"
     create(client, patient(identifier=[ident]))
-    ambiguous = client.put("/fhir/Patient?identifier=http://hospital.example/mrn|A-1",
-                           json=patient(identifier=[ident]), headers=FHIR)
+    ambiguous = client.put(
+        "/fhir/Patient?identifier=http://hospital.example/mrn|A-1",
+        json=patient(identifier=[ident]),
+        headers=FHIR,
+    )
     assert ambiguous.status_code == 412
 
 
 def test_json_patch(client: TestClient) -> None:
     created = create(client, patient())
     url = f"/fhir/Patient/{created['id']}"
-    ops = [{"op": "replace", "path": "/gender", "value": "male"}, {"op": "add", "path": "/birthDate",
-                                                                   "value": "1970-01-01"}]
+    ops = [
+        {"op": "replace", "path": "/gender", "value": "male"},
+        {"op": "add", "path": "/birthDate", "value": "1970-01-01"},
+    ]
     response = client.patch(url, json=ops, headers={"Content-Type": "application/json-patch+json"})
     assert response.status_code == 200, response.text
     assert response.json()["gender"] == "male"
     assert response.json()["birthDate"] == "1970-01-01"
     assert response.json()["meta"]["versionId"] == "2"
-    bad_code = client.patch(url, json=[{"op": "replace", "path": "/gender", "value": "robot"}],
-                            headers={"Content-Type": "application/json-patch+json"})
+    bad_code = client.patch(
+        url,
+        json=[{"op": "replace", "path": "/gender", "value": "robot"}],
+        headers={"Content-Type": "application/json-patch+json"},
+    )
     assert bad_code.status_code == 400
-    not_applicable = client.patch(url, json=[{"op": "remove", "path": "/nothing"}],
-                                  headers={"Content-Type": "application/json-patch+json"})
+    not_applicable = client.patch(
+        url,
+        json=[{"op": "remove", "path": "/nothing"}],
+        headers={"Content-Type": "application/json-patch+json"},
+    )
     assert not_applicable.status_code == 422
-    stale = client.patch(url, json=ops, headers={"Content-Type": "application/json-patch+json", "If-Match": 'W/"1"'})
+    stale = client.patch(
+        url, json=ops, headers={"Content-Type": "application/json-patch+json", "If-Match": 'W/"1"'}
+    )
     assert stale.status_code == 412
     assert client.get(url).json()["meta"]["versionId"] == "2"
 

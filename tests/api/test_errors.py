@@ -27,25 +27,35 @@ def test_non_object_body_is_400(client: TestClient) -> None:
 
 
 def test_invalid_resource_points_at_element(client: TestClient) -> None:
-    response = client.post("/fhir/Observation", json={"resourceType": "Observation", "status": "bogus",
-                                                      "code": {"text": "x"}}, headers=FHIR)
+    response = client.post(
+        "/fhir/Observation",
+        json={"resourceType": "Observation", "status": "bogus", "code": {"text": "x"}},
+        headers=FHIR,
+    )
     assert response.status_code == 400
     expressions = [e for i in outcome(response)["issue"] for e in i.get("expression", [])]  # type: ignore[attr-defined]
     assert "Observation.status" in expressions
     response = client.post("/fhir/Patient", json={"resourceType": "Patient", "birthDate": 1970}, headers=FHIR)
     assert response.status_code == 400
-    response = client.post("/fhir/Patient", json={"resourceType": "Patient", "unknownThing": True}, headers=FHIR)
+    response = client.post(
+        "/fhir/Patient", json={"resourceType": "Patient", "unknownThing": True}, headers=FHIR
+    )
     assert response.status_code == 400
 
 
 def test_type_mismatch_between_url_and_body_is_400(client: TestClient) -> None:
-    response = client.post("/fhir/Patient", json={"resourceType": "Observation", "status": "final",
-                                                  "code": {"text": "x"}}, headers=FHIR)
+    response = client.post(
+        "/fhir/Patient",
+        json={"resourceType": "Observation", "status": "final", "code": {"text": "x"}},
+        headers=FHIR,
+    )
     assert response.status_code == 400
 
 
 def test_unsupported_content_type_is_415(client: TestClient) -> None:
-    response = client.post("/fhir/Patient", content=b"<Patient/>", headers={"Content-Type": "application/xml"})
+    response = client.post(
+        "/fhir/Patient", content=b"<Patient/>", headers={"Content-Type": "application/xml"}
+    )
     assert response.status_code == 415
     outcome(response)
 

@@ -22,7 +22,9 @@ def test_instance_history_lists_versions_newest_first(client: TestClient) -> Non
 
 def test_type_and_system_history_with_count_and_paging(client: TestClient) -> None:
     for i in range(5):
-        client.post("/fhir/Patient", json={"resourceType": "Patient", "name": [{"family": f"F{i}"}]}, headers=FHIR)
+        client.post(
+            "/fhir/Patient", json={"resourceType": "Patient", "name": [{"family": f"F{i}"}]}, headers=FHIR
+        )
     client.post("/fhir/Organization", json={"resourceType": "Organization", "name": "Klinikk"}, headers=FHIR)
     type_history = client.get("/fhir/Patient/_history").json()
     assert len(type_history["entry"]) == 5

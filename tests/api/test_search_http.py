@@ -19,13 +19,27 @@ def post(client: TestClient, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def obs(patient_id: str, code: str, when: str, value: float, **extra: Any) -> dict[str, Any]:
-    return {"resourceType": "Observation", "status": "final",
-            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                                      "code": "survey"}]}],
-            "code": {"coding": [{"system": LOINC, "code": code}]}, "subject": {"reference": f"Patient/{patient_id}"},
-            "effectiveDateTime": when,
-            "valueQuantity": {"value": value, "unit": "{score}", "system": "http://unitsofmeasure.org",
-                              "code": "{score}"}, **extra}
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "category": [
+            {
+                "coding": [
+                    {"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "survey"}
+                ]
+            }
+        ],
+        "code": {"coding": [{"system": LOINC, "code": code}]},
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "effectiveDateTime": when,
+        "valueQuantity": {
+            "value": value,
+            "unit": "{score}",
+            "system": "http://unitsofmeasure.org",
+            "code": "{score}",
+        },
+        **extra,
+    }
 
 
 def ids(bundle: dict[str, Any], mode: str = "match") -> list[str]:
@@ -34,12 +48,26 @@ def ids(bundle: dict[str, Any], mode: str = "match") -> list[str]:
 
 @pytest.fixture
 def cohort(client: TestClient) -> dict[str, Any]:
-    kari = post(client, {"resourceType": "Patient", "name": [{"family": "Ødegård", "given": ["Kari"]}],
-                         "identifier": [{"system": "http://hospital.example/mrn", "value": "K1"}],
-                         "birthDate": "1980-05-17", "gender": "female"})
-    ola = post(client, {"resourceType": "Patient", "name": [{"family": "Nordmann", "given": ["Ola"]}],
-                        "identifier": [{"system": "http://hospital.example/mrn", "value": "O1"}],
-                        "birthDate": "1975-01-02", "gender": "male"})
+    kari = post(
+        client,
+        {
+            "resourceType": "Patient",
+            "name": [{"family": "Ødegård", "given": ["Kari"]}],
+            "identifier": [{"system": "http://hospital.example/mrn", "value": "K1"}],
+            "birthDate": "1980-05-17",
+            "gender": "female",
+        },
+    )
+    ola = post(
+        client,
+        {
+            "resourceType": "Patient",
+            "name": [{"family": "Nordmann", "given": ["Ola"]}],
+            "identifier": [{"system": "http://hospital.example/mrn", "value": "O1"}],
+            "birthDate": "1975-01-02",
+            "gender": "male",
+        },
+    )
     observations = [
         post(client, obs(kari["id"], "44261-6", f"2024-0{month}-01T10:00:00Z", float(month)))
         for month in range(1, 6)
@@ -137,14 +165,23 @@ def test_unknown_parameter_lenient_and_strict(client: TestClient, cohort: dict[s
 
 
 def test_post_search(client: TestClient, cohort: dict[str, Any]) -> None:
-    response = client.post("/fhir/Patient/_search", content=b"gender=male",
-                           headers={"Content-Type": "application/x-www-form-urlencoded"})
+    response = client.post(
+        "/fhir/Patient/_search",
+        content=b"gender=male",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert response.status_code == 200
     assert ids(response.json()) == [cohort["ola"]["id"]]
 
 
 def test_bad_search_values_are_400(client: TestClient) -> None:
-    for query in ("birthdate=not-a-date", "_count=-1", "birthdate=xx2020", "_sort=nonsense", "_cursor=garbage"):
+    for query in (
+        "birthdate=not-a-date",
+        "_count=-1",
+        "birthdate=xx2020",
+        "_sort=nonsense",
+        "_cursor=garbage",
+    ):
         response = client.get(f"/fhir/Patient?{query}")
         assert response.status_code == 400, query
         assert response.json()["resourceType"] == "OperationOutcome"
@@ -157,12 +194,23 @@ def test_deleted_resources_are_not_found_by_search(client: TestClient, cohort: d
 
 def test_questionnaire_response_by_canonical(client: TestClient, cohort: dict[str, Any]) -> None:
     kari = cohort["kari"]["id"]
-    qr = post(client, {"resourceType": "QuestionnaireResponse", "status": "completed",
-                       "questionnaire": "http://example.org/Questionnaire/phq9|1.0.0",
-                       "subject": {"reference": f"Patient/{kari}"}, "authored": "2024-05-01T10:00:00Z"})
-    by_version = client.get("/fhir/QuestionnaireResponse?questionnaire=http://example.org/Questionnaire/phq9|1.0.0")
+    qr = post(
+        client,
+        {
+            "resourceType": "QuestionnaireResponse",
+            "status": "completed",
+            "questionnaire": "http://example.org/Questionnaire/phq9|1.0.0",
+            "subject": {"reference": f"Patient/{kari}"},
+            "authored": "2024-05-01T10:00:00Z",
+        },
+    )
+    by_version = client.get(
+        "/fhir/QuestionnaireResponse?questionnaire=http://example.org/Questionnaire/phq9|1.0.0"
+    )
     assert ids(by_version.json()) == [qr["id"]]
     bare = client.get("/fhir/QuestionnaireResponse?questionnaire=http://example.org/Questionnaire/phq9")
     assert ids(bare.json()) == [qr["id"]]
-    other = client.get("/fhir/QuestionnaireResponse?questionnaire=http://example.org/Questionnaire/phq9|2.0.0")
+    other = client.get(
+        "/fhir/QuestionnaireResponse?questionnaire=http://example.org/Questionnaire/phq9|2.0.0"
+    )
     assert ids(other.json()) == []

@@ -39,8 +39,16 @@ def _count(repo: Repository, table: sa.Table) -> int:
 def _save(repo: Repository, res_id: str, version: int, body: dict[str, object] | None, **kw: object) -> None:
     with repo.write() as uow:
         previous = uow.lock("Patient", res_id)
-        uow.save(res_type="Patient", res_id=res_id, body=body, version=version, last_updated=T0,
-                 method="create" if previous is None else "update", previous=previous, **kw)  # type: ignore[arg-type]
+        uow.save(
+            res_type="Patient",
+            res_id=res_id,
+            body=body,
+            version=version,
+            last_updated=T0,
+            method="create" if previous is None else "update",
+            previous=previous,
+            **kw,
+        )  # type: ignore[arg-type]
 
 
 def test_versions_history_and_current(repo: Repository) -> None:
@@ -58,8 +66,13 @@ def test_versions_history_and_current(repo: Repository) -> None:
 
 def test_index_rows_are_replaced_on_update_and_removed_on_delete(repo: Repository) -> None:
     table = TokenIndex.__table__  # type: ignore[attr-defined]
-    _save(repo, "a", 1, {"resourceType": "Patient"}, index_rows=[TokenRow("gender", None, "male"),
-                                                                 TokenRow("_tag", "s", "c")])
+    _save(
+        repo,
+        "a",
+        1,
+        {"resourceType": "Patient"},
+        index_rows=[TokenRow("gender", None, "male"), TokenRow("_tag", "s", "c")],
+    )
     assert _count(repo, table) == 2
     _save(repo, "a", 2, {"resourceType": "Patient"}, index_rows=[TokenRow("gender", None, "female")])
     with repo.engine.connect() as conn:
@@ -73,9 +86,16 @@ def test_index_rows_are_replaced_on_update_and_removed_on_delete(repo: Repositor
 
 def test_failed_unit_of_work_leaves_nothing(repo: Repository) -> None:
     with pytest.raises(RuntimeError), repo.write() as uow:
-        uow.save(res_type="Patient", res_id="x", body={"resourceType": "Patient"}, version=1, last_updated=T0,
-                 method="create", previous=None,
-                 index_rows=[ReferenceRow("organization", "Organization", "o1"), DateRow("birthdate", T0, T0)])
+        uow.save(
+            res_type="Patient",
+            res_id="x",
+            body={"resourceType": "Patient"},
+            version=1,
+            last_updated=T0,
+            method="create",
+            previous=None,
+            index_rows=[ReferenceRow("organization", "Organization", "o1"), DateRow("birthdate", T0, T0)],
+        )
         raise RuntimeError("crash in the middle of the request")
     with repo.read() as view:
         assert view.current("Patient", "x") is None
@@ -99,8 +119,15 @@ def test_concurrent_creators_of_one_id_conflict(repo: Repository) -> None:
                     previous = None
                 if not repo.sqlite:
                     barrier.wait()
-                uow.save(res_type="Patient", res_id="same", body={"resourceType": "Patient"}, version=1,
-                         last_updated=T0, method="create", previous=previous)
+                uow.save(
+                    res_type="Patient",
+                    res_id="same",
+                    body={"resourceType": "Patient"},
+                    version=1,
+                    last_updated=T0,
+                    method="create",
+                    previous=previous,
+                )
             outcomes.append("ok")
         except Conflict:
             outcomes.append("conflict")
@@ -121,7 +148,14 @@ def test_stale_update_is_a_conflict(repo: Repository) -> None:
         stale = view.current("Patient", "s")
     _save(repo, "s", 2, {"resourceType": "Patient"})
     with pytest.raises(Conflict), repo.write() as uow:
-        uow.save(res_type="Patient", res_id="s", body={"resourceType": "Patient"}, version=2, last_updated=T0,
-                 method="update", previous=stale)
+        uow.save(
+            res_type="Patient",
+            res_id="s",
+            body={"resourceType": "Patient"},
+            version=2,
+            last_updated=T0,
+            method="update",
+            previous=stale,
+        )
     with repo.read() as view:
         assert view.history_count(res_type="Patient", res_id="s") == 2

@@ -31,8 +31,9 @@ def _unwrap(body: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
     return resource, mode
 
 
-def validate_operation(service: FhirService, ctx: RequestContext, res_type: str, res_id: str | None,
-                       body: dict[str, Any]) -> Result:
+def validate_operation(
+    service: FhirService, ctx: RequestContext, res_type: str, res_id: str | None, body: dict[str, Any]
+) -> Result:
     check_type(res_type)
     service.authorizer.check(ctx.caller, "operation:validate", res_type)
     resource, mode = _unwrap(body)
@@ -51,8 +52,10 @@ def validate_operation(service: FhirService, ctx: RequestContext, res_type: str,
     try:
         validate_resource(resource, expected_type=res_type)
         if res_id is not None and resource.get("id") not in (None, res_id):
-            raise BadRequest(f"The resource id '{resource.get('id')}' does not match '{res_id}'",
-                             expression=f"{res_type}.id")
+            raise BadRequest(
+                f"The resource id '{resource.get('id')}' does not match '{res_id}'",
+                expression=f"{res_type}.id",
+            )
     except FhirError as error:
         return Result(200, body=error.outcome())
     return Result(200, body=information("Validation found no problems", code="informational"))

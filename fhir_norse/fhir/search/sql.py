@@ -11,6 +11,8 @@ https://hl7.org/fhir/R4/search.html (per parameter type) and the column meanings
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -203,7 +205,7 @@ def uri_above_candidates(value: str) -> list[str]:
     return sorted(out)
 
 
-def _row_match(table: sa.Table, crit: Criterion, v: SearchValue, now: datetime) -> Condition:
+def _row_match(table: sa.FromClause, crit: Criterion, v: SearchValue, now: datetime) -> Condition:
     """The condition one index row must meet to match value ``v``."""
     c = table.c
     if isinstance(v, TokenValue):
@@ -237,7 +239,7 @@ def _row_match(table: sa.Table, crit: Criterion, v: SearchValue, now: datetime) 
     raise AssertionError(f"unexpected value {v!r}")
 
 
-def reference_match(table: sa.Table, v: ReferenceValue) -> Condition:
+def reference_match(table: sa.FromClause, v: ReferenceValue) -> Condition:
     c = table.c
     if v.url is not None:
         cond: Condition = c.url == v.url
@@ -253,7 +255,7 @@ def reference_match(table: sa.Table, v: ReferenceValue) -> Condition:
     return sa.and_(*conds)
 
 
-def composite_match(table: sa.Table, v: CompositeValue, now: datetime) -> Condition:
+def composite_match(table: sa.FromClause, v: CompositeValue, now: datetime) -> Condition:
     c = table.c
     first = token_match(c.c1_system, c.c1_code, v.first)
     second: Condition
@@ -278,12 +280,64 @@ def composite_match(table: sa.Table, v: CompositeValue, now: datetime) -> Condit
 
 
 # --- criteria ----------------------------------------------------------------------------------
+#
+# A criterion answered by index rows is a RowFilter: "some row of ``table`` for this resource
+# meets ``where``". All RowFilters of one search are combined around one driving table:
+#
+#   r.pk IN (SELECT d.resource_pk FROM idx_a d WHERE <a> AND EXISTS (SELECT 1 FROM idx_b
+#            WHERE idx_b.resource_pk = d.resource_pk AND <b>) AND ...)
+#
+# so both databases intersect the index rows before touching a resource row. PostgreSQL
+# reorders these semi-joins by cost anyway; SQLite follows the nesting, which is why the most
+# selective-looking criterion drives (see ``_rank``). Negations and ``:missing=true`` are
+# anti-joins on the resource row; ``_id``/``_lastUpdated`` are resource columns.
 
 
-def criterion_condition(crit: AnyCriterion, r: sa.FromClause, now: datetime) -> Condition:
-    """The condition a row of ``r`` (an alias of ``resource``) meets when it matches ``crit``."""
+@dataclass(frozen=True, slots=True)
+class RowFilter:
+    """Resources having at least one row in ``table`` that meets ``where(table or an alias)``."""
+
+    table: sa.Table
+    where: Callable[[sa.FromClause], list[Condition]]
+    rank: int
+
+
+# One alias per index table for the driving side, and fixed aliases for chains and _has.
+# Reusing alias objects saves building their column collections on every search; nested
+# scopes may repeat a name safely because driving selects never correlate (``correlate(None)``).
+_DRIVER: dict[str, sa.FromClause] = {t.name: t.alias(f"d_{t.name}") for t in INDEX_TABLE_BY_TYPE.values()}
+_CHAIN_REF = REFERENCE.alias("chain_ref")
+_CHAIN_TARGET = RESOURCE.alias("chain_target")
+_HAS_REF = REFERENCE.alias("has_ref")
+_HAS_SOURCE = RESOURCE.alias("has_source")
+
+
+def _rank(crit: AnyCriterion) -> int:
+    """How selective a criterion usually is (lower drives): only SQLite needs the hint."""
     if isinstance(crit, ChainCriterion):
-        return _chain_condition(crit, r, now)
+        return 2
+    if not isinstance(crit, Criterion):
+        return 5
+    kind, modifier = crit.param.type, crit.modifier
+    if modifier == "missing":
+        return 9
+    if kind == "reference":
+        return 0
+    if kind == "token" and modifier is None:
+        if any(isinstance(v, TokenValue) and v.code is None for v in crit.values):
+            return 6  # ``system|`` matches a whole code system
+        return 1 if crit.param.code == "identifier" else 3
+    if (kind == "uri" and modifier is None) or (kind == "string" and modifier == "exact"):
+        return 1
+    if kind == "composite":
+        return 3
+    return 5
+
+
+def compile_criterion(crit: AnyCriterion, r: sa.FromClause, now: datetime) -> RowFilter | Condition:
+    """``crit`` as a RowFilter, or as a condition on ``r`` (an alias of ``resource``)."""
+    if isinstance(crit, ChainCriterion):
+        return _chain_filter(crit, now)
     if isinstance(crit, HasCriterion):
         return _has_condition(crit, r, now)
     code = crit.param.code
@@ -292,32 +346,30 @@ def criterion_condition(crit: AnyCriterion, r: sa.FromClause, now: datetime) -> 
     table = INDEX_TABLE_BY_TYPE.get(crit.param.type)
     if table is None:
         raise BadRequest(f"Search parameter '{code}' of type {crit.param.type} is not supported")
+    rtype = crit.resource_type
+
+    def of_param(t: sa.FromClause) -> list[Condition]:
+        return [t.c.res_type == rtype, t.c.param == code]
+
     if crit.modifier == "missing":
         wanted = {v.missing for v in crit.values if isinstance(v, MissingValue)}
         if wanted == {True, False}:
             return sa.true()
-        present = sa.exists().where(
-            table.c.resource_pk == r.c.pk, table.c.param == code, table.c.res_type == crit.resource_type
-        )
-        return ~present if True in wanted else r.c.pk.in_(_param_rows(table, crit))
-    row_match = sa.or_(*(_row_match(table, crit, v, now) for v in crit.values))
-    if crit.target_type is not None:
-        row_match = sa.and_(table.c.target_type == crit.target_type, row_match)
+        if False in wanted:
+            return RowFilter(table, of_param, _rank(crit))
+        return ~sa.exists().where(table.c.resource_pk == r.c.pk, *of_param(table)).correlate_except(table)
+
+    def matching(t: sa.FromClause) -> list[Condition]:
+        match = sa.or_(*(_row_match(t, crit, v, now) for v in crit.values))
+        if crit.target_type is not None:
+            match = sa.and_(t.c.target_type == crit.target_type, match)
+        return [*of_param(t), match]
+
     if crit.modifier == "not":
-        # Also matches resources without the element: an anti-join, not NOT IN, plans well on both.
-        return ~sa.exists().where(
-            table.c.resource_pk == r.c.pk,
-            table.c.res_type == crit.resource_type,
-            table.c.param == code,
-            row_match,
-        )
-    return r.c.pk.in_(_param_rows(table, crit).where(row_match))
-
-
-def _param_rows(table: sa.Table, crit: Criterion) -> sa.Select[Any]:
-    return sa.select(table.c.resource_pk).where(
-        table.c.res_type == crit.resource_type, table.c.param == crit.param.code
-    )
+        # Also matches resources without the element: an anti-join (NOT IN could plan as a
+        # hashed subplan that degrades badly on large sets).
+        return ~sa.exists().where(table.c.resource_pk == r.c.pk, *matching(table)).correlate_except(table)
+    return RowFilter(table, matching, _rank(crit))
 
 
 def _column_condition(crit: Criterion, r: sa.FromClause, now: datetime) -> Condition:
@@ -338,27 +390,29 @@ def _column_condition(crit: Criterion, r: sa.FromClause, now: datetime) -> Condi
     )
 
 
-def _chain_condition(crit: ChainCriterion, r: sa.FromClause, now: datetime) -> Condition:
+def _chain_filter(crit: ChainCriterion, now: datetime) -> RowFilter:
     """``ref.param=value``: the reference points at a live target that matches the inner criterion.
 
     See https://hl7.org/fhir/R4/search.html#chaining.
     """
-    ref = REFERENCE.alias()
-    hops: list[Condition] = []
+    target = _CHAIN_TARGET
+    hops: list[tuple[str, sa.Select[Any]]] = []
     for hop in crit.hops:
-        target = RESOURCE.alias()
-        matching_ids = sa.select(target.c.res_id).where(
-            target.c.res_type == hop.resource_type,
-            not_deleted(target),
-            criterion_condition(hop, target, now),
+        matching_ids = (
+            sa.select(target.c.res_id)
+            .where(*match_conditions(hop.resource_type, (hop,), target, now))
+            .correlate(None)
         )
-        hops.append(sa.and_(ref.c.target_type == hop.resource_type, ref.c.target_id.in_(matching_ids)))
-    sources = sa.select(ref.c.resource_pk).where(
-        ref.c.res_type == crit.reference.resource_type,
-        ref.c.param == crit.reference.code,
-        sa.or_(*hops),
-    )
-    return r.c.pk.in_(sources)
+        hops.append((hop.resource_type, matching_ids))
+
+    def where(t: sa.FromClause) -> list[Condition]:
+        return [
+            t.c.res_type == crit.reference.resource_type,
+            t.c.param == crit.reference.code,
+            sa.or_(*(sa.and_(t.c.target_type == rtype, t.c.target_id.in_(ids)) for rtype, ids in hops)),
+        ]
+
+    return RowFilter(REFERENCE, where, _rank(crit))
 
 
 def _has_condition(crit: HasCriterion, r: sa.FromClause, now: datetime) -> Condition:
@@ -366,18 +420,17 @@ def _has_condition(crit: HasCriterion, r: sa.FromClause, now: datetime) -> Condi
 
     See https://hl7.org/fhir/R4/search.html#has.
     """
-    ref = REFERENCE.alias()
-    source = RESOURCE.alias()
+    ref, source = _HAS_REF, _HAS_SOURCE
     referenced_ids = (
         sa.select(ref.c.target_id)
         .select_from(ref.join(source, source.c.pk == ref.c.resource_pk))
         .where(
             ref.c.res_type == crit.source_type,
             ref.c.param == crit.reference.code,
-            ref.c.target_type == r.c.res_type,
-            not_deleted(source),
-            criterion_condition(crit.inner, source, now),
+            ref.c.target_type == crit.reference_target,
+            *match_conditions(crit.source_type, (crit.inner,), source, now),
         )
+        .correlate(None)
     )
     return r.c.res_id.in_(referenced_ids)
 
@@ -385,12 +438,27 @@ def _has_condition(crit: HasCriterion, r: sa.FromClause, now: datetime) -> Condi
 def match_conditions(
     resource_type: str, criteria: tuple[AnyCriterion, ...], r: sa.FromClause, now: datetime
 ) -> list[Condition]:
-    """All conditions for live resources of ``resource_type`` matching every criterion."""
-    return [
-        r.c.res_type == resource_type,
-        not_deleted(r),
-        *(criterion_condition(c, r, now) for c in criteria),
-    ]
+    """All conditions for live resources of ``resource_type`` (rows of ``r``) matching every criterion."""
+    conditions: list[Condition] = [r.c.res_type == resource_type, not_deleted(r)]
+    filters: list[RowFilter] = []
+    for crit in criteria:
+        compiled = compile_criterion(crit, r, now)
+        if isinstance(compiled, RowFilter):
+            filters.append(compiled)
+        else:
+            conditions.append(compiled)
+    if filters:
+        filters.sort(key=lambda f: f.rank)  # stable: ties keep the order of the query
+        first, rest = filters[0], filters[1:]
+        driver = _DRIVER[first.table.name]
+        where = first.where(driver)
+        for f in rest:
+            t = f.table
+            where.append(
+                sa.exists().where(t.c.resource_pk == driver.c.resource_pk, *f.where(t)).correlate_except(t)
+            )
+        conditions.insert(2, r.c.pk.in_(sa.select(driver.c.resource_pk).where(*where).correlate(None)))
+    return conditions
 
 
 # --- sorting -----------------------------------------------------------------------------------

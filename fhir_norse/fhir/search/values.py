@@ -24,8 +24,9 @@ _DATE = re.compile(
 
 # Letters that carry no combining mark in Unicode but are "accented" to a searcher:
 # "Tromso" should find "Tromsø" as "Ostbo" finds "Østbø".
-_LETTER_FOLDS = str.maketrans({"ø": "o", "æ": "ae", "ð": "d", "þ": "th", "ß": "ss", "ł": "l", "đ": "d",
-                               "œ": "oe", "ı": "i"})
+_LETTER_FOLDS = str.maketrans(
+    {"ø": "o", "æ": "ae", "ð": "d", "þ": "th", "ß": "ss", "ł": "l", "đ": "d", "œ": "oe", "\u0131": "i"}
+)
 
 
 def normalize_string(value: str) -> str:

@@ -11,7 +11,6 @@ connection = config.attributes.get("connection")
 if connection is None:  # pragma: no cover - only the programmatic entry point is supported
     raise RuntimeError("run migrations through `fhir-norse migrate`")
 
-context.configure(connection=connection, target_metadata=METADATA, render_as_batch=True,
-                  compare_type=True)
+context.configure(connection=connection, target_metadata=METADATA, render_as_batch=True, compare_type=True)
 with context.begin_transaction():
     context.run_migrations()
