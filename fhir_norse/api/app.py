@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fhir_norse.api.rendering import render_error
 from fhir_norse.api.routes import router
@@ -84,32 +85,6 @@ def create_app(settings: Settings, service: FhirService | None = None) -> FastAP
     app.state.settings = settings
     app.state.service = service or build_service(settings)
 
-    @app.middleware("http")
-    async def request_context(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        token = request_id.set(rid[:64])
-        try:
-            fmt = request.query_params.get("_format")
-            accept = request.headers.get("accept", "")
-            if request.url.path.startswith("/fhir") and (
-                (fmt is not None and fmt.lower() in _XML_FORMATS)
-                or (accept and "json" not in accept and "*/*" not in accept and "xml" in accept)
-            ):
-                response = render_error(NotAcceptable("Only JSON is supported (application/fhir+json)"))
-            else:
-                response = await call_next(request)
-        except FhirError as error:  # raised by middleware-level code
-            response = render_error(error)
-        except Exception:
-            log.exception("unhandled error on %s %s", request.method, request.url.path)
-            response = render_error(InternalError(f"Internal server error (request id {rid[:64]})"))
-        finally:
-            request_id.reset(token)
-        response.headers["X-Request-ID"] = rid[:64]
-        return response
-
     @app.exception_handler(FhirError)
     async def fhir_error(_request: Request, error: FhirError) -> Response:
         if error.status >= 500:
@@ -132,14 +107,63 @@ def create_app(settings: Settings, service: FhirService | None = None) -> FastAP
         generic.status = error.status_code  # type: ignore[misc]
         return render_error(generic)
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, _error: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return render_error(InternalError(f"Internal server error (request id {request_id.get()})"))
-
     @app.get("/health", include_in_schema=False)
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
     app.include_router(router)
+    app.add_middleware(RequestContextMiddleware)
     return app
+
+
+class RequestContextMiddleware:
+    """Pure ASGI middleware (no per-request task or body copy): request id and JSON-only negotiation.
+
+    The request id comes from ``X-Request-ID`` or is generated; it is put on every log record
+    of the request and echoed in the response.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        rid = (headers.get("x-request-id") or uuid.uuid4().hex)[:64]
+        token = request_id.set(rid)
+        rid_header = (b"x-request-id", rid.encode("latin-1", errors="replace"))
+
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", []), rid_header]
+            await send(message)
+
+        try:
+            if scope["path"].startswith("/fhir") and _wants_non_json(scope, headers):
+                error = render_error(NotAcceptable("Only JSON is supported (application/fhir+json)"))
+                await error(scope, receive, send_with_id)
+                return
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Logged with the request id; the client learns nothing of the internals.
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            response = render_error(InternalError(f"Internal server error (request id {rid})"))
+            await response(scope, receive, send_with_id)
+        finally:
+            request_id.reset(token)
+
+
+def _wants_non_json(scope: Scope, headers: Headers) -> bool:
+    fmt = QueryParams(scope.get("query_string", b"")).get("_format")
+    if fmt is not None:
+        return fmt.split(";", 1)[0].strip().lower() in _XML_FORMATS
+    accept = headers.get("accept", "")
+    return bool(accept) and "json" not in accept and "*/*" not in accept and "xml" in accept

@@ -17,7 +17,7 @@ JSON_TYPES = frozenset({"application/fhir+json", "application/json", "applicatio
 PATCH_TYPES = frozenset({"application/json-patch+json"})
 
 
-def get_caller(request: Request) -> Caller:
+async def get_caller(request: Request) -> Caller:
     """Every FHIR route depends on this: the single place where a request becomes a caller.
 
     Issue 3 (SMART on FHIR) verifies the bearer token here; until then every caller is the
@@ -26,7 +26,7 @@ def get_caller(request: Request) -> Caller:
     return Caller.operator()
 
 
-def get_service(request: Request) -> FhirService:
+async def get_service(request: Request) -> FhirService:
     service: FhirService = request.app.state.service
     return service
 
@@ -38,7 +38,7 @@ def base_url(request: Request) -> str:
     return str(request.base_url).rstrip("/") + "/fhir"
 
 
-def get_context(request: Request, caller: Annotated[Caller, Depends(get_caller)]) -> RequestContext:
+async def get_context(request: Request, caller: Annotated[Caller, Depends(get_caller)]) -> RequestContext:
     return RequestContext(
         caller=caller, base_url=base_url(request), prefer=Prefer.parse(request.headers.get("prefer"))
     )

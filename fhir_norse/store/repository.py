@@ -143,6 +143,26 @@ def _row_values(resource_pk: int, res_type: str, row: IndexRow) -> dict[str, Any
     return values
 
 
+# Built once: SQLAlchemy memoises a statement's cache key on the object, so the hot write path
+# skips rebuilding and re-keying seven statements per request.
+_INSERT_RESOURCE = sa.insert(R).returning(R.c.pk)
+_UPDATE_RESOURCE = (
+    sa.update(R)
+    .where(R.c.pk == sa.bindparam("row_pk"), R.c.version == sa.bindparam("expected"))
+    .values(
+        version=sa.bindparam("new_version"),
+        last_updated=sa.bindparam("new_last_updated"),
+        deleted=sa.bindparam("new_deleted"),
+        body=sa.bindparam("new_body", type_=R.c.body.type),
+    )
+)
+_INSERT_HISTORY = sa.insert(H)
+_DELETE_INDEX_ROWS = tuple(
+    sa.delete(table).where(table.c.resource_pk == sa.bindparam("row_pk")) for table in _INDEX_TABLE.values()
+)
+_INSERT_INDEX_ROWS = {row_type: sa.insert(table) for row_type, table in _INDEX_TABLE.items()}
+
+
 class ReadView:
     """Queries on one connection (inside whatever transaction it has)."""
 
@@ -242,42 +262,35 @@ class UnitOfWork(ReadView):
         that got there first makes the unique constraints fail, reported as 409.
         """
         deleted = body is None
+        values = {
+            "res_type": res_type,
+            "res_id": res_id,
+            "version": version,
+            "last_updated": last_updated,
+            "deleted": deleted,
+            "body": body,
+        }
         try:
             if previous is None:
-                pk = self.conn.execute(
-                    sa.insert(R)
-                    .values(
-                        res_type=res_type,
-                        res_id=res_id,
-                        version=version,
-                        last_updated=last_updated,
-                        deleted=deleted,
-                        body=body,
-                    )
-                    .returning(R.c.pk)
-                ).scalar_one()
+                pk = self.conn.execute(_INSERT_RESOURCE, values).scalar_one()
             else:
                 pk = previous.pk
                 updated = self.conn.execute(
-                    sa.update(R)
-                    .where(R.c.pk == pk, R.c.version == previous.version)
-                    .values(version=version, last_updated=last_updated, deleted=deleted, body=body)
+                    _UPDATE_RESOURCE,
+                    {
+                        "row_pk": pk,
+                        "expected": previous.version,
+                        "new_version": version,
+                        "new_last_updated": last_updated,
+                        "new_deleted": deleted,
+                        "new_body": body,
+                    },
                 )
                 if updated.rowcount != 1:
                     raise Conflict(f"{res_type}/{res_id} was changed by another request; retry")
-                for table in _INDEX_TABLE.values():
-                    self.conn.execute(sa.delete(table).where(table.c.resource_pk == pk))
-            self.conn.execute(
-                sa.insert(H).values(
-                    res_type=res_type,
-                    res_id=res_id,
-                    version=version,
-                    last_updated=last_updated,
-                    method=method,
-                    deleted=deleted,
-                    body=body,
-                )
-            )
+                for statement in _DELETE_INDEX_ROWS:
+                    self.conn.execute(statement, {"row_pk": pk})
+            self.conn.execute(_INSERT_HISTORY, {**values, "method": method})
         except IntegrityError as exc:
             raise Conflict(f"{res_type}/{res_id} was written concurrently by another request; retry") from exc
         if not deleted:
@@ -285,11 +298,11 @@ class UnitOfWork(ReadView):
         return StoredResource(pk, res_type, res_id, version, last_updated, deleted, None, method)
 
     def _insert_index_rows(self, pk: int, res_type: str, rows: Iterable[IndexRow]) -> None:
-        grouped: dict[sa.Table, list[dict[str, Any]]] = {}
+        grouped: dict[type, list[dict[str, Any]]] = {}
         for row in rows:
-            grouped.setdefault(_INDEX_TABLE[type(row)], []).append(_row_values(pk, res_type, row))
-        for table, values in grouped.items():
-            self.conn.execute(sa.insert(table), values)
+            grouped.setdefault(type(row), []).append(_row_values(pk, res_type, row))
+        for row_type, values in grouped.items():
+            self.conn.execute(_INSERT_INDEX_ROWS[row_type], values)
 
 
 def is_sqlite_conn(conn: sa.Connection) -> bool:

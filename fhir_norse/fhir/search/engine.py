@@ -132,25 +132,48 @@ def _keyset(
     return sa.or_(*alternatives)
 
 
-def _ranked(req: SearchRequest) -> tuple[sa.Subquery, list[_Term]]:
-    """The matching resources' pks with one column per sort key (``k0``, ``k1``, ...)."""
-    r = RESOURCE.alias("r")
-    columns: list[ColumnElement[Any]] = [r.c.pk.label("pk")]
+# Fixed aliases: building an alias's column collection on every search costs more than the SQL.
+_R = RESOURCE.alias("r")
+_RES = RESOURCE.alias("res")
+
+
+def _page_select(req: SearchRequest, cursor: Cursor | None) -> tuple[sa.Select[Any], list[_Term]]:
+    """pks and sort-key values (``k0``, ``k1``, ..., ``pk``) of one page plus one row, in walking order."""
+    r = _R
+    columns: list[ColumnElement[Any]] = []
+    expressions: list[ColumnElement[Any]] = []
     terms: list[_Term] = []
     computed = False
     for i, key in enumerate(req.sort):
         expression, nullable = sort_expression(key, r)
         computed = computed or nullable
+        expressions.append(expression)
         columns.append(expression.label(f"k{i}"))
         terms.append(_Term(f"k{i}", key.descending, nullable))
-    # pk breaks ties; it follows the last key's direction so an index on (…, key, pk) serves both.
+    # pk breaks ties; it follows the last key's direction so an index on (..., key, pk) serves both.
     terms.append(_Term("pk", terms[-1].descending if terms else False, False))
-    inner = sa.select(*columns).where(*match_conditions(req.resource_type, req.criteria, r, req.now))
-    if computed:
-        # A fence: without it the planner inlines the subquery and evaluates each correlated
-        # sort-key subquery again in the keyset filter and in ORDER BY.
-        inner = inner.offset(0)
-    return inner.subquery("m"), terms
+    expressions.append(r.c.pk)
+    columns.append(r.c.pk.label("pk"))
+    where = match_conditions(req.resource_type, req.criteria, r, req.now)
+    reverse = cursor is not None and cursor.direction == "prev"
+    page: sa.Select[Any]
+    order_columns: Sequence[ColumnElement[Any]]
+    if cursor is not None and computed:
+        # A fence (OFFSET 0), so that each correlated sort-key subquery is evaluated once per
+        # row rather than again in the keyset filter.
+        ranked = sa.select(*columns).where(*where).offset(0).subquery("m")
+        order_columns = [ranked.c[t.name] for t in terms]
+        page = sa.select(*order_columns).where(
+            _keyset(terms, order_columns, (*cursor.values, cursor.pk), reverse)
+        )
+    else:
+        page = sa.select(*columns).where(*where)
+        if cursor is not None:
+            page = page.where(_keyset(terms, expressions, (*cursor.values, cursor.pk), reverse))
+        # Order by the select-list labels, so each key is computed once per row.
+        order_columns = columns
+    page = page.order_by(*(t.order(c, reverse) for t, c in zip(terms, order_columns, strict=True)))
+    return page.limit(req.count + 1), terms
 
 
 def _fetch_page(
@@ -158,22 +181,14 @@ def _fetch_page(
 ) -> tuple[list[StoredRow], list[tuple[CursorValue, ...]], bool]:
     """Rows of one page in display order, their sort-key values (pk last), and whether more exist
     beyond the page in the direction walked."""
-    ranked, terms = _ranked(req)
+    page, terms = _page_select(req, cursor)
     reverse = cursor is not None and cursor.direction == "prev"
-    page = sa.select(*(ranked.c[t.name] for t in terms))
-    if cursor is not None:
-        values = (*cursor.values, cursor.pk)
-        page = page.where(_keyset(terms, [ranked.c[t.name] for t in terms], values, reverse))
-    page_sq = (
-        page.order_by(*(t.order(ranked.c[t.name], reverse) for t in terms))
-        .limit(req.count + 1)
-        .subquery("page")
-    )
-    res = RESOURCE.alias("res")
-    key_columns = [page_sq.c[t.name].label(f"sort_{t.name}") for t in terms]
+    page_sq = page.subquery("page")
+    res = _RES
+    # The bodies are read only for the rows of the page, after sorting and limiting.
     statement = (
-        sa.select(*_stored_columns(res), *key_columns)
-        .select_from(res.join(page_sq, res.c.pk == page_sq.c.pk))
+        sa.select(*_stored_columns(res), *(page_sq.c[t.name].label(f"sort_{t.name}") for t in terms))
+        .select_from(page_sq.join(res, res.c.pk == page_sq.c.pk))
         .order_by(*(t.order(page_sq.c[t.name], reverse) for t in terms))
     )
     result = conn.execute(statement).mappings().all()
@@ -188,7 +203,7 @@ def _fetch_page(
 
 def count_matches(conn: sa.Connection, req: SearchRequest) -> int:
     """The number of resources matching the criteria (``_total=accurate``)."""
-    r = RESOURCE.alias("r")
+    r = _R
     statement = (
         sa.select(sa.func.count())
         .select_from(r)

@@ -207,6 +207,8 @@ class HasCriterion:
     name: str
     reference: SearchParamDef
     inner: Criterion
+    # The type searched for, which the source's reference must point at.
+    target_type: str
 
     @property
     def source_type(self) -> str:
@@ -640,7 +642,7 @@ class _Parser:
         inner = self.simple(
             self.param(source_type, inner_code, name), name, inner_modifier or None, raw_value
         )
-        return HasCriterion(name=name, reference=reference, inner=inner)
+        return HasCriterion(name=name, reference=reference, inner=inner, target_type=resource_type)
 
     # --- result parameters
 

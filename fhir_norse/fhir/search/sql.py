@@ -427,7 +427,7 @@ def _has_condition(crit: HasCriterion, r: sa.FromClause, now: datetime) -> Condi
         .where(
             ref.c.res_type == crit.source_type,
             ref.c.param == crit.reference.code,
-            ref.c.target_type == crit.reference_target,
+            ref.c.target_type == crit.target_type,
             *match_conditions(crit.source_type, (crit.inner,), source, now),
         )
         .correlate(None)
