@@ -575,7 +575,7 @@ def test_patient_extension_string_parameter() -> None:
             }
         ],
     }
-    assert rows_of(pat, "mothersMaidenName") == {StringRow("mothersMaidenName", "østby", "Østby")}
+    assert rows_of(pat, "mothersMaidenName") == {StringRow("mothersMaidenName", "ostby", "Østby")}
 
 
 # --------------------------------------------------------------------------------------------
