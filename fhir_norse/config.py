@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SQLITE_PATH = Path("var") / "fhir-norse.sqlite3"
@@ -38,6 +38,22 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # development turns on conveniences that must never run in production.
     mode: Literal["development", "production"] = "development"
+
+    # --- authorization (SMART on FHIR backend services) ---
+    # Encrypts the server's private signing keys at rest. Required outside development mode.
+    key_passphrase: SecretStr = SecretStr("")
+    # The issuer of our access tokens; derived from base_url when unset.
+    token_issuer: str | None = None
+    token_ttl_seconds: int = 300
+    token_max_ttl_seconds: int = 3600
+    token_rate_per_minute: int = 30
+    auth_failure_limit_per_minute: int = 20
+    # A hospital identity provider whose tokens are accepted too (JWKS from a file; no network).
+    oidc_issuer: str | None = None
+    oidc_jwks_file: str | None = None
+    oidc_audience: str | None = None
+    # Browser origins allowed by CORS; empty (the default) turns CORS off.
+    cors_origins: list[str] = Field(default_factory=list)
 
 
 def load_settings(**overrides: object) -> Settings:
