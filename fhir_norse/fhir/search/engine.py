@@ -19,6 +19,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from fhir_norse.fhir.resource_types import SUPPORTED_TYPE_SET
 from fhir_norse.fhir.search.cursor import Cursor, CursorValue, encode_cursor
 from fhir_norse.fhir.search.query import IncludeSpec, SearchRequest, parse_search
+from fhir_norse.fhir.search.registry import SearchParamRegistry, default_registry
 from fhir_norse.fhir.search.sql import (
     REFERENCE,
     RESOURCE,
@@ -258,14 +259,19 @@ def execute_search(conn: sa.Connection, req: SearchRequest) -> SearchPage:
 
 
 def find_matching(
-    conn: sa.Connection, resource_type: str, params: Iterable[tuple[str, str]], limit: int
+    conn: sa.Connection,
+    resource_type: str,
+    params: Iterable[tuple[str, str]],
+    limit: int,
+    *,
+    registry: SearchParamRegistry | None = None,
 ) -> list[StoredRow]:
     """Resources matching a conditional create/update/delete query (strict parsing, no paging).
 
     See https://hl7.org/fhir/R4/http.html#ccreate. Callers usually pass ``limit=2`` to tell
     "none", "one" and "several" apart.
     """
-    req = parse_search(resource_type, params, strict=True)
+    req = parse_search(resource_type, params, strict=True, registry=registry)
     req = replace(req, sort=(), cursor=None, count=max(0, limit))
     if limit <= 0:
         return []
@@ -274,6 +280,21 @@ def find_matching(
 
 
 # --- _include / _revinclude ----------------------------------------------------------------------
+#
+# Each specification is one query returning the stored rows it adds (deduplicated by pk in
+# Python). Canonical references (``QuestionnaireResponse.questionnaire``) name their target by
+# its ``url`` search parameter instead of type and id; that branch is only added for target
+# types that have a ``url`` parameter, so ordinary references cost no extra scan.
+
+_INC_REF = REFERENCE.alias("inc_ref")
+_INC_URI = URI.alias("inc_uri")
+_INC_VERSION = TOKEN.alias("inc_version")
+_INC_RES = RESOURCE.alias("inc")
+
+
+def _has_url_param(resource_type: str) -> bool:
+    definition = default_registry().get(resource_type, "url")
+    return definition is not None and definition.type == "uri"
 
 
 def _target_types(spec: IncludeSpec) -> list[str]:
@@ -285,94 +306,85 @@ def _target_types(spec: IncludeSpec) -> list[str]:
     return sorted(types & SUPPORTED_TYPE_SET)
 
 
-def _forward(conn: sa.Connection, spec: IncludeSpec, sources: list[StoredRow], limit: int) -> list[int]:
-    """pks of the live resources the sources' references (``spec.params``) point at."""
+def _stored_select(res: sa.FromClause, *where: Condition) -> sa.Select[Any]:
+    return sa.select(*_stored_columns(res)).where(not_deleted(res), *where)
+
+
+def _forward(conn: sa.Connection, spec: IncludeSpec, sources: list[StoredRow], limit: int) -> list[StoredRow]:
+    """The live resources the sources' references (``spec.params``) point at."""
     source_pks = [s.pk for s in sources if s.res_type == spec.source_type]
     if not source_pks or not spec.params:
         return []
     codes = [p.code for p in spec.params]
-    ref = REFERENCE.alias("ref")
-    target = RESOURCE.alias("t")
-    local = (
-        sa.select(target.c.pk)
-        .select_from(
-            ref.join(
-                target, sa.and_(target.c.res_type == ref.c.target_type, target.c.res_id == ref.c.target_id)
-            )
-        )
-        .where(ref.c.resource_pk.in_(source_pks), ref.c.param.in_(codes), not_deleted(target))
-    )
+    ref, res = _INC_REF, _INC_RES
+    from_sources: list[Condition] = [ref.c.resource_pk.in_(source_pks), ref.c.param.in_(codes)]
     if spec.target_type is not None:
-        local = local.where(ref.c.target_type == spec.target_type)
-    found = list(conn.execute(local.distinct().limit(limit)).scalars())
-    canonical_types = _target_types(spec)
+        from_sources.append(ref.c.target_type == spec.target_type)
+    local_targets = sa.select(ref.c.target_type, ref.c.target_id).where(*from_sources).correlate(None)
+    statement: sa.Select[Any] | sa.CompoundSelect[Any] = _stored_select(
+        res, sa.tuple_(res.c.res_type, res.c.res_id).in_(local_targets)
+    )
+    canonical_types = [t for t in _target_types(spec) if _has_url_param(t)]
     if canonical_types:
-        # Canonical references (``questionnaire``) name the target by its ``url``, not its id.
-        uri = URI.alias("u")
-        version = TOKEN.alias("v")
+        uri, version = _INC_URI, _INC_VERSION
         version_matches = sa.or_(
             ref.c.canonical_version.is_(None),
-            sa.exists().where(
-                version.c.resource_pk == target.c.pk,
+            sa.exists()
+            .where(
+                version.c.resource_pk == uri.c.resource_pk,
                 version.c.param == "version",
                 version.c.code == ref.c.canonical_version,
-            ),
-        )
-        canonical = (
-            sa.select(target.c.pk)
-            .select_from(
-                ref.join(uri, sa.and_(uri.c.value == ref.c.url, uri.c.param == "url")).join(
-                    target, target.c.pk == uri.c.resource_pk
-                )
             )
+            .correlate_except(version),
+        )
+        by_url = (
+            sa.select(uri.c.resource_pk)
+            .select_from(uri.join(ref, ref.c.url == uri.c.value))
             .where(
-                ref.c.resource_pk.in_(source_pks),
-                ref.c.param.in_(codes),
-                ref.c.url.is_not(None),
+                *from_sources,
                 ref.c.target_id.is_(None),
+                uri.c.param == "url",
                 uri.c.res_type.in_(canonical_types),
-                not_deleted(target),
                 version_matches,
             )
+            .correlate(None)
         )
-        found.extend(conn.execute(canonical.distinct().limit(limit)).scalars())
-    return found
+        statement = sa.union_all(statement, _stored_select(res, res.c.pk.in_(by_url)))
+    return [_row(m) for m in conn.execute(statement.limit(limit)).mappings()]
 
 
-def _reverse(conn: sa.Connection, spec: IncludeSpec, targets: list[StoredRow], limit: int) -> list[int]:
-    """pks of the live ``spec.source_type`` resources whose references point at ``targets``."""
+def _reverse(conn: sa.Connection, spec: IncludeSpec, targets: list[StoredRow], limit: int) -> list[StoredRow]:
+    """The live ``spec.source_type`` resources whose references (``spec.params``) point at ``targets``."""
     if not spec.params:
         return []
-    codes = [p.code for p in spec.params]
-    ref = REFERENCE.alias("ref")
-    source = RESOURCE.alias("s")
-    by_type: dict[str, list[str]] = {}
+    by_type: dict[str, list[StoredRow]] = {}
     for t in targets:
         if spec.target_type is None or spec.target_type == t.res_type:
-            by_type.setdefault(t.res_type, []).append(t.res_id)
+            by_type.setdefault(t.res_type, []).append(t)
     if not by_type:
         return []
+    codes = [p.code for p in spec.params]
+    ref, res = _INC_REF, _INC_RES
+    of_source = [ref.c.res_type == spec.source_type, ref.c.param.in_(codes)]
     pointing = sa.or_(
-        *(sa.and_(ref.c.target_type == rtype, ref.c.target_id.in_(ids)) for rtype, ids in by_type.items())
-    )
-    # Canonical references point at a target's ``url``.
-    uri = URI.alias("u")
-    target_urls = sa.select(uri.c.value).where(
-        uri.c.resource_pk.in_([t.pk for t in targets if t.res_type in by_type]), uri.c.param == "url"
-    )
-    statement = (
-        sa.select(source.c.pk)
-        .select_from(ref.join(source, source.c.pk == ref.c.resource_pk))
-        .where(
-            ref.c.res_type == spec.source_type,
-            ref.c.param.in_(codes),
-            sa.or_(pointing, ref.c.url.in_(target_urls)),
-            not_deleted(source),
+        *(
+            sa.and_(ref.c.target_type == rtype, ref.c.target_id.in_([t.res_id for t in rows]))
+            for rtype, rows in by_type.items()
         )
-        .distinct()
-        .limit(limit)
     )
-    return list(conn.execute(statement).scalars())
+    sources = sa.select(ref.c.resource_pk).where(*of_source, pointing).correlate(None)
+    statement: sa.Select[Any] | sa.CompoundSelect[Any] = _stored_select(
+        res, res.c.res_type == spec.source_type, res.c.pk.in_(sources)
+    )
+    canonical_pks = [t.pk for rtype, rows in by_type.items() if _has_url_param(rtype) for t in rows]
+    if canonical_pks:
+        uri = _INC_URI
+        target_urls = sa.select(uri.c.value).where(uri.c.resource_pk.in_(canonical_pks), uri.c.param == "url")
+        by_url = sa.select(ref.c.resource_pk).where(*of_source, ref.c.url.in_(target_urls)).correlate(None)
+        statement = sa.union_all(
+            statement, _stored_select(res, res.c.res_type == spec.source_type, res.c.pk.in_(by_url))
+        )
+    return [_row(m) for m in conn.execute(statement.limit(limit)).mappings()]
 
 
 def _includes(
@@ -384,7 +396,7 @@ def _includes(
     if not specs or not matches:
         return [], False
     seen: set[int] = {m.pk for m in matches}
-    added: list[int] = []
+    added: list[StoredRow] = []
     truncated = False
 
     def run(spec: IncludeSpec, sources: list[StoredRow]) -> None:
@@ -393,35 +405,22 @@ def _includes(
         if room <= 0:
             truncated = True
             return
-        pks = (
-            _reverse(conn, spec, sources, room + 1)
-            if spec.reverse
-            else _forward(conn, spec, sources, room + 1)
-        )
-        for pk in pks:
-            if pk in seen:
+        # One extra row over the room left tells a cut-off from an exact fit.
+        find = _reverse if spec.reverse else _forward
+        for row in find(conn, spec, sources, room + 1 + len(seen)):
+            if row.pk in seen:
                 continue
             if len(added) >= INCLUDE_LIMIT:
                 truncated = True
                 break
-            seen.add(pk)
-            added.append(pk)
+            seen.add(row.pk)
+            added.append(row)
 
     for spec in specs:
         run(spec, matches)
-    first_level = _load(conn, added)
+    first_level = list(added)
     iterating = [s for s in specs if s.iterate]
     if iterating and first_level:
-        before = len(added)
         for spec in iterating:
             run(spec, first_level)
-        return first_level + _load(conn, added[before:]), truncated
-    return first_level, truncated
-
-
-def _load(conn: sa.Connection, pks: list[int]) -> list[StoredRow]:
-    if not pks:
-        return []
-    res = RESOURCE.alias("res")
-    statement = sa.select(*_stored_columns(res)).where(res.c.pk.in_(pks), not_deleted(res)).order_by(res.c.pk)
-    return [_row(m) for m in conn.execute(statement).mappings()]
+    return added, truncated

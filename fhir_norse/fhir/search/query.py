@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Literal
@@ -800,14 +800,8 @@ def parse_search(
     )
     if cursor_token is not None:
         cursor = decode_cursor(cursor_token, request.sort_signature, _cursor_kinds(request.sort))
-        request = _replace_cursor(request, cursor, cursor_token)
+        request = replace(request, cursor=cursor, cursor_token=cursor_token)
     return request
-
-
-def _replace_cursor(request: SearchRequest, cursor: Cursor, token: str) -> SearchRequest:
-    from dataclasses import replace
-
-    return replace(request, cursor=cursor, cursor_token=token)
 
 
 def sort_value_kind(param: SearchParamDef) -> Literal["datetime", "float", "str"]:

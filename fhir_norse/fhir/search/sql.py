@@ -114,7 +114,9 @@ def date_match(low: ColumnElement[Any], high: ColumnElement[Any], v: DateValue, 
     search range widened by 10% of its distance from now.
     """
     slo, shi = v.low, v.high
-    within = sa.and_(low >= slo, high <= shi)
+    # ``low <= high`` always holds, so bounds on ``low`` implied by a condition are added
+    # explicitly: they give the (res_type, param, low, high) index a bounded range to scan.
+    within = sa.and_(low >= slo, low <= shi, high <= shi)
     match v.prefix:
         case "eq":
             return within
@@ -127,11 +129,11 @@ def date_match(low: ColumnElement[Any], high: ColumnElement[Any], v: DateValue, 
         case "ge":
             return sa.or_(high > shi, within)
         case "le":
-            return sa.or_(low < slo, within)
+            return sa.and_(low <= shi, sa.or_(low < slo, high <= shi))
         case "sa":
             return low > shi
         case "eb":
-            return high < slo
+            return sa.and_(low < slo, high < slo)
         case "ap":
             gap = max(abs(now - slo), abs(now - shi))
             tolerance = gap * DATE_AP_SHARE
