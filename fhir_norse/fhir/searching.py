@@ -11,7 +11,7 @@ import json
 from functools import cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl
 
 import orjson
 import sqlalchemy as sa
@@ -21,6 +21,7 @@ from fhir_norse.fhir.errors import Issue, UnsupportedMediaType, operation_outcom
 from fhir_norse.fhir.interactions import FhirService, dumps
 from fhir_norse.fhir.resources import check_type
 from fhir_norse.fhir.search import engine
+from fhir_norse.fhir.search.links import page_query, self_query
 from fhir_norse.fhir.search.query import SearchRequest, parse_search
 from fhir_norse.fhir.search.registry import SearchParamRegistry
 from fhir_norse.store.repository import StoredResource
@@ -73,11 +74,11 @@ def search_in(
 
 def _bundle(ctx: RequestContext, request: SearchRequest, page: engine.SearchPage) -> str:
     path = f"{ctx.base_url}/{request.resource_type}"
-    links = [{"relation": "self", "url": _url(path, _page_params(request, request.cursor_token))}]
+    links = [{"relation": "self", "url": _url(path, self_query(request))}]
     if page.next_cursor:
-        links.append({"relation": "next", "url": _url(path, _page_params(request, page.next_cursor))})
+        links.append({"relation": "next", "url": _url(path, page_query(request, page.next_cursor))})
     if page.prev_cursor:
-        links.append({"relation": "previous", "url": _url(path, _page_params(request, page.prev_cursor))})
+        links.append({"relation": "previous", "url": _url(path, page_query(request, page.prev_cursor))})
     head: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
     if page.total is not None:
         head["total"] = page.total
@@ -133,16 +134,7 @@ def _choice_of(key: str, keep: set[str]) -> bool:
     return any(key.startswith(name) and key[len(name) :][:1].isupper() for name in keep)
 
 
-def _page_params(request: SearchRequest, cursor: str | None) -> list[tuple[str, str]]:
-    """The understood parameters (ignored ones left out, as the self link must) and the page cursor."""
-    params = list(request.params)
-    if cursor:
-        params.append(("_cursor", cursor))
-    return params
-
-
-def _url(path: str, params: list[tuple[str, str]]) -> str:
-    query = urlencode(params)
+def _url(path: str, query: str) -> str:
     return f"{path}?{query}" if query else path
 
 

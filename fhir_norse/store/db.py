@@ -60,6 +60,8 @@ def _configure_sqlite(engine: sa.Engine, synchronous: str, busy_timeout_ms: int)
         cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        # Index values are folded already; a case-sensitive LIKE lets a prefix search use the index.
+        cur.execute("PRAGMA case_sensitive_like=ON")
         cur.close()
 
     @event.listens_for(engine, "begin")

@@ -90,7 +90,15 @@ class TokenIndex(SQLModel, table=True):
 class StringIndex(SQLModel, table=True):
     __tablename__ = "idx_string"
     __table_args__ = (
-        sa.Index("ix_string_value", "res_type", "param", "value", "resource_pk"),
+        # Pattern ops: PostgreSQL uses the index for the prefix LIKE of string search in any collation.
+        sa.Index(
+            "ix_string_value",
+            "res_type",
+            "param",
+            "value",
+            "resource_pk",
+            postgresql_ops={"value": "varchar_pattern_ops"},
+        ),
         sa.Index("ix_string_resource", "resource_pk"),
     )
 
@@ -161,7 +169,9 @@ class ReferenceIndex(SQLModel, table=True):
 class UriIndex(SQLModel, table=True):
     __tablename__ = "idx_uri"
     __table_args__ = (
-        sa.Index("ix_uri_value", "res_type", "param", "value"),
+        sa.Index(
+            "ix_uri_value", "res_type", "param", "value", postgresql_ops={"value": "varchar_pattern_ops"}
+        ),
         sa.Index("ix_uri_resource", "resource_pk"),
     )
 

@@ -167,7 +167,12 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("idx_string", schema=None) as batch_op:
         batch_op.create_index("ix_string_resource", ["resource_pk"], unique=False)
-        batch_op.create_index("ix_string_value", ["res_type", "param", "value", "resource_pk"], unique=False)
+        batch_op.create_index(
+            "ix_string_value",
+            ["res_type", "param", "value", "resource_pk"],
+            unique=False,
+            postgresql_ops={"value": "varchar_pattern_ops"},
+        )
 
     op.create_table(
         "idx_token",
@@ -203,7 +208,12 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("idx_uri", schema=None) as batch_op:
         batch_op.create_index("ix_uri_resource", ["resource_pk"], unique=False)
-        batch_op.create_index("ix_uri_value", ["res_type", "param", "value"], unique=False)
+        batch_op.create_index(
+            "ix_uri_value",
+            ["res_type", "param", "value"],
+            unique=False,
+            postgresql_ops={"value": "varchar_pattern_ops"},
+        )
 
 
 def downgrade() -> None:
