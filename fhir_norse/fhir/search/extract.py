@@ -41,6 +41,7 @@ from fhir_norse.fhir.errors import BadRequest
 from fhir_norse.fhir.resource_types import SUPPORTED_TYPES
 from fhir_norse.fhir.search.registry import SearchParamDef, SearchParamRegistry, default_registry, split_union
 from fhir_norse.fhir.search.rows import (
+    IDENTIFIER_SUFFIX,
     CompositeRow,
     DateRow,
     IndexRow,
@@ -650,9 +651,19 @@ def parse_reference(reference: str, canonical: bool = False) -> ReferenceRow | N
     return ReferenceRow("", match["type"], match["id"], match["version"], url=url, canonical_version=version)
 
 
-def reference_rows(param: str, type_name: str, data: Any) -> Iterator[ReferenceRow]:
-    """https://hl7.org/fhir/R4/search.html#reference: Reference.reference, canonical and uri values."""
+def reference_rows(param: str, type_name: str, data: Any) -> Iterator[IndexRow]:
+    """https://hl7.org/fhir/R4/search.html#reference: Reference.reference, canonical and uri values.
+
+    ``Reference.identifier`` is indexed as a token under ``<param>:identifier`` for the
+    ``:identifier`` modifier (https://hl7.org/fhir/R4/search.html#modifiers).
+    """
     if type_name == "Reference" and isinstance(data, Mapping):
+        identifier = data.get("identifier")
+        if isinstance(identifier, Mapping) and isinstance(identifier.get("value"), str):
+            system = identifier.get("system")
+            yield TokenRow(
+                param + IDENTIFIER_SUFFIX, system if isinstance(system, str) else None, identifier["value"]
+            )
         reference = data.get("reference")
         if not isinstance(reference, str):
             return  # a logical reference (identifier only) has no target to index

@@ -52,14 +52,14 @@ _SINGLE_RESULT_PARAMS = frozenset({"_sort", "_count", "_summary", "_total", "_el
 
 # Modifiers the specification defines but this server does not implement: reported as such
 # rather than as unknown.
-_UNSUPPORTED_MODIFIERS = frozenset({"in", "not-in", "of-type", "identifier", "text-advanced", "code-text"})
+_UNSUPPORTED_MODIFIERS = frozenset({"in", "not-in", "of-type", "text-advanced", "code-text"})
 _MODIFIERS_BY_TYPE: dict[str, frozenset[str]] = {
     "token": frozenset({"missing", "not", "text"}),
     "string": frozenset({"missing", "exact", "contains"}),
     "date": frozenset({"missing"}),
     "number": frozenset({"missing"}),
     "quantity": frozenset({"missing"}),
-    "reference": frozenset({"missing"}),  # plus ``:Type``, checked separately
+    "reference": frozenset({"missing", "identifier"}),  # plus ``:Type``, checked separately
     "uri": frozenset({"missing", "below", "above"}),
     "composite": frozenset({"missing"}),
 }
@@ -556,6 +556,8 @@ class _Parser:
         if kind == "quantity":
             return parse_quantity(raw, name)
         if kind == "reference":
+            if modifier == "identifier":
+                return parse_token(raw, name)
             return parse_reference(raw, name, param, target_type)
         if kind == "uri":
             return parse_uri(raw, name)

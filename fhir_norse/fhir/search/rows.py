@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
+# ``Reference.identifier`` values are token rows under ``<param>:identifier`` (the ``:identifier`` modifier).
+IDENTIFIER_SUFFIX = ":identifier"
+
 
 @dataclass(frozen=True, slots=True)
 class TokenRow:

@@ -37,6 +37,7 @@ from fhir_norse.fhir.search.query import (
     TokenValue,
     UriValue,
 )
+from fhir_norse.fhir.search.rows import IDENTIFIER_SUFFIX
 from fhir_norse.store.tables import (
     DATE_MAX,
     DATE_MIN,
@@ -348,6 +349,9 @@ def compile_criterion(crit: AnyCriterion, r: sa.FromClause, now: datetime) -> Ro
     table = INDEX_TABLE_BY_TYPE.get(crit.param.type)
     if table is None:
         raise BadRequest(f"Search parameter '{code}' of type {crit.param.type} is not supported")
+    if crit.param.type == "reference" and crit.modifier == "identifier":
+        # Reference.identifier values are indexed as tokens under "<param>:identifier".
+        table, code = TOKEN, code + IDENTIFIER_SUFFIX
     rtype = crit.resource_type
 
     def of_param(t: sa.FromClause) -> list[Condition]:

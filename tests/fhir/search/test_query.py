@@ -185,8 +185,9 @@ def test_reference_values() -> None:
         parse("Observation", "patient=Practitioner/1")
     with pytest.raises(BadRequest, match="not a valid"):
         parse("Observation", "subject=a/b/c")
-    with pytest.raises(BadRequest, match="not supported"):
-        parse("Observation", "subject:identifier=urn:mrn|1")
+    by_identifier = parse("Observation", "subject:identifier=urn:mrn|1").criteria[0]
+    assert isinstance(by_identifier, Criterion) and by_identifier.modifier == "identifier"
+    assert by_identifier.values == (TokenValue(system="urn:mrn", code="1"),)
 
 
 # --- composite, chains, _has ----------------------------------------------------------------------

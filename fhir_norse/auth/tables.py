@@ -1,0 +1,71 @@
+"""Tables of the authorization server: our signing keys, registered backend clients, used assertion ids.
+
+They live in :data:`fhir_norse.store.tables.METADATA` (``SQLModel.metadata``) beside the resource
+tables and are created by the Alembic revision ``0002``. Timestamps are naive UTC, as elsewhere.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+from fhir_norse.store.tables import METADATA
+
+__all__ = ["AUTH_TABLES", "METADATA", "ClientRow", "SigningKeyRow", "UsedJtiRow"]
+
+
+class SigningKeyRow(SQLModel, table=True):
+    """One of the server's own key pairs for signing access tokens.
+
+    The newest row without ``retire_after`` signs; every row whose ``retire_after`` is unset or
+    still ahead verifies and is published at ``/.well-known/jwks.json``.
+    """
+
+    __tablename__ = "auth_signing_key"
+
+    kid: str = Field(sa_column=sa.Column(sa.String(64), primary_key=True))
+    alg: str = Field(sa_column=sa.Column(sa.String(16), nullable=False))
+    # PKCS#8 PEM, encrypted with the configured passphrase (never stored in clear).
+    private_key_pem: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    public_jwk: Any = Field(sa_column=sa.Column(sa.JSON, nullable=False))
+    created_at: datetime = Field(sa_column=sa.Column(sa.DateTime, nullable=False))
+    retire_after: datetime | None = Field(default=None, sa_column=sa.Column(sa.DateTime, nullable=True))
+
+
+class ClientRow(SQLModel, table=True):
+    """A registered SMART Backend Services client and the public keys it signs assertions with."""
+
+    __tablename__ = "auth_client"
+
+    client_id: str = Field(sa_column=sa.Column(sa.String(64), primary_key=True))
+    name: str = Field(sa_column=sa.Column(sa.String(200), nullable=False))
+    jwks: Any = Field(sa_column=sa.Column(sa.JSON, nullable=False))
+    # Space-separated, as in the OAuth ``scope`` parameter.
+    scopes: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    created_at: datetime = Field(sa_column=sa.Column(sa.DateTime, nullable=False))
+    revoked_at: datetime | None = Field(default=None, sa_column=sa.Column(sa.DateTime, nullable=True))
+
+
+class UsedJtiRow(SQLModel, table=True):
+    """A client assertion ``jti`` already accepted; the primary key refuses a replay."""
+
+    __tablename__ = "auth_used_jti"
+    __table_args__ = (sa.Index("ix_auth_used_jti_expires", "expires_at"),)
+
+    client_id: str = Field(
+        sa_column=sa.Column(
+            sa.String(64), sa.ForeignKey("auth_client.client_id", ondelete="CASCADE"), primary_key=True
+        )
+    )
+    jti: str = Field(sa_column=sa.Column(sa.String(255), primary_key=True))
+    expires_at: datetime = Field(sa_column=sa.Column(sa.DateTime, nullable=False))
+
+
+AUTH_TABLES: tuple[sa.Table, ...] = (
+    SigningKeyRow.__table__,  # type: ignore[attr-defined]
+    ClientRow.__table__,  # type: ignore[attr-defined]
+    UsedJtiRow.__table__,  # type: ignore[attr-defined]
+)
