@@ -51,8 +51,16 @@ def test_concurrent_updates_are_serialised_without_loss(service: FhirService) ->
     def work(i: int) -> None:
         for j in range(5):
             try:
-                service.update(CTX, "Patient", "shared", {"resourceType": "Patient", "id": "shared",
-                                                          "gender": "male" if (i + j) % 2 else "female"})
+                service.update(
+                    CTX,
+                    "Patient",
+                    "shared",
+                    {
+                        "resourceType": "Patient",
+                        "id": "shared",
+                        "gender": "male" if (i + j) % 2 else "female",
+                    },
+                )
             except BaseException as exc:  # any failure is a finding
                 errors.append(exc)
 
@@ -75,8 +83,13 @@ def test_concurrent_if_match_lets_exactly_one_writer_win(service: FhirService) -
 
     def work(_i: int) -> None:
         try:
-            result = service.update(CTX, "Patient", "race", {"resourceType": "Patient", "id": "race",
-                                                             "gender": "other"}, if_match='W/"1"')
+            result = service.update(
+                CTX,
+                "Patient",
+                "race",
+                {"resourceType": "Patient", "id": "race", "gender": "other"},
+                if_match='W/"1"',
+            )
             status = result.status
         except FhirError as error:
             status = error.status
@@ -93,7 +106,10 @@ def test_concurrent_conditional_creates_make_one_resource(service: FhirService) 
     lock = threading.Lock()
 
     def work(_i: int) -> None:
-        body = {"resourceType": "Patient", "identifier": [{"system": "http://hospital.example/mrn", "value": "C-1"}]}
+        body = {
+            "resourceType": "Patient",
+            "identifier": [{"system": "http://hospital.example/mrn", "value": "C-1"}],
+        }
         try:
             status = service.create(CTX, "Patient", body, if_none_exist=ident).status
         except FhirError as error:

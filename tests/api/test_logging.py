@@ -28,7 +28,10 @@ def test_error_log_has_request_id_but_no_resource_content(
 
     app.state.service.create = broken
     caplog.handler.addFilter(RequestIdFilter())
-    with caplog.at_level(logging.INFO, logger="fhir_norse"), TestClient(app, raise_server_exceptions=False) as client:
+    with (
+        caplog.at_level(logging.INFO, logger="fhir_norse"),
+        TestClient(app, raise_server_exceptions=False) as client,
+    ):
         response = client.post(
             "/fhir/Patient",
             json={"resourceType": "Patient", "name": [{"family": "Confidential-Surname"}]},

@@ -218,9 +218,15 @@ def test_questionnaire_response_by_canonical(client: TestClient, cohort: dict[st
 
 def test_reference_identifier_modifier(client: TestClient) -> None:
     """``:identifier`` finds logical references (https://hl7.org/fhir/R4/search.html#modifiers)."""
-    flag = post(client, {"resourceType": "Flag", "status": "active", "code": {"text": "risk"},
-                         "subject": {"identifier": {"system": "urn:oid:2.16.578.1.12.4.1.4.1",
-                                                    "value": "01017012345"}}})
+    flag = post(
+        client,
+        {
+            "resourceType": "Flag",
+            "status": "active",
+            "code": {"text": "risk"},
+            "subject": {"identifier": {"system": "urn:oid:2.16.578.1.12.4.1.4.1", "value": "01017012345"}},
+        },
+    )
     found = client.get("/fhir/Flag?subject:identifier=urn:oid:2.16.578.1.12.4.1.4.1|01017012345").json()
     assert ids(found) == [flag["id"]]
     assert ids(client.get("/fhir/Flag?subject:identifier=urn:oid:2.16.578.1.12.4.1.4.1|0").json()) == []
