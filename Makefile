@@ -15,10 +15,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/fhir-norse serve --host 127.0.0.1 --port 8080
+	FHIR_NORSE_MODE=$${FHIR_NORSE_MODE:-development} $(BIN)/fhir-norse serve --host 127.0.0.1 --port 8080
 
 migrate: $(STAMP)
-	$(BIN)/fhir-norse migrate
+	FHIR_NORSE_MODE=$${FHIR_NORSE_MODE:-development} $(BIN)/fhir-norse migrate
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pydantic import ValidationError
+
+from fhir_norse.auth import cli as auth_cli
 from fhir_norse.config import load_settings
 
 
@@ -27,11 +30,18 @@ def main(argv: list[str] | None = None) -> int:
 
     migrate = sub.add_parser("migrate", help="upgrade the database schema to the newest revision")
     _common(migrate)
+    auth_cli.register_commands(sub)
 
     args = parser.parse_args(argv)
-    settings = load_settings(
-        database_url=args.database_url, host=getattr(args, "host", None), port=getattr(args, "port", None)
-    )
+    try:
+        settings = load_settings(
+            database_url=args.database_url, host=getattr(args, "host", None), port=getattr(args, "port", None)
+        )
+    except ValidationError as exc:
+        print(f"fhir-norse: invalid settings: {exc.errors()[0]['msg']}", file=sys.stderr)
+        return 2
+    if args.command in auth_cli.COMMANDS:
+        return auth_cli.run_command(args, settings)
 
     from fhir_norse.store import migrate as migrations
     from fhir_norse.store.db import create_engine
@@ -50,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging(settings.log_level)
     print(f"fhir-norse serving FHIR R4 at http://{settings.host}:{settings.port}/fhir", file=sys.stderr)
+    mode = "FHIR_NORSE_MODE=development " if settings.mode == "development" else ""
+    print(
+        f"get an access token with: {mode}.venv/bin/fhir-norse token --scope 'system/*.cruds' "
+        "(add --database-url if you gave one), then send 'Authorization: Bearer <token>'",
+        file=sys.stderr,
+    )
     uvicorn.run(
         create_app(settings),
         host=settings.host,

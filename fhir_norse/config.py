@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SQLITE_PATH = Path("var") / "fhir-norse.sqlite3"
@@ -36,8 +36,9 @@ class Settings(BaseSettings):
     sqlite_busy_timeout_ms: int = 30_000
     db_pool_size: int = 10
     log_level: str = "INFO"
-    # development turns on conveniences that must never run in production.
-    mode: Literal["development", "production"] = "development"
+    # Production unless development is chosen explicitly: development accepts a built-in key
+    # passphrase, production refuses to start without a real one.
+    mode: Literal["development", "production"] = "production"
 
     # --- authorization (SMART on FHIR backend services) ---
     # Encrypts the server's private signing keys at rest. Required outside development mode.
@@ -54,6 +55,33 @@ class Settings(BaseSettings):
     oidc_audience: str | None = None
     # Browser origins allowed by CORS; empty (the default) turns CORS off.
     cors_origins: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _refuse_weak_secrets(self) -> Settings:
+        """Outside development mode, secrets must be set and must not be the published defaults."""
+        if self.mode == "development":
+            return self
+        passphrase = self.key_passphrase.get_secret_value()
+        if not passphrase:
+            raise ValueError(
+                "FHIR_NORSE_KEY_PASSPHRASE must be set in production (or set FHIR_NORSE_MODE=development)"
+            )
+        if passphrase in _KNOWN_DEFAULTS or len(passphrase) < 16:
+            raise ValueError("FHIR_NORSE_KEY_PASSPHRASE is a default or shorter than 16 characters")
+        return self
+
+
+# Values published in this repository (documentation, development mode) that must never guard real keys.
+_KNOWN_DEFAULTS = frozenset(
+    {
+        "changeme",
+        "change-me",
+        "secret",
+        "password",
+        "development",
+        "fhir-norse-development-only-key-passphrase",
+    }
+)
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -15,14 +15,18 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from fhir_norse.api.app import create_app
+from fhir_norse.auth.setup import build_key_store
+from fhir_norse.auth.tables import ClientRow, UsedJtiRow
 from fhir_norse.config import Settings
 from fhir_norse.store import migrate
 from fhir_norse.store.db import create_engine
 from fhir_norse.store.tables import INDEX_TABLES, HistoryRow, ResourceRow
 from tests.fhir_r4_client import check_response
+from tests.tokens import bearer
 
 PG_URL = os.environ.get("FHIR_NORSE_TEST_POSTGRES_URL")
 REQUIRE_PG = os.environ.get("FHIR_NORSE_REQUIRE_POSTGRES") == "1"
@@ -71,25 +75,36 @@ def pg_schema_url() -> Iterator[str]:
             pytest.fail(f"PostgreSQL at {PG_URL} is not reachable: {exc}")
         pytest.skip(f"PostgreSQL not reachable: {exc}")
     url = _with_search_path(PG_URL, schema)
-    engine = create_engine(url)
-    migrate.upgrade(engine)
-    engine.dispose()
+    _migrate_with_key(url)
     yield url
     with admin.begin() as conn:
         conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
     admin.dispose()
 
 
+def _migrate_with_key(url: str) -> None:
+    """Migrate, and generate the server's signing key once (RSA generation is slow per test)."""
+    engine = create_engine(url)
+    migrate.upgrade(engine)
+    build_key_store(Settings(database_url=url, mode="development"), engine).ensure()
+    engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("template") / "template.sqlite3"
-    engine = create_engine(f"sqlite:///{path}")
-    migrate.upgrade(engine)
-    engine.dispose()
+    _migrate_with_key(f"sqlite:///{path}")
     return path
 
 
-_ALL_TABLES = [ResourceRow.__table__, HistoryRow.__table__, *INDEX_TABLES]  # type: ignore[attr-defined]
+# Emptied between PostgreSQL tests; the signing key is kept (as a restarted server keeps it).
+_ALL_TABLES = [
+    ResourceRow.__table__,  # type: ignore[attr-defined]
+    HistoryRow.__table__,  # type: ignore[attr-defined]
+    *INDEX_TABLES,
+    ClientRow.__table__,  # type: ignore[attr-defined]
+    UsedJtiRow.__table__,  # type: ignore[attr-defined]
+]
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -112,13 +127,20 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:
-    return Settings(database_url=database_url, base_url="http://testserver/fhir")
+    return Settings(database_url=database_url, base_url="http://testserver/fhir", mode="development")
 
 
 @pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    app = create_app(settings)
+def app(settings: Settings) -> Iterator[FastAPI]:
+    application = create_app(settings)
+    yield application
+    application.state.service.repo.engine.dispose()
+
+
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    """A client with a ``system/*.cruds`` token: every interaction, no compartment."""
     with TestClient(app, raise_server_exceptions=False) as test_client:
+        test_client.headers.update(bearer(app))
         test_client.event_hooks["response"] = [check_response]
         yield test_client
-    app.state.service.repo.engine.dispose()

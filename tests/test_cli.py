@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from fhir_norse.store import migrate
 
 CLI = [sys.executable, "-m", "fhir_norse.cli"]
+DEV_ENV = {**os.environ, "FHIR_NORSE_MODE": "development", "FHIR_NORSE_LOG_LEVEL": "WARNING"}
 
 
 def _free_port() -> int:
@@ -24,9 +25,21 @@ def _free_port() -> int:
         return port
 
 
+def test_production_mode_refuses_to_start_without_a_passphrase(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_NORSE_")}
+    url = f"sqlite:///{tmp_path / 'prod.sqlite3'}"
+    done = subprocess.run(
+        [*CLI, "serve", "--database-url", url], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 2
+    assert "FHIR_NORSE_KEY_PASSPHRASE" in done.stderr
+
+
 def test_migrate_creates_schema_at_head(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
-    subprocess.run([*CLI, "migrate", "--database-url", url], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [*CLI, "migrate", "--database-url", url], check=True, capture_output=True, timeout=120, env=DEV_ENV
+    )
     engine = sa.create_engine(url)
     try:
         assert migrate.current_revision(engine) == migrate.heads()[0]
@@ -37,10 +50,13 @@ def test_migrate_creates_schema_at_head(tmp_path: Path) -> None:
 def test_serve_answers_fhir_requests(tmp_path: Path) -> None:
     port = _free_port()
     url = f"sqlite:///{tmp_path / 'serve.sqlite3'}"
-    env = {**os.environ, "FHIR_NORSE_LOG_LEVEL": "WARNING"}
+    # The token's audience is the FHIR base URL, so the minting command must know the port too.
+    env = {**DEV_ENV, "FHIR_NORSE_PORT": str(port)}
     process = subprocess.Popen(
-        [*CLI, "serve", "--database-url", url, "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [*CLI, "serve", "--database-url", url],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         base = f"http://127.0.0.1:{port}/fhir"
@@ -55,8 +71,21 @@ def test_serve_answers_fhir_requests(tmp_path: Path) -> None:
                 time.sleep(0.2)
         assert metadata.status_code == 200
         assert metadata.json()["fhirVersion"] == "4.0.1"
-        created = httpx.post(f"{base}/Patient", json={"resourceType": "Patient"},
-                             headers={"Content-Type": "application/fhir+json"})
+        assert httpx.get(f"{base}/Patient").status_code == 401
+        minted = subprocess.run(
+            [*CLI, "token", "--scope", "system/*.cruds", "--database-url", url],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        token = minted.stdout.strip().splitlines()[-1]
+        created = httpx.post(
+            f"{base}/Patient",
+            json={"resourceType": "Patient"},
+            headers={"Content-Type": "application/fhir+json", "Authorization": f"Bearer {token}"},
+        )
         assert created.status_code == 201
         assert created.headers["Location"].startswith(f"{base}/Patient/")
     finally:

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 import uuid
-from contextvars import ContextVar
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fhir_norse.api.rendering import render_error
 from fhir_norse.api.routes import router
+from fhir_norse.auth.audit import AuditRecorder
 from fhir_norse.auth.caller import Authorizer
+from fhir_norse.auth.setup import install_auth
 from fhir_norse.config import Settings
 from fhir_norse.fhir.errors import (
     BadRequest,
@@ -28,11 +30,11 @@ from fhir_norse.fhir.interactions import FhirService
 from fhir_norse.fhir.search.extract import default_extractor
 from fhir_norse.fhir.search.registry import default_registry
 from fhir_norse.fhir.validation import preload as preload_validation
+from fhir_norse.logs import request_id
 from fhir_norse.store.db import create_engine
 from fhir_norse.store.repository import Repository
 
 log = logging.getLogger("fhir_norse")
-request_id: ContextVar[str] = ContextVar("request_id", default="-")
 
 _XML_FORMATS = ("xml", "text/xml", "application/xml", "application/fhir+xml", "ttl", "text/turtle")
 
@@ -68,7 +70,7 @@ def build_service(settings: Settings) -> FhirService:
     # Compile every FHIRPath expression and load the definitions now, not on a patient's first write.
     extractor.prepare()
     preload_validation()
-    return FhirService(
+    service = FhirService(
         Repository(engine),
         default_registry(),
         extractor,
@@ -76,6 +78,11 @@ def build_service(settings: Settings) -> FhirService:
         default_count=settings.default_count,
         max_count=settings.max_count,
     )
+    # Token grants and other events outside a FHIR write are stored in a transaction of their own.
+    service.audit = AuditRecorder(
+        service.record_now, server_name="fhir-norse", server_address=settings.base_url
+    )
+    return service
 
 
 def create_app(settings: Settings, service: FhirService | None = None) -> FastAPI:
@@ -112,6 +119,25 @@ def create_app(settings: Settings, service: FhirService | None = None) -> FastAP
         return {"status": "ok"}
 
     app.include_router(router)
+    install_auth(app, settings, app.state.service.repo.engine)
+    app.state.audit = app.state.service.audit
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Prefer",
+                "If-Match",
+                "If-None-Match",
+                "If-None-Exist",
+                "If-Modified-Since",
+                "X-Request-ID",
+            ],
+            expose_headers=["ETag", "Location", "Last-Modified", "X-Request-ID"],
+        )
     app.add_middleware(RequestContextMiddleware)
     return app
 

@@ -11,6 +11,7 @@ from fhir_norse.auth.caller import Caller
 from fhir_norse.fhir.context import Prefer, RequestContext
 from fhir_norse.fhir.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from fhir_norse.fhir.interactions import FhirService
+from fhir_norse.logs import request_id
 
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})
@@ -20,10 +21,14 @@ PATCH_TYPES = frozenset({"application/json-patch+json"})
 async def get_caller(request: Request) -> Caller:
     """Every FHIR route depends on this: the single place where a request becomes a caller.
 
-    Issue 3 (SMART on FHIR) verifies the bearer token here; until then every caller is the
-    local operator.
+    The bearer token is verified (signature, issuer, audience, expiry; SMART on FHIR): a missing
+    or bad token is a 401 with ``WWW-Authenticate``, repeated failures from one address a 429.
     """
-    return Caller.operator()
+    address = request.client.host if request.client else None
+    caller: Caller = request.app.state.authenticator.authenticate(
+        request.headers.get("authorization"), address, base_url(request)
+    )
+    return caller
 
 
 async def get_service(request: Request) -> FhirService:
@@ -40,7 +45,11 @@ def base_url(request: Request) -> str:
 
 async def get_context(request: Request, caller: Annotated[Caller, Depends(get_caller)]) -> RequestContext:
     return RequestContext(
-        caller=caller, base_url=base_url(request), prefer=Prefer.parse(request.headers.get("prefer"))
+        caller=caller,
+        base_url=base_url(request),
+        prefer=Prefer.parse(request.headers.get("prefer")),
+        source_address=request.client.host if request.client else None,
+        request_id=request_id.get(),
     )
 
 

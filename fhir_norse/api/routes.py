@@ -12,10 +12,12 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from fhir_norse.api.deps import Context, PatchBody, ResourceBody, Service, read_body
+from fhir_norse.api.deps import Context, PatchBody, ResourceBody, Service, base_url, read_body
 from fhir_norse.api.rendering import render
+from fhir_norse.auth.caller import Caller
 from fhir_norse.fhir.bundles import BundleProcessor
 from fhir_norse.fhir.capability import capability_statement
+from fhir_norse.fhir.context import RequestContext
 from fhir_norse.fhir.errors import BadRequest, MethodNotAllowed
 from fhir_norse.fhir.operations.validate import validate_operation
 from fhir_norse.fhir.searching import search, search_params_from_form
@@ -33,7 +35,9 @@ def _query_text(request: Request) -> str:
 
 
 @router.get("/metadata")
-def metadata(request: Request, ctx: Context, service: Service) -> Response:
+def metadata(request: Request, service: Service) -> Response:
+    """Public, as SMART requires: the CapabilityStatement needs no token."""
+    ctx = RequestContext(caller=Caller(client_id="anonymous"), base_url=base_url(request))
     return render(capability_statement(service, ctx, request.app.state.settings))
 
 

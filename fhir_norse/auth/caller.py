@@ -1,12 +1,17 @@
 """The caller of a request and the one authorization seam every interaction passes.
 
 Every FHIR interaction asks :meth:`Authorizer.check` before it touches data. The caller is
-built from a verified access token (SMART on FHIR) by :mod:`fhir_norse.api.deps`.
+built from a verified access token (SMART on FHIR) by :mod:`fhir_norse.api.deps`; the answer
+says whether the caller reaches everything its scopes name or only some patients' compartments.
+See https://hl7.org/fhir/smart-app-launch/scopes-and-launch-context.html.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from fhir_norse.auth.scopes import ScopeSet
+from fhir_norse.fhir.errors import Forbidden
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,12 +35,43 @@ class Caller:
     @classmethod
     def operator(cls) -> Caller:
         """The local operator (CLI and in-process tools): every scope, no compartment."""
-        return cls(client_id="local-operator", scopes=frozenset({"system/*.*"}), source="local")
+        return cls(client_id="local-operator", scopes=frozenset({"system/*.cruds"}), source="local")
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """What a granted interaction may reach.
+
+    ``patient`` set: only that patient's compartment (a ``patient/`` scope); ``practitioner``
+    set: only the compartments of the patients in that practitioner's care (a ``user/`` scope);
+    neither: whatever the scopes name (a ``system/`` scope).
+    """
+
+    patient: str | None = None
+    practitioner: str | None = None
+
+    @property
+    def restricted(self) -> bool:
+        return self.patient is not None or self.practitioner is not None
+
+
+UNRESTRICTED = Access()
 
 
 class Authorizer:
-    """Decides whether ``caller`` may perform ``interaction`` on ``resource_type``."""
+    """Decides whether ``caller`` may perform ``interaction`` on ``resource_type``, and how far."""
 
-    def check(self, caller: Caller, interaction: str, resource_type: str | None) -> None:
-        # Replaced by scope and compartment checks (issue 3); every call site exists already.
-        return None
+    def check(self, caller: Caller, interaction: str, resource_type: str | None) -> Access:
+        scopes = ScopeSet.parse(caller.scopes)
+        permission = ScopeSet.permission_for(interaction)
+        contexts = scopes.granting_contexts(resource_type or "*", permission)
+        if "system" in contexts:
+            return UNRESTRICTED
+        if "user" in contexts and caller.practitioner is not None:
+            return Access(practitioner=caller.practitioner)
+        if "patient" in contexts and caller.patient is not None:
+            return Access(patient=caller.patient)
+        target = resource_type or "all resource types"
+        raise Forbidden(
+            f"The access token's scopes do not allow '{interaction}' on {target}", code="forbidden"
+        )

@@ -13,14 +13,24 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from fhir_norse.fhir import compartments
 from fhir_norse.fhir.context import RequestContext, Result
-from fhir_norse.fhir.errors import BadRequest, FhirError, Issue, NotFound, PreconditionFailed
+from fhir_norse.fhir.errors import BadRequest, FhirError, Gone, Issue, NotFound, PreconditionFailed
 from fhir_norse.fhir.interactions import FhirService, WriteOutcome, dumps
-from fhir_norse.fhir.resources import check_id, check_type, etag, instant, new_id
-from fhir_norse.store.repository import ReadView, UnitOfWork
+from fhir_norse.fhir.resource_types import SUPPORTED_TYPE_SET
+from fhir_norse.fhir.resources import ID_PATTERN, check_id, check_type, etag, instant, new_id
+from fhir_norse.store.repository import UnitOfWork
 
 JsonDict = dict[str, Any]
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
+_ENTRY_INTERACTION = {
+    "DELETE": "delete",
+    "POST": "create",
+    "PUT": "update",
+    "PATCH": "patch",
+    "GET": "read",
+    "HEAD": "read",
+}
 
 
 @dataclass(slots=True)
@@ -115,6 +125,10 @@ class BundleProcessor:
 
     # ------------------------------------------------------------------ transaction
     def transaction(self, ctx: RequestContext, bundle: JsonDict) -> Result:
+        with self.service.refusals_audited(ctx, "transaction", None):
+            return self._transaction(ctx, bundle)
+
+    def _transaction(self, ctx: RequestContext, bundle: JsonDict) -> Result:
         entries = parse_entries(bundle, "transaction")
         responses: dict[int, JsonDict] = {}
         try:
@@ -209,26 +223,26 @@ class BundleProcessor:
     def _run(
         self, uow: UnitOfWork, ctx: RequestContext, entry: EntryRequest, ids: dict[str, str]
     ) -> JsonDict:
+        """One entry, with the same authorization, compartment and audit rules as on its own."""
         service = self.service
         try:
             check_type(entry.res_type)
-            if entry.method == "GET" or entry.method == "HEAD":
-                service.authorizer.check(
-                    ctx.caller, "read" if entry.res_id else "search-type", entry.res_type
-                )
+            if entry.method in ("GET", "HEAD"):
                 return self._get(uow, ctx, entry)
             if entry.method == "DELETE":
-                service.authorizer.check(ctx.caller, "delete", entry.res_type)
+                access = service.access(ctx, "delete", entry.res_type)
                 if entry.res_id is not None:
-                    outcome = service.delete_in(uow, entry.res_type, entry.res_id)
+                    outcome = service.delete_in(uow, ctx, entry.res_type, entry.res_id, access=access)
                 else:
-                    maybe = service.conditional_delete_in(uow, entry.res_type, entry.query or "")
+                    maybe = service.conditional_delete_in(
+                        uow, ctx, entry.res_type, entry.query or "", access=access
+                    )
                     if maybe is None:
                         return {"response": {"status": "204 No Content"}}
                     outcome = maybe
                 return {"response": {"status": "204 No Content", "etag": etag(outcome.stored.version)}}
             if entry.method == "POST":
-                service.authorizer.check(ctx.caller, "create", entry.res_type)
+                access = service.access(ctx, "create", entry.res_type)
                 assert entry.resource is not None and entry.res_id is not None
                 if entry.if_none_exist:
                     existing = uow.current(entry.res_type, entry.res_id)
@@ -236,47 +250,79 @@ class BundleProcessor:
                         return _write_entry(
                             ctx, WriteOutcome(200, existing, _parse(existing.body_text), noop=True)
                         )
-                outcome = service.create_in(uow, ctx, entry.res_type, entry.resource, res_id=entry.res_id)
+                outcome = service.create_in(
+                    uow, ctx, entry.res_type, entry.resource, res_id=entry.res_id, access=access
+                )
                 return _write_entry(ctx, outcome)
             if entry.method == "PUT":
-                service.authorizer.check(ctx.caller, "update", entry.res_type)
+                access = service.access(ctx, "update", entry.res_type)
                 assert entry.resource is not None and entry.res_id is not None
                 body = entry.resource if entry.query is None else {**entry.resource, "id": entry.res_id}
-                outcome = service.update_in(uow, ctx, entry.res_type, entry.res_id, body, entry.if_match)
+                outcome = service.update_in(
+                    uow, ctx, entry.res_type, entry.res_id, body, entry.if_match, access=access
+                )
                 return _write_entry(ctx, outcome)
             # PATCH: a Binary resource carrying the JSON Patch document, per the R4 transaction rules.
-            service.authorizer.check(ctx.caller, "patch", entry.res_type)
+            access = service.access(ctx, "patch", entry.res_type)
             if entry.res_id is None:
                 raise BadRequest("A PATCH entry needs Type/id in request.url")
             outcome = service.patch_in(
-                uow, ctx, entry.res_type, entry.res_id, _patch_document(entry.resource), entry.if_match
+                uow,
+                ctx,
+                entry.res_type,
+                entry.res_id,
+                _patch_document(entry.resource),
+                entry.if_match,
+                access=access,
             )
             return _write_entry(ctx, outcome)
         except FhirError as error:
             error.entry_index = entry.index  # type: ignore[attr-defined]
             raise
 
-    def _get(self, view: ReadView, ctx: RequestContext, entry: EntryRequest) -> JsonDict:
+    def _get(self, uow: UnitOfWork, ctx: RequestContext, entry: EntryRequest) -> JsonDict:
+        """A read or search entry: authorized, compartment-checked and audited in the unit of work."""
         from fhir_norse.fhir.searching import search_in
 
+        service = self.service
         if entry.res_id is None:
             params = parse_qsl(entry.query or "", keep_blank_values=True)
-            result = search_in(self.service, view.conn, ctx, entry.res_type, params)
+            result = search_in(service, uow.conn, ctx, entry.res_type, params)
+            service.record(
+                uow, service.audit_event(ctx, "search-type", "success", entry.res_type, query=entry.url)
+            )
             return {"resource": _parse(result.raw), "response": {"status": "200 OK"}}
         _res_type, res_id, version, _query = _parse_url(entry.url)
         assert res_id is not None
         check_id(res_id)
+        interaction = "vread" if version else "read"
+        access = service.access(ctx, interaction, entry.res_type)
+        patients = service.reachable_patients(uow.conn, access)
         stored = (
-            view.version(entry.res_type, res_id, int(version))
+            uow.version(entry.res_type, res_id, int(version))
             if version and version.isdigit()
-            else view.current(entry.res_type, res_id)
+            else None
+            if version
+            else uow.current(entry.res_type, res_id)
         )
-        if stored is None:
+        if stored is None or (stored.deleted and patients is not None):
             raise NotFound(f"{entry.res_type}/{res_id} is not known")
         if stored.deleted:
-            from fhir_norse.fhir.errors import Gone
-
             raise Gone(f"{entry.res_type}/{res_id} was deleted")
+        rows = service.extractor.extract(_parse(stored.body_text))
+        compartments.require_visible(entry.res_type, res_id, rows, patients)
+        service.record(
+            uow,
+            service.audit_event(
+                ctx,
+                interaction,
+                "success",
+                entry.res_type,
+                res_id,
+                version=stored.version,
+                patients=compartments.patients_of(entry.res_type, res_id, rows),
+            ),
+        )
         response = {
             "status": "200 OK",
             "etag": etag(stored.version),
@@ -302,6 +348,16 @@ class BundleProcessor:
                         entry.resource = self._rewrite_references(uow, entry.resource, ids, entry.index)
                     responses[entry.index] = self._run(uow, ctx, entry, ids)
             except FhirError as error:
+                self.service.record_now(
+                    self.service.audit_event(
+                        ctx,
+                        _ENTRY_INTERACTION[entry.method],
+                        "failed" if error.status >= 500 else "refused",
+                        entry.res_type if entry.res_type in SUPPORTED_TYPE_SET else None,
+                        entry.res_id if entry.res_id and ID_PATTERN.match(entry.res_id) else None,
+                        reason=f"{error.status}: {error.message}"[:500],
+                    )
+                )
                 responses[entry.index] = {
                     "response": {
                         "status": f"{error.status} {_reason(error.status)}",

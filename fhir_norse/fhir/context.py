@@ -46,6 +46,9 @@ class RequestContext:
     caller: Caller
     base_url: str
     prefer: Prefer = field(default_factory=Prefer)
+    # For the audit trail: where the request came from and its X-Request-ID.
+    source_address: str | None = None
+    request_id: str | None = None
 
 
 @dataclass(slots=True)

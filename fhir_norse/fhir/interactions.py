@@ -3,24 +3,32 @@
 https://hl7.org/fhir/R4/http.html. Each method takes a :class:`RequestContext`, passes the
 authorization seam, and returns a :class:`Result`; it knows nothing of HTTP frameworks.
 Writes validate the resource, stamp the server-owned meta, extract the search-index rows and
-save everything in one unit of work.
+save everything in one unit of work, together with the AuditEvent that records them (IHE
+BALP). Reads are recorded in their own transaction before the answer leaves; refusals and
+failures too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlencode
 
 import jsonpatch
 import orjson
 
-from fhir_norse.auth.caller import Authorizer
+from fhir_norse.auth.audit import AuditRecorder
+from fhir_norse.auth.caller import Access, Authorizer
+from fhir_norse.fhir import compartments
 from fhir_norse.fhir.context import RequestContext, Result
 from fhir_norse.fhir.errors import (
     BadRequest,
     FhirError,
     Gone,
+    MethodNotAllowed,
     NotFound,
     PreconditionFailed,
     Unprocessable,
@@ -61,6 +69,8 @@ class WriteOutcome:
     created: bool = False
     # A conditional create that matched an existing resource, or a no-op delete.
     noop: bool = False
+    # The search-index rows written (the compartment and the audit trail read them).
+    rows: tuple[Any, ...] = ()
 
 
 class FhirService:
@@ -73,6 +83,7 @@ class FhirService:
         extractor: IndexExtractor,
         authorizer: Authorizer,
         *,
+        audit: AuditRecorder | None = None,
         default_count: int = 50,
         max_count: int = 1000,
     ) -> None:
@@ -80,8 +91,93 @@ class FhirService:
         self.registry = registry
         self.extractor = extractor
         self.authorizer = authorizer
+        self.audit = audit or AuditRecorder()
         self.default_count = default_count
         self.max_count = max_count
+
+    # ------------------------------------------------------------------ audit trail
+    def audit_event(
+        self,
+        ctx: RequestContext,
+        interaction: str,
+        outcome: str,
+        res_type: str | None,
+        res_id: str | None = None,
+        *,
+        version: int | None = None,
+        query: str | None = None,
+        patients: Iterable[str] = (),
+        reason: str | None = None,
+    ) -> JsonDict:
+        return self.audit.event(
+            interaction=interaction,
+            outcome=outcome,
+            caller=ctx.caller,
+            resource_type=res_type,
+            resource_id=res_id,
+            version=None if version is None else str(version),
+            query=query,
+            patients=sorted(set(patients)),
+            source_address=ctx.source_address,
+            request_id=ctx.request_id,
+            failure_reason=reason,
+        )
+
+    def record(self, uow: UnitOfWork, event: JsonDict) -> None:
+        """Store an AuditEvent in the caller's transaction (it commits or rolls back with the write)."""
+        self._save(uow, "AuditEvent", new_id(), event, previous=None, method="create")
+
+    def record_now(self, event: JsonDict) -> None:
+        """Store an AuditEvent in a transaction of its own, committed before this returns."""
+        with self.repo.write() as uow:
+            self.record(uow, event)
+
+    @contextmanager
+    def refusals_audited(
+        self,
+        ctx: RequestContext,
+        interaction: str,
+        res_type: str | None,
+        res_id: str | None = None,
+        query: str | None = None,
+    ) -> Iterator[None]:
+        """Record a refused or failed interaction (its own work was rolled back) and re-raise."""
+        try:
+            yield
+        except FhirError as error:
+            outcome = "failed" if error.status >= 500 else "refused"
+            self.record_now(
+                self.audit_event(
+                    ctx,
+                    interaction,
+                    outcome,
+                    res_type,
+                    _safe_id(res_id),
+                    query=query,
+                    reason=f"{error.status}: {error.message}"[:500],
+                )
+            )
+            raise
+        except Exception:
+            self.record_now(
+                self.audit_event(
+                    ctx,
+                    interaction,
+                    "failed",
+                    res_type,
+                    _safe_id(res_id),
+                    query=query,
+                    reason="500: internal error",
+                )
+            )
+            raise
+
+    # ------------------------------------------------------------------ access
+    def access(self, ctx: RequestContext, interaction: str, res_type: str | None) -> Access:
+        return self.authorizer.check(ctx.caller, interaction, res_type)
+
+    def reachable_patients(self, conn: Any, access: Access) -> frozenset[str] | None:
+        return compartments.allowed_patients(conn, access)
 
     # ------------------------------------------------------------------ reads
     def read(
@@ -93,14 +189,31 @@ class FhirService:
         if_none_match: str | None = None,
         if_modified_since: str | None = None,
     ) -> Result:
-        check_type(res_type)
-        self.authorizer.check(ctx.caller, "read", res_type)
-        with self.repo.read() as view:
-            stored = view.current(res_type, check_id(res_id))
-        if stored is None:
-            raise NotFound(f"{res_type}/{res_id} is not known")
-        if stored.deleted:
-            raise Gone(f"{res_type}/{res_id} was deleted", headers=version_headers(stored))
+        with self.refusals_audited(ctx, "read", res_type, res_id):
+            check_type(res_type)
+            access = self.access(ctx, "read", res_type)
+            with self.repo.read() as view:
+                stored = view.current(res_type, check_id(res_id))
+                if stored is None:
+                    raise NotFound(f"{res_type}/{res_id} is not known")
+                rows = [] if stored.deleted else compartments.stored_reference_rows(view.conn, stored.pk)
+                patients = self.reachable_patients(view.conn, access)
+            if stored.deleted:
+                if patients is not None and compartments.is_compartment_type(res_type):
+                    raise NotFound(f"{res_type}/{res_id} is not known")
+                raise Gone(f"{res_type}/{res_id} was deleted", headers=version_headers(stored))
+            compartments.require_visible(res_type, res_id, rows, patients)
+            self.record_now(
+                self.audit_event(
+                    ctx,
+                    "read",
+                    "success",
+                    res_type,
+                    res_id,
+                    version=stored.version,
+                    patients=compartments.patients_of(res_type, res_id, rows),
+                )
+            )
         headers = version_headers(stored)
         if if_none_match is not None and _etag_matches(if_none_match, stored.version):
             return Result(304, headers=headers)
@@ -111,28 +224,49 @@ class FhirService:
         return Result(200, raw=stored.body_text, headers=headers)
 
     def vread(self, ctx: RequestContext, res_type: str, res_id: str, version: str) -> Result:
-        check_type(res_type)
-        self.authorizer.check(ctx.caller, "vread", res_type)
-        if not version.isdigit():
-            raise NotFound(f"{res_type}/{res_id}/_history/{version} is not known")
-        with self.repo.read() as view:
-            stored = view.version(res_type, check_id(res_id), int(version))
-        if stored is None:
-            raise NotFound(f"{res_type}/{res_id}/_history/{version} is not known")
-        if stored.deleted:
-            raise Gone(
-                f"Version {version} of {res_type}/{res_id} is a deletion", headers=version_headers(stored)
+        with self.refusals_audited(ctx, "vread", res_type, res_id):
+            check_type(res_type)
+            access = self.access(ctx, "vread", res_type)
+            if not version.isdigit():
+                raise NotFound(f"{res_type}/{res_id}/_history/{version} is not known")
+            with self.repo.read() as view:
+                stored = view.version(res_type, check_id(res_id), int(version))
+                patients = self.reachable_patients(view.conn, access)
+            if stored is None:
+                raise NotFound(f"{res_type}/{res_id}/_history/{version} is not known")
+            if stored.deleted:
+                if patients is not None and compartments.is_compartment_type(res_type):
+                    raise NotFound(f"{res_type}/{res_id}/_history/{version} is not known")
+                raise Gone(
+                    f"Version {version} of {res_type}/{res_id} is a deletion", headers=version_headers(stored)
+                )
+            rows = self._rows_of_text(stored.body_text)
+            compartments.require_visible(res_type, res_id, rows, patients)
+            self.record_now(
+                self.audit_event(
+                    ctx,
+                    "vread",
+                    "success",
+                    res_type,
+                    res_id,
+                    version=stored.version,
+                    patients=compartments.patients_of(res_type, res_id, rows),
+                )
             )
         return Result(200, raw=stored.body_text, headers=version_headers(stored))
+
+    def _rows_of_text(self, body_text: str | None) -> list[Any]:
+        return self.extractor.extract(_loads(body_text)) if body_text else []
 
     # ------------------------------------------------------------------ writes
     def create(
         self, ctx: RequestContext, res_type: str, body: JsonDict, if_none_exist: str | None = None
     ) -> Result:
-        check_type(res_type)
-        self.authorizer.check(ctx.caller, "create", res_type)
-        with self.repo.write() as uow:
-            outcome = self.create_in(uow, ctx, res_type, body, if_none_exist)
+        with self.refusals_audited(ctx, "create", res_type):
+            check_type(res_type)
+            access = self.access(ctx, "create", res_type)
+            with self.repo.write() as uow:
+                outcome = self.create_in(uow, ctx, res_type, body, if_none_exist, access=access)
         return self.write_result(ctx, outcome)
 
     def create_in(
@@ -144,11 +278,13 @@ class FhirService:
         if_none_exist: str | None = None,
         *,
         res_id: str | None = None,
+        access: Access,
     ) -> WriteOutcome:
         validate_resource(body, expected_type=res_type)
+        patients = self.reachable_patients(uow.conn, access)
         if if_none_exist:
             uow.advisory_lock(f"create:{res_type}?{if_none_exist}")
-            matches = self.find_matching(uow, res_type, if_none_exist, limit=2)
+            matches = self.find_matching(uow, res_type, if_none_exist, limit=2, patients=patients)
             if len(matches) > 1:
                 raise PreconditionFailed(
                     f"If-None-Exist '{if_none_exist}' matches {len(matches)} {res_type} resources"
@@ -156,15 +292,16 @@ class FhirService:
             if matches:
                 found = matches[0]
                 return WriteOutcome(200, found, _loads(found.body_text), noop=True)
-        return self._save(uow, res_type, res_id or new_id(), body, previous=None, method="create")
+        return self._write(uow, ctx, "create", res_type, res_id or new_id(), body, None, access, patients)
 
     def update(
         self, ctx: RequestContext, res_type: str, res_id: str, body: JsonDict, if_match: str | None = None
     ) -> Result:
-        check_type(res_type)
-        self.authorizer.check(ctx.caller, "update", res_type)
-        with self.repo.write() as uow:
-            outcome = self.update_in(uow, ctx, res_type, res_id, body, if_match)
+        with self.refusals_audited(ctx, "update", res_type, res_id):
+            check_type(res_type)
+            access = self.access(ctx, "update", res_type)
+            with self.repo.write() as uow:
+                outcome = self.update_in(uow, ctx, res_type, res_id, body, if_match, access=access)
         return self.write_result(ctx, outcome)
 
     def update_in(
@@ -175,7 +312,10 @@ class FhirService:
         res_id: str,
         body: JsonDict,
         if_match: str | None = None,
+        *,
+        access: Access,
     ) -> WriteOutcome:
+        _refuse_audit_change(res_type)
         check_id(res_id)
         if body.get("id") is None:
             raise BadRequest("The resource in an update must carry its id", expression=f"{res_type}.id")
@@ -186,6 +326,8 @@ class FhirService:
             )
         validate_resource(body, expected_type=res_type)
         previous = uow.lock(res_type, res_id)
+        patients = self.reachable_patients(uow.conn, access)
+        self._require_existing_visible(uow, res_type, res_id, previous, patients)
         if if_match is not None:
             expected = parse_etag(if_match)
             if previous is None or previous.deleted or str(previous.version) != expected:
@@ -194,15 +336,16 @@ class FhirService:
                     f"If-Match {if_match} does not match the current version ({current}) "
                     f"of {res_type}/{res_id}"
                 )
-        return self._save(uow, res_type, res_id, body, previous=previous, method="update")
+        return self._write(uow, ctx, "update", res_type, res_id, body, previous, access, patients)
 
     def conditional_update(
         self, ctx: RequestContext, res_type: str, query: str, body: JsonDict, if_match: str | None = None
     ) -> Result:
-        check_type(res_type)
-        self.authorizer.check(ctx.caller, "update", res_type)
-        with self.repo.write() as uow:
-            outcome = self.conditional_update_in(uow, ctx, res_type, query, body, if_match)
+        with self.refusals_audited(ctx, "update", res_type, query=f"{res_type}?{query}"):
+            check_type(res_type)
+            access = self.access(ctx, "update", res_type)
+            with self.repo.write() as uow:
+                outcome = self.conditional_update_in(uow, ctx, res_type, query, body, if_match, access=access)
         return self.write_result(ctx, outcome)
 
     def conditional_update_in(
@@ -213,10 +356,13 @@ class FhirService:
         query: str,
         body: JsonDict,
         if_match: str | None = None,
+        *,
+        access: Access,
     ) -> WriteOutcome:
         """https://hl7.org/fhir/R4/http.html#cond-update"""
         uow.advisory_lock(f"update:{res_type}?{query}")
-        matches = self.find_matching(uow, res_type, query, limit=2)
+        patients = self.reachable_patients(uow.conn, access)
+        matches = self.find_matching(uow, res_type, query, limit=2, patients=patients)
         if len(matches) > 1:
             raise PreconditionFailed(
                 f"Conditional update '{query}' matches {len(matches)} {res_type} resources"
@@ -224,23 +370,26 @@ class FhirService:
         if not matches:
             body_id = body.get("id")
             if body_id is None:
-                return self.create_in(uow, ctx, res_type, body)
-            return self.update_in(uow, ctx, res_type, str(body_id), body, if_match)
+                return self.create_in(uow, ctx, res_type, body, access=access)
+            return self.update_in(uow, ctx, res_type, str(body_id), body, if_match, access=access)
         target = matches[0]
         if body.get("id") is not None and body["id"] != target.res_id:
             raise BadRequest(
                 f"The resource id '{body['id']}' differs from the matched {res_type}/{target.res_id}",
                 expression=f"{res_type}.id",
             )
-        return self.update_in(uow, ctx, res_type, target.res_id, {**body, "id": target.res_id}, if_match)
+        return self.update_in(
+            uow, ctx, res_type, target.res_id, {**body, "id": target.res_id}, if_match, access=access
+        )
 
     def patch(
         self, ctx: RequestContext, res_type: str, res_id: str, operations: Any, if_match: str | None = None
     ) -> Result:
-        check_type(res_type)
-        self.authorizer.check(ctx.caller, "patch", res_type)
-        with self.repo.write() as uow:
-            outcome = self.patch_in(uow, ctx, res_type, res_id, operations, if_match)
+        with self.refusals_audited(ctx, "patch", res_type, res_id):
+            check_type(res_type)
+            access = self.access(ctx, "patch", res_type)
+            with self.repo.write() as uow:
+                outcome = self.patch_in(uow, ctx, res_type, res_id, operations, if_match, access=access)
         return self.write_result(ctx, outcome)
 
     def patch_in(
@@ -251,10 +400,15 @@ class FhirService:
         res_id: str,
         operations: Any,
         if_match: str | None = None,
+        *,
+        access: Access,
     ) -> WriteOutcome:
         """JSON Patch (RFC 6902): https://hl7.org/fhir/R4/http.html#patch"""
+        _refuse_audit_change(res_type)
         check_id(res_id)
         previous = uow.lock(res_type, res_id)
+        patients = self.reachable_patients(uow.conn, access)
+        self._require_existing_visible(uow, res_type, res_id, previous, patients)
         if previous is None:
             raise NotFound(f"{res_type}/{res_id} is not known")
         if previous.deleted:
@@ -278,23 +432,32 @@ class FhirService:
         ):
             raise Unprocessable("A patch may not change resourceType or id", code="processing")
         validate_resource(patched, expected_type=res_type)
-        return self._save(uow, res_type, res_id, patched, previous=previous, method="patch")
+        return self._write(uow, ctx, "patch", res_type, res_id, patched, previous, access, patients)
 
     def delete(self, ctx: RequestContext, res_type: str, res_id: str) -> Result:
-        check_type(res_type)
-        self.authorizer.check(ctx.caller, "delete", res_type)
-        with self.repo.write() as uow:
-            outcome = self.delete_in(uow, res_type, res_id)
+        with self.refusals_audited(ctx, "delete", res_type, res_id):
+            check_type(res_type)
+            access = self.access(ctx, "delete", res_type)
+            with self.repo.write() as uow:
+                outcome = self.delete_in(uow, ctx, res_type, res_id, access=access)
         return self.delete_result(ctx, outcome)
 
-    def delete_in(self, uow: UnitOfWork, res_type: str, res_id: str) -> WriteOutcome:
+    def delete_in(
+        self, uow: UnitOfWork, ctx: RequestContext, res_type: str, res_id: str, *, access: Access
+    ) -> WriteOutcome:
         """Soft delete: a new version marks the resource deleted; reads then answer 410."""
+        _refuse_audit_change(res_type)
         check_id(res_id)
         previous = uow.lock(res_type, res_id)
+        patients = self.reachable_patients(uow.conn, access)
+        self._require_existing_visible(uow, res_type, res_id, previous, patients)
         if previous is None:
             raise NotFound(f"{res_type}/{res_id} is not known")
         if previous.deleted:
             return WriteOutcome(204, previous, None, noop=True)
+        rows = compartments.stored_reference_rows(uow.conn, previous.pk)
+        if patients is not None:
+            compartments.require_writable(res_type, res_id, rows, access, patients)
         stored = uow.save(
             res_type=res_type,
             res_id=res_id,
@@ -304,31 +467,97 @@ class FhirService:
             method="delete",
             previous=previous,
         )
+        self.record(
+            uow,
+            self.audit_event(
+                ctx,
+                "delete",
+                "success",
+                res_type,
+                res_id,
+                version=stored.version,
+                patients=compartments.patients_of(res_type, res_id, rows),
+            ),
+        )
         return WriteOutcome(204, stored, None)
 
     def conditional_delete(self, ctx: RequestContext, res_type: str, query: str) -> Result:
         """https://hl7.org/fhir/R4/http.html#3.1.0.7.1 (single-match mode)."""
-        check_type(res_type)
-        self.authorizer.check(ctx.caller, "delete", res_type)
-        with self.repo.write() as uow:
-            outcome = self.conditional_delete_in(uow, res_type, query)
+        with self.refusals_audited(ctx, "delete", res_type, query=f"{res_type}?{query}"):
+            check_type(res_type)
+            access = self.access(ctx, "delete", res_type)
+            with self.repo.write() as uow:
+                outcome = self.conditional_delete_in(uow, ctx, res_type, query, access=access)
         if outcome is None:
-            return (
-                Result(204)
-                if ctx.prefer.return_ != "OperationOutcome"
-                else Result(200, body=information(f"No {res_type} matched '{query}'; nothing deleted"))
-            )
+            if ctx.prefer.return_ != "OperationOutcome":
+                return Result(204)
+            return Result(200, body=information(f"No {res_type} matched '{query}'; nothing deleted"))
         return self.delete_result(ctx, outcome)
 
-    def conditional_delete_in(self, uow: UnitOfWork, res_type: str, query: str) -> WriteOutcome | None:
-        matches = self.find_matching(uow, res_type, query, limit=2)
+    def conditional_delete_in(
+        self, uow: UnitOfWork, ctx: RequestContext, res_type: str, query: str, *, access: Access
+    ) -> WriteOutcome | None:
+        patients = self.reachable_patients(uow.conn, access)
+        matches = self.find_matching(uow, res_type, query, limit=2, patients=patients)
         if len(matches) > 1:
             raise PreconditionFailed(
                 f"Conditional delete '{query}' matches {len(matches)} {res_type} resources"
             )
         if not matches:
             return None
-        return self.delete_in(uow, res_type, matches[0].res_id)
+        return self.delete_in(uow, ctx, res_type, matches[0].res_id, access=access)
+
+    def _require_existing_visible(
+        self,
+        uow: UnitOfWork,
+        res_type: str,
+        res_id: str,
+        previous: StoredResource | None,
+        patients: frozenset[str] | None,
+    ) -> None:
+        """A restricted caller may not touch (or learn of) a resource outside its compartments."""
+        if patients is None or previous is None or previous.deleted:
+            return
+        compartments.require_visible(
+            res_type, res_id, compartments.stored_reference_rows(uow.conn, previous.pk), patients
+        )
+
+    def _write(
+        self,
+        uow: UnitOfWork,
+        ctx: RequestContext,
+        interaction: str,
+        res_type: str,
+        res_id: str,
+        body: JsonDict,
+        previous: StoredResource | None,
+        access: Access,
+        patients: frozenset[str] | None,
+    ) -> WriteOutcome:
+        """Save a validated resource, checking the compartment of its new content, and audit it."""
+        method = "create" if interaction == "create" else interaction
+        outcome = self._save(
+            uow,
+            res_type,
+            res_id,
+            body,
+            previous=previous,
+            method=method,
+            check=lambda rows: compartments.require_writable(res_type, res_id, rows, access, patients),
+        )
+        self.record(
+            uow,
+            self.audit_event(
+                ctx,
+                interaction if previous is not None or interaction != "update" else "update",
+                "success",
+                res_type,
+                res_id,
+                version=outcome.stored.version,
+                patients=compartments.patients_of(res_type, res_id, outcome.rows),
+            ),
+        )
+        return outcome
 
     def _save(
         self,
@@ -339,6 +568,7 @@ class FhirService:
         *,
         previous: StoredResource | None,
         method: str,
+        check: Any = None,
     ) -> WriteOutcome:
         version = 1 if previous is None else previous.version + 1
         last_updated = now_ms()
@@ -347,6 +577,8 @@ class FhirService:
             last_updated = previous.last_updated + _ONE_MS
         stamped = stamp_meta(body, res_id, version, last_updated)
         rows = self.extractor.extract(stamped)
+        if check is not None:
+            check(rows)
         stored = uow.save(
             res_type=res_type,
             res_id=res_id,
@@ -358,7 +590,7 @@ class FhirService:
             index_rows=rows,
         )
         created = previous is None or previous.deleted
-        return WriteOutcome(201 if created else 200, stored, stamped, created=created)
+        return WriteOutcome(201 if created else 200, stored, stamped, created=created, rows=tuple(rows))
 
     # ------------------------------------------------------------------ results
     def write_result(self, ctx: RequestContext, outcome: WriteOutcome) -> Result:
@@ -388,21 +620,53 @@ class FhirService:
         return Result(204, headers=headers)
 
     # ------------------------------------------------------------------ conditional matching
-    def find_matching(self, uow: UnitOfWork, res_type: str, query: str, limit: int) -> list[StoredResource]:
+    def find_matching(
+        self, uow: UnitOfWork, res_type: str, query: str, limit: int, patients: frozenset[str] | None = None
+    ) -> list[StoredResource]:
         from fhir_norse.fhir.searching import find_matching
 
-        return find_matching(uow.conn, self.registry, res_type, query, limit)
+        return find_matching(uow.conn, self.registry, res_type, query, limit, patients=patients)
 
     # ------------------------------------------------------------------ history
     def history(
         self, ctx: RequestContext, res_type: str | None, res_id: str | None, params: list[tuple[str, str]]
     ) -> Result:
-        """https://hl7.org/fhir/R4/http.html#history with ``_since``, ``_count`` and keyset paging."""
-        if res_type is not None:
-            check_type(res_type)
-        if res_id is not None:
-            check_id(res_id)
-        self.authorizer.check(ctx.caller, "history", res_type)
+        """https://hl7.org/fhir/R4/http.html#history with ``_since``, ``_count`` and keyset paging.
+
+        A restricted caller sees only entries of resources (currently) in its compartments, and
+        never deletions of compartment resources, whose content would tell nothing it may see.
+        """
+        interaction = "history-instance" if res_id else "history-type" if res_type else "history-system"
+        path = "/".join(p for p in (res_type, res_id, "_history") if p)
+        with self.refusals_audited(ctx, interaction, res_type, res_id, query=_query_text(path, params)):
+            if res_type is not None:
+                check_type(res_type)
+            if res_id is not None:
+                check_id(res_id)
+            access = self.access(ctx, interaction, res_type)
+            result, patients_seen = self._history(ctx, access, res_type, res_id, path, params)
+            self.record_now(
+                self.audit_event(
+                    ctx,
+                    interaction,
+                    "success",
+                    res_type,
+                    res_id,
+                    query=_query_text(path, params),
+                    patients=patients_seen,
+                )
+            )
+            return result
+
+    def _history(
+        self,
+        ctx: RequestContext,
+        access: Access,
+        res_type: str | None,
+        res_id: str | None,
+        path: str,
+        params: list[tuple[str, str]],
+    ) -> tuple[Result, set[str]]:
         since: datetime | None = None
         count = self.default_count
         before: int | None = None
@@ -419,8 +683,16 @@ class FhirService:
             elif ctx.prefer.handling == "strict":
                 raise BadRequest(f"Unknown parameter '{name}' for history")
         with self.repo.read() as view:
-            if res_id is not None and res_type is not None and view.current(res_type, res_id) is None:
-                raise NotFound(f"{res_type}/{res_id} is not known")
+            patients = self.reachable_patients(view.conn, access)
+            if res_id is not None and res_type is not None:
+                current = view.current(res_type, res_id)
+                if current is None:
+                    raise NotFound(f"{res_type}/{res_id} is not known")
+                if patients is not None and compartments.is_compartment_type(res_type):
+                    rows = (
+                        [] if current.deleted else compartments.stored_reference_rows(view.conn, current.pk)
+                    )
+                    compartments.require_visible(res_type, res_id, rows, patients)
             if after is not None:
                 page = view.history(
                     res_type=res_type, res_id=res_id, since=since, after_pk=after, count=count + 1
@@ -436,7 +708,21 @@ class FhirService:
                 has_next = len(page) > count
                 page = page[:count]
                 has_more_newer = before is not None
-        path = "/".join(p for p in (res_type, res_id, "_history") if p)
+        patients_seen: set[str] = set()
+        shown = []
+        for entry in page:
+            rows = self._rows_of_text(entry.body_text) if patients is not None or entry.body_text else []
+            if (
+                patients is not None
+                and compartments.is_compartment_type(entry.res_type)
+                and (
+                    entry.body_text is None
+                    or not compartments.visible(entry.res_type, entry.res_id, rows, patients)
+                )
+            ):
+                continue
+            patients_seen |= compartments.patients_of(entry.res_type, entry.res_id, rows)
+            shown.append(entry)
         base_query = [(k, v) for k, v in params if k in ("_since", "_count")]
         links = [{"relation": "self", "url": _link(ctx.base_url, path, params)}]
         if page and has_next:
@@ -453,11 +739,29 @@ class FhirService:
                     "url": _link(ctx.base_url, path, [*base_query, ("_cursor", f"a{page[0].pk}")]),
                 }
             )
-        entries = [_history_entry(ctx.base_url, h) for h in page]
+        entries = [_history_entry(ctx.base_url, h) for h in shown]
         # FHIR forbids empty arrays, so an empty page has no "entry" at all.
         entry_json = ',"entry":[' + ",".join(entries) + "]" if entries else ""
         raw = '{"resourceType":"Bundle","type":"history","link":' + dumps(links) + entry_json + "}"
-        return Result(200, raw=raw)
+        return Result(200, raw=raw), patients_seen
+
+
+def _refuse_audit_change(res_type: str) -> None:
+    if res_type == "AuditEvent":
+        raise MethodNotAllowed(
+            "AuditEvents are a permanent record: they cannot be updated, patched or deleted"
+        )
+
+
+def _safe_id(res_id: str | None) -> str | None:
+    from fhir_norse.fhir.resources import ID_PATTERN
+
+    return res_id if res_id is not None and ID_PATTERN.match(res_id) else None
+
+
+def _query_text(path: str, params: list[tuple[str, str]]) -> str:
+    query = urlencode(params)
+    return f"{path}?{query}" if query else path
 
 
 _ONE_MS = timedelta(milliseconds=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 
 from fhir_norse.config import Settings
+from tests.tokens import bearer
 
 FHIR = {"Content-Type": "application/fhir+json"}
 
@@ -65,7 +66,7 @@ def test_body_over_limit_is_413(settings: Settings) -> None:
 
     small = settings.model_copy(update={"max_body_bytes": 200})
     app = create_app(small)
-    with TestClient(app) as client:
+    with TestClient(app, headers=bearer(app)) as client:
         big = {"resourceType": "Patient", "name": [{"text": "x" * 500}]}
         response = client.post("/fhir/Patient", json=big, headers=FHIR)
         assert response.status_code == 413
@@ -96,7 +97,7 @@ def test_internal_error_is_500_without_internals(settings: Settings) -> None:
         raise RuntimeError("secret database password in message")
 
     app.state.service.read = broken
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with TestClient(app, raise_server_exceptions=False, headers=bearer(app)) as client:
         response = client.get("/fhir/Patient/1")
     assert response.status_code == 500
     text = response.text

@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from fhir_norse.api.app import RequestIdFilter, create_app
 from fhir_norse.config import Settings
+from tests.tokens import bearer
 
 
 def test_request_id_is_echoed_and_generated(client: TestClient) -> None:
@@ -30,7 +31,7 @@ def test_error_log_has_request_id_but_no_resource_content(
     caplog.handler.addFilter(RequestIdFilter())
     with (
         caplog.at_level(logging.INFO, logger="fhir_norse"),
-        TestClient(app, raise_server_exceptions=False) as client,
+        TestClient(app, raise_server_exceptions=False, headers=bearer(app)) as client,
     ):
         response = client.post(
             "/fhir/Patient",
@@ -39,7 +40,7 @@ def test_error_log_has_request_id_but_no_resource_content(
         )
     app.state.service.repo.engine.dispose()
     assert response.status_code == 500
-    records = [r for r in caplog.records if r.name.startswith("fhir_norse")]
+    records = [r for r in caplog.records if r.name.startswith("fhir_norse") and r.levelno >= logging.ERROR]
     assert records, "the failure was not logged"
     assert all(getattr(r, "request_id", None) == "req-42" for r in records)
     logged = "\n".join(r.getMessage() + (caplog.text or "") for r in records)

@@ -288,7 +288,7 @@ def test_too_many_requests_is_a_throttled_outcome() -> None:
 
 # -- the operator CLI -----------------------------------------------------------------------------
 def _settings(database_url: str) -> Settings:
-    return Settings(database_url=database_url, base_url="http://fhir.example.no/fhir")
+    return Settings(database_url=database_url, base_url="http://fhir.example.no/fhir", mode="development")
 
 
 def test_cli_clients_add_list_revoke(engine: sa.Engine, database_url: str, tmp_path: Path) -> None:

@@ -34,8 +34,17 @@ def _unwrap(body: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
 def validate_operation(
     service: FhirService, ctx: RequestContext, res_type: str, res_id: str | None, body: dict[str, Any]
 ) -> Result:
+    with service.refusals_audited(ctx, "operation:validate", res_type, res_id):
+        result = _validate(service, ctx, res_type, res_id, body)
+        service.record_now(service.audit_event(ctx, "operation:validate", "success", res_type, res_id))
+        return result
+
+
+def _validate(
+    service: FhirService, ctx: RequestContext, res_type: str, res_id: str | None, body: dict[str, Any]
+) -> Result:
     check_type(res_type)
-    service.authorizer.check(ctx.caller, "operation:validate", res_type)
+    service.access(ctx, "operation:validate", res_type)
     resource, mode = _unwrap(body)
     if mode is not None and mode not in _MODES:
         raise BadRequest(f"$validate mode must be one of {', '.join(_MODES)}, not '{mode}'")

@@ -18,7 +18,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from fhir_norse.fhir.resource_types import SUPPORTED_TYPE_SET
 from fhir_norse.fhir.search.cursor import Cursor, CursorValue, encode_cursor
-from fhir_norse.fhir.search.query import IncludeSpec, SearchRequest, parse_search
+from fhir_norse.fhir.search.query import AnyCriterion, IncludeSpec, SearchRequest, parse_search
 from fhir_norse.fhir.search.registry import SearchParamRegistry, default_registry
 from fhir_norse.fhir.search.sql import (
     REFERENCE,
@@ -265,14 +265,15 @@ def find_matching(
     limit: int,
     *,
     registry: SearchParamRegistry | None = None,
+    extra: tuple[AnyCriterion, ...] = (),
 ) -> list[StoredRow]:
     """Resources matching a conditional create/update/delete query (strict parsing, no paging).
 
     See https://hl7.org/fhir/R4/http.html#ccreate. Callers usually pass ``limit=2`` to tell
-    "none", "one" and "several" apart.
+    "none", "one" and "several" apart. ``extra`` criteria (a compartment) are added by the server.
     """
     req = parse_search(resource_type, params, strict=True, registry=registry)
-    req = replace(req, sort=(), cursor=None, count=max(0, limit))
+    req = replace(req, criteria=req.criteria + extra, sort=(), cursor=None, count=max(0, limit))
     if limit <= 0:
         return []
     rows, _, _ = _fetch_page(conn, req, None)

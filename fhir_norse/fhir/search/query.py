@@ -215,7 +215,20 @@ class HasCriterion:
         return self.reference.resource_type
 
 
-AnyCriterion = Criterion | ChainCriterion | HasCriterion
+@dataclass(frozen=True, slots=True)
+class CompartmentCriterion:
+    """Only resources in the Patient compartment of one of ``patients``, through ``params``.
+
+    Added by the server for ``patient/`` and ``user/`` access, never parsed from a query.
+    See https://hl7.org/fhir/R4/compartmentdefinition-patient.html.
+    """
+
+    resource_type: str
+    params: tuple[str, ...]
+    patients: frozenset[str]
+
+
+AnyCriterion = Criterion | ChainCriterion | HasCriterion | CompartmentCriterion
 
 
 # --- result parameters --------------------------------------------------------------------------

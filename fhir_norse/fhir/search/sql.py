@@ -23,6 +23,7 @@ from fhir_norse.fhir.errors import BadRequest
 from fhir_norse.fhir.search.query import (
     AnyCriterion,
     ChainCriterion,
+    CompartmentCriterion,
     CompositeValue,
     Criterion,
     DateValue,
@@ -315,6 +316,26 @@ _HAS_REF = REFERENCE.alias("has_ref")
 _HAS_SOURCE = RESOURCE.alias("has_source")
 
 
+def _compartment_filter(crit: CompartmentCriterion, r: sa.FromClause) -> RowFilter | Condition:
+    """Resources whose compartment references name one of the patients (local references only)."""
+    patients = sorted(crit.patients)
+    if crit.resource_type == "Patient":
+        return r.c.res_id.in_(patients)
+    if not patients or not crit.params:
+        return sa.false()
+
+    def where(t: sa.FromClause) -> list[Condition]:
+        return [
+            t.c.res_type == crit.resource_type,
+            t.c.param.in_(crit.params),
+            t.c.target_type == "Patient",
+            t.c.target_id.in_(patients),
+            t.c.url.is_(None),
+        ]
+
+    return RowFilter(REFERENCE, where, 0)
+
+
 def _rank(crit: AnyCriterion) -> int:
     """How selective a criterion usually is (lower drives): only SQLite needs the hint."""
     if isinstance(crit, ChainCriterion):
@@ -343,6 +364,8 @@ def compile_criterion(crit: AnyCriterion, r: sa.FromClause, now: datetime) -> Ro
         return _chain_filter(crit, now)
     if isinstance(crit, HasCriterion):
         return _has_condition(crit, r, now)
+    if isinstance(crit, CompartmentCriterion):
+        return _compartment_filter(crit, r)
     code = crit.param.code
     if code in ("_id", "_lastUpdated"):
         return _column_condition(crit, r, now)
