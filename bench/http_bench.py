@@ -60,7 +60,9 @@ class Server:
     def __init__(self, url: str, log: Path) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}/fhir"
-        env = dict(os.environ, FHIR_NORSE_LOG_LEVEL="WARNING")
+        # Development mode: the built-in key passphrase; the port makes minted tokens' audience right.
+        env = dict(os.environ, FHIR_NORSE_LOG_LEVEL="WARNING", FHIR_NORSE_MODE="development",
+                   FHIR_NORSE_PORT=str(self.port))
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log.open("w")
         self.proc = subprocess.Popen(
@@ -72,11 +74,17 @@ class Server:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; see {log}")
             try:
                 if httpx.get(f"{self.base}/metadata", timeout=2).status_code == 200:
-                    return
+                    break
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"server did not start; see {log}")
+        else:
+            raise RuntimeError(f"server did not start; see {log}")
+        # Every FHIR request carries a bearer token, as in production (authorization is always on).
+        minted = subprocess.run(
+            [sys.executable, "-m", "fhir_norse.cli", "token", "--scope", "system/*.cruds", "--database-url", url],
+            capture_output=True, text=True, check=True, env=env, cwd=common.ROOT)
+        self.token = minted.stdout.strip().splitlines()[-1]
 
     def stop(self) -> float | None:
         rss = _peak_rss_mb(self.proc.pid)
@@ -125,7 +133,8 @@ def http_part(url: str, patients: int, per_patient: int, n: int, creates: int, t
     out: dict[str, Any] = {"errors": errors}
     try:
         client = httpx.Client(base_url=server.base, timeout=120,
-                              headers={"Accept": FHIR_JSON, "Content-Type": FHIR_JSON})
+                              headers={"Accept": FHIR_JSON, "Content-Type": FHIR_JSON,
+                                       "Authorization": f"Bearer {server.token}"})
         rng = random.Random(1)
 
         def check(name: str, r: httpx.Response, ok: tuple[int, ...] = (200,)) -> None:
