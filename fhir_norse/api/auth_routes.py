@@ -28,7 +28,6 @@ from fhir_norse.auth.tokens import (
     GRANT_TYPE,
     OAuthError,
     TokenService,
-    issuer_for,
     jwks_uri_for,
     token_endpoint_for,
 )
@@ -143,10 +142,11 @@ async def token(request: Request) -> Response:
 
 
 def smart_configuration(request: Request) -> dict[str, Any]:
+    """What this server does, and nothing it does not. ``issuer`` is left out: SMART 2.x has it only
+    with ``sso-openid-connect`` ("otherwise, omitted"); there is no authorization endpoint, so no
+    ``authorization_endpoint`` nor ``code_challenge_methods_supported`` either."""
     base = fhir_base(request)
-    issuer = issuer_for(base, getattr(request.app.state.token_service, "issuer", None))
     return {
-        "issuer": issuer,
         "jwks_uri": jwks_uri_for(base),
         "token_endpoint": token_endpoint_for(base),
         "token_endpoint_auth_methods_supported": ["private_key_jwt"],

@@ -46,6 +46,8 @@ UNKNOWN_KID_RELOAD_SECONDS = 5.0
 ROTATION_MARGIN_SECONDS = 60
 
 _KEYS = SigningKeyRow.__table__  # type: ignore[attr-defined]
+# Decrypted private keys by (encrypted PEM, passphrase digest), shared by the stores of a process.
+_DECRYPTED: dict[tuple[str, bytes], rsa.RSAPrivateKey] = {}
 
 
 def utcnow() -> datetime:
@@ -288,18 +290,28 @@ class KeyStore:
             keyset = self._load()
         private = self._private.get(kid)
         if private is None:
-            try:
-                loaded = serialization.load_pem_private_key(
-                    keyset.encrypted[kid].encode(), password=self._passphrase
-                )
-            except ValueError as exc:
-                raise RuntimeError(
-                    f"cannot decrypt signing key {kid}: was FHIR_NORSE_KEY_PASSPHRASE changed?"
-                ) from exc
-            if not isinstance(loaded, rsa.RSAPrivateKey):  # pragma: no cover
-                raise RuntimeError(f"signing key {kid} is not an RSA key")
-            private = self._private.setdefault(kid, loaded)
+            private = self._private.setdefault(kid, self._decrypt(kid, keyset.encrypted[kid]))
         return SigningKey(kid=kid, alg=ACCESS_TOKEN_ALG, private_key=private)
+
+    def _decrypt(self, kid: str, pem: str) -> rsa.RSAPrivateKey:
+        # Decryption runs a deliberately slow key derivation (~70 ms); a process that builds several
+        # apps on one database (tests, reloads) does it once per key.
+        cache_key = (pem, hashlib.sha256(self._passphrase).digest())
+        cached = _DECRYPTED.get(cache_key)
+        if cached is not None:
+            return cached
+        try:
+            loaded = serialization.load_pem_private_key(pem.encode(), password=self._passphrase)
+        except ValueError as exc:
+            raise RuntimeError(
+                f"cannot decrypt signing key {kid}: was FHIR_NORSE_KEY_PASSPHRASE changed?"
+            ) from exc
+        if not isinstance(loaded, rsa.RSAPrivateKey):  # pragma: no cover
+            raise RuntimeError(f"signing key {kid} is not an RSA key")
+        if len(_DECRYPTED) >= 32:
+            _DECRYPTED.clear()
+        _DECRYPTED[cache_key] = loaded
+        return loaded
 
     def check_passphrase(self) -> None:
         """Fail now (at start-up) rather than on the first token grant if the passphrase is wrong."""

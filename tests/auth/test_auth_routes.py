@@ -288,7 +288,6 @@ def test_smart_configuration(env: Env, path: str) -> None:
     assert response.status_code == 200
     config = response.json()
     assert config == {
-        "issuer": "http://testserver/auth",
         "jwks_uri": "http://testserver/.well-known/jwks.json",
         "token_endpoint": TOKEN_URL,
         "token_endpoint_auth_methods_supported": ["private_key_jwt"],
