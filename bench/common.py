@@ -53,7 +53,13 @@ def percentiles(samples_s: list[float]) -> dict[str, float]:
     n = len(xs)
 
     def rank(p: float) -> float:
-        return xs[min(n - 1, max(0, int(round(p / 100 * n + 0.5)) - 1))] * 1000
+        return xs[min(n - 1, max(0, round(p / 100 * n + 0.5) - 1))] * 1000
 
-    return {"n": n, "p50": rank(50), "p90": rank(90), "p99": rank(99), "max": xs[-1] * 1000,
-            "mean": sum(xs) / n * 1000}
+    return {
+        "n": n,
+        "p50": rank(50),
+        "p90": rank(90),
+        "p99": rank(99),
+        "max": xs[-1] * 1000,
+        "mean": sum(xs) / n * 1000,
+    }

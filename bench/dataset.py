@@ -32,10 +32,46 @@ LOINC = "http://loinc.org"
 START = datetime(2023, 1, 1)
 SPAN_SECONDS = 2 * 365 * 24 * 3600
 
-GIVEN = ["Anna", "Björn", "Carla", "David", "Eva", "Frank", "Greta", "Hans", "Ingrid", "Jonas",
-         "Karin", "Lars", "Maria", "Nils", "Olga", "Peter", "Rita", "Sven", "Tove", "Ulf"]
-FAMILY = ["Andersen", "Berg", "Christensen", "Dahl", "Eriksen", "Fjeld", "Hansen", "Iversen",
-          "Johansen", "Karlsen", "Larsen", "Moen", "Nilsen", "Olsen", "Pedersen", "Solberg"]
+GIVEN = [
+    "Anna",
+    "Björn",
+    "Carla",
+    "David",
+    "Eva",
+    "Frank",
+    "Greta",
+    "Hans",
+    "Ingrid",
+    "Jonas",
+    "Karin",
+    "Lars",
+    "Maria",
+    "Nils",
+    "Olga",
+    "Peter",
+    "Rita",
+    "Sven",
+    "Tove",
+    "Ulf",
+]
+FAMILY = [
+    "Andersen",
+    "Berg",
+    "Christensen",
+    "Dahl",
+    "Eriksen",
+    "Fjeld",
+    "Hansen",
+    "Iversen",
+    "Johansen",
+    "Karlsen",
+    "Larsen",
+    "Moen",
+    "Nilsen",
+    "Olsen",
+    "Pedersen",
+    "Solberg",
+]
 
 
 def patient_id(i: int) -> str:
@@ -64,15 +100,27 @@ def observation(pid: str, rng: random.Random) -> dict[str, Any]:
     return {
         "resourceType": "Observation",
         "status": "final",
-        "category": [{"coding": [{
-            "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-            "code": "survey", "display": "Survey"}]}],
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                        "code": "survey",
+                        "display": "Survey",
+                    }
+                ]
+            }
+        ],
         "code": {"coding": [{"system": LOINC, "code": code, "display": display}], "text": display},
         "subject": {"reference": f"Patient/{pid}"},
         "effectiveDateTime": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "performer": [{"reference": f"Practitioner/prac-{rng.randrange(50):03d}"}],
-        "valueQuantity": {"value": rng.randrange(top + 1), "unit": "{score}",
-                          "system": "http://unitsofmeasure.org", "code": "{score}"},
+        "valueQuantity": {
+            "value": rng.randrange(top + 1),
+            "unit": "{score}",
+            "system": "http://unitsofmeasure.org",
+            "code": "{score}",
+        },
     }
 
 

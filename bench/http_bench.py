@@ -61,13 +61,30 @@ class Server:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}/fhir"
         # Development mode: the built-in key passphrase; the port makes minted tokens' audience right.
-        env = dict(os.environ, FHIR_NORSE_LOG_LEVEL="WARNING", FHIR_NORSE_MODE="development",
-                   FHIR_NORSE_PORT=str(self.port))
+        env = dict(
+            os.environ,
+            FHIR_NORSE_LOG_LEVEL="WARNING",
+            FHIR_NORSE_MODE="development",
+            FHIR_NORSE_PORT=str(self.port),
+        )
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fhir_norse.cli", "serve", "--database-url", url, "--port", str(self.port)],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=common.ROOT)
+            [
+                sys.executable,
+                "-m",
+                "fhir_norse.cli",
+                "serve",
+                "--database-url",
+                url,
+                "--port",
+                str(self.port),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=common.ROOT,
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -82,8 +99,22 @@ class Server:
             raise RuntimeError(f"server did not start; see {log}")
         # Every FHIR request carries a bearer token, as in production (authorization is always on).
         minted = subprocess.run(
-            [sys.executable, "-m", "fhir_norse.cli", "token", "--scope", "system/*.cruds", "--database-url", url],
-            capture_output=True, text=True, check=True, env=env, cwd=common.ROOT)
+            [
+                sys.executable,
+                "-m",
+                "fhir_norse.cli",
+                "token",
+                "--scope",
+                "system/*.cruds",
+                "--database-url",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+            cwd=common.ROOT,
+        )
         self.token = minted.stdout.strip().splitlines()[-1]
 
     def stop(self) -> float | None:
@@ -110,9 +141,13 @@ def transaction_bundle(rng: random.Random, patients: int, size: int = 100) -> di
     entries = []
     for _ in range(size):
         pid = dataset.patient_id(rng.randrange(patients))
-        entries.append({"fullUrl": f"urn:uuid:{uuid.UUID(int=rng.getrandbits(128))}",
-                        "resource": dataset.observation(pid, rng),
-                        "request": {"method": "POST", "url": "Observation"}})
+        entries.append(
+            {
+                "fullUrl": f"urn:uuid:{uuid.UUID(int=rng.getrandbits(128))}",
+                "resource": dataset.observation(pid, rng),
+                "request": {"method": "POST", "url": "Observation"},
+            }
+        )
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
@@ -126,15 +161,22 @@ def timed(fn: Any, n: int) -> list[float]:
 
 
 # ---------------------------------------------------------------------------- HTTP
-def http_part(url: str, patients: int, per_patient: int, n: int, creates: int, transactions: int,
-              log: Path) -> dict[str, Any]:
+def http_part(
+    url: str, patients: int, per_patient: int, n: int, creates: int, transactions: int, log: Path
+) -> dict[str, Any]:
     server = Server(url, log)
     errors: dict[str, Any] = {}
     out: dict[str, Any] = {"errors": errors}
     try:
-        client = httpx.Client(base_url=server.base, timeout=120,
-                              headers={"Accept": FHIR_JSON, "Content-Type": FHIR_JSON,
-                                       "Authorization": f"Bearer {server.token}"})
+        client = httpx.Client(
+            base_url=server.base,
+            timeout=120,
+            headers={
+                "Accept": FHIR_JSON,
+                "Content-Type": FHIR_JSON,
+                "Authorization": f"Bearer {server.token}",
+            },
+        )
         rng = random.Random(1)
 
         def check(name: str, r: httpx.Response, ok: tuple[int, ...] = (200,)) -> None:
@@ -149,7 +191,13 @@ def http_part(url: str, patients: int, per_patient: int, n: int, creates: int, t
             out["sample_hot_query_entries"] = len(r.json().get("entry", []))
         for _ in range(min(200, n)):
             check("search", client.get("/Observation", params=hot_query(*hot_params(rng, patients))))
-            check("read", client.get(f"/Observation/{dataset.observation_id(rng.randrange(patients), rng.randrange(per_patient))}"))
+            check(
+                "read",
+                client.get(
+                    "/Observation/"
+                    + dataset.observation_id(rng.randrange(patients), rng.randrange(per_patient))
+                ),
+            )
 
         matched: list[int] = []
         # The JSON parse of the answer is not timed: time only the request.
@@ -168,7 +216,9 @@ def http_part(url: str, patients: int, per_patient: int, n: int, creates: int, t
 
         lat = []
         for _ in range(n):
-            path = f"/Observation/{dataset.observation_id(rng.randrange(patients), rng.randrange(per_patient))}"
+            path = (
+                f"/Observation/{dataset.observation_id(rng.randrange(patients), rng.randrange(per_patient))}"
+            )
             t0 = time.perf_counter()
             r = client.get(path)
             _ = r.content
@@ -187,7 +237,9 @@ def http_part(url: str, patients: int, per_patient: int, n: int, creates: int, t
             check("health", r)
         out["health"] = common.percentiles(lat)
 
-        bodies = [dataset.observation(dataset.patient_id(rng.randrange(patients)), rng) for _ in range(creates + 50)]
+        bodies = [
+            dataset.observation(dataset.patient_id(rng.randrange(patients)), rng) for _ in range(creates + 50)
+        ]
         payloads = [httpx.Request("POST", "x", json=b).content for b in bodies]  # encode outside the timing
         for p in payloads[creates:]:
             check("create", client.post("/Observation", content=p), (201,))
@@ -203,8 +255,10 @@ def http_part(url: str, patients: int, per_patient: int, n: int, creates: int, t
         out["create"] = common.percentiles(lat)
         out["create"]["per_s"] = creates / wall if wall else None
 
-        bundles = [httpx.Request("POST", "x", json=transaction_bundle(rng, patients)).content
-                   for _ in range(transactions + 2)]
+        bundles = [
+            httpx.Request("POST", "x", json=transaction_bundle(rng, patients)).content
+            for _ in range(transactions + 2)
+        ]
         for b in bundles[transactions:]:
             check("transaction", client.post("", content=b))
         lat = []
@@ -234,8 +288,10 @@ def _hand_sql(sqlite: bool) -> tuple[str, str]:
         f"AND param = 'code' AND system = 'http://loinc.org' AND code = {p}) "
         "ORDER BY d.high DESC, r.pk DESC LIMIT 21"
     )
-    read = ("SELECT pk, res_type, res_id, version, last_updated, deleted, CAST(body AS TEXT) "
-            f"FROM resource WHERE res_type = 'Observation' AND res_id = {p}")
+    read = (
+        "SELECT pk, res_type, res_id, version, last_updated, deleted, CAST(body AS TEXT) "
+        f"FROM resource WHERE res_type = 'Observation' AND res_id = {p}"
+    )
     return hot, read
 
 
@@ -257,9 +313,11 @@ def server_sql(url: str, patients: int) -> tuple[list[tuple[str, Any]], str, str
     sa.event.listen(service.repo.engine, "before_cursor_execute", before)
     from fhir_norse.fhir.search import engine as search_engine
     from fhir_norse.fhir.search.query import parse_search
+
     with service.repo.read() as view:
-        request = parse_search("Observation", list(hot_query(pid, code).items()), strict=False,
-                               registry=service.registry)
+        request = parse_search(
+            "Observation", list(hot_query(pid, code).items()), strict=False, registry=service.registry
+        )
         search_engine.execute_search(view.conn, request)
     sa.event.remove(service.repo.engine, "before_cursor_execute", before)
     service.repo.engine.dispose()
@@ -268,12 +326,16 @@ def server_sql(url: str, patients: int) -> tuple[list[tuple[str, Any]], str, str
 
 def raw_part(url: str, patients: int, per_patient: int, n: int) -> dict[str, Any]:
     from fhir_norse.store.db import create_engine
+
     engine = create_engine(url)
     sqlite = engine.dialect.name == "sqlite"
     hot, read = _hand_sql(sqlite)
     statements, pid0, code0 = server_sql(url, patients)
-    out: dict[str, Any] = {"hand_sql_hot": hot, "hand_sql_read": read,
-                           "server_sql_hot": [s for s, _ in statements]}
+    out: dict[str, Any] = {
+        "hand_sql_hot": hot,
+        "hand_sql_read": read,
+        "server_sql_hot": [s for s, _ in statements],
+    }
     raw = engine.raw_connection()
     dbapi = raw.driver_connection
     if not sqlite:
@@ -321,7 +383,7 @@ def raw_part(url: str, patients: int, per_patient: int, n: int) -> dict[str, Any
             out["plan_server_sql"] = "\n".join(r[0] for r in cur.fetchall())
             cur.execute("EXPLAIN (ANALYZE, BUFFERS) " + hot, (pid0, code0))
             out["plan_hand_sql"] = "\n".join(r[0] for r in cur.fetchall())
-    except Exception as exc:  # noqa: BLE001 - a plan is a nicety
+    except Exception as exc:
         out["plan_error"] = repr(exc)
     cur.close()
     raw.close()
@@ -335,7 +397,8 @@ def _service(url: str) -> tuple[Any, Any]:
     from fhir_norse.auth.caller import Caller
     from fhir_norse.config import load_settings
     from fhir_norse.fhir.context import RequestContext
-    service = build_service(load_settings(database_url=url, log_level="WARNING"))
+
+    service = build_service(load_settings(database_url=url, log_level="WARNING", mode="development"))
     return service, RequestContext(caller=Caller.operator(), base_url="http://127.0.0.1/fhir")
 
 
@@ -354,6 +417,7 @@ def profile_part(url: str, patients: int, n: int) -> dict[str, Any]:
     from fhir_norse.fhir.search import engine as search_engine
     from fhir_norse.fhir.search.query import parse_search
     from fhir_norse.fhir.validation import validate_resource
+
     service, ctx = _service(url)
     eng = service.repo.engine
     sql_time = [0.0]
@@ -368,8 +432,9 @@ def profile_part(url: str, patients: int, n: int) -> dict[str, Any]:
     sa.event.listen(eng, "before_cursor_execute", before)
     sa.event.listen(eng, "after_cursor_execute", after)
     rng = random.Random(3)
-    phases: dict[str, list[float]] = {k: [] for k in ("parse", "execute_search", "execute_sql_cursor",
-                                                       "bundle", "total")}
+    phases: dict[str, list[float]] = {
+        k: [] for k in ("parse", "execute_search", "execute_sql_cursor", "bundle", "total")
+    }
     out_errors: dict[str, str] = {}
     for i in range(n + 50):
         params = list(hot_query(*hot_params(rng, patients)).items())
@@ -383,7 +448,7 @@ def profile_part(url: str, patients: int, n: int) -> dict[str, Any]:
             t3 = time.perf_counter()
             try:
                 searching._bundle(ctx, request, page)
-            except Exception as exc:  # noqa: BLE001 - the server code is still moving
+            except Exception as exc:
                 out_errors.setdefault("bundle", repr(exc))
             t4 = time.perf_counter()
         t5 = time.perf_counter()
@@ -393,14 +458,16 @@ def profile_part(url: str, patients: int, n: int) -> dict[str, Any]:
             phases["execute_sql_cursor"].append(sql_time[0])
             phases["bundle"].append(t4 - t3)
             phases["total"].append(t5 - t0)
-    out: dict[str, Any] = {"search_phases": {k: common.percentiles(v) for k, v in phases.items()},
-                           "errors": out_errors}
+    out: dict[str, Any] = {
+        "search_phases": {k: common.percentiles(v) for k, v in phases.items()},
+        "errors": out_errors,
+    }
 
     def one_search() -> None:
         params = list(hot_query(*hot_params(rng, patients)).items())
         try:
             searching.search(service, ctx, "Observation", params)
-        except Exception as exc:  # noqa: BLE001 - profile what works: parse + execute_search
+        except Exception as exc:
             out_errors.setdefault("search", repr(exc))
             with service.repo.read() as view:
                 request = parse_search("Observation", params, strict=False, registry=service.registry)
@@ -413,7 +480,9 @@ def profile_part(url: str, patients: int, n: int) -> dict[str, Any]:
     prof.disable()
     out["search_cprofile"] = _top(prof)
 
-    cphases: dict[str, list[float]] = {k: [] for k in ("validate", "stamp_extract", "save_sql", "commit", "total")}
+    cphases: dict[str, list[float]] = {
+        k: [] for k in ("validate", "stamp_extract", "save_sql", "commit", "total")
+    }
     for i in range(n + 50):
         body = dataset.observation(dataset.patient_id(rng.randrange(patients)), rng)
         t0 = time.perf_counter()
@@ -425,21 +494,36 @@ def profile_part(url: str, patients: int, n: int) -> dict[str, Any]:
         t2 = time.perf_counter()
         cm = service.repo.write()
         uow = cm.__enter__()
-        uow.save(res_type="Observation", res_id=res_id, body=stamped, version=1, last_updated=lu,
-                 method="create", previous=None, index_rows=rows)
+        uow.save(
+            res_type="Observation",
+            res_id=res_id,
+            body=stamped,
+            version=1,
+            last_updated=lu,
+            method="create",
+            previous=None,
+            index_rows=rows,
+        )
         t3 = time.perf_counter()
         cm.__exit__(None, None, None)
         t4 = time.perf_counter()
         if i >= 50:
-            for k, v in (("validate", t1 - t0), ("stamp_extract", t2 - t1), ("save_sql", t3 - t2),
-                         ("commit", t4 - t3), ("total", t4 - t0)):
+            for k, v in (
+                ("validate", t1 - t0),
+                ("stamp_extract", t2 - t1),
+                ("save_sql", t3 - t2),
+                ("commit", t4 - t3),
+                ("total", t4 - t0),
+            ):
                 cphases[k].append(v)
     out["create_phases"] = {k: common.percentiles(v) for k, v in cphases.items()}
 
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(n):
-        service.create(ctx, "Observation", dataset.observation(dataset.patient_id(rng.randrange(patients)), rng))
+        service.create(
+            ctx, "Observation", dataset.observation(dataset.patient_id(rng.randrange(patients)), rng)
+        )
     prof.disable()
     out["create_cprofile"] = _top(prof)
 
@@ -456,15 +540,33 @@ def profile_part(url: str, patients: int, n: int) -> dict[str, Any]:
     return out
 
 
-def run(kind: str, patients: int, per_patient: int, n: int, creates: int, transactions: int,
-        profile_n: int) -> dict[str, Any]:
+def run(
+    kind: str, patients: int, per_patient: int, n: int, creates: int, transactions: int, profile_n: int
+) -> dict[str, Any]:
     url = common.database_url(kind)
-    result: dict[str, Any] = {"database": kind, "url": url, "patients": patients, "per_patient": per_patient,
-                              "n": n, "creates": creates, "transactions": transactions}
+    result: dict[str, Any] = {
+        "database": kind,
+        "url": url,
+        "patients": patients,
+        "per_patient": per_patient,
+        "n": n,
+        "creates": creates,
+        "transactions": transactions,
+    }
     parts = (
         ("raw", lambda: raw_part(url, patients, per_patient, n)),
-        ("http", lambda: http_part(url, patients, per_patient, n, creates, transactions,
-                                   common.ROOT / "var" / "bench" / f"server-{kind}.log")),
+        (
+            "http",
+            lambda: http_part(
+                url,
+                patients,
+                per_patient,
+                n,
+                creates,
+                transactions,
+                common.ROOT / "var" / "bench" / f"server-{kind}.log",
+            ),
+        ),
         ("profile", lambda: profile_part(url, patients, profile_n)),
     )
     for name, fn in parts:
@@ -472,8 +574,9 @@ def run(kind: str, patients: int, per_patient: int, n: int, creates: int, transa
         print(f"[bench {kind}] {name} ...", flush=True)
         try:
             result[name] = fn()
-        except Exception as exc:  # noqa: BLE001 - report and go on with what works
+        except Exception as exc:
             import traceback
+
             result[name] = {"failed": repr(exc), "traceback": traceback.format_exc()}
             print(f"[bench {kind}] {name} FAILED: {exc!r}", flush=True)
         print(f"[bench {kind}] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)

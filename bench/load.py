@@ -46,13 +46,27 @@ def peak_rss_mb() -> float:
 def _bulk_batch(conn: sa.Connection, batch: list[tuple[str, str, dict[str, Any], Any, list[Any]]]) -> None:
     res = conn.execute(
         sa.insert(R).returning(R.c.pk, sort_by_parameter_order=True),
-        [{"res_type": t, "res_id": i, "version": 1, "last_updated": lu, "deleted": False, "body": b}
-         for t, i, b, lu, _ in batch],
+        [
+            {"res_type": t, "res_id": i, "version": 1, "last_updated": lu, "deleted": False, "body": b}
+            for t, i, b, lu, _ in batch
+        ],
     )
     pks = [row[0] for row in res]
-    conn.execute(sa.insert(H), [{"res_type": t, "res_id": i, "version": 1, "last_updated": lu,
-                                 "method": "create", "deleted": False, "body": b}
-                                for t, i, b, lu, _ in batch])
+    conn.execute(
+        sa.insert(H),
+        [
+            {
+                "res_type": t,
+                "res_id": i,
+                "version": 1,
+                "last_updated": lu,
+                "method": "create",
+                "deleted": False,
+                "body": b,
+            }
+            for t, i, b, lu, _ in batch
+        ],
+    )
     grouped: dict[sa.Table, list[dict[str, Any]]] = {}
     for pk, (t, _i, _b, _lu, rows) in zip(pks, batch, strict=True):
         for row in rows:
@@ -61,8 +75,15 @@ def _bulk_batch(conn: sa.Connection, batch: list[tuple[str, str, dict[str, Any],
         conn.execute(sa.insert(table), values)
 
 
-def load(kind: str, patients: int, per_patient: int, batch_size: int = 1000, validate: str = "sample",
-         mode: str = "uow", progress_every: int = 50_000) -> dict[str, Any]:
+def load(
+    kind: str,
+    patients: int,
+    per_patient: int,
+    batch_size: int = 1000,
+    validate: str = "sample",
+    mode: str = "uow",
+    progress_every: int = 50_000,
+) -> dict[str, Any]:
     url = common.database_url(kind)
     started = time.perf_counter()
     common.reset(kind)
@@ -76,7 +97,9 @@ def load(kind: str, patients: int, per_patient: int, batch_size: int = 1000, val
     t_load = time.perf_counter()
     last_report = t_load
 
-    def prepared(chunk: list[tuple[str, str, dict[str, Any]]]) -> list[tuple[str, str, dict[str, Any], Any, list[Any]]]:
+    def prepared(
+        chunk: list[tuple[str, str, dict[str, Any]]],
+    ) -> list[tuple[str, str, dict[str, Any], Any, list[Any]]]:
         out = []
         for res_type, res_id, body in chunk:
             n = counts["resources"] + len(out)
@@ -101,8 +124,16 @@ def load(kind: str, patients: int, per_patient: int, batch_size: int = 1000, val
                 _bulk_batch(uow.conn, items)
             else:
                 for res_type, res_id, stamped, lu, rows in items:
-                    uow.save(res_type=res_type, res_id=res_id, body=stamped, version=1, last_updated=lu,
-                             method="create", previous=None, index_rows=rows)
+                    uow.save(
+                        res_type=res_type,
+                        res_id=res_id,
+                        body=stamped,
+                        version=1,
+                        last_updated=lu,
+                        method="create",
+                        previous=None,
+                        index_rows=rows,
+                    )
         timings["store"] += time.perf_counter() - t0
 
     chunk: list[tuple[str, str, dict[str, Any]]] = []
@@ -115,8 +146,11 @@ def load(kind: str, patients: int, per_patient: int, batch_size: int = 1000, val
             if counts["resources"] % progress_every < batch_size or time.perf_counter() - last_report > 60:
                 last_report = time.perf_counter()
                 el = last_report - t_load
-                print(f"[load {kind}] {counts['resources']:,}/{total:,} in {el:.0f} s "
-                      f"({counts['resources'] / el:,.0f}/s), peak RSS {peak_rss_mb():.0f} MB", flush=True)
+                print(
+                    f"[load {kind}] {counts['resources']:,}/{total:,} in {el:.0f} s "
+                    f"({counts['resources'] / el:,.0f}/s), peak RSS {peak_rss_mb():.0f} MB",
+                    flush=True,
+                )
     if chunk:
         store(prepared(chunk))
         counts["resources"] += len(chunk)
@@ -145,22 +179,39 @@ def load(kind: str, patients: int, per_patient: int, batch_size: int = 1000, val
             size = conn.exec_driver_sql(
                 "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c JOIN pg_namespace n "
                 "ON n.oid = c.relnamespace WHERE n.nspname = %(s)s AND c.relkind = 'r'",
-                {"s": common.PG_SCHEMA}).scalar_one()
-        table_rows = {t: conn.exec_driver_sql(f"SELECT count(*) FROM {t}").scalar_one()
-                      for t in ("resource", "idx_token", "idx_reference", "idx_date", "idx_number",
-                                "idx_composite")}
+                {"s": common.PG_SCHEMA},
+            ).scalar_one()
+        table_rows = {
+            t: conn.exec_driver_sql(f"SELECT count(*) FROM {t}").scalar_one()
+            for t in ("resource", "idx_token", "idx_reference", "idx_date", "idx_number", "idx_composite")
+        }
     engine.dispose()
     result = {
-        "database": kind, "patients": patients, "per_patient": per_patient, "resources": counts["resources"],
-        "batch": batch_size, "mode": mode, "validate": validate, "validated": counts["validated"],
-        "index_rows": counts["index_rows"], "table_rows": table_rows,
-        "load_s": load_s, "analyze_s": analyze_s, "total_s": time.perf_counter() - started,
+        "database": kind,
+        "patients": patients,
+        "per_patient": per_patient,
+        "resources": counts["resources"],
+        "batch": batch_size,
+        "mode": mode,
+        "validate": validate,
+        "validated": counts["validated"],
+        "index_rows": counts["index_rows"],
+        "table_rows": table_rows,
+        "load_s": load_s,
+        "analyze_s": analyze_s,
+        "total_s": time.perf_counter() - started,
         "rate_per_s": counts["resources"] / load_s,
-        "phases_s": timings, "peak_rss_mb": peak_rss_mb(), "db_bytes": int(size or 0),
+        "phases_s": timings,
+        "peak_rss_mb": peak_rss_mb(),
+        "db_bytes": int(size or 0),
     }
-    print(f"[load {kind}] done: {counts['resources']:,} resources in {load_s:.1f} s "
-          f"({result['rate_per_s']:,.0f}/s), ANALYZE {analyze_s:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB, "
-          f"phases {({k: round(v, 1) for k, v in timings.items()})}", flush=True)
+    print(
+        f"[load {kind}] done: {counts['resources']:,} resources in {load_s:.1f} s "
+        f"({result['rate_per_s']:,.0f}/s), ANALYZE {analyze_s:.1f} s, "
+        f"peak RSS {result['peak_rss_mb']:.0f} MB, "
+        f"phases { ({k: round(v, 1) for k, v in timings.items()}) }",
+        flush=True,
+    )
     return result
 
 
