@@ -122,7 +122,7 @@ def report(label: str, run_info: dict[str, Any]) -> str:
     any_load = next((x for x in loads.values() if x), {}) or {}
     lines: list[str] = []
     w = lines.append
-    w("# Benchmarks (issue 2)")
+    w("# Benchmarks (issues 2 and 3)")
     w("")
     w(
         f"Run **{label}**, finished {run_info.get('finished', '?')} (UTC); "
