@@ -367,3 +367,35 @@ def test_cors_is_off_by_default(client: TestClient) -> None:
         "/fhir/Patient", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"}
     )
     assert "access-control-allow-origin" not in response.headers
+
+
+def test_cors_can_be_turned_on(settings: Any) -> None:
+    from fhir_norse.api.app import create_app
+
+    app = create_app(settings.model_copy(update={"cors_origins": ["https://app.example.no"]}))
+    try:
+        with TestClient(app) as browser:
+            allowed = browser.options(
+                "/fhir/Patient",
+                headers={"Origin": "https://app.example.no", "Access-Control-Request-Method": "GET"},
+            )
+            assert allowed.headers["access-control-allow-origin"] == "https://app.example.no"
+            other = browser.options(
+                "/fhir/Patient",
+                headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+            )
+            assert "access-control-allow-origin" not in other.headers
+    finally:
+        app.state.service.repo.engine.dispose()
+
+
+def test_tokens_never_reach_the_logs(app: FastAPI, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    header = bearer(app)["Authorization"]
+    with caplog.at_level(logging.DEBUG), TestClient(app, raise_server_exceptions=False) as c:
+        c.get("/fhir/Patient", headers={"Authorization": header})
+        c.get("/fhir/Patient", headers={"Authorization": header[:-3] + "xyz"})
+    token = header.split(" ", 1)[1]
+    assert token[:40] not in caplog.text
+    assert token.split(".")[2][:20] not in caplog.text
