@@ -192,28 +192,30 @@ class FhirService:
         with self.refusals_audited(ctx, "read", res_type, res_id):
             check_type(res_type)
             access = self.access(ctx, "read", res_type)
-            with self.repo.read() as view:
-                stored = view.current(res_type, check_id(res_id))
+            # One transaction reads the resource and records its AuditEvent: one durable commit.
+            with self.repo.write() as uow:
+                stored = uow.current(res_type, check_id(res_id))
                 if stored is None:
                     raise NotFound(f"{res_type}/{res_id} is not known")
-                rows = [] if stored.deleted else compartments.stored_reference_rows(view.conn, stored.pk)
-                patients = self.reachable_patients(view.conn, access)
-            if stored.deleted:
-                if patients is not None and compartments.is_compartment_type(res_type):
-                    raise NotFound(f"{res_type}/{res_id} is not known")
-                raise Gone(f"{res_type}/{res_id} was deleted", headers=version_headers(stored))
-            compartments.require_visible(res_type, res_id, rows, patients)
-            self.record_now(
-                self.audit_event(
-                    ctx,
-                    "read",
-                    "success",
-                    res_type,
-                    res_id,
-                    version=stored.version,
-                    patients=compartments.patients_of(res_type, res_id, rows),
+                rows = [] if stored.deleted else compartments.stored_reference_rows(uow.conn, stored.pk)
+                patients = self.reachable_patients(uow.conn, access)
+                if stored.deleted:
+                    if patients is not None and compartments.is_compartment_type(res_type):
+                        raise NotFound(f"{res_type}/{res_id} is not known")
+                    raise Gone(f"{res_type}/{res_id} was deleted", headers=version_headers(stored))
+                compartments.require_visible(res_type, res_id, rows, patients)
+                self.record(
+                    uow,
+                    self.audit_event(
+                        ctx,
+                        "read",
+                        "success",
+                        res_type,
+                        res_id,
+                        version=stored.version,
+                        patients=compartments.patients_of(res_type, res_id, rows),
+                    ),
                 )
-            )
         headers = version_headers(stored)
         if if_none_match is not None and _etag_matches(if_none_match, stored.version):
             return Result(304, headers=headers)

@@ -59,11 +59,13 @@ def search(service: FhirService, ctx: RequestContext, res_type: str, params: lis
     query = f"{res_type}?{urlencode(params)}" if params else res_type
     with service.refusals_audited(ctx, "search-type", res_type, query=query):
         check_type(res_type)
-        with service.repo.read() as view:
-            result, patients = _search(service, view.conn, ctx, res_type, params)
-        service.record_now(
-            service.audit_event(ctx, "search-type", "success", res_type, query=query, patients=patients)
-        )
+        # One transaction runs the search and records its AuditEvent: one durable commit.
+        with service.repo.write() as uow:
+            result, patients = _search(service, uow.conn, ctx, res_type, params)
+            service.record(
+                uow,
+                service.audit_event(ctx, "search-type", "success", res_type, query=query, patients=patients),
+            )
         return result
 
 
