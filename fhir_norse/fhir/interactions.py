@@ -10,11 +10,11 @@ failures too.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import jsonpatch
@@ -48,11 +48,13 @@ from fhir_norse.fhir.resources import (
 )
 from fhir_norse.fhir.search.extract import IndexExtractor
 from fhir_norse.fhir.search.registry import SearchParamRegistry
+from fhir_norse.fhir.search.rows import IndexRow
 from fhir_norse.fhir.search.values import date_range
 from fhir_norse.fhir.validation import validate_resource
 from fhir_norse.store.repository import Repository, StoredResource, UnitOfWork
 
 JsonDict = dict[str, Any]
+_T = TypeVar("_T")
 
 
 def dumps(value: Any) -> str:
@@ -172,6 +174,22 @@ class FhirService:
             )
             raise
 
+    def _in_write(
+        self,
+        ctx: RequestContext,
+        interaction: str,
+        res_type: str,
+        res_id: str | None,
+        query: str | None,
+        run: Callable[[UnitOfWork, Access], _T],
+    ) -> _T:
+        """One write interaction: authorized, run in one unit of work, its refusal audited."""
+        with self.refusals_audited(ctx, interaction, res_type, res_id, query=query):
+            check_type(res_type)
+            access = self.access(ctx, interaction, res_type)
+            with self.repo.write() as uow:
+                return run(uow, access)
+
     # ------------------------------------------------------------------ access
     def access(self, ctx: RequestContext, interaction: str, res_type: str | None) -> Access:
         return self.authorizer.check(ctx.caller, interaction, res_type)
@@ -264,11 +282,14 @@ class FhirService:
     def create(
         self, ctx: RequestContext, res_type: str, body: JsonDict, if_none_exist: str | None = None
     ) -> Result:
-        with self.refusals_audited(ctx, "create", res_type):
-            check_type(res_type)
-            access = self.access(ctx, "create", res_type)
-            with self.repo.write() as uow:
-                outcome = self.create_in(uow, ctx, res_type, body, if_none_exist, access=access)
+        outcome = self._in_write(
+            ctx,
+            "create",
+            res_type,
+            None,
+            None,
+            lambda uow, access: self.create_in(uow, ctx, res_type, body, if_none_exist, access=access),
+        )
         return self.write_result(ctx, outcome)
 
     def create_in(
@@ -299,11 +320,14 @@ class FhirService:
     def update(
         self, ctx: RequestContext, res_type: str, res_id: str, body: JsonDict, if_match: str | None = None
     ) -> Result:
-        with self.refusals_audited(ctx, "update", res_type, res_id):
-            check_type(res_type)
-            access = self.access(ctx, "update", res_type)
-            with self.repo.write() as uow:
-                outcome = self.update_in(uow, ctx, res_type, res_id, body, if_match, access=access)
+        outcome = self._in_write(
+            ctx,
+            "update",
+            res_type,
+            res_id,
+            None,
+            lambda uow, access: self.update_in(uow, ctx, res_type, res_id, body, if_match, access=access),
+        )
         return self.write_result(ctx, outcome)
 
     def update_in(
@@ -343,11 +367,16 @@ class FhirService:
     def conditional_update(
         self, ctx: RequestContext, res_type: str, query: str, body: JsonDict, if_match: str | None = None
     ) -> Result:
-        with self.refusals_audited(ctx, "update", res_type, query=f"{res_type}?{query}"):
-            check_type(res_type)
-            access = self.access(ctx, "update", res_type)
-            with self.repo.write() as uow:
-                outcome = self.conditional_update_in(uow, ctx, res_type, query, body, if_match, access=access)
+        outcome = self._in_write(
+            ctx,
+            "update",
+            res_type,
+            None,
+            f"{res_type}?{query}",
+            lambda uow, access: self.conditional_update_in(
+                uow, ctx, res_type, query, body, if_match, access=access
+            ),
+        )
         return self.write_result(ctx, outcome)
 
     def conditional_update_in(
@@ -387,11 +416,16 @@ class FhirService:
     def patch(
         self, ctx: RequestContext, res_type: str, res_id: str, operations: Any, if_match: str | None = None
     ) -> Result:
-        with self.refusals_audited(ctx, "patch", res_type, res_id):
-            check_type(res_type)
-            access = self.access(ctx, "patch", res_type)
-            with self.repo.write() as uow:
-                outcome = self.patch_in(uow, ctx, res_type, res_id, operations, if_match, access=access)
+        outcome = self._in_write(
+            ctx,
+            "patch",
+            res_type,
+            res_id,
+            None,
+            lambda uow, access: self.patch_in(
+                uow, ctx, res_type, res_id, operations, if_match, access=access
+            ),
+        )
         return self.write_result(ctx, outcome)
 
     def patch_in(
@@ -437,11 +471,14 @@ class FhirService:
         return self._write(uow, ctx, "patch", res_type, res_id, patched, previous, access, patients)
 
     def delete(self, ctx: RequestContext, res_type: str, res_id: str) -> Result:
-        with self.refusals_audited(ctx, "delete", res_type, res_id):
-            check_type(res_type)
-            access = self.access(ctx, "delete", res_type)
-            with self.repo.write() as uow:
-                outcome = self.delete_in(uow, ctx, res_type, res_id, access=access)
+        outcome = self._in_write(
+            ctx,
+            "delete",
+            res_type,
+            res_id,
+            None,
+            lambda uow, access: self.delete_in(uow, ctx, res_type, res_id, access=access),
+        )
         return self.delete_result(ctx, outcome)
 
     def delete_in(
@@ -485,11 +522,14 @@ class FhirService:
 
     def conditional_delete(self, ctx: RequestContext, res_type: str, query: str) -> Result:
         """https://hl7.org/fhir/R4/http.html#3.1.0.7.1 (single-match mode)."""
-        with self.refusals_audited(ctx, "delete", res_type, query=f"{res_type}?{query}"):
-            check_type(res_type)
-            access = self.access(ctx, "delete", res_type)
-            with self.repo.write() as uow:
-                outcome = self.conditional_delete_in(uow, ctx, res_type, query, access=access)
+        outcome = self._in_write(
+            ctx,
+            "delete",
+            res_type,
+            None,
+            f"{res_type}?{query}",
+            lambda uow, access: self.conditional_delete_in(uow, ctx, res_type, query, access=access),
+        )
         if outcome is None:
             if ctx.prefer.return_ != "OperationOutcome":
                 return Result(204)
@@ -537,21 +577,20 @@ class FhirService:
         patients: frozenset[str] | None,
     ) -> WriteOutcome:
         """Save a validated resource, checking the compartment of its new content, and audit it."""
-        method = "create" if interaction == "create" else interaction
         outcome = self._save(
             uow,
             res_type,
             res_id,
             body,
             previous=previous,
-            method=method,
+            method=interaction,
             check=lambda rows: compartments.require_writable(res_type, res_id, rows, access, patients),
         )
         self.record(
             uow,
             self.audit_event(
                 ctx,
-                interaction if previous is not None or interaction != "update" else "update",
+                interaction,
                 "success",
                 res_type,
                 res_id,
@@ -570,7 +609,7 @@ class FhirService:
         *,
         previous: StoredResource | None,
         method: str,
-        check: Any = None,
+        check: Callable[[list[IndexRow]], None] | None = None,
     ) -> WriteOutcome:
         version = 1 if previous is None else previous.version + 1
         last_updated = now_ms()
