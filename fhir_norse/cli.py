@@ -30,9 +30,20 @@ def main(argv: list[str] | None = None) -> int:
 
     migrate = sub.add_parser("migrate", help="upgrade the database schema to the newest revision")
     _common(migrate)
+    content = sub.add_parser("content", help="the content pack (questionnaires, terminology, profiles)")
+    content_sub = content.add_subparsers(dest="content_command", required=True)
+    check = content_sub.add_parser("check", help="validate every content file; exit 1 on problems")
+    check.add_argument("--content-dir", help="the content pack (default: this checkout)")
     auth_cli.register_commands(sub)
 
     args = parser.parse_args(argv)
+    if args.command == "content":
+        from pathlib import Path
+
+        from fhir_norse.config import PROJECT_ROOT
+        from fhir_norse.instruments.check import main as check_main
+
+        return check_main(Path(args.content_dir) if args.content_dir else PROJECT_ROOT)
     try:
         settings = load_settings(
             database_url=args.database_url, host=getattr(args, "host", None), port=getattr(args, "port", None)
@@ -66,8 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         "(add --database-url if you gave one), then send 'Authorization: Bearer <token>'",
         file=sys.stderr,
     )
+    from fhir_norse.fhir.content import ContentConflict
+
+    try:
+        app = create_app(settings)
+    except ContentConflict as exc:
+        print(f"fhir-norse: content refused: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),

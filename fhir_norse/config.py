@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SQLITE_PATH = Path("var") / "fhir-norse.sqlite3"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 class Settings(BaseSettings):
@@ -53,6 +54,10 @@ class Settings(BaseSettings):
     oidc_issuer: str | None = None
     oidc_jwks_file: str | None = None
     oidc_audience: str | None = None
+    # The content pack (questionnaires/, profiles/): this checkout unless another pack is named.
+    content_dir: Path = PROJECT_ROOT
+    # Publish the content pack at start-up (tests that do not need it turn this off).
+    publish_content: bool = True
     # Browser origins allowed by CORS; empty (the default) turns CORS off.
     cors_origins: list[str] = Field(default_factory=list)
 

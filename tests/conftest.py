@@ -127,7 +127,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:
-    return Settings(database_url=database_url, base_url="http://testserver/fhir", mode="development")
+    # Content publishing is tested on its own (tests/api/test_content_publish.py); it would slow every app.
+    return Settings(
+        database_url=database_url,
+        base_url="http://testserver/fhir",
+        mode="development",
+        publish_content=False,
+    )
 
 
 @pytest.fixture

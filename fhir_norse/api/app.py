@@ -18,6 +18,7 @@ from fhir_norse.auth.audit import AuditRecorder
 from fhir_norse.auth.caller import Authorizer
 from fhir_norse.auth.setup import install_auth
 from fhir_norse.config import Settings
+from fhir_norse.fhir.content import publish_content
 from fhir_norse.fhir.errors import (
     BadRequest,
     FhirError,
@@ -121,6 +122,13 @@ def create_app(settings: Settings, service: FhirService | None = None) -> FastAP
     app.include_router(router)
     install_auth(app, settings, app.state.service.repo.engine)
     app.state.audit = app.state.service.audit
+    if settings.publish_content:
+        try:
+            report = publish_content(app.state.service, settings.content_dir)
+        except Exception:
+            app.state.service.repo.engine.dispose()
+            raise
+        log.info("content: %d published, %d unchanged", len(report.created), len(report.unchanged))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -34,6 +34,7 @@ from fhir_norse.fhir.errors import (
     Unprocessable,
     information,
 )
+from fhir_norse.fhir.published import refuse_change_to_published
 from fhir_norse.fhir.resources import (
     check_id,
     check_type,
@@ -354,6 +355,8 @@ class FhirService:
         previous = uow.lock(res_type, res_id)
         patients = self.reachable_patients(uow.conn, access)
         self._require_existing_visible(uow, res_type, res_id, previous, patients)
+        if previous is not None:
+            refuse_change_to_published(res_type, previous.body_text)
         if if_match is not None:
             expected = parse_etag(if_match)
             if previous is None or previous.deleted or str(previous.version) != expected:
@@ -447,6 +450,7 @@ class FhirService:
         self._require_existing_visible(uow, res_type, res_id, previous, patients)
         if previous is None:
             raise NotFound(f"{res_type}/{res_id} is not known")
+        refuse_change_to_published(res_type, previous.body_text)
         if previous.deleted:
             raise Gone(f"{res_type}/{res_id} was deleted")
         if if_match is not None and str(previous.version) != parse_etag(if_match):
@@ -492,6 +496,7 @@ class FhirService:
         self._require_existing_visible(uow, res_type, res_id, previous, patients)
         if previous is None:
             raise NotFound(f"{res_type}/{res_id} is not known")
+        refuse_change_to_published(res_type, previous.body_text)
         if previous.deleted:
             return WriteOutcome(204, previous, None, noop=True)
         rows = compartments.stored_reference_rows(uow.conn, previous.pk)
