@@ -1,0 +1,125 @@
+"""The generated Norse Feedback content: reproducible, parseable by an independent R4 parser, and a
+static form whose ``enableWhen`` reproduces the opening rule of every scale."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fhir_norse.instruments.build import build
+from fhir_norse.instruments.schema import load_mapping
+from tests.fhir_r4_client import parse_r4
+
+ROOT = Path(__file__).resolve().parents[2]
+MAPPING = load_mapping(ROOT / "mappings" / "nf21-2.1.0.yaml")
+STATIC = json.loads((ROOT / "questionnaires/nf21/Questionnaire-nf21-static.json").read_text(encoding="utf-8"))
+ADAPTIVE = json.loads(
+    (ROOT / "questionnaires/nf21/Questionnaire-nf21-adaptive.json").read_text(encoding="utf-8")
+)
+ANSWERS = "http://fhir-norse.org/fhir/CodeSystem/nf21-answers"
+
+
+def _generated(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*.json")}
+
+
+def test_nf21_build_is_byte_identical_and_matches_the_committed_files(tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    build(ROOT, out_root=first)
+    build(ROOT, out_root=second)
+    a, b = _generated(first), _generated(second)
+    assert a == b
+    assert len(a) == 22
+    committed = {name: (ROOT / name).read_bytes() for name in a}
+    assert committed == a, "run `python tools/build_content.py` and commit the result"
+
+
+def test_nf21_every_generated_resource_parses_as_r4() -> None:
+    paths = sorted((ROOT / "questionnaires/nf21").glob("*.json"))
+    paths += sorted((ROOT / "questionnaires/terminology").glob("*.json"))
+    assert len(paths) == 22
+    for path in paths:
+        parse_r4(json.loads(path.read_text(encoding="utf-8")))
+
+
+def test_nf21_adaptive_form_is_an_sdc_adaptive_questionnaire() -> None:
+    assert ADAPTIVE["meta"]["profile"] == [
+        "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-adapt"
+    ]
+    assert {
+        "url": "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-questionnaireAdaptive",
+        "valueBoolean": True,
+    } in ADAPTIVE["extension"]
+    link_ids = [i["linkId"] for i in ADAPTIVE["item"]]
+    assert sorted(link_ids) == sorted(MAPPING.all_link_ids())
+    assert ADAPTIVE["version"] == STATIC["version"] == MAPPING.version
+
+
+def test_nf21_static_form_asks_all_19_triggers_first() -> None:
+    first = STATIC["item"][0]
+    assert first["type"] == "group" and "enableWhen" not in first
+    assert [i["linkId"] for i in first["item"]] == [s.trigger for s in MAPPING.scales if s.trigger]
+
+
+# --- a small enableWhen evaluator (https://hl7.org/fhir/R4/questionnaire-definitions.html#Questionnaire.item.enableWhen)
+
+
+def _condition(ew: dict[str, Any], answers: dict[str, dict[str, Any]]) -> bool:
+    answer = answers.get(ew["question"])
+    op = ew["operator"]
+    if op == "exists":
+        return (answer is not None) == ew["answerBoolean"]
+    if answer is None:
+        return False
+    expected = ew["answerCoding"]
+    same = answer["system"] == expected["system"] and answer["code"] == expected["code"]
+    if op == "=":
+        return same
+    if op == "!=":
+        return not same
+    raise AssertionError(f"operator {op} on a Coding answer")
+
+
+def _enabled_items(items: list[dict[str, Any]], answers: dict[str, dict[str, Any]]) -> set[str]:
+    out: set[str] = set()
+    for item in items:
+        conditions = item.get("enableWhen", [])
+        if conditions:
+            results = [_condition(c, answers) for c in conditions]
+            enabled = any(results) if item.get("enableBehavior") == "any" else all(results)
+            if not enabled:
+                continue
+        out.add(item["linkId"])
+        out |= _enabled_items(item.get("item", []), answers)
+    return out
+
+
+@pytest.mark.parametrize("scale", MAPPING.scales, ids=lambda s: s.code)
+def test_nf21_static_enable_when_reproduces_the_opening_rule(scale: Any) -> None:
+    trigger = MAPPING.trigger_of(scale)
+    trigger_reversed = trigger in MAPPING.scale_of_item(trigger).reverse_keyed
+    others = [i for i in scale.items if i != scale.trigger]
+    assert others
+    for raw in range(1, 8):
+        problem_score = 8 - raw if trigger_reversed else raw
+        answers = {trigger: {"system": ANSWERS, "code": str(raw)}}
+        enabled = _enabled_items(STATIC["item"], answers)
+        should_open = problem_score > scale.open_if_trigger_gt
+        for link_id in others:
+            assert (link_id in enabled) == should_open, (scale.code, raw, link_id)
+    for code in ("not-relevant", "prefer-not"):
+        enabled = _enabled_items(STATIC["item"], {trigger: {"system": ANSWERS, "code": code}})
+        assert not set(others) & enabled, (scale.code, code)
+    unanswered = _enabled_items(STATIC["item"], {})
+    assert not set(others) & unanswered
+    assert trigger in unanswered
+
+
+def test_nf21_alliance_preferences_and_single_items_are_always_shown() -> None:
+    always = _enabled_items(STATIC["item"], {})
+    assert set(MAPPING.alliance.items) <= always
+    assert {p.link_id for p in MAPPING.preferences} <= always
+    assert {s.link_id for s in MAPPING.single + MAPPING.medication} <= always
