@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -33,6 +34,26 @@ def test_production_mode_refuses_to_start_without_a_passphrase(tmp_path: Path) -
     )
     assert done.returncode == 2
     assert "FHIR_NORSE_KEY_PASSPHRASE" in done.stderr
+
+
+def test_content_check_passes_on_this_checkout_and_fails_on_a_broken_pack(tmp_path: Path) -> None:
+    ok = subprocess.run([*CLI, "content", "check"], capture_output=True, text=True, timeout=300, env=DEV_ENV)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    root = Path(__file__).resolve().parents[1]
+    broken = tmp_path / "pack"
+    for folder in ("questionnaires", "mappings", "profiles"):
+        shutil.copytree(root / folder, broken / folder)
+    mapping = broken / "mappings" / "nf21-2.1.0.yaml"
+    mapping.write_text(mapping.read_text().replace("open_if_trigger_gt: 4.5", "open_if_trigger_gt: 9", 1))
+    bad = subprocess.run(
+        [*CLI, "content", "check", "--content-dir", str(broken)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=DEV_ENV,
+    )
+    assert bad.returncode == 1
+    assert "nf21-2.1.0.yaml" in bad.stdout + bad.stderr
 
 
 def test_migrate_creates_schema_at_head(tmp_path: Path) -> None:
@@ -88,6 +109,13 @@ def test_serve_answers_fhir_requests(tmp_path: Path) -> None:
         )
         assert created.status_code == 201
         assert created.headers["Location"].startswith(f"{base}/Patient/")
+        # The content pack of this checkout was published at start-up.
+        static = httpx.get(
+            f"{base}/Questionnaire",
+            params={"url": "http://fhir-norse.org/fhir/Questionnaire/nf21-static"},
+            headers={"Authorization": f"Bearer {token}"},
+        ).json()
+        assert [e["resource"]["language"] for e in static["entry"]] == ["nb"]
     finally:
         process.terminate()
         process.communicate(timeout=30)
