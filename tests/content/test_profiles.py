@@ -42,6 +42,7 @@ EXPECTED_PROFILES = {
     "rom-questionnaire-response": "QuestionnaireResponse",
     "rom-alert-flag": "Flag",
     "administration-context": "Extension",
+    "nf21-item": "Extension",
 }
 
 
@@ -330,3 +331,22 @@ def test_extension_fixes_its_own_url_and_context() -> None:
     ext = _sd("administration-context")
     assert _element("administration-context", "Extension.url")["fixedUri"] == ext["url"]
     assert ext["context"] == [{"type": "element", "expression": "QuestionnaireResponse"}]
+
+
+def test_the_nf21_item_extension_describes_what_the_questionnaires_use() -> None:
+    """Every part of the ``nf21-item`` extension on the Questionnaires is a slice of its definition."""
+    root = Path(__file__).resolve().parents[2]
+    sd = _load(root / "profiles" / "StructureDefinition-nf21-item.json")
+    slices = {e["sliceName"] for e in sd["differential"]["element"] if e.get("sliceName")}
+    used: set[str] = set()
+
+    def walk(items: list[JsonDict]) -> None:
+        for item in items:
+            for ext in item.get("extension", []):
+                if ext["url"] == sd["url"]:
+                    used.update(part["url"] for part in ext["extension"])
+            walk(item.get("item", []))
+
+    for name in ("Questionnaire-nf21-static.json", "Questionnaire-nf21-adaptive.json"):
+        walk(_load(root / "questionnaires" / "nf21" / name)["item"])
+    assert used and used <= slices
