@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy fhir_norse
+	$(BIN)/mypy fhir_norse tests
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all

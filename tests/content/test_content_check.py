@@ -44,7 +44,8 @@ def _item(body: dict[str, Any], link_id: str) -> dict[str, Any]:
     while stack:
         item = stack.pop()
         if item["linkId"] == link_id:
-            return item
+            found: dict[str, Any] = item
+            return found
         stack += item.get("item", [])
     raise KeyError(link_id)
 

@@ -71,11 +71,11 @@ def _condition(ew: dict[str, Any], answers: dict[str, dict[str, Any]]) -> bool:
     answer = answers.get(ew["question"])
     op = ew["operator"]
     if op == "exists":
-        return (answer is not None) == ew["answerBoolean"]
+        return (answer is not None) == bool(ew["answerBoolean"])
     if answer is None:
         return False
     expected = ew["answerCoding"]
-    same = answer["system"] == expected["system"] and answer["code"] == expected["code"]
+    same = bool(answer["system"] == expected["system"] and answer["code"] == expected["code"])
     if op == "=":
         return same
     if op == "!=":

@@ -47,8 +47,8 @@ def _save(repo: Repository, res_id: str, version: int, body: dict[str, object] |
             last_updated=T0,
             method="create" if previous is None else "update",
             previous=previous,
-            **kw,
-        )  # type: ignore[arg-type]
+            **kw,  # type: ignore[arg-type]
+        )
 
 
 def test_versions_history_and_current(repo: Repository) -> None:
