@@ -22,6 +22,9 @@ def test_default_or_short_passphrases_are_refused(weak: str) -> None:
 
 
 def test_a_real_passphrase_and_development_mode_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Settings(mode="production", key_passphrase=SecretStr("a long hospital-specific secret")).mode == "production"
+    assert (
+        Settings(mode="production", key_passphrase=SecretStr("a long hospital-specific secret")).mode
+        == "production"
+    )
     monkeypatch.setenv("FHIR_NORSE_MODE", "development")
     assert Settings().key_passphrase.get_secret_value() == ""
