@@ -9,14 +9,17 @@ reports each outcome in its response entry.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+import orjson
+
 from fhir_norse.fhir import compartments
 from fhir_norse.fhir.context import RequestContext, Result
 from fhir_norse.fhir.errors import BadRequest, FhirError, Gone, Issue, NotFound, PreconditionFailed
-from fhir_norse.fhir.interactions import FhirService, WriteOutcome, dumps
+from fhir_norse.fhir.interactions import FhirService, WriteOutcome, dumps, loads
 from fhir_norse.fhir.resource_types import SUPPORTED_TYPE_SET
 from fhir_norse.fhir.resources import ID_PATTERN, check_id, check_type, etag, instant, new_id
 from fhir_norse.store.repository import UnitOfWork
@@ -248,7 +251,7 @@ class BundleProcessor:
                     existing = uow.current(entry.res_type, entry.res_id)
                     if existing is not None and not existing.deleted:
                         return _write_entry(
-                            ctx, WriteOutcome(200, existing, _parse(existing.body_text), noop=True)
+                            ctx, WriteOutcome(200, existing, loads(existing.body_text), noop=True)
                         )
                 outcome = service.create_in(
                     uow, ctx, entry.res_type, entry.resource, res_id=entry.res_id, access=access
@@ -291,7 +294,7 @@ class BundleProcessor:
             service.record(
                 uow, service.audit_event(ctx, "search-type", "success", entry.res_type, query=entry.url)
             )
-            return {"resource": _parse(result.raw), "response": {"status": "200 OK"}}
+            return {"resource": loads(result.raw), "response": {"status": "200 OK"}}
         _res_type, res_id, version, _query = _parse_url(entry.url)
         assert res_id is not None
         check_id(res_id)
@@ -309,7 +312,7 @@ class BundleProcessor:
             raise NotFound(f"{entry.res_type}/{res_id} is not known")
         if stored.deleted:
             raise Gone(f"{entry.res_type}/{res_id} was deleted")
-        rows = service.extractor.extract(_parse(stored.body_text))
+        rows = service.extractor.extract(loads(stored.body_text))
         compartments.require_visible(entry.res_type, res_id, rows, patients)
         service.record(
             uow,
@@ -333,7 +336,7 @@ class BundleProcessor:
             f'"{stored.version}"',
         ):
             return {"response": {**response, "status": "304 Not Modified"}}
-        return {"resource": _parse(stored.body_text), "response": response}
+        return {"resource": loads(stored.body_text), "response": response}
 
     # ------------------------------------------------------------------ batch
     def batch(self, ctx: RequestContext, bundle: JsonDict) -> Result:
@@ -369,10 +372,6 @@ class BundleProcessor:
 
 
 def _patch_document(resource: JsonDict | None) -> Any:
-    import base64
-
-    import orjson
-
     if resource is None or resource.get("resourceType") != "Binary" or "data" not in resource:
         raise BadRequest("A PATCH entry carries its JSON Patch as a Binary resource with base64 data")
     try:
@@ -395,14 +394,6 @@ def _write_entry(ctx: RequestContext, outcome: WriteOutcome) -> JsonDict:
         entry["resource"] = outcome.body
     entry["response"] = response
     return entry
-
-
-def _parse(text: str | None) -> JsonDict:
-    import orjson
-
-    value = orjson.loads(text or "null")
-    assert isinstance(value, dict)
-    return value
 
 
 def _response_bundle(kind: str, entries: list[JsonDict]) -> str:

@@ -277,7 +277,7 @@ class FhirService:
         return Result(200, raw=stored.body_text, headers=version_headers(stored))
 
     def _rows_of_text(self, body_text: str | None) -> list[Any]:
-        return self.extractor.extract(_loads(body_text)) if body_text else []
+        return self.extractor.extract(loads(body_text)) if body_text else []
 
     # ------------------------------------------------------------------ writes
     def create(
@@ -315,7 +315,7 @@ class FhirService:
                 )
             if matches:
                 found = matches[0]
-                return WriteOutcome(200, found, _loads(found.body_text), noop=True)
+                return WriteOutcome(200, found, loads(found.body_text), noop=True)
         return self._write(uow, ctx, "create", res_type, res_id or new_id(), body, None, access, patients)
 
     def update(
@@ -460,7 +460,7 @@ class FhirService:
             )
         if not isinstance(operations, list):
             raise BadRequest("A JSON Patch document is an array of operations")
-        current = _loads(previous.body_text)
+        current = loads(previous.body_text)
         try:
             patched = jsonpatch.JsonPatch(operations).apply(current)
         except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError, KeyError) as exc:
@@ -813,7 +813,8 @@ def _query_text(path: str, params: list[tuple[str, str]]) -> str:
 _ONE_MS = timedelta(milliseconds=1)
 
 
-def _loads(text: str | None) -> JsonDict:
+def loads(text: str | None) -> JsonDict:
+    """A stored resource's JSON text as a dict."""
     value = orjson.loads(text or "null")
     if not isinstance(value, dict):
         raise FhirError("Stored resource is not a JSON object")
