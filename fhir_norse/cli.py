@@ -1,4 +1,5 @@
-"""The ``fhir-norse`` command: ``serve`` and ``migrate``."""
+"""The ``fhir-norse`` command: ``serve``, ``migrate``, ``content check``, ``score``, ``calibrate`` and
+the authorization commands."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 from pydantic import ValidationError
 
 from fhir_norse.auth import cli as auth_cli
+from fhir_norse.commands import calibrate as calibrate_cli
+from fhir_norse.commands import score as score_command
 from fhir_norse.config import load_settings
 
 
@@ -35,8 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     check = content_sub.add_parser("check", help="validate every content file; exit 1 on problems")
     check.add_argument("--content-dir", help="the content pack (default: this checkout)")
     auth_cli.register_commands(sub)
+    calibrate_cli.register_commands(sub)
+    score_command.register_commands(sub)
 
     args = parser.parse_args(argv)
+    if args.command in score_command.COMMANDS:
+        return score_command.run_command(args)
     if args.command == "content":
         from pathlib import Path
 
@@ -53,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command in auth_cli.COMMANDS:
         return auth_cli.run_command(args, settings)
+    if args.command in calibrate_cli.COMMANDS:
+        return calibrate_cli.run_command(args, settings)
 
     from fhir_norse.store import migrate as migrations
     from fhir_norse.store.db import create_engine

@@ -27,10 +27,13 @@ from fhir_norse.fhir.errors import (
     NotAcceptable,
     NotFound,
 )
+from fhir_norse.fhir.intake import install_intake
 from fhir_norse.fhir.interactions import FhirService
+from fhir_norse.fhir.profiles import ProfileValidator
 from fhir_norse.fhir.search.extract import default_extractor
 from fhir_norse.fhir.search.registry import default_registry
 from fhir_norse.fhir.validation import preload as preload_validation
+from fhir_norse.instruments.registry import InstrumentRegistry
 from fhir_norse.logs import request_id
 from fhir_norse.store.db import create_engine
 from fhir_norse.store.repository import Repository
@@ -83,6 +86,9 @@ def build_service(settings: Settings) -> FhirService:
     service.audit = AuditRecorder(
         service.record_now, server_name="fhir-norse", server_address=settings.base_url
     )
+    # QuestionnaireResponse intake validation and scoring, driven by the content pack's mappings.
+    install_intake(service, InstrumentRegistry.from_content_dir(settings.content_dir))
+    service.profiles = ProfileValidator.from_content_dir(settings.content_dir)
     return service
 
 

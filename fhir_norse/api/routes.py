@@ -19,6 +19,7 @@ from fhir_norse.fhir.bundles import BundleProcessor
 from fhir_norse.fhir.capability import capability_statement
 from fhir_norse.fhir.context import RequestContext
 from fhir_norse.fhir.errors import BadRequest, MethodNotAllowed
+from fhir_norse.fhir.operations.extract import extract_operation
 from fhir_norse.fhir.operations.validate import validate_operation
 from fhir_norse.fhir.searching import search, search_params_from_form
 
@@ -100,15 +101,30 @@ def type_history(request: Request, res_type: str, ctx: Context, service: Service
 
 
 @router.post("/{res_type}/$validate")
-def validate_type(res_type: str, body: ResourceBody, ctx: Context, service: Service) -> Response:
-    return render(validate_operation(service, ctx, res_type, None, body))
+def validate_type(
+    request: Request, res_type: str, body: ResourceBody, ctx: Context, service: Service
+) -> Response:
+    profiles = request.query_params.getlist("profile")
+    return render(validate_operation(service, ctx, res_type, None, body, profiles))
 
 
 @router.post("/{res_type}/{res_id}/$validate")
 def validate_instance(
-    res_type: str, res_id: str, body: ResourceBody, ctx: Context, service: Service
+    request: Request, res_type: str, res_id: str, body: ResourceBody, ctx: Context, service: Service
 ) -> Response:
-    return render(validate_operation(service, ctx, res_type, res_id, body))
+    profiles = request.query_params.getlist("profile")
+    return render(validate_operation(service, ctx, res_type, res_id, body, profiles))
+
+
+@router.post("/QuestionnaireResponse/$extract")
+def extract_type(body: ResourceBody, ctx: Context, service: Service) -> Response:
+    return render(extract_operation(service, ctx, None, body))
+
+
+@router.get("/QuestionnaireResponse/{res_id}/$extract")
+@router.post("/QuestionnaireResponse/{res_id}/$extract")
+def extract_instance(res_id: str, ctx: Context, service: Service) -> Response:
+    return render(extract_operation(service, ctx, res_id, None))
 
 
 @router.get("/{res_type}/{res_id}")

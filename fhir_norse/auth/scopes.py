@@ -75,6 +75,8 @@ INTERACTION_PERMISSIONS: Mapping[str, str] = MappingProxyType(
         "patch": "u",
         "delete": "d",
         "operation:validate": "r",
+        # SDC $extract shows what scoring a response would write; it stores nothing.
+        "operation:extract": "r",
     }
 )
 

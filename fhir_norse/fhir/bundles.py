@@ -18,7 +18,15 @@ import orjson
 
 from fhir_norse.fhir import compartments
 from fhir_norse.fhir.context import RequestContext, Result
-from fhir_norse.fhir.errors import BadRequest, FhirError, Gone, Issue, NotFound, PreconditionFailed
+from fhir_norse.fhir.errors import (
+    BadRequest,
+    FhirError,
+    Gone,
+    Issue,
+    NotFound,
+    PreconditionFailed,
+    operation_outcome,
+)
 from fhir_norse.fhir.interactions import FhirService, WriteOutcome, dumps, loads
 from fhir_norse.fhir.resource_types import SUPPORTED_TYPE_SET
 from fhir_norse.fhir.resources import ID_PATTERN, check_id, check_type, etag, instant, new_id
@@ -389,6 +397,8 @@ def _write_entry(ctx: RequestContext, outcome: WriteOutcome) -> JsonDict:
         "etag": etag(stored.version),
         "lastModified": instant(stored.last_updated),
     }
+    if outcome.warnings:
+        response["outcome"] = operation_outcome(list(outcome.warnings))
     entry: JsonDict = {"fullUrl": f"{ctx.base_url}/{stored.res_type}/{stored.res_id}"}
     if ctx.prefer.return_ == "representation" and outcome.body is not None:
         entry["resource"] = outcome.body

@@ -67,9 +67,20 @@ def _resource(service: FhirService, res_type: str) -> dict[str, Any]:
         "searchRevInclude": revincludes,
         "searchParam": params,
         "operation": [
-            {"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}
+            {"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"},
+            *(_EXTRACT if res_type == "QuestionnaireResponse" and res_type in service.hooks else []),
         ],
     }
+
+
+# SDC extraction: https://hl7.org/fhir/uv/sdc/STU3/OperationDefinition-QuestionnaireResponse-extract.html
+_EXTRACT = [
+    {
+        "name": "extract",
+        "definition": "http://hl7.org/fhir/uv/sdc/OperationDefinition/QuestionnaireResponse-extract",
+        "documentation": "The scores, report, alerts and Provenance that scoring the response would write",
+    }
+]
 
 
 def capability_statement(service: FhirService, ctx: RequestContext, settings: Settings) -> Result:

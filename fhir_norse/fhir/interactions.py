@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlencode
 
 import jsonpatch
@@ -28,11 +28,13 @@ from fhir_norse.fhir.errors import (
     BadRequest,
     FhirError,
     Gone,
+    Issue,
     MethodNotAllowed,
     NotFound,
     PreconditionFailed,
     Unprocessable,
     information,
+    operation_outcome,
 )
 from fhir_norse.fhir.published import refuse_change_to_published
 from fhir_norse.fhir.resources import (
@@ -52,10 +54,53 @@ from fhir_norse.fhir.search.registry import SearchParamRegistry
 from fhir_norse.fhir.search.rows import IndexRow
 from fhir_norse.fhir.search.values import date_range
 from fhir_norse.fhir.validation import validate_resource
-from fhir_norse.store.repository import Repository, StoredResource, UnitOfWork
+from fhir_norse.store.repository import ReadView, Repository, StoredResource, UnitOfWork
 
 JsonDict = dict[str, Any]
 _T = TypeVar("_T")
+
+
+class WriteHook(Protocol):
+    """Domain behaviour attached to the writes of one resource type (such as scoring a response).
+
+    Both calls run inside the write's unit of work: an exception from either rolls the whole write
+    back, so a resource and everything derived from it are stored together or not at all.
+    """
+
+    def existing(
+        self, service: FhirService, uow: UnitOfWork, body: JsonDict, patients: frozenset[str] | None
+    ) -> StoredResource | None:
+        """On create: an already stored resource this body repeats (an idempotent retry), or None."""
+        ...
+
+    def before_save(
+        self,
+        service: FhirService,
+        uow: UnitOfWork,
+        ctx: RequestContext,
+        res_id: str,
+        body: JsonDict,
+        previous: StoredResource | None,
+    ) -> None:
+        """Check a validated resource before it is stored (raise a FhirError to refuse it)."""
+        ...
+
+    def after_save(
+        self,
+        service: FhirService,
+        uow: UnitOfWork,
+        ctx: RequestContext,
+        outcome: WriteOutcome,
+        previous: StoredResource | None,
+    ) -> list[Issue]:
+        """Write what follows from the stored resource, in the same unit of work; return warnings."""
+        ...
+
+    def after_delete(
+        self, service: FhirService, uow: UnitOfWork, ctx: RequestContext, deleted: StoredResource
+    ) -> None:
+        """Withdraw what was derived from a resource that was just deleted."""
+        ...
 
 
 def dumps(value: Any) -> str:
@@ -74,6 +119,8 @@ class WriteOutcome:
     noop: bool = False
     # The search-index rows written (the compartment and the audit trail read them).
     rows: tuple[Any, ...] = ()
+    # Problems that did not stop the write (e.g. a submitted total that disagrees with the computed one).
+    warnings: tuple[Issue, ...] = ()
 
 
 class FhirService:
@@ -97,6 +144,10 @@ class FhirService:
         self.audit = audit or AuditRecorder()
         self.default_count = default_count
         self.max_count = max_count
+        # Domain behaviour per resource type (QuestionnaireResponse intake and scoring).
+        self.hooks: dict[str, WriteHook] = {}
+        # Validator of this server's own profiles (``fhir_norse.fhir.profiles``), when loaded.
+        self.profiles: Any = None
 
     # ------------------------------------------------------------------ audit trail
     def audit_event(
@@ -316,6 +367,9 @@ class FhirService:
             if matches:
                 found = matches[0]
                 return WriteOutcome(200, found, loads(found.body_text), noop=True)
+        hook = self.hooks.get(res_type)
+        if hook is not None and (repeated := hook.existing(self, uow, body, patients)) is not None:
+            return WriteOutcome(200, repeated, loads(repeated.body_text), noop=True)
         return self._write(uow, ctx, "create", res_type, res_id or new_id(), body, None, access, patients)
 
     def update(
@@ -511,6 +565,8 @@ class FhirService:
             method="delete",
             previous=previous,
         )
+        if (hook := self.hooks.get(res_type)) is not None:
+            hook.after_delete(self, uow, ctx, previous)
         self.record(
             uow,
             self.audit_event(
@@ -582,6 +638,9 @@ class FhirService:
         patients: frozenset[str] | None,
     ) -> WriteOutcome:
         """Save a validated resource, checking the compartment of its new content, and audit it."""
+        hook = self.hooks.get(res_type)
+        if hook is not None:
+            hook.before_save(self, uow, ctx, res_id, body, previous)
         outcome = self._save(
             uow,
             res_type,
@@ -603,6 +662,8 @@ class FhirService:
                 patients=compartments.patients_of(res_type, res_id, outcome.rows),
             ),
         )
+        if hook is not None and (warnings := hook.after_save(self, uow, ctx, outcome, previous)):
+            outcome = replace(outcome, warnings=outcome.warnings + tuple(warnings))
         return outcome
 
     def _save(
@@ -649,9 +710,10 @@ class FhirService:
             return Result(status, headers=headers)
         if ctx.prefer.return_ == "OperationOutcome":
             verb = "found (no change)" if outcome.noop else "created" if outcome.created else "updated"
-            return Result(
-                status, body=information(f"{stored.res_type}/{stored.res_id} {verb}"), headers=headers
+            message = Issue(
+                f"{stored.res_type}/{stored.res_id} {verb}", code="informational", severity="information"
             )
+            return Result(status, body=operation_outcome([message, *outcome.warnings]), headers=headers)
         return Result(status, body=outcome.body, headers=headers)
 
     def delete_result(self, ctx: RequestContext, outcome: WriteOutcome) -> Result:
@@ -667,7 +729,7 @@ class FhirService:
 
     # ------------------------------------------------------------------ conditional matching
     def find_matching(
-        self, uow: UnitOfWork, res_type: str, query: str, limit: int, patients: frozenset[str] | None = None
+        self, uow: ReadView, res_type: str, query: str, limit: int, patients: frozenset[str] | None = None
     ) -> list[StoredResource]:
         from fhir_norse.fhir.searching import find_matching
 

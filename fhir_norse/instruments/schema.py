@@ -198,14 +198,31 @@ class AllianceDimension(_Model):
     items: list[str] = Field(min_length=1)
 
 
+class ChangeBasis(_Model):
+    """The spread and reliability that reliable change of a score without published norms rests on."""
+
+    sd: float
+    sd_source: str = Field(min_length=1)
+    reliability: Reliability
+
+    @field_validator("sd")
+    @classmethod
+    def _sd_positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("must be > 0")
+        return value
+
+
 class AllianceDefinition(_Model):
     """Alliance dimensions (each the mean of its items), the total (mean of all items) and the raw
-    maximum used to show a score as percent of the total possible raw score."""
+    maximum used to show a score as percent of the total possible raw score. ``change`` (optional)
+    is the SD and reliability of the dimension and total means, for reliable change of the alliance."""
 
     dimensions: list[AllianceDimension] = Field(min_length=1)
     total: str = "total"
     item_max: int = 7
     max_raw: int
+    change: ChangeBasis | None = None
 
     @property
     def items(self) -> list[str]:
@@ -239,6 +256,42 @@ class Section(_Model):
     title: LocalizedText
 
 
+class ChangeRules(_Model):
+    """How change is judged: ``critical`` |index| for a reliable change, the stagnation window."""
+
+    critical: float = 1.96
+    stagnation_window: int = 4
+
+    @field_validator("critical")
+    @classmethod
+    def _critical_positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("must be > 0")
+        return value
+
+    @field_validator("stagnation_window")
+    @classmethod
+    def _window(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError("must be >= 2")
+        return value
+
+
+class AlertSettings(_Model):
+    """Clinical alerts: which scale is suicidality, the alliance floor, whether "prefer not" is urgent."""
+
+    suicide_scale: str
+    alliance_floor_percent: float = 75.0
+    prefer_not_urgent: bool = False
+
+    @field_validator("alliance_floor_percent")
+    @classmethod
+    def _percent(cls, value: float) -> float:
+        if not 0 <= value <= 100:
+            raise ValueError("must be within 0-100")
+        return value
+
+
 class Questionnaires(_Model):
     adaptive: str
     static: str
@@ -269,6 +322,8 @@ class InstrumentMapping(_Model):
     preferences: list[PreferenceItem]
     single: list[SingleItem]
     medication: list[SingleItem]
+    change: ChangeRules = Field(default_factory=ChangeRules)
+    alerts: AlertSettings | None = None
 
     def scale(self, code: str) -> Scale:
         for s in self.scales:
@@ -328,6 +383,8 @@ class InstrumentMapping(_Model):
             seen.add(link_id)
         if sorted(self.display_order) != sorted(codes):
             raise _field_error("display_order", "must list every scale code exactly once")
+        if self.alerts is not None and self.alerts.suicide_scale not in codes:
+            raise _field_error("alerts.suicide_scale", f"{self.alerts.suicide_scale!r} is not a scale")
         if len({s.id for s in self.sections}) != len(self.sections):
             raise _field_error("sections", "a section is listed twice")
         return self

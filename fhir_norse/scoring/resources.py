@@ -38,7 +38,7 @@ from typing import Any
 
 from fhir_norse.instruments.schema import InstrumentMapping, SumScoreMapping
 from fhir_norse.scoring.change import ScaleChange, elevated_cutoff
-from fhir_norse.scoring.engine import AllianceScore, Nf21Scores, ScaleScore
+from fhir_norse.scoring.engine import AllianceScore, Nf21Scores, ScaleScore, SingleItemScore
 from fhir_norse.scoring.sums import SumScore
 
 __all__ = ["AdministrationResources", "build_administration"]
@@ -86,11 +86,12 @@ class AdministrationResources:
     sum_scores: tuple[Resource, ...]
     panel: Resource
     report: Resource
+    single_items: tuple[Resource, ...] = ()
 
     @property
     def members(self) -> tuple[Resource, ...]:
         """The Observations the panel groups (everything but the panel and the report)."""
-        return self.scale_scores + self.alliance + self.preferences + self.sum_scores
+        return self.scale_scores + self.alliance + self.preferences + self.single_items + self.sum_scores
 
     def resources(self) -> list[Resource]:
         """Members, then the panel, then the report."""
@@ -106,6 +107,10 @@ class AdministrationResources:
             }
             for r in self.resources()
         ]
+
+
+def _no_factory() -> str:
+    raise AssertionError("ids come from id_for")
 
 
 # --- small builders -------------------------------------------------------------------------------
@@ -141,11 +146,15 @@ class _Context:
     response_ref: str
     authored: str
     id_factory: Callable[[], str]
+    id_for: Callable[[str], str] | None = None
 
-    def observation(self, profile: str, code: dict[str, Any]) -> Resource:
+    def id(self, key: str) -> str:
+        return self.id_for(key) if self.id_for is not None else self.id_factory()
+
+    def observation(self, profile: str, code: dict[str, Any], key: str) -> Resource:
         return {
             "resourceType": "Observation",
-            "id": self.id_factory(),
+            "id": self.id(key),
             "meta": {"profile": [profile]},
             "status": "final",
             "category": [
@@ -230,7 +239,7 @@ def _scale_observation(
 ) -> Resource | None:
     if score.score is None:
         return None
-    obs = ctx.observation(PROFILE_SCALE_SCORE, _scale_code(score.scale, mapping))
+    obs = ctx.observation(PROFILE_SCALE_SCORE, _scale_code(score.scale, mapping), f"scale:{score.scale}")
     obs["valueQuantity"] = _score(score.score)
     interpretations: list[dict[str, Any]] = []
     if elevated is True:
@@ -284,7 +293,7 @@ def _alliance_observation(
                 code["text"] = f"Alliance: {dim.name.en}"
         if score.code == mapping.alliance.total:
             code["text"] = "Alliance: total"
-    obs = ctx.observation(PROFILE_ALLIANCE, code)
+    obs = ctx.observation(PROFILE_ALLIANCE, code, f"alliance:{score.code}")
     obs["valueQuantity"] = _score(score.mean)
     components: list[dict[str, Any]] = []
     if score.percent is not None:
@@ -306,8 +315,36 @@ def _alliance_observation(
 def _preference_observation(ctx: _Context, link_id: str, value: str | None) -> Resource | None:
     if value is None:
         return None
-    obs = ctx.observation(PROFILE_PREFERENCE, {"coding": [{"system": CS_ITEMS, "code": link_id}]})
+    obs = ctx.observation(
+        PROFILE_PREFERENCE, {"coding": [{"system": CS_ITEMS, "code": link_id}]}, f"preference:{link_id}"
+    )
     obs["valueCodeableConcept"] = {"coding": [{"system": CS_PREFERENCE, "code": value}]}
+    return obs
+
+
+def _single_item_observation(ctx: _Context, item: SingleItemScore) -> Resource | None:
+    """A single or medication item: the answer as given (1-7); the problem-direction score, which
+    differs for items worded as a resource, is the ``scale-score`` component."""
+    if item.raw is None and item.problem_score is None:
+        return None
+    obs = ctx.observation(
+        PROFILE_SCALE_SCORE,
+        {"coding": [{"system": CS_ITEMS, "code": item.link_id}]},
+        f"item:{item.link_id}",
+    )
+    value = item.raw if item.raw is not None else item.problem_score
+    assert value is not None
+    obs["valueQuantity"] = _score(value)
+    components = [_component("items-answered", {"valueInteger": 1}, "Items answered")]
+    if item.problem_score is not None:
+        components.append(
+            _component(
+                "scale-score",
+                {"valueQuantity": _score(item.problem_score)},
+                "Score in the problem direction (higher = more problems)",
+            )
+        )
+    obs["component"] = components
     return obs
 
 
@@ -325,7 +362,7 @@ def _sum_code(mapping: SumScoreMapping) -> dict[str, Any]:
 def _sum_observation(ctx: _Context, score: SumScore, mapping: SumScoreMapping) -> Resource | None:
     if score.total is None:
         return None
-    obs = ctx.observation(PROFILE_SCALE_SCORE, _sum_code(mapping))
+    obs = ctx.observation(PROFILE_SCALE_SCORE, _sum_code(mapping), f"sum:{score.instrument}")
     obs["valueQuantity"] = _score(score.total)
     if score.band_display is not None:
         obs["interpretation"] = [{"text": score.band_display}]
@@ -401,7 +438,8 @@ def build_administration(
     scores: Nf21Scores | None,
     sums: Sequence[SumScore] = (),
     changes: Mapping[str, ScaleChange] | None = None,
-    id_factory: Callable[[], str],
+    id_factory: Callable[[], str] | None = None,
+    id_for: Callable[[str], str] | None = None,
     mapping: InstrumentMapping | None = None,
     sum_mappings: Mapping[str, SumScoreMapping] | None = None,
     alliance_changes: Mapping[str, ScaleChange] | None = None,
@@ -414,16 +452,19 @@ def build_administration(
     is required for every complete sum score. ``issued`` (an instant) is the report's time of issue;
     it defaults to ``authored``. Raises :class:`ValueError` when nothing is scored.
     """
-    if "/_history/" not in response_ref:
+    if "/_history/" not in response_ref and not response_ref.startswith("urn:uuid:"):
         raise ValueError(f"response_ref must be a versioned reference (got {response_ref!r})")
     changes = changes or {}
     alliance_changes = alliance_changes or {}
     sum_mappings = sum_mappings or {}
-    ctx = _Context(patient_ref, response_ref, authored, id_factory)
+    if id_factory is None and id_for is None:
+        raise ValueError("give id_factory or id_for")
+    ctx = _Context(patient_ref, response_ref, authored, id_factory or _no_factory, id_for)
 
     scale_obs: list[Resource] = []
     alliance_obs: list[Resource] = []
     preference_obs: list[Resource] = []
+    single_obs: list[Resource] = []
     elevated: dict[str, bool | None] = {}
     if scores is not None:
         for code, score in scores.scales.items():
@@ -438,6 +479,9 @@ def build_administration(
         for link_id, value in scores.preferences.items():
             if (obs := _preference_observation(ctx, link_id, value)) is not None:
                 preference_obs.append(obs)
+        for item in [*scores.single.values(), *scores.medication.values()]:
+            if (obs := _single_item_observation(ctx, item)) is not None:
+                single_obs.append(obs)
 
     sum_obs: list[Resource] = []
     for s in sums:
@@ -449,7 +493,7 @@ def build_administration(
         if (obs := _sum_observation(ctx, s, sum_mapping)) is not None:
             sum_obs.append(obs)
 
-    members = [*scale_obs, *alliance_obs, *preference_obs, *sum_obs]
+    members = [*scale_obs, *alliance_obs, *preference_obs, *single_obs, *sum_obs]
     if not members:
         raise ValueError("nothing was scored: no Observation to write")
 
@@ -469,13 +513,13 @@ def build_administration(
         if panel_coding is None:
             raise ValueError(f"no panel code for an administration of {', '.join(complete)}")
         panel_code = {"coding": [dict(panel_coding)]}
-    panel = ctx.observation(PROFILE_PANEL, panel_code)
+    panel = ctx.observation(PROFILE_PANEL, panel_code, "panel")
     panel["hasMember"] = [_ref(m) for m in members]
 
     conclusion, conclusion_codes = _conclusion(scores, elevated, changes, sums, mapping)
     report: Resource = {
         "resourceType": "DiagnosticReport",
-        "id": id_factory(),
+        "id": ctx.id("report"),
         "meta": {"profile": [PROFILE_REPORT]},
         "status": "final",
         "category": [
@@ -503,4 +547,5 @@ def build_administration(
         sum_scores=tuple(sum_obs),
         panel=panel,
         report=report,
+        single_items=tuple(single_obs),
     )

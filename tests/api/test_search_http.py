@@ -194,6 +194,16 @@ def test_deleted_resources_are_not_found_by_search(client: TestClient, cohort: d
 
 def test_questionnaire_response_by_canonical(client: TestClient, cohort: dict[str, Any]) -> None:
     kari = cohort["kari"]["id"]
+    # A site's own Questionnaire (no scoring mapping): stored, searchable, validated against itself.
+    post(
+        client,
+        {
+            "resourceType": "Questionnaire",
+            "url": "http://example.org/Questionnaire/phq9",
+            "version": "1.0.0",
+            "status": "active",
+        },
+    )
     qr = post(
         client,
         {

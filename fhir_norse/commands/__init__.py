@@ -1,0 +1,1 @@
+"""Command-line adapters of ``fhir-norse`` that combine layers (content, scoring, storage)."""

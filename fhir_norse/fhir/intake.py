@@ -1,0 +1,771 @@
+"""QuestionnaireResponse intake and scoring at the storage seam (the write hook of the type).
+
+https://hl7.org/fhir/R4/questionnaireresponse.html, SDC https://hl7.org/fhir/uv/sdc/STU3/extraction.html.
+Every create, update, patch and transaction entry of a QuestionnaireResponse passes here, inside the
+write's unit of work, so a response and everything derived from it commit together or not at all:
+
+1. **Before saving** (422 on any problem, nothing stored): the ``questionnaire`` canonical resolves to a
+   stored Questionnaire (``url|version``; a bare url takes the highest version); the ``subject`` is an
+   existing ``Patient``; ``authored`` is present; the answers are valid for the Questionnaire
+   (:func:`fhir_norse.instruments.intake.validate_response`); a completed response is not re-opened and
+   an amendment keeps its subject and Questionnaire.
+2. **After saving** a ``completed`` or ``amended`` response whose Questionnaire a mapping scores:
+   Observations, the panel and the DiagnosticReport (:mod:`fhir_norse.scoring.pipeline`), change against
+   the patient's earlier administrations, alert Flags (and a Task for the responsible clinician when
+   urgent), and one Provenance per scoring run.
+3. **Amendments**: derived resources have ids computed from the response id and their key, so scoring
+   the response again updates the same resources (status ``amended``, the earlier version kept in the
+   history); one that no longer applies becomes ``entered-in-error``. A response marked
+   ``entered-in-error``, or deleted, withdraws everything derived from it the same way.
+4. **Retries**: a create whose ``identifier`` matches a stored response with the same content creates
+   nothing (200 with the stored one); different content under the same identifier is a 409.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
+from urllib.parse import urlencode
+
+import orjson
+
+from fhir_norse import __version__
+from fhir_norse.alerts.rules import Alert, AlertCode
+from fhir_norse.fhir.context import RequestContext
+from fhir_norse.fhir.errors import Conflict, Issue, Unprocessable
+from fhir_norse.fhir.interactions import FhirService, JsonDict, WriteOutcome, loads
+from fhir_norse.fhir.published import PUBLISHED_TAG
+from fhir_norse.fhir.resources import instant, new_id, now_ms
+from fhir_norse.instruments.intake import validate_response
+from fhir_norse.instruments.registry import Instrument, InstrumentRegistry, version_key
+from fhir_norse.instruments.schema import InstrumentMapping
+from fhir_norse.scoring.pipeline import PriorAdministration, ScoredAdministration, score_administration
+from fhir_norse.scoring.resources import (
+    CS_ALLIANCE,
+    CS_SCALES,
+    PROFILE_ALLIANCE,
+    PROFILE_SCALE_SCORE,
+)
+from fhir_norse.store.repository import ReadView, StoredResource, UnitOfWork
+
+__all__ = [
+    "ALERT_KEY_SYSTEM",
+    "QuestionnaireResponseIntake",
+    "ScoringPlan",
+    "derived_id",
+]
+
+_BASE = "http://fhir-norse.org/fhir"
+ALERT_KEY_SYSTEM = f"{_BASE}/alert-key"
+PROFILE_FLAG = f"{_BASE}/StructureDefinition/rom-alert-flag"
+CS_ALERTS = f"{_BASE}/CodeSystem/rom-alerts"
+MAPPING_SYSTEM = f"{_BASE}/mapping"
+SOFTWARE_SYSTEM = f"{_BASE}/software"
+FLAG_DETAIL = "http://hl7.org/fhir/StructureDefinition/flag-detail"
+FLAG_PRIORITY = "http://hl7.org/fhir/StructureDefinition/flag-priority"
+FLAG_PRIORITY_CS = "http://hl7.org/fhir/flag-priority-code"
+DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
+PARTICIPANT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+
+# Derived resource ids: uuid5(namespace, "QuestionnaireResponse/<id>#<key>").
+_DERIVED_NAMESPACE = uuid.UUID("6f1c8e0a-3d4b-5a7e-9c21-4b8d0f2e6a13")
+_SCORED = frozenset({"completed", "amended"})
+_HISTORY_LIMIT = 100_000
+_ALERT_DISPLAY: dict[str, str] = {
+    "suicide-risk": "Suicide risk",
+    "deterioration": "Reliable deterioration",
+    "alliance-rupture": "Alliance rupture",
+    "prefer-not-suicide": "'Prefer not to answer' on suicidality items",
+}
+
+
+def derived_id(response_id: str, key: str) -> str:
+    """The id of the resource scoring derives from response ``response_id`` under ``key``."""
+    return str(uuid.uuid5(_DERIVED_NAMESPACE, f"QuestionnaireResponse/{response_id}#{key}"))
+
+
+@dataclass
+class PlannedWrite:
+    """One resource scoring writes: created (``previous`` None) or a new version of ``previous``."""
+
+    res_type: str
+    res_id: str
+    body: JsonDict
+    previous: StoredResource | None = None
+
+
+@dataclass
+class ScoringPlan:
+    """Everything one scoring (or withdrawal) run writes, in order, plus its Provenance and warnings."""
+
+    writes: list[PlannedWrite] = field(default_factory=list)
+    provenance: JsonDict | None = None
+    warnings: list[Issue] = field(default_factory=list)
+    scored: ScoredAdministration | None = None
+
+    def transaction(self) -> JsonDict:
+        """The transaction Bundle of this plan (SDC ``$extract``): PUT by id, Provenance last."""
+        entries = [
+            {
+                "fullUrl": f"urn:uuid:{w.res_id}",
+                "resource": w.body,
+                "request": {"method": "PUT", "url": f"{w.res_type}/{w.res_id}"},
+            }
+            for w in self.writes
+        ]
+        if self.provenance is not None:
+            prov = dict(self.provenance)
+            entries.append(
+                {
+                    "fullUrl": f"urn:uuid:{prov['id']}",
+                    "resource": prov,
+                    "request": {"method": "PUT", "url": f"Provenance/{prov['id']}"},
+                }
+            )
+        return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def _reference_id(reference: Any, res_type: str) -> str | None:
+    """``<id>`` of a relative literal reference ``<res_type>/<id>`` (``/_history/<v>`` allowed)."""
+    if not isinstance(reference, str):
+        return None
+    parts = reference.split("/")
+    if (
+        len(parts) in (2, 4)
+        and parts[0] == res_type
+        and parts[1]
+        and (len(parts) == 2 or parts[2] == "_history")
+    ):
+        return parts[1]
+    return None
+
+
+def _moment(value: str) -> datetime:
+    """A FHIR date/dateTime as an aware instant (the start of a partial date), for ordering."""
+    text = value.strip()
+    if len(text) == 4:
+        text += "-01-01"
+    elif len(text) == 7:
+        text += "-01"
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _comparable(resource: JsonDict) -> JsonDict:
+    return {k: v for k, v in resource.items() if k not in ("id", "meta", "text")}
+
+
+def _same_answers(a: JsonDict, b: JsonDict) -> bool:
+    keys = ("status", "questionnaire", "subject", "authored", "item")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+class QuestionnaireResponseIntake:
+    """The :class:`~fhir_norse.fhir.interactions.WriteHook` of QuestionnaireResponse (module doc)."""
+
+    def __init__(self, registry: InstrumentRegistry) -> None:
+        self.registry = registry
+        # Published Questionnaires never change (they are read-only), so ``url|version`` is cached.
+        self._published: dict[str, JsonDict] = {}
+
+    # ------------------------------------------------------------------ resolving
+    def questionnaire(self, service: FhirService, reader: ReadView, canonical: Any) -> JsonDict:
+        """The stored Questionnaire a response names (422 when there is none)."""
+        expression = ("QuestionnaireResponse.questionnaire",)
+        if not isinstance(canonical, str) or not canonical:
+            raise Unprocessable(
+                "A QuestionnaireResponse must name its Questionnaire (questionnaire = url|version)",
+                code="required",
+                expression=list(expression),
+            )
+        if (cached := self._published.get(canonical)) is not None:
+            return cached
+        url, _, version = canonical.partition("|")
+        query = {"url": url, **({"version": version} if version else {})}
+        found = service.find_matching(reader, "Questionnaire", urlencode(query), _HISTORY_LIMIT)
+        if not found:
+            raise Unprocessable(
+                f"Questionnaire {canonical} is not known to this server",
+                code="not-found",
+                expression=list(expression),
+            )
+        bodies = [loads(f.body_text) for f in found]
+        best = max(bodies, key=lambda b: version_key(str(b.get("version") or "0")))
+        if version and PUBLISHED_TAG in (best.get("meta") or {}).get("tag", []):
+            self._published[canonical] = best
+        return best
+
+    def instrument_of(self, questionnaire: JsonDict) -> Instrument | None:
+        return self.registry.for_questionnaire(str(questionnaire.get("url")), questionnaire.get("version"))
+
+    # ------------------------------------------------------------------ WriteHook
+    def existing(
+        self, service: FhirService, uow: UnitOfWork, body: JsonDict, patients: frozenset[str] | None
+    ) -> StoredResource | None:
+        identifiers = body.get("identifier")
+        if isinstance(identifiers, dict):  # R4 QuestionnaireResponse.identifier is 0..1
+            identifiers = [identifiers]
+        for ident in identifiers or []:
+            if not isinstance(ident, dict) or not ident.get("system") or not ident.get("value"):
+                continue
+            token = f"{ident['system']}|{ident['value']}"
+            uow.advisory_lock(f"create:QuestionnaireResponse?identifier={token}")
+            found = service.find_matching(
+                uow, "QuestionnaireResponse", urlencode({"identifier": token}), 2, patients=patients
+            )
+            if not found:
+                continue
+            stored = found[0]
+            if _comparable(loads(stored.body_text)) == _comparable(body):
+                return stored
+            raise Conflict(
+                f"QuestionnaireResponse/{stored.res_id} already has identifier {token} with other "
+                "content; to change it, update that resource (status 'amended')",
+                expression="QuestionnaireResponse.identifier",
+            )
+        return None
+
+    def before_save(
+        self,
+        service: FhirService,
+        uow: UnitOfWork,
+        ctx: RequestContext,
+        res_id: str,
+        body: JsonDict,
+        previous: StoredResource | None,
+    ) -> None:
+        self.check(service, uow, body, previous)
+
+    def check(
+        self, service: FhirService, uow: ReadView, body: JsonDict, previous: StoredResource | None
+    ) -> None:
+        """Intake validation of a response (422 with every problem); see the module doc."""
+        issues: list[Issue] = []
+        questionnaire = self.questionnaire(service, uow, body.get("questionnaire"))
+        subject = (body.get("subject") or {}).get("reference")
+        patient_id = _reference_id(subject, "Patient")
+        if patient_id is None:
+            issues.append(
+                Issue(
+                    "subject must reference a Patient on this server (Patient/<id>)",
+                    code="required" if subject is None else "value",
+                    expression=("QuestionnaireResponse.subject",),
+                )
+            )
+        else:
+            patient = uow.current("Patient", patient_id)
+            if patient is None or patient.deleted:
+                issues.append(
+                    Issue(
+                        f"subject Patient/{patient_id} is not known to this server",
+                        code="not-found",
+                        expression=("QuestionnaireResponse.subject",),
+                    )
+                )
+        if not body.get("authored"):
+            issues.append(
+                Issue(
+                    "authored (when the answers were given) is required",
+                    code="required",
+                    expression=("QuestionnaireResponse.authored",),
+                )
+            )
+        if previous is not None and not previous.deleted:
+            issues += _transition_problems(loads(previous.body_text), body)
+        instrument = self.instrument_of(questionnaire)
+        mapping = instrument.mapping if instrument is not None else None
+        issues += validate_response(
+            body, questionnaire, mapping=mapping if isinstance(mapping, InstrumentMapping) else None
+        )
+        if issues:
+            raise Unprocessable(issues[0].diagnostics, issues=issues)
+
+    def after_save(
+        self,
+        service: FhirService,
+        uow: UnitOfWork,
+        ctx: RequestContext,
+        outcome: WriteOutcome,
+        previous: StoredResource | None,
+    ) -> list[Issue]:
+        body = outcome.body
+        assert body is not None
+        before = loads(previous.body_text) if previous is not None and not previous.deleted else None
+        status = body.get("status")
+        if status in _SCORED:
+            if before is not None and before.get("status") in _SCORED and _same_answers(before, body):
+                return []  # the same answers again: the stored scores stand
+            # A response stored before (even if deleted since) may have derived resources already.
+            plan = self.plan(service, uow, body, rescore=previous is not None)
+        elif status == "entered-in-error" and before is not None:
+            plan = self.withdrawal(service, uow, body, reason="the response was marked entered-in-error")
+        else:
+            return []
+        self.apply(service, uow, plan)
+        return plan.warnings
+
+    def after_delete(
+        self, service: FhirService, uow: UnitOfWork, ctx: RequestContext, deleted: StoredResource
+    ) -> None:
+        plan = self.withdrawal(service, uow, loads(deleted.body_text), reason="the response was deleted")
+        self.apply(service, uow, plan)
+
+    # ------------------------------------------------------------------ planning
+    def plan(
+        self, service: FhirService, reader: ReadView, response: JsonDict, *, rescore: bool
+    ) -> ScoringPlan:
+        """What scoring ``response`` (stored, or not when ``$extract`` asks) would write.
+
+        ``rescore``: the response was stored before, so its derived resources may exist already.
+        """
+        questionnaire = self.questionnaire(service, reader, response.get("questionnaire"))
+        instrument = self.instrument_of(questionnaire)
+        if instrument is None:
+            return ScoringPlan()
+        res_id = str(response.get("id") or "")
+        patient_ref = str(response["subject"]["reference"])
+        history = self._history(service, reader, patient_ref, instrument, res_id, str(response["authored"]))
+        active = self._active_alerts(service, reader, patient_ref)
+        return assemble_plan(
+            response,
+            questionnaire,
+            instrument,
+            history=history,
+            active=active,
+            current=(lambda t, i: reader.current(t, i)) if rescore else (lambda t, i: None),
+            stale=(lambda keep: self._withdraw_stale(reader, res_id, keep)) if rescore else (lambda keep: []),
+            owner=lambda: self._owner(service, reader, patient_ref),
+        )
+
+    def withdrawal(
+        self, service: FhirService, reader: ReadView, response: JsonDict, *, reason: str
+    ) -> ScoringPlan:
+        """Mark everything derived from ``response`` entered-in-error, with its alert Flags."""
+        res_id = str(response.get("id"))
+        plan = ScoringPlan()
+        plan.writes += self._withdraw_stale(reader, res_id, set())
+        if not plan.writes:
+            return plan
+        withdrawn = {f"{w.res_type}/{w.res_id}" for w in plan.writes}
+        withdrawn.add(f"QuestionnaireResponse/{res_id}")
+        patient_ref = str((response.get("subject") or {}).get("reference"))
+        for _alert, stored in self._active_alerts(service, reader, patient_ref):
+            flag = loads(stored.body_text)
+            evidence = {
+                _strip_version(str((e.get("valueReference") or {}).get("reference")))
+                for e in flag.get("extension", [])
+                if e.get("url") == FLAG_DETAIL
+            }
+            if evidence & withdrawn:
+                flag["status"] = "entered-in-error"
+                plan.writes.append(PlannedWrite("Flag", stored.res_id, flag, stored))
+        version = (response.get("meta") or {}).get("versionId")
+        ref = f"QuestionnaireResponse/{res_id}" + (f"/_history/{version}" if version else "")
+        plan.provenance = _provenance(
+            plan.writes, ref, None, None, instant(now_ms()), "DELETE", reason=reason
+        )
+        return plan
+
+    def apply(self, service: FhirService, uow: UnitOfWork, plan: ScoringPlan) -> None:
+        """Store a plan in ``uow``: every write, then the Provenance naming the versions written."""
+        if not plan.writes:
+            return
+        targets: list[str] = []
+        for w in plan.writes:
+            previous = uow.lock(w.res_type, w.res_id) if w.previous is not None else None
+            if w.previous is not None and (previous is None or previous.version != w.previous.version):
+                raise Conflict(f"{w.res_type}/{w.res_id} changed while it was being re-scored; try again")
+            outcome = service._save(
+                uow,
+                w.res_type,
+                w.res_id,
+                w.body,
+                previous=previous,
+                method="update" if previous else "create",
+            )
+            targets.append(f"{w.res_type}/{w.res_id}/_history/{outcome.stored.version}")
+        if plan.provenance is not None:
+            prov = dict(plan.provenance)
+            prov["target"] = [{"reference": t} for t in targets]
+            service._save(uow, "Provenance", prov["id"], prov, previous=None, method="create")
+
+    # ------------------------------------------------------------------ reads
+    def _history(
+        self,
+        service: FhirService,
+        reader: ReadView,
+        patient_ref: str,
+        instrument: Instrument,
+        response_id: str,
+        authored: str,
+    ) -> list[PriorAdministration]:
+        """The patient's earlier administrations of a multi-scale instrument, oldest first, from the
+        stored scale-score and alliance Observations (final or amended) of other responses."""
+        mapping = instrument.mapping
+        if not isinstance(mapping, InstrumentMapping):
+            return []
+        query = urlencode(
+            {
+                "subject": patient_ref,
+                "_profile": f"{PROFILE_SCALE_SCORE},{PROFILE_ALLIANCE}",
+                "status": "final,amended",
+            }
+        )
+        found = service.find_matching(reader, "Observation", query, _HISTORY_LIMIT)
+        scales = {s.code for s in mapping.scales}
+        current = _moment(authored)
+        by_response: dict[str, tuple[str, dict[str, float], dict[str, float]]] = {}
+        for stored in found:
+            obs = orjson.loads(stored.body_text or "{}")
+            source = _reference_id(
+                ((obs.get("derivedFrom") or [{}])[0]).get("reference"), "QuestionnaireResponse"
+            )
+            when = obs.get("effectiveDateTime")
+            value = (obs.get("valueQuantity") or {}).get("value")
+            if source is None or source == response_id or not when or value is None:
+                continue
+            if _moment(when) >= current:
+                continue
+            coding = ((obs.get("code") or {}).get("coding") or [{}])[0]
+            entry = by_response.setdefault(source, (when, {}, {}))
+            if coding.get("system") == CS_SCALES and coding.get("code") in scales:
+                entry[1][coding["code"]] = float(value)
+            elif coding.get("system") == CS_ALLIANCE:
+                entry[2][str(coding.get("code"))] = float(value)
+        ordered = sorted(by_response.items(), key=lambda kv: (_moment(kv[1][0]), kv[0]))
+        return [
+            PriorAdministration(f"QuestionnaireResponse/{rid}", when, s, a)
+            for rid, (when, s, a) in ordered
+            if s or a
+        ]
+
+    def _active_alerts(
+        self, service: FhirService, reader: ReadView, patient_ref: str
+    ) -> list[tuple[Alert, StoredResource]]:
+        # R4 Flag has no ``status`` search parameter: the status is read from the body.
+        query = urlencode({"subject": patient_ref, "_profile": PROFILE_FLAG})
+        out: list[tuple[Alert, StoredResource]] = []
+        for stored in service.find_matching(reader, "Flag", query, _HISTORY_LIMIT):
+            flag = loads(stored.body_text)
+            if flag.get("status") != "active":
+                continue
+            key = next(
+                (
+                    str(i.get("value"))
+                    for i in flag.get("identifier", [])
+                    if i.get("system") == ALERT_KEY_SYSTEM
+                ),
+                None,
+            )
+            if key is None:
+                continue
+            code, _, scale = key.partition("/")
+            urgent = any(
+                c.get("code") == "PH"
+                for e in flag.get("extension", [])
+                if e.get("url") == FLAG_PRIORITY
+                for c in (e.get("valueCodeableConcept") or {}).get("coding", [])
+            )
+            alert = Alert(
+                cast(AlertCode, code), scale or None, urgent, str((flag.get("code") or {}).get("text", ""))
+            )
+            out.append((alert, stored))
+        out.sort(key=lambda pair: pair[1].last_updated)
+        return out
+
+    def _owner(self, service: FhirService, reader: ReadView, patient_ref: str) -> JsonDict | None:
+        """The responsible clinician: the care manager of the patient's active EpisodeOfCare, else
+        the patient's first general practitioner, else nobody (the Task waits in the unit's queue)."""
+        query = urlencode({"patient": patient_ref, "status": "active"})
+        for stored in service.find_matching(reader, "EpisodeOfCare", query, 10):
+            manager = loads(stored.body_text).get("careManager")
+            if isinstance(manager, dict) and manager.get("reference"):
+                return {"reference": manager["reference"]}
+        patient_id = _reference_id(patient_ref, "Patient")
+        patient = reader.current("Patient", patient_id) if patient_id else None
+        if patient is not None and not patient.deleted:
+            gps = loads(patient.body_text).get("generalPractitioner") or []
+            if gps and isinstance(gps[0], dict) and gps[0].get("reference"):
+                return {"reference": gps[0]["reference"]}
+        return None
+
+    def _withdraw_stale(self, reader: ReadView, response_id: str, keep: set[str]) -> list[PlannedWrite]:
+        """Earlier derived resources of the response that are not in ``keep`` -> entered-in-error."""
+        out: list[PlannedWrite] = []
+        panel = reader.current("Observation", derived_id(response_id, "panel"))
+        if panel is None or panel.deleted:
+            return out
+        panel_body = loads(panel.body_text)
+        refs = [m.get("reference") for m in panel_body.get("hasMember", [])]
+        candidates = [("Observation", _reference_id(r, "Observation")) for r in refs]
+        candidates += [("Observation", panel.res_id), ("DiagnosticReport", derived_id(response_id, "report"))]
+        for res_type, rid in candidates:
+            if rid is None or rid in keep:
+                continue
+            stored = reader.current(res_type, rid)
+            if stored is None or stored.deleted:
+                continue
+            body = loads(stored.body_text)
+            if body.get("status") == "entered-in-error":
+                continue
+            body["status"] = "entered-in-error"
+            out.append(PlannedWrite(res_type, rid, body, stored))
+        return out
+
+
+def assemble_plan(
+    response: JsonDict,
+    questionnaire: JsonDict,
+    instrument: Instrument,
+    *,
+    history: Sequence[PriorAdministration] = (),
+    active: Sequence[tuple[Alert, StoredResource]] = (),
+    current: Callable[[str, str], StoredResource | None] = lambda t, i: None,
+    stale: Callable[[set[str]], list[PlannedWrite]] = lambda keep: [],
+    owner: Callable[[], JsonDict | None] = lambda: None,
+) -> ScoringPlan:
+    """Score ``response`` and lay out every write (pure, given its inputs; used by the server, by
+    ``$extract`` and by ``fhir-norse score``). ``current`` finds an earlier version of a derived
+    resource, ``stale`` lists earlier derived resources to withdraw, ``owner`` the Task's owner."""
+    plan = ScoringPlan()
+    res_id = str(response.get("id") or new_id())
+    version = (response.get("meta") or {}).get("versionId") or "1"
+    response_ref = f"QuestionnaireResponse/{res_id}/_history/{version}"
+    patient_ref = str(response["subject"]["reference"])
+    authored = str(response["authored"])
+    now = instant(now_ms())
+    try:
+        scored = score_administration(
+            response,
+            instrument,
+            response_ref=response_ref,
+            patient_ref=patient_ref,
+            history=history,
+            active_alerts=[a for a, _ in active],
+            id_for=lambda key: derived_id(res_id, key),
+            issued=now,
+        )
+    except ValueError as error:
+        plan.warnings.append(Issue(f"Not scored: {error}", code="incomplete", severity="warning"))
+        return plan
+    plan.scored = scored
+    plan.warnings += [Issue(w, code="business-rule", severity="warning") for w in scored.warnings]
+
+    built = scored.resources.resources()
+    for resource in built:
+        stored = current(resource["resourceType"], resource["id"])
+        if stored is not None and not stored.deleted:
+            resource["status"] = "amended"
+        plan.writes.append(PlannedWrite(resource["resourceType"], resource["id"], resource, stored))
+    plan.writes += stale({r["id"] for r in built})
+
+    evidence = _evidence(scored, response_ref)
+    by_key = {a.key: flag for a, flag in active}
+    for alert in scored.alerts.raise_:
+        flag = _flag(alert, patient_ref, authored, evidence(alert))
+        plan.writes.append(PlannedWrite("Flag", flag["id"], flag))
+        if alert.urgent:
+            task = _task(alert, flag, patient_ref, now, owner())
+            plan.writes.append(PlannedWrite("Task", task["id"], task))
+    for alert in scored.alerts.resolve:
+        stored_flag = by_key.get(alert.key)
+        if stored_flag is None:
+            continue
+        flag = loads(stored_flag.body_text)
+        flag["status"] = "inactive"
+        flag.setdefault("period", {})["end"] = authored
+        plan.writes.append(PlannedWrite("Flag", stored_flag.res_id, flag, stored_flag))
+    amended = any(w.previous is not None and w.res_type != "Flag" for w in plan.writes)
+    plan.provenance = _provenance(
+        plan.writes, response_ref, questionnaire, instrument, now, "UPDATE" if amended else "CREATE"
+    )
+    return plan
+
+
+# --- building alert and provenance resources -----------------------------------------------------------
+
+
+def _strip_version(reference: str) -> str:
+    return reference.split("/_history/", 1)[0]
+
+
+def _transition_problems(before: JsonDict, after: JsonDict) -> list[Issue]:
+    issues: list[Issue] = []
+    if before.get("status") in _SCORED and after.get("status") in ("in-progress", "stopped"):
+        issues.append(
+            Issue(
+                f"A {before.get('status')} response cannot become {after.get('status')}; "
+                "amend it (status 'amended') or mark it entered-in-error",
+                code="business-rule",
+                expression=("QuestionnaireResponse.status",),
+            )
+        )
+    if before.get("status") in _SCORED:
+        for element in ("subject", "questionnaire"):
+            if before.get(element) != after.get(element):
+                issues.append(
+                    Issue(
+                        f"An amendment cannot change {element}; mark this response entered-in-error "
+                        "and submit a new one",
+                        code="business-rule",
+                        expression=(f"QuestionnaireResponse.{element}",),
+                    )
+                )
+    return issues
+
+
+def _evidence(scored: ScoredAdministration, response_ref: str) -> Any:
+    """alert -> the reference that shows why it was raised (the scale, the alliance total or the
+    response itself)."""
+    by_key: dict[str, str] = {}
+    res = scored.resources
+    for obs in [*res.scale_scores, *res.sum_scores]:
+        coding = obs["code"]["coding"][0]
+        by_key[str(coding["code"])] = f"Observation/{obs['id']}"
+    for obs in res.alliance:
+        by_key[f"alliance:{obs['code']['coding'][0]['code']}"] = f"Observation/{obs['id']}"
+    instrument = scored.instrument.mapping
+    total_code = instrument.alliance.total if isinstance(instrument, InstrumentMapping) else None
+    sum_obs = res.sum_scores[0]["id"] if res.sum_scores else None
+
+    def evidence(alert: Alert) -> str:
+        if alert.code == "alliance-rupture" and total_code is not None:
+            return by_key.get(f"alliance:{total_code}", response_ref)
+        if alert.code == "prefer-not-suicide":
+            return response_ref
+        if alert.scale is not None and alert.scale in by_key:
+            return by_key[alert.scale]
+        if sum_obs is not None and alert.scale == scored.instrument.code:
+            return f"Observation/{sum_obs}"
+        return response_ref
+
+    return evidence
+
+
+def _alert_key(alert: Alert) -> str:
+    return alert.code if alert.scale is None else f"{alert.code}/{alert.scale}"
+
+
+def _flag(alert: Alert, patient_ref: str, authored: str, evidence: str) -> JsonDict:
+    extension: list[JsonDict] = [{"url": FLAG_DETAIL, "valueReference": {"reference": evidence}}]
+    priority = ("PH", "High priority") if alert.urgent else ("PM", "Medium priority")
+    extension.append(
+        {
+            "url": FLAG_PRIORITY,
+            "valueCodeableConcept": {
+                "coding": [{"system": FLAG_PRIORITY_CS, "code": priority[0], "display": priority[1]}]
+            },
+        }
+    )
+    return {
+        "resourceType": "Flag",
+        "id": new_id(),
+        "meta": {"profile": [PROFILE_FLAG]},
+        "extension": extension,
+        "identifier": [{"system": ALERT_KEY_SYSTEM, "value": _alert_key(alert)}],
+        "status": "active",
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/flag-category",
+                        "code": "clinical",
+                        "display": "Clinical",
+                    }
+                ]
+            }
+        ],
+        "code": {
+            "coding": [{"system": CS_ALERTS, "code": alert.code, "display": _ALERT_DISPLAY[alert.code]}],
+            "text": alert.reason,
+        },
+        "subject": {"reference": patient_ref},
+        "period": {"start": authored},
+    }
+
+
+def _task(alert: Alert, flag: JsonDict, patient_ref: str, now: str, owner: JsonDict | None) -> JsonDict:
+    task: JsonDict = {
+        "resourceType": "Task",
+        "id": new_id(),
+        "status": "requested",
+        "intent": "order",
+        "priority": "urgent",
+        "code": {"text": f"Review alert: {_ALERT_DISPLAY[alert.code]}"},
+        "description": f"{_ALERT_DISPLAY[alert.code]}: {alert.reason}. Review before the next session.",
+        "focus": {"reference": f"Flag/{flag['id']}"},
+        "for": {"reference": patient_ref},
+        "authoredOn": now,
+        "reasonReference": dict(flag["extension"][0]["valueReference"]),
+    }
+    if owner is not None:
+        task["owner"] = owner
+    return task
+
+
+def _provenance(
+    writes: Sequence[PlannedWrite],
+    response_ref: str,
+    questionnaire: JsonDict | None,
+    instrument: Instrument | None,
+    now: str,
+    activity: str,
+    *,
+    reason: str | None = None,
+) -> JsonDict:
+    entity: list[JsonDict] = [{"role": "source", "what": {"reference": response_ref}}]
+    if questionnaire is not None:
+        entity.append(
+            {
+                "role": "source",
+                "what": {
+                    "reference": f"Questionnaire/{questionnaire.get('id')}",
+                    "display": f"{questionnaire.get('url')}|{questionnaire.get('version')}",
+                },
+            }
+        )
+    if instrument is not None:
+        entity.append(
+            {
+                "role": "source",
+                "what": {
+                    "identifier": {
+                        "system": MAPPING_SYSTEM,
+                        "value": f"{instrument.code}|{instrument.version}",
+                    },
+                    "display": f"mappings/{instrument.path.name}",
+                },
+            }
+        )
+    prov: JsonDict = {
+        "resourceType": "Provenance",
+        "id": new_id(),
+        "target": [{"reference": f"{w.res_type}/{w.res_id}"} for w in writes],
+        "recorded": now,
+        "activity": {"coding": [{"system": DATA_OPERATION, "code": activity}]},
+        "agent": [
+            {
+                "type": {
+                    "coding": [{"system": PARTICIPANT_TYPE, "code": "assembler", "display": "Assembler"}]
+                },
+                "who": {
+                    "identifier": {"system": SOFTWARE_SYSTEM, "value": f"fhir-norse-scorer/{__version__}"},
+                    "display": f"fhir-norse scoring engine {__version__}",
+                },
+            }
+        ],
+        "entity": entity,
+    }
+    if reason is not None:
+        prov["reason"] = [{"text": reason}]
+    return prov
+
+
+def install_intake(service: FhirService, registry: InstrumentRegistry) -> QuestionnaireResponseIntake:
+    """Attach intake and scoring to the QuestionnaireResponse writes of ``service``."""
+    hook = QuestionnaireResponseIntake(registry)
+    service.hooks["QuestionnaireResponse"] = hook
+    return hook

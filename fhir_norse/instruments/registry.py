@@ -1,0 +1,107 @@
+"""Which mapping scores a response to which Questionnaire version (content is data; no I/O after loading).
+
+Every file in ``<content dir>/mappings/*.yaml`` is loaded once at start-up. A mapping names the
+Questionnaires it scores (``questionnaires.adaptive``/``static`` of a multi-scale instrument,
+``questionnaire`` of a sum score); a canonical without ``|version`` means the Questionnaire version
+equal to the mapping's own ``version``, and ``url|version`` pins another one. That pin is how a site's
+calibrated mapping (``fhir-norse calibrate``: new reliabilities, new mapping version) keeps scoring the
+same, unchanged Questionnaire version.
+
+When several mappings score one Questionnaire version, the highest mapping version wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from fhir_norse.instruments.schema import (
+    ContentError,
+    InstrumentMapping,
+    SumScoreMapping,
+    load_any_mapping,
+)
+
+__all__ = ["Instrument", "InstrumentRegistry", "version_key"]
+
+AnyMapping = InstrumentMapping | SumScoreMapping
+
+
+def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key for versions: numeric parts numerically (``2.10.0`` after ``2.9.0``), others as text."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in version.replace("-", ".").split("."))
+
+
+@dataclass(frozen=True)
+class Instrument:
+    """One loaded mapping and the file it came from."""
+
+    mapping: AnyMapping
+    path: Path
+
+    @property
+    def code(self) -> str:
+        return self.mapping.instrument
+
+    @property
+    def version(self) -> str:
+        return self.mapping.version
+
+    @property
+    def is_multiscale(self) -> bool:
+        return isinstance(self.mapping, InstrumentMapping)
+
+    def questionnaires(self) -> Iterator[tuple[str, str]]:
+        """``(url, version)`` of every Questionnaire this mapping scores."""
+        if isinstance(self.mapping, InstrumentMapping):
+            canonicals = [self.mapping.questionnaires.adaptive, self.mapping.questionnaires.static]
+        else:
+            canonicals = [self.mapping.questionnaire]
+        for canonical in canonicals:
+            url, _, pinned = canonical.partition("|")
+            yield url, pinned or self.mapping.version
+
+
+class InstrumentRegistry:
+    """Mappings by the Questionnaire ``url|version`` they score."""
+
+    def __init__(self, instruments: Iterable[Instrument] = ()) -> None:
+        self._all = tuple(instruments)
+        self._by_questionnaire: dict[tuple[str, str], Instrument] = {}
+        for inst in sorted(self._all, key=lambda i: version_key(i.version)):
+            for key in inst.questionnaires():
+                self._by_questionnaire[key] = inst  # a higher mapping version replaces a lower one
+
+    @classmethod
+    def from_content_dir(cls, root: Path) -> InstrumentRegistry:
+        """Load ``root/mappings/*.yaml``; raises :class:`ContentError` naming a broken file."""
+        folder = Path(root) / "mappings"
+        if not folder.is_dir():
+            return cls()
+        instruments = [Instrument(load_any_mapping(p), p) for p in sorted(folder.glob("*.yaml"))]
+        seen: dict[tuple[str, str], Path] = {}
+        for inst in instruments:
+            key = (inst.code, inst.version)
+            if key in seen:
+                raise ContentError(
+                    str(inst.path), [f"{inst.code} {inst.version} is also defined in {seen[key].name}"]
+                )
+            seen[key] = inst.path
+        return cls(instruments)
+
+    def __iter__(self) -> Iterator[Instrument]:
+        return iter(self._all)
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def for_questionnaire(self, url: str, version: str | None) -> Instrument | None:
+        """The mapping that scores Questionnaire ``url|version`` (``None``: not a scored instrument)."""
+        if version is None:
+            return None
+        return self._by_questionnaire.get((url, version))
+
+    def scores_url(self, url: str) -> bool:
+        """Whether any mapping scores some version of the Questionnaire ``url``."""
+        return any(u == url for u, _ in self._by_questionnaire)

@@ -1,0 +1,87 @@
+"""``fhir-norse score FILE.json``: the offline twin of ``$extract`` (no database)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fhir_norse.cli import main
+from tests.intake_support import NF21_STATIC, PHQ9, nf21_answers, response
+
+PHQ9_ITEMS = [
+    "44250-9",
+    "44255-8",
+    "44259-0",
+    "44254-1",
+    "44251-7",
+    "44258-2",
+    "44252-5",
+    "44253-3",
+    "44260-8",
+]
+
+
+def run(tmp_path: Path, capsys: pytest.CaptureFixture[str], body: Any) -> tuple[int, dict[str, Any]]:
+    path = tmp_path / "qr.json"
+    path.write_text(body if isinstance(body, str) else json.dumps(body))
+    code = main(["score", str(path)])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_a_valid_response_prints_the_transaction(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    body = response(NF21_STATIC, nf21_answers({"suicide": 6}), patient="p1") | {"id": "qr-1"}
+    code, out = run(tmp_path, capsys, body)
+    assert code == 0
+    assert out["resourceType"] == "Bundle" and out["type"] == "transaction"
+    kinds = [e["resource"]["resourceType"] for e in out["entry"]]
+    assert kinds.count("DiagnosticReport") == 1 and kinds.count("Flag") == 1 and kinds[-1] == "Provenance"
+    refs = {
+        o["resource"]["derivedFrom"][0]["reference"] for o in out["entry"] if "derivedFrom" in o["resource"]
+    }
+    assert refs == {"QuestionnaireResponse/qr-1/_history/1"}
+    # Offline there is no history: no change statistics.
+    components = [
+        c["code"]["coding"][0]["code"] for e in out["entry"] for c in e["resource"].get("component", [])
+    ]
+    assert "rc-first" not in components
+
+
+def test_warnings_come_as_parameters(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    body = response(PHQ9, dict.fromkeys(PHQ9_ITEMS, "LA6569-3") | {"44261-6": 4}, patient="p1")
+    code, out = run(tmp_path, capsys, body)
+    assert code == 0
+    assert [p["name"] for p in out["parameter"]] == ["return", "issues"]
+    assert "submitted total 4" in out["parameter"][1]["resource"]["issue"][0]["diagnostics"]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"questionnaire": "http://example.org/Questionnaire/x|1"}, "not in the content pack"),
+        ({"status": "in-progress"}, "Only completed"),
+        ({"authored": None}, "authored is required"),
+        ({"item": [{"linkId": "sad-1", "answer": [{"valueString": "x"}]}]}, "sad-1"),
+    ],
+)
+def test_refusals_print_an_operation_outcome(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict[str, Any], expected: str
+) -> None:
+    body = response(NF21_STATIC, nf21_answers(), patient="p1")
+    for key, value in change.items():
+        if value is None:
+            del body[key]
+        else:
+            body[key] = value
+    code, out = run(tmp_path, capsys, body)
+    assert code == 1
+    assert out["resourceType"] == "OperationOutcome"
+    assert expected in " ".join(i["diagnostics"] for i in out["issue"])
+
+
+def test_not_json_and_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run(tmp_path, capsys, "{not json")
+    assert code == 1 and out["issue"][0]["code"] == "structure"
+    assert main(["score", str(tmp_path / "missing.json")]) == 2
