@@ -298,6 +298,9 @@ class QuestionnaireResponseIntake:
         if status in _SCORED:
             if before is not None and before.get("status") in _SCORED and _same_answers(before, body):
                 return []  # the same answers again: the stored scores stand
+            # One scoring run per patient at a time: the history and the active alerts read next must
+            # include a concurrent run's writes, or two runs could both raise the same alert.
+            uow.advisory_lock(f"scoring:{(body.get('subject') or {}).get('reference')}")
             # A response stored before (even if deleted since) may have derived resources already.
             plan = self.plan(service, uow, body, rescore=previous is not None)
         elif status == "entered-in-error" and before is not None:
@@ -370,12 +373,21 @@ class QuestionnaireResponseIntake:
         return plan
 
     def apply(self, service: FhirService, uow: UnitOfWork, plan: ScoringPlan) -> None:
-        """Store a plan in ``uow``: every write, then the Provenance naming the versions written."""
+        """Store a plan in ``uow``: new resources in one batch, new versions one by one, then the
+        Provenance naming the versions written."""
         if not plan.writes:
             return
-        targets: list[str] = []
-        for w in plan.writes:
-            previous = uow.lock(w.res_type, w.res_id) if w.previous is not None else None
+        targets: dict[int, str] = {}
+        # Planning looked up every derived id of a response stored before (``rescore``), so a write
+        # without ``previous`` is a new resource: derived ids of a new response, new Flags and Tasks.
+        creates = [(n, w) for n, w in enumerate(plan.writes) if w.previous is None]
+        stored = service.save_new_many(uow, [(w.res_type, w.res_id, w.body) for _, w in creates])
+        for (n, w), s in zip(creates, stored, strict=True):
+            targets[n] = f"{w.res_type}/{w.res_id}/_history/{s.version}"
+        for n, w in enumerate(plan.writes):
+            if n in targets:
+                continue
+            previous = uow.lock(w.res_type, w.res_id)
             if w.previous is not None and (previous is None or previous.version != w.previous.version):
                 raise Conflict(f"{w.res_type}/{w.res_id} changed while it was being re-scored; try again")
             outcome = service._save(
@@ -386,11 +398,11 @@ class QuestionnaireResponseIntake:
                 previous=previous,
                 method="update" if previous else "create",
             )
-            targets.append(f"{w.res_type}/{w.res_id}/_history/{outcome.stored.version}")
+            targets[n] = f"{w.res_type}/{w.res_id}/_history/{outcome.stored.version}"
         if plan.provenance is not None:
             prov = dict(plan.provenance)
-            prov["target"] = [{"reference": t} for t in targets]
-            service._save(uow, "Provenance", prov["id"], prov, previous=None, method="create")
+            prov["target"] = [{"reference": targets[n]} for n in range(len(plan.writes))]
+            service.save_new_many(uow, [("Provenance", prov["id"], prov)])
 
     # ------------------------------------------------------------------ reads
     def _history(

@@ -10,7 +10,7 @@ failures too.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -54,7 +54,7 @@ from fhir_norse.fhir.search.registry import SearchParamRegistry
 from fhir_norse.fhir.search.rows import IndexRow
 from fhir_norse.fhir.search.values import date_range
 from fhir_norse.fhir.validation import validate_resource
-from fhir_norse.store.repository import ReadView, Repository, StoredResource, UnitOfWork
+from fhir_norse.store.repository import NewResource, ReadView, Repository, StoredResource, UnitOfWork
 
 JsonDict = dict[str, Any]
 _T = TypeVar("_T")
@@ -698,6 +698,18 @@ class FhirService:
         )
         created = previous is None or previous.deleted
         return WriteOutcome(201 if created else 200, stored, stamped, created=created, rows=tuple(rows))
+
+    def save_new_many(
+        self, uow: UnitOfWork, items: Sequence[tuple[str, str, JsonDict]]
+    ) -> list[StoredResource]:
+        """Create ``(type, id, body)`` resources that do not exist yet, batched (what scoring writes;
+        the caller has validated them and answers for authorization and audit)."""
+        last_updated = now_ms()
+        new: list[NewResource] = []
+        for res_type, res_id, body in items:
+            stamped = stamp_meta(body, res_id, 1, last_updated)
+            new.append(NewResource(res_type, res_id, stamped, last_updated, self.extractor.extract(stamped)))
+        return uow.save_new(new)
 
     # ------------------------------------------------------------------ results
     def write_result(self, ctx: RequestContext, outcome: WriteOutcome) -> Result:
