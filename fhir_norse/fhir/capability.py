@@ -51,9 +51,13 @@ def _resource(service: FhirService, res_type: str) -> dict[str, Any]:
         for d in service.registry.indexed(other)
         if d.type == "reference" and (not d.targets or res_type in d.targets)
     )
+    supported = []
+    if service.profiles is not None:
+        supported = [u for u in service.profiles.urls if service.profiles.profile_type(u) == res_type]
     return {
         "type": res_type,
         "profile": f"http://hl7.org/fhir/StructureDefinition/{res_type}",
+        **({"supportedProfile": supported} if supported else {}),
         "interaction": [{"code": code} for code in TYPE_INTERACTIONS],
         "versioning": "versioned-update",
         "readHistory": True,

@@ -484,3 +484,12 @@ def test_a_patient_app_submits_its_own_answers(app: FastAPI, client: TestClient)
         assert foreign.status_code == 403
     assert len(search(client, f"DiagnosticReport?subject=Patient/{patient}")) == 1
     assert search(client, f"DiagnosticReport?subject=Patient/{other}") == []
+
+
+def test_capability_statement_lists_the_profiles_written(client: TestClient) -> None:
+    statement = client.get("/fhir/metadata").json()
+    by_type = {r["type"]: r for r in statement["rest"][0]["resource"]}
+    base = "http://fhir-norse.org/fhir/StructureDefinition"
+    assert f"{base}/rom-scale-score" in by_type["Observation"]["supportedProfile"]
+    assert by_type["Flag"]["supportedProfile"] == [f"{base}/rom-alert-flag"]
+    assert "supportedProfile" not in by_type["Patient"]
