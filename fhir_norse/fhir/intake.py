@@ -33,7 +33,7 @@ from urllib.parse import urlencode
 import orjson
 
 from fhir_norse import __version__
-from fhir_norse.alerts.rules import Alert, AlertCode
+from fhir_norse.alerts.rules import Alert, AlertCode, AlertDecision
 from fhir_norse.fhir.context import RequestContext
 from fhir_norse.fhir.errors import Conflict, Issue, Unprocessable
 from fhir_norse.fhir.interactions import FhirService, JsonDict, WriteOutcome, loads
@@ -330,7 +330,11 @@ class QuestionnaireResponseIntake:
             return ScoringPlan()
         res_id = str(response.get("id") or "")
         patient_ref = str(response["subject"]["reference"])
-        history = self._history(service, reader, patient_ref, instrument, res_id, str(response["authored"]))
+        authored = str(response["authored"])
+        history = self._history(service, reader, patient_ref, instrument, res_id, authored)
+        # Alerts follow the newest administration: a response answered before another one already
+        # stored (sent late, or amended later) is scored but leaves the alerts as they stand.
+        latest = not self._later_exists(service, reader, patient_ref, instrument, res_id, authored)
         active = self._active_alerts(service, reader, patient_ref)
         return assemble_plan(
             response,
@@ -338,6 +342,7 @@ class QuestionnaireResponseIntake:
             instrument,
             history=history,
             active=active,
+            alerts=latest,
             current=(lambda t, i: reader.current(t, i)) if rescore else (lambda t, i: None),
             stale=(lambda keep: self._withdraw_stale(reader, res_id, keep)) if rescore else (lambda keep: []),
             owner=lambda: self._owner(service, reader, patient_ref),
@@ -454,6 +459,29 @@ class QuestionnaireResponseIntake:
             if s or a
         ]
 
+    def _later_exists(
+        self,
+        service: FhirService,
+        reader: ReadView,
+        patient_ref: str,
+        instrument: Instrument,
+        response_id: str,
+        authored: str,
+    ) -> bool:
+        """Whether the patient has a scored response to the instrument answered after ``authored``."""
+        urls = ",".join(sorted({url for url, _ in instrument.questionnaires()}))
+        query = urlencode(
+            {
+                "subject": patient_ref,
+                "questionnaire": urls,
+                "status": "completed,amended",
+                "authored": f"gt{authored}",
+            }
+        )
+        return any(
+            f.res_id != response_id for f in service.find_matching(reader, "QuestionnaireResponse", query, 2)
+        )
+
     def _active_alerts(
         self, service: FhirService, reader: ReadView, patient_ref: str
     ) -> list[tuple[Alert, StoredResource]]:
@@ -538,6 +566,7 @@ def assemble_plan(
     current: Callable[[str, str], StoredResource | None] = lambda t, i: None,
     stale: Callable[[set[str]], list[PlannedWrite]] = lambda keep: [],
     owner: Callable[[], JsonDict | None] = lambda: None,
+    alerts: bool = True,
 ) -> ScoringPlan:
     """Score ``response`` and lay out every write (pure, given its inputs; used by the server, by
     ``$extract`` and by ``fhir-norse score``). ``current`` finds an earlier version of a derived
@@ -576,13 +605,14 @@ def assemble_plan(
 
     evidence = _evidence(scored, response_ref)
     by_key = {a.key: flag for a, flag in active}
-    for alert in scored.alerts.raise_:
+    decision = scored.alerts if alerts else AlertDecision((), tuple(a for a, _ in active), ())
+    for alert in decision.raise_:
         flag = _flag(alert, patient_ref, authored, evidence(alert))
         plan.writes.append(PlannedWrite("Flag", flag["id"], flag))
         if alert.urgent:
             task = _task(alert, flag, patient_ref, now, owner())
             plan.writes.append(PlannedWrite("Task", task["id"], task))
-    for alert in scored.alerts.resolve:
+    for alert in decision.resolve:
         stored_flag = by_key.get(alert.key)
         if stored_flag is None:
             continue

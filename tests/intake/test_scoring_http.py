@@ -493,3 +493,24 @@ def test_capability_statement_lists_the_profiles_written(client: TestClient) -> 
     assert f"{base}/rom-scale-score" in by_type["Observation"]["supportedProfile"]
     assert by_type["Flag"]["supportedProfile"] == [f"{base}/rom-alert-flag"]
     assert "supportedProfile" not in by_type["Patient"]
+
+
+def test_alerts_follow_the_newest_administration(client: TestClient) -> None:
+    """Amending (or receiving late) an older response re-scores it but does not revive its alerts."""
+    patient = create_patient(client)
+    first = post_response(
+        client,
+        response(NF21_STATIC, nf21_answers({"suicide": 7}), patient=patient, authored="2026-03-02T09:00:00Z"),
+    ).json()
+    post_response(
+        client, response(NF21_STATIC, nf21_answers(), patient=patient, authored="2026-03-09T09:00:00Z")
+    )
+    assert flags(client, patient) == {"suicide-risk/suicide": ["inactive"]}
+    amended = {**first, "status": "amended"}
+    assert put(client, amended).status_code == 200
+    late = response(
+        NF21_STATIC, nf21_answers({"suicide": 6}), patient=patient, authored="2026-03-05T09:00:00Z"
+    )
+    assert post_response(client, late).status_code == 201
+    assert flags(client, patient) == {"suicide-risk/suicide": ["inactive"]}
+    assert len(search(client, f"DiagnosticReport?subject=Patient/{patient}")) == 3
