@@ -157,9 +157,7 @@ _UPDATE_RESOURCE = (
     )
 )
 _INSERT_HISTORY = sa.insert(H)
-# Many rows in one statement, pks returned in the order of the parameters (SQLAlchemy 2
-# "insertmanyvalues"): SQLite 3.35+ and psycopg both support RETURNING here.
-_INSERT_RESOURCES_RETURNING = sa.insert(R).returning(R.c.pk, sort_by_parameter_order=True)
+_INSERT_RESOURCE_ROWS = sa.insert(R)
 _DELETE_INDEX_ROWS = tuple(
     sa.delete(table).where(table.c.resource_pk == sa.bindparam("row_pk")) for table in _INDEX_TABLE.values()
 )
@@ -328,8 +326,19 @@ class UnitOfWork(ReadView):
             for r in resources
         ]
         try:
-            result = self.conn.execute(_INSERT_RESOURCES_RETURNING, values)
-            pks = [row[0] for row in result.all()]
+            # One multi-row INSERT, then one SELECT for the keys: RETURNING with an executemany would
+            # fall back to a statement per row on both databases (no insert sentinel column).
+            self.conn.execute(_INSERT_RESOURCE_ROWS, values)
+            found = {
+                (t, i): pk
+                for pk, t, i in self.conn.execute(
+                    sa.select(R.c.pk, R.c.res_type, R.c.res_id).where(
+                        R.c.res_type.in_(sorted({r.res_type for r in resources})),
+                        R.c.res_id.in_([r.res_id for r in resources]),
+                    )
+                )
+            }
+            pks = [found[(r.res_type, r.res_id)] for r in resources]
             self.conn.execute(_INSERT_HISTORY, [{**v, "method": "create"} for v in values])
         except IntegrityError as exc:
             raise Conflict("a resource was written concurrently by another request; retry") from exc
