@@ -386,7 +386,14 @@ class QuestionnaireResponseIntake:
         # Planning looked up every derived id of a response stored before (``rescore``), so a write
         # without ``previous`` is a new resource: derived ids of a new response, new Flags and Tasks.
         creates = [(n, w) for n, w in enumerate(plan.writes) if w.previous is None]
-        stored = service.save_new_many(uow, [(w.res_type, w.res_id, w.body) for _, w in creates])
+        batch = [(w.res_type, w.res_id, w.body) for _, w in creates]
+        if len(creates) == len(plan.writes) and plan.provenance is not None:
+            # Only new resources (version 1 each): the Provenance joins the same batch.
+            prov = dict(plan.provenance)
+            prov["target"] = [{"reference": f"{w.res_type}/{w.res_id}/_history/1"} for w in plan.writes]
+            service.save_new_many(uow, [*batch, ("Provenance", prov["id"], prov)])
+            return
+        stored = service.save_new_many(uow, batch)
         for (n, w), s in zip(creates, stored, strict=True):
             targets[n] = f"{w.res_type}/{w.res_id}/_history/{s.version}"
         for n, w in enumerate(plan.writes):
