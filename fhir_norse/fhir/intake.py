@@ -46,8 +46,7 @@ from fhir_norse.scoring.pipeline import PriorAdministration, ScoredAdministratio
 from fhir_norse.scoring.resources import (
     CS_ALLIANCE,
     CS_SCALES,
-    PROFILE_ALLIANCE,
-    PROFILE_SCALE_SCORE,
+    LOINC,
 )
 from fhir_norse.store.repository import ReadView, StoredResource, UnitOfWork
 
@@ -331,10 +330,9 @@ class QuestionnaireResponseIntake:
         res_id = str(response.get("id") or "")
         patient_ref = str(response["subject"]["reference"])
         authored = str(response["authored"])
-        history = self._history(service, reader, patient_ref, instrument, res_id, authored)
         # Alerts follow the newest administration: a response answered before another one already
         # stored (sent late, or amended later) is scored but leaves the alerts as they stand.
-        latest = not self._later_exists(service, reader, patient_ref, instrument, res_id, authored)
+        history, later = self._history(service, reader, patient_ref, instrument, res_id, authored)
         active = self._active_alerts(service, reader, patient_ref)
         return assemble_plan(
             response,
@@ -342,7 +340,7 @@ class QuestionnaireResponseIntake:
             instrument,
             history=history,
             active=active,
-            alerts=latest,
+            alerts=not later,
             current=(lambda t, i: reader.current(t, i)) if rescore else (lambda t, i: None),
             stale=(lambda keep: self._withdraw_stale(reader, res_id, keep)) if rescore else (lambda keep: []),
             owner=lambda: self._owner(service, reader, patient_ref),
@@ -425,25 +423,37 @@ class QuestionnaireResponseIntake:
         instrument: Instrument,
         response_id: str,
         authored: str,
-    ) -> list[PriorAdministration]:
-        """The patient's earlier administrations of a multi-scale instrument, oldest first, from the
-        stored scale-score and alliance Observations (final or amended) of other responses."""
+    ) -> tuple[list[PriorAdministration], bool]:
+        """The patient's earlier administrations of the instrument, oldest first, from its stored
+        Observations (final or amended) derived from other responses; and whether a later one exists.
+
+        One index lookup by subject, filtered here: a query that also filtered by profile and status
+        in SQL depends on fresh planner statistics (on a PostgreSQL without autovacuum it was planned
+        as nested loops over every index row of the type), while this one is a single range scan.
+        """
         mapping = instrument.mapping
-        if not isinstance(mapping, InstrumentMapping):
-            return []
-        query = urlencode(
-            {
-                "subject": patient_ref,
-                "_profile": f"{PROFILE_SCALE_SCORE},{PROFILE_ALLIANCE}",
-                "status": "final,amended",
-            }
+        found = service.find_matching(
+            reader, "Observation", urlencode({"subject": patient_ref}), _HISTORY_LIMIT
         )
-        found = service.find_matching(reader, "Observation", query, _HISTORY_LIMIT)
-        scales = {s.code for s in mapping.scales}
+        if isinstance(mapping, InstrumentMapping):
+            scales = {s.code for s in mapping.scales}
+            total: tuple[str | None, str] | None = None
+        else:
+            scales = set()
+            code = mapping.total.code
+            total = (LOINC, code) if isinstance(code, str) else (code.get("system"), str(code.get("code")))
         current = _moment(authored)
+        later = False
         by_response: dict[str, tuple[str, dict[str, float], dict[str, float]]] = {}
         for stored in found:
             obs = orjson.loads(stored.body_text or "{}")
+            if obs.get("status") not in ("final", "amended"):
+                continue
+            coding = ((obs.get("code") or {}).get("coding") or [{}])[0]
+            system, code = coding.get("system"), coding.get("code")
+            mine = system in (CS_SCALES, CS_ALLIANCE) if total is None else (system, code) == total
+            if not mine:
+                continue
             source = _reference_id(
                 ((obs.get("derivedFrom") or [{}])[0]).get("reference"), "QuestionnaireResponse"
             )
@@ -451,53 +461,35 @@ class QuestionnaireResponseIntake:
             value = (obs.get("valueQuantity") or {}).get("value")
             if source is None or source == response_id or not when or value is None:
                 continue
-            if _moment(when) >= current:
+            moment = _moment(when)
+            if moment > current:
+                later = True
+            if moment >= current or total is not None:
                 continue
-            coding = ((obs.get("code") or {}).get("coding") or [{}])[0]
             entry = by_response.setdefault(source, (when, {}, {}))
-            if coding.get("system") == CS_SCALES and coding.get("code") in scales:
-                entry[1][coding["code"]] = float(value)
-            elif coding.get("system") == CS_ALLIANCE:
-                entry[2][str(coding.get("code"))] = float(value)
+            if system == CS_SCALES and code in scales:
+                entry[1][code] = float(value)
+            elif system == CS_ALLIANCE:
+                entry[2][str(code)] = float(value)
         ordered = sorted(by_response.items(), key=lambda kv: (_moment(kv[1][0]), kv[0]))
-        return [
+        history = [
             PriorAdministration(f"QuestionnaireResponse/{rid}", when, s, a)
             for rid, (when, s, a) in ordered
             if s or a
         ]
-
-    def _later_exists(
-        self,
-        service: FhirService,
-        reader: ReadView,
-        patient_ref: str,
-        instrument: Instrument,
-        response_id: str,
-        authored: str,
-    ) -> bool:
-        """Whether the patient has a scored response to the instrument answered after ``authored``."""
-        urls = ",".join(sorted({url for url, _ in instrument.questionnaires()}))
-        query = urlencode(
-            {
-                "subject": patient_ref,
-                "questionnaire": urls,
-                "status": "completed,amended",
-                "authored": f"gt{authored}",
-            }
-        )
-        return any(
-            f.res_id != response_id for f in service.find_matching(reader, "QuestionnaireResponse", query, 2)
-        )
+        return history, later
 
     def _active_alerts(
         self, service: FhirService, reader: ReadView, patient_ref: str
     ) -> list[tuple[Alert, StoredResource]]:
         # R4 Flag has no ``status`` search parameter: the status is read from the body.
-        query = urlencode({"subject": patient_ref, "_profile": PROFILE_FLAG})
+        query = urlencode({"subject": patient_ref})
         out: list[tuple[Alert, StoredResource]] = []
         for stored in service.find_matching(reader, "Flag", query, _HISTORY_LIMIT):
             flag = loads(stored.body_text)
-            if flag.get("status") != "active":
+            if flag.get("status") != "active" or PROFILE_FLAG not in (flag.get("meta") or {}).get(
+                "profile", []
+            ):
                 continue
             key = next(
                 (
