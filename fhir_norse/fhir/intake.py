@@ -53,6 +53,7 @@ from fhir_norse.store.repository import ReadView, StoredResource, UnitOfWork
 __all__ = [
     "ALERT_KEY_SYSTEM",
     "QuestionnaireResponseIntake",
+    "assemble_plan",
     "ScoringPlan",
     "derived_id",
 ]
