@@ -76,9 +76,17 @@ def pg_schema_url() -> Iterator[str]:
         pytest.skip(f"PostgreSQL not reachable: {exc}")
     url = _with_search_path(PG_URL, schema)
     _migrate_with_key(url)
+    # The session's signing key, restored before every test: a test that rotates keys or stores one
+    # under another passphrase must not leave it to the next.
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}_keys"')
+        conn.exec_driver_sql(
+            f'CREATE TABLE "{schema}_keys".auth_signing_key AS SELECT * FROM "{schema}".auth_signing_key'
+        )
     yield url
     with admin.begin() as conn:
         conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+        conn.exec_driver_sql(f'DROP SCHEMA "{schema}_keys" CASCADE')
     admin.dispose()
 
 
@@ -97,7 +105,7 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-# Emptied between PostgreSQL tests; the signing key is kept (as a restarted server keeps it).
+# Emptied between PostgreSQL tests; the signing key is restored (as a restarted server keeps it).
 _ALL_TABLES = [
     ResourceRow.__table__,  # type: ignore[attr-defined]
     HistoryRow.__table__,  # type: ignore[attr-defined]
@@ -120,7 +128,9 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         names = ", ".join(t.name for t in _ALL_TABLES)
-        conn.exec_driver_sql(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+        conn.exec_driver_sql(f"TRUNCATE {names}, auth_signing_key RESTART IDENTITY CASCADE")
+        schema = conn.exec_driver_sql("SELECT current_schema()").scalar_one()
+        conn.exec_driver_sql(f'INSERT INTO auth_signing_key SELECT * FROM "{schema}_keys".auth_signing_key')
     engine.dispose()
     yield url
 

@@ -53,8 +53,8 @@ from fhir_norse.store.repository import ReadView, StoredResource, UnitOfWork
 __all__ = [
     "ALERT_KEY_SYSTEM",
     "QuestionnaireResponseIntake",
-    "assemble_plan",
     "ScoringPlan",
+    "assemble_plan",
     "derived_id",
 ]
 

@@ -11,12 +11,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from fhir_norse.fhir.errors import Conflict
+
+if TYPE_CHECKING:
+    import psycopg
 from fhir_norse.fhir.search.rows import (
     CompositeRow,
     DateRow,
@@ -162,6 +165,11 @@ _DELETE_INDEX_ROWS = tuple(
     sa.delete(table).where(table.c.resource_pk == sa.bindparam("row_pk")) for table in _INDEX_TABLE.values()
 )
 _INSERT_INDEX_ROWS = {row_type: sa.insert(table) for row_type, table in _INDEX_TABLE.items()}
+_INSERT_INTO = {
+    R.name: _INSERT_RESOURCE_ROWS,
+    H.name: _INSERT_HISTORY,
+    **{table.name: _INSERT_INDEX_ROWS[row_type] for row_type, table in _INDEX_TABLE.items()},
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +336,7 @@ class UnitOfWork(ReadView):
         try:
             # One multi-row INSERT, then one SELECT for the keys: RETURNING with an executemany would
             # fall back to a statement per row on both databases (no insert sentinel column).
-            self.conn.execute(_INSERT_RESOURCE_ROWS, values)
+            self._insert_many(R, values)
             found = {
                 (t, i): pk
                 for pk, t, i in self.conn.execute(
@@ -339,7 +347,7 @@ class UnitOfWork(ReadView):
                 )
             }
             pks = [found[(r.res_type, r.res_id)] for r in resources]
-            self.conn.execute(_INSERT_HISTORY, [{**v, "method": "create"} for v in values])
+            self._insert_many(H, [{**v, "method": "create"} for v in values])
         except IntegrityError as exc:
             raise Conflict("a resource was written concurrently by another request; retry") from exc
         grouped: dict[type, list[dict[str, Any]]] = {}
@@ -347,18 +355,39 @@ class UnitOfWork(ReadView):
             for row in r.index_rows:
                 grouped.setdefault(type(row), []).append(_row_values(pk, r.res_type, row))
         for row_type, rows in grouped.items():
-            self.conn.execute(_INSERT_INDEX_ROWS[row_type], rows)
+            self._insert_many(_INDEX_TABLE[row_type], rows)
         return [
             StoredResource(pk, r.res_type, r.res_id, 1, r.last_updated, False, None, "create")
             for pk, r in zip(pks, resources, strict=True)
         ]
+
+    def _insert_many(self, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+        """Insert ``rows`` (all with the same keys). SQLite: the driver's executemany, a loop in C
+        in process. PostgreSQL index rows: ``COPY``, because psycopg's executemany runs one INSERT
+        per row on the server (measured: 170 ms of 270 ms per scored ingest)."""
+        if not rows:
+            return
+        if is_sqlite_conn(self.conn) or len(rows) == 1:
+            self.conn.execute(_INSERT_INTO[table.name], rows)
+            return
+        if table is R or table is H:
+            self.conn.execute(_INSERT_INTO[table.name], rows)
+            return
+        # Index rows (plain scalar columns): COPY, in this transaction on this connection.
+        columns = list(rows[0])
+        raw = cast("psycopg.Connection[Any]", self.conn.connection.dbapi_connection)
+        with raw.cursor() as cursor:
+            names = ", ".join(f'"{c}"' for c in columns)
+            with cursor.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
+                for row in rows:
+                    copy.write_row([row[c] for c in columns])
 
     def _insert_index_rows(self, pk: int, res_type: str, rows: Iterable[IndexRow]) -> None:
         grouped: dict[type, list[dict[str, Any]]] = {}
         for row in rows:
             grouped.setdefault(type(row), []).append(_row_values(pk, res_type, row))
         for row_type, values in grouped.items():
-            self.conn.execute(_INSERT_INDEX_ROWS[row_type], values)
+            self._insert_many(_INDEX_TABLE[row_type], values)
 
 
 def is_sqlite_conn(conn: sa.Connection) -> bool:
