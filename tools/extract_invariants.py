@@ -18,8 +18,13 @@ from tools.extract_definitions import OUT, _core_files
 def main() -> None:
     sd = _core_files(Path(sys.argv[1]))["StructureDefinition-Questionnaire.json"]
     invariants = [
-        {"key": c["key"], "path": element["path"], "severity": c["severity"], "human": c["human"],
-         "expression": c["expression"]}
+        {
+            "key": c["key"],
+            "path": element["path"],
+            "severity": c["severity"],
+            "human": c["human"],
+            "expression": c["expression"],
+        }
         for element in sd["snapshot"]["element"]
         for c in element.get("constraint", [])
         if c["key"].startswith("que-")
