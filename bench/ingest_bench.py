@@ -692,16 +692,32 @@ def analyze(engine: sa.Engine) -> float:
     return time.perf_counter() - t0
 
 
+def written_bytes(engine: sa.Engine) -> float:
+    """Bytes written so far: SQLite runs in this process (``write_bytes`` of /proc/self/io, what went
+    to the block layer, WAL and checkpoints included); PostgreSQL's WAL position (the whole cluster)."""
+    if engine.dialect.name == "sqlite":
+        try:
+            fields = dict(ln.split(": ") for ln in Path("/proc/self/io").read_text().splitlines())
+            return float(fields["write_bytes"])
+        except (OSError, KeyError, ValueError):
+            return float("nan")
+    with engine.connect() as conn:
+        return float(conn.exec_driver_sql("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')").scalar_one())
+
+
 def timed_run(
     app: FastAPI, client: TestClient, headers: dict[str, str], bodies: Sequence[tuple[int, bytes]]
 ) -> dict[str, Any]:
     """Ingest ``bodies`` with the phase timers on."""
+    engine: sa.Engine = app.state.service.repo.engine
     phases = Phases()
     phases.install_server(app.state.service)
+    before = written_bytes(engine)
     try:
         latencies, _wall = ingest(client, headers, bodies, phases)
     finally:
         phases.uninstall()
+    written = written_bytes(engine) - before
     rows = phases.table(len(bodies), sum(latencies))
     by_depth: dict[int, list[float]] = defaultdict(list)
     for (depth, _), seconds in zip(bodies, latencies, strict=True):
@@ -710,6 +726,7 @@ def timed_run(
         "by_history_depth": {d: stats_ms(v) for d, v in sorted(by_depth.items())},
         "ingests": len(bodies),
         "latency_ms": stats_ms(latencies),
+        "written_kb_per_response": written / len(bodies) / 1000,
         "rows": rows,
         "categories": categorise(rows),
         "not_timed": phases.missing,
@@ -1316,14 +1333,16 @@ def markdown(results: dict[str, Any]) -> str:
         "after the main run, so the rows compare with each other (database size aside): as is; after "
         "`ANALYZE` (nothing in the server runs it, so a fresh database has no planner statistics); "
         "SQLite only, additionally with the server's own setting `sqlite_synchronous=NORMAL` (commits "
-        "stop syncing the WAL)."
+        "stop syncing the WAL). *kB written* per response: on SQLite what this process wrote to the "
+        "disk (`write_bytes` of /proc/self/io: WAL and checkpoints), on PostgreSQL how far the WAL "
+        "advanced (the whole cluster, so other databases' writes count too)."
     )
     w("")
     w(
         "| Variant | DB | mean ms | p50 | p99 | 1 / mean (per s) | history searches ms | "
-        "SQL writes + reads ms | COMMIT ms | DB driver ms |"
+        "SQL writes + reads ms | COMMIT ms | DB driver ms | kB written |"
     )
-    w("|---|---|---|---|---|---|---|---|---|---|")
+    w("|---|---|---|---|---|---|---|---|---|---|---|")
     variants = (
         ("as is", "phases", None),
         ("after ANALYZE", "what_if", "analyze"),
@@ -1339,7 +1358,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {name} | {d['database']} | {_f(lat['mean'])} | {_f(lat['p50'])} | {_f(lat['p99'])} | "
                 f"{_f(1000 / lat['mean'], 1)} | {_f(_phase_ms(run, 'history search'))} | "
                 f"{_f(_phase_ms(run, 'SQL: INSERT', 'SQL: point'))} | {_f(_phase_ms(run, 'SQL: COMMIT'))} | "
-                f"{_f(run['sql_ms'])} |"
+                f"{_f(run['sql_ms'])} | {_f(run.get('written_kb_per_response'), 0)} |"
             )
     w("")
     w("")

@@ -122,7 +122,7 @@ def report(label: str, run_info: dict[str, Any]) -> str:
     any_load = next((x for x in loads.values() if x), {}) or {}
     lines: list[str] = []
     w = lines.append
-    w("# Benchmarks (issues 2 and 3)")
+    w("# Benchmarks (issues 2, 3 and 5)")
     w("")
     w(
         f"Run **{label}**, finished {run_info.get('finished', '?')} (UTC); "
@@ -503,7 +503,12 @@ def main(argv: list[str] | None = None) -> int:
     analysis = common.ROOT / "bench" / "analysis.md"
     if analysis.exists():
         info["analysis"] = analysis.read_text()
-    (common.ROOT / "BENCHMARKS.md").write_text(report(label, info), encoding="utf-8")
+    text = report(label, info)
+    # Issue 5's ingest benchmark (``python -m bench.ingest_bench``) keeps its section beside this one.
+    ingest = common.ROOT / "bench" / "ingest-results.md"
+    if ingest.exists():
+        text = text.rstrip("\n") + "\n\n" + ingest.read_text(encoding="utf-8")
+    (common.ROOT / "BENCHMARKS.md").write_text(text, encoding="utf-8")
     print(f"[run_all] wrote {common.ROOT / 'BENCHMARKS.md'}", flush=True)
     return 0
 
