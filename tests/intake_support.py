@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from fhir_norse.fhir.content import content_files, stored_id
 from fhir_norse.fhir.interactions import FhirService
 from fhir_norse.fhir.published import PUBLISHED_TAG
-from fhir_norse.instruments.schema import InstrumentMapping, load_mapping
+from fhir_norse.instruments.schema import InstrumentMapping, load_mapping, load_sum_score_mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 FHIR = {"Content-Type": "application/fhir+json"}
@@ -27,6 +27,8 @@ NF21_ADAPTIVE = f"{BASE}/Questionnaire/nf21-adaptive|2.1.0"
 PHQ9 = f"{BASE}/Questionnaire/phq9|1.0.0"
 GAD7 = f"{BASE}/Questionnaire/gad7|1.0.0"
 NF21_ANSWERS = f"{BASE}/CodeSystem/nf21-answers"
+# The nine scored PHQ-9 items (LOINC codes), as the mapping lists them.
+PHQ9_ITEMS: tuple[str, ...] = tuple(load_sum_score_mapping(ROOT / "mappings" / "phq9-1.0.0.yaml").total.items)
 
 
 @cache

@@ -9,19 +9,7 @@ from typing import Any
 import pytest
 
 from fhir_norse.cli import main
-from tests.intake_support import NF21_STATIC, PHQ9, nf21_answers, response
-
-PHQ9_ITEMS = [
-    "44250-9",
-    "44255-8",
-    "44259-0",
-    "44254-1",
-    "44251-7",
-    "44258-2",
-    "44252-5",
-    "44253-3",
-    "44260-8",
-]
+from tests.intake_support import NF21_STATIC, PHQ9, PHQ9_ITEMS, nf21_answers, response
 
 
 def run(tmp_path: Path, capsys: pytest.CaptureFixture[str], body: Any) -> tuple[int, dict[str, Any]]:

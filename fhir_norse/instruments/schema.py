@@ -201,16 +201,9 @@ class AllianceDimension(_Model):
 class ChangeBasis(_Model):
     """The spread and reliability that reliable change of a score without published norms rests on."""
 
-    sd: float
+    sd: float = Field(gt=0)
     sd_source: str = Field(min_length=1)
     reliability: Reliability
-
-    @field_validator("sd")
-    @classmethod
-    def _sd_positive(cls, value: float) -> float:
-        if not value > 0:
-            raise ValueError("must be > 0")
-        return value
 
 
 class AllianceDefinition(_Model):
@@ -259,37 +252,16 @@ class Section(_Model):
 class ChangeRules(_Model):
     """How change is judged: ``critical`` |index| for a reliable change, the stagnation window."""
 
-    critical: float = 1.96
-    stagnation_window: int = 4
-
-    @field_validator("critical")
-    @classmethod
-    def _critical_positive(cls, value: float) -> float:
-        if not value > 0:
-            raise ValueError("must be > 0")
-        return value
-
-    @field_validator("stagnation_window")
-    @classmethod
-    def _window(cls, value: int) -> int:
-        if value < 2:
-            raise ValueError("must be >= 2")
-        return value
+    critical: float = Field(default=1.96, gt=0)
+    stagnation_window: int = Field(default=4, ge=2)
 
 
 class AlertSettings(_Model):
     """Clinical alerts: which scale is suicidality, the alliance floor, whether "prefer not" is urgent."""
 
     suicide_scale: str
-    alliance_floor_percent: float = 75.0
+    alliance_floor_percent: float = Field(default=75.0, ge=0, le=100)
     prefer_not_urgent: bool = False
-
-    @field_validator("alliance_floor_percent")
-    @classmethod
-    def _percent(cls, value: float) -> float:
-        if not 0 <= value <= 100:
-            raise ValueError("must be within 0-100")
-        return value
 
 
 class Questionnaires(_Model):

@@ -123,3 +123,27 @@ def test_sum_score_mappings_load(name: str) -> None:
 
 def test_load_any_mapping_detects_the_instrument_shape() -> None:
     assert isinstance(load_any_mapping(NF21), InstrumentMapping)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda d: d["change"].update(critical=0), "change.critical"),
+        (lambda d: d["change"].update(stagnation_window=1), "change.stagnation_window"),
+        (lambda d: d["alerts"].update(alliance_floor_percent=120), "alerts.alliance_floor_percent"),
+        (lambda d: d["alerts"].update(suicide_scale="nope"), "alerts.suicide_scale"),
+        (lambda d: d["alliance"]["change"].update(sd=0), "alliance.change.sd"),
+    ],
+)
+def test_change_and_alert_settings_are_checked(tmp_path: Path, change: Any, field: str) -> None:
+    path = _broken(tmp_path, change)
+    with pytest.raises(ContentError) as exc:
+        load_mapping(path)
+    assert f"mappings/nf21-2.1.0.yaml: {field}:" in str(exc.value)
+
+
+def test_change_and_alert_settings_are_read() -> None:
+    m = load_mapping(NF21)
+    assert (m.change.critical, m.change.stagnation_window) == (1.96, 4)
+    assert m.alerts is not None and m.alerts.suicide_scale == "suicide"
+    assert m.alliance.change is not None and m.alliance.change.reliability.assumed

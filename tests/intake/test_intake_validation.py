@@ -16,6 +16,7 @@ from tests.intake_support import (
     FHIR,
     NF21_STATIC,
     PHQ9,
+    PHQ9_ITEMS,
     create_patient,
     nf21_answers,
     post_response,
@@ -149,7 +150,7 @@ def test_required_items_of_a_completed_phq9(client: TestClient) -> None:
 def test_form_filler_extras_are_accepted(client: TestClient) -> None:
     """ordinalValue on answer Codings, unknown meta.profile and meta.tag values, calculated items."""
     patient = create_patient(client)
-    body = response(PHQ9, {i: "LA6569-3" for i in _phq9_items()} | {"44261-6": 9}, patient=patient)
+    body = response(PHQ9, {i: "LA6569-3" for i in PHQ9_ITEMS} | {"44261-6": 9}, patient=patient)
     for item in body["item"]:
         for ans in item.get("answer", []):
             if "valueCoding" in ans:
@@ -215,7 +216,3 @@ def test_a_refused_entry_rolls_back_the_whole_transaction(client: TestClient) ->
     assert refused.status_code == 422
     assert len(search(client, "Patient")) == 1
     assert len(search(client, "DiagnosticReport")) == 1
-
-
-def _phq9_items() -> list[str]:
-    return ["44250-9", "44255-8", "44259-0", "44254-1", "44251-7", "44258-2", "44252-5", "44253-3", "44260-8"]

@@ -22,6 +22,7 @@ from tests.intake_support import (
     FHIR,
     NF21_STATIC,
     PHQ9,
+    PHQ9_ITEMS,
     create_patient,
     nf21,
     nf21_answers,
@@ -32,17 +33,6 @@ from tests.intake_support import (
 from tests.tokens import bearer
 
 SCALES = "http://fhir-norse.org/fhir/CodeSystem/nf21-scales"
-PHQ9_ITEMS = [
-    "44250-9",
-    "44255-8",
-    "44259-0",
-    "44254-1",
-    "44251-7",
-    "44258-2",
-    "44252-5",
-    "44253-3",
-    "44260-8",
-]
 
 
 def derived(client: TestClient, patient: str) -> dict[str, list[dict[str, Any]]]:
