@@ -67,6 +67,7 @@ import fhir_norse.fhir.compartments as compartments_module
 import fhir_norse.fhir.intake as intake_module
 import fhir_norse.fhir.interactions as interactions_module
 import fhir_norse.scoring.pipeline as pipeline_module
+import fhir_norse.store.repository as repository_module
 from bench import common
 from fhir_norse.alerts.rules import Alert
 from fhir_norse.api.app import create_app
@@ -740,60 +741,76 @@ def timed_run(
 
 
 class CapturedIngest:
-    """One ingest as the server performs it: the resources it indexed (stamped, in order) and the
-    search-index INSERTs it executed (table, rows)."""
+    """One ingest as the server performs it: the resources it indexed (stamped, in order) and its
+    search-index rows as the repository maps them for INSERT (``_row_values``), by table."""
 
     def __init__(self, app: FastAPI, client: TestClient, headers: dict[str, str], body: bytes) -> None:
         service: FhirService = app.state.service
-        engine = service.repo.engine
         self.indexed: list[Json] = []
-        self.inserts: list[tuple[sa.Table, list[dict[str, Any]]]] = []
+        self.rows: dict[str, tuple[sa.Table, list[dict[str, Any]]]] = {}
+        self.inserts = 0
         extract = service.extractor.extract
+        row_values = getattr(repository_module, "_row_values", None)
+        tables: dict[type, sa.Table] = getattr(repository_module, "_INDEX_TABLE", {})
 
         def recording(resource: Json) -> Any:
             self.indexed.append(orjson.loads(orjson.dumps(resource)))
             return extract(resource)
 
-        def before_execute(_conn: Any, clause: Any, multiparams: Any, params: Any, *_rest: Any) -> None:
+        def mapped(pk: int, res_type: str, row: Any) -> Any:
+            assert row_values is not None
+            values = row_values(pk, res_type, row)
+            table = tables[type(row)]
+            self.rows.setdefault(table.name, (table, []))[1].append(dict(values))
+            return values
+
+        def count(_conn: Any, clause: Any, *_rest: Any) -> None:
             table = getattr(clause, "table", None)
             if (
                 isinstance(clause, sa.Insert)
                 and isinstance(table, sa.Table)
                 and table.name.startswith("idx_")
             ):
-                rows = [dict(r) for r in multiparams] if multiparams else [dict(params)]
-                self.inserts.append((table, rows))
+                self.inserts += 1
 
+        engine = service.repo.engine
+        patched: Any = repository_module
         service.extractor.extract = recording  # type: ignore[method-assign,assignment]
-        sa.event.listen(engine, "before_execute", before_execute)
+        if row_values is not None and tables:
+            patched._row_values = mapped
+        sa.event.listen(engine, "before_execute", count)
         try:
             post(client, headers, "QuestionnaireResponse", body)
         finally:
-            sa.event.remove(engine, "before_execute", before_execute)
+            sa.event.remove(engine, "before_execute", count)
+            if row_values is not None and tables:
+                patched._row_values = row_values
             del service.extractor.extract
 
 
 def insert_what_if(app: FastAPI, ingest_: CapturedIngest, repeats: int = 15) -> dict[str, Any]:
-    """The search-index rows of one ingest inserted again, in transactions rolled back afterwards: as
-    the server does (one executemany per table and write); the same on an engine whose dialect sends
-    multi-row ``VALUES`` for INSERTs without RETURNING (SQLAlchemy's ``insertmanyvalues``, off by
-    default for these); that engine with one call per table for the whole ingest; on PostgreSQL, COPY."""
+    """The search-index rows of one ingest inserted again, in transactions rolled back afterwards,
+    one statement (or COPY) per table for the whole ingest: executemany; one multi-row INSERT built
+    with ``insert().values(rows)`` (compiled by SQLAlchemy each time, in chunks of 60,000 parameters);
+    executemany on an engine whose dialect sends multi-row ``VALUES`` itself (SQLAlchemy's
+    ``insertmanyvalues``, off by default for INSERTs without RETURNING); on PostgreSQL, COPY."""
     service: FhirService = app.state.service
     engine = service.repo.engine
+    merged = ingest_.rows
+    if not merged:
+        return {}
     batched = create_engine(engine.url.render_as_string(hide_password=False))
     batched.dialect.use_insertmanyvalues_wo_returning = True
-    captured = ingest_.inserts
-    merged: dict[str, tuple[sa.Table, list[dict[str, Any]]]] = {}
-    for table, rows in captured:
-        merged.setdefault(table.name, (table, []))[1].extend(rows)
 
-    def as_now(conn: sa.Connection) -> None:
-        for table, rows in captured:
-            conn.execute(table.insert(), rows)
-
-    def per_table(conn: sa.Connection) -> None:
+    def executemany(conn: sa.Connection) -> None:
         for table, rows in merged.values():
             conn.execute(table.insert(), rows)
+
+    def values(conn: sa.Connection) -> None:
+        for table, rows in merged.values():
+            step = max(1, 60_000 // len(rows[0]))
+            for start in range(0, len(rows), step):
+                conn.execute(sa.insert(table).values(rows[start : start + step]))
 
     def copy(conn: sa.Connection) -> None:
         raw: Any = conn.connection.dbapi_connection
@@ -805,38 +822,29 @@ def insert_what_if(app: FastAPI, ingest_: CapturedIngest, repeats: int = 15) -> 
                         out.write_row([row[c] for c in columns])
 
     variants: dict[str, tuple[sa.Engine, Callable[[sa.Connection], None]]] = {
-        "executemany per table and write (as now)": (engine, as_now),
-        "the same, multi-row VALUES (insertmanyvalues without RETURNING)": (batched, as_now),
-        "multi-row VALUES, one call per table for the whole ingest": (batched, per_table),
+        "executemany": (engine, executemany),
+        "multi-row INSERT from insert().values(rows), compiled each time": (engine, values),
+        "executemany, dialect sends multi-row VALUES (insertmanyvalues)": (batched, executemany),
     }
     if engine.dialect.name == "postgresql":
-        variants["COPY, one per table for the whole ingest"] = (engine, copy)
+        variants["COPY"] = (engine, copy)
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    statements: dict[str, int] = {}
     try:
         for _ in range(repeats):
             for name, (target, run) in variants.items():
-                count: list[int] = []
-
-                def counted(*_args: Any, count: list[int] = count) -> None:
-                    count.append(1)
-
                 with target.connect() as conn:
-                    sa.event.listen(conn, "before_cursor_execute", counted)
                     transaction = conn.begin()
                     t0 = time.perf_counter()
                     run(conn)
                     samples[name].append(time.perf_counter() - t0)
                     transaction.rollback()
-                    sa.event.remove(conn, "before_cursor_execute", counted)
-                statements[name] = len(count)
     finally:
         batched.dispose()
     return {
-        "rows": sum(len(r) for _, r in captured),
+        "rows": sum(len(r) for _, r in merged.values()),
         "tables": len(merged),
-        "executions_now": len(captured),
-        "variants": {name: {**stats_ms(v), "statements": statements[name]} for name, v in samples.items()},
+        "inserts_by_server": ingest_.inserts,
+        "variants": {name: stats_ms(v) for name, v in samples.items()},
     }
 
 
@@ -1366,9 +1374,9 @@ def markdown(results: dict[str, Any]) -> str:
     if any(x for _, x in inserts):
         first = next(x for _, x in inserts if x)
         w(
-            f"The search-index rows of one ingest ({first['rows']:,} rows in {first['tables']} tables, "
-            f"{first['executions_now']} executemany calls as the server makes them) inserted again in "
-            "transactions rolled back afterwards, median of 15 (ms):"
+            f"The search-index rows of one ingest ({first['rows']:,} rows in {first['tables']} tables; the "
+            f"server issued {first.get('inserts_by_server', '?')} INSERT calls for them) inserted again, one "
+            "statement or COPY per table, in transactions rolled back afterwards; median of 15, ms:"
         )
         w("")
         w("| Insert the index rows of one ingest | " + " | ".join(n for n, x in inserts if x) + " |")
@@ -1383,13 +1391,8 @@ def markdown(results: dict[str, Any]) -> str:
             for _, x in inserts:
                 if x:
                     v = (x.get("variants") or {}).get(name)
-                    cells.append(f"{_f(v.get('p50'))} ({v.get('statements', '?')} statements)" if v else "-")
+                    cells.append(_f(v.get("p50")) if v else "-")
             w(f"| {name} | " + " | ".join(cells) + " |")
-        w("")
-        w(
-            "(COPY goes through the DB-API cursor and counts as no SQLAlchemy statement; BEGIN, on "
-            "SQLite, as one.)"
-        )
         w("")
     extraction = [(d["database"], (d.get("what_if") or {}).get("extraction")) for d in dbs]
     if any(x for _, x in extraction):
