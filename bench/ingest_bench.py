@@ -4,7 +4,8 @@ Target (issue 5): >= 150 responses/s sustained with one worker, p99 <= 100 ms, o
 PostgreSQL; scoring alone <= 1 ms per response.
 
     python -m bench.ingest_bench [--database sqlite|postgres|both] [--responses N] [--patients P]
-                                 [--json OUT]
+                                 [--json OUT] [--tag TAG] [--profile-ingests K]
+    python -m bench.ingest_bench --from-json OUT [OUT ...]     # the Markdown of saved runs
 
 Per database:
 
@@ -25,7 +26,16 @@ Per database:
    ``_summary=count`` search totals (and the row counts of the tables).
 5. Where the time goes: ~200 more ingests for fresh patients (same history depths as the main run) with
    timers around the phases (exclusive time; database driver time per phase from SQLAlchemy's cursor
-   events), and a cProfile of ~100 ingests called in process (``FhirService.create``, no HTTP).
+   events; index extraction per resource type; bytes written), and a cProfile of ~100 ingests called
+   in process (``FhirService.create``, no HTTP); the stored body sizes and the index rows per
+   Observation by search parameter; the reads of one scoring plan with the plan of the slowest.
+6. What-ifs, no server code changed: ~200 ingests after ``ANALYZE``; on SQLite, also with the
+   server's ``sqlite_synchronous=NORMAL``; one ingest's index rows inserted again (executemany,
+   multi-row INSERT, ``insertmanyvalues``, COPY, foreign-key checks off) in rolled-back transactions;
+   index extraction with and without the FHIRPath fast path.
+
+``--tag TAG`` uses ``var/bench/ingest-TAG.sqlite3`` and the schema ``bench_ingest_TAG`` instead, so that
+two runs cannot drop each other's database. ``--json`` is rewritten after each database.
 
 Scoring alone: the pure ``score_administration`` on the same responses with a history of 5 prior
 administrations (in process, no database), per call, plus its own phase split.
@@ -821,23 +831,40 @@ def insert_what_if(app: FastAPI, ingest_: CapturedIngest, repeats: int = 15) -> 
                     for row in rows:
                         out.write_row([row[c] for c in columns])
 
-    variants: dict[str, tuple[sa.Engine, Callable[[sa.Connection], None]]] = {
-        "executemany": (engine, executemany),
-        "multi-row INSERT from insert().values(rows), compiled each time": (engine, values),
-        "executemany, dialect sends multi-row VALUES (insertmanyvalues)": (batched, executemany),
+    sqlite = engine.dialect.name == "sqlite"
+    # name -> (engine, insert, with the foreign-key checks of the index rows off)
+    variants: dict[str, tuple[sa.Engine, Callable[[sa.Connection], None], bool]] = {
+        "executemany": (engine, executemany, False),
+        "multi-row INSERT from insert().values(rows), compiled each time": (engine, values, False),
+        "executemany, dialect sends multi-row VALUES (insertmanyvalues)": (batched, executemany, False),
     }
-    if engine.dialect.name == "postgresql":
-        variants["COPY"] = (engine, copy)
+    if sqlite:
+        variants["executemany, foreign-key checks off"] = (engine, executemany, True)
+    else:
+        variants["COPY"] = (engine, copy, False)
+        variants["COPY, foreign-key checks off (session_replication_role = replica)"] = (engine, copy, True)
     samples: dict[str, list[float]] = {name: [] for name in variants}
     try:
         for _ in range(repeats):
-            for name, (target, run) in variants.items():
+            for name, (target, run, fk_off) in list(variants.items()):
                 with target.connect() as conn:
+                    raw: Any = conn.connection.dbapi_connection
+                    if fk_off and sqlite:  # only outside a transaction
+                        raw.execute("PRAGMA foreign_keys=OFF")
                     transaction = conn.begin()
-                    t0 = time.perf_counter()
-                    run(conn)
-                    samples[name].append(time.perf_counter() - t0)
-                    transaction.rollback()
+                    try:
+                        if fk_off and not sqlite:
+                            conn.exec_driver_sql("SET LOCAL session_replication_role = replica")
+                        t0 = time.perf_counter()
+                        run(conn)
+                        samples[name].append(time.perf_counter() - t0)
+                    except sa.exc.DBAPIError:  # e.g. not allowed to change session_replication_role
+                        del variants[name]
+                        samples.pop(name, None)
+                    finally:
+                        transaction.rollback()
+                        if fk_off and sqlite:
+                            raw.execute("PRAGMA foreign_keys=ON")
     finally:
         batched.dispose()
     return {
