@@ -505,9 +505,11 @@ def main(argv: list[str] | None = None) -> int:
         info["analysis"] = analysis.read_text()
     text = report(label, info)
     # Issue 5's ingest benchmark (``python -m bench.ingest_bench``) keeps its section beside this one.
-    ingest = common.ROOT / "bench" / "ingest-results.md"
-    if ingest.exists():
-        text = text.rstrip("\n") + "\n\n" + ingest.read_text(encoding="utf-8")
+    # So do issue 6's adaptive benchmark (``python -m bench.adaptive_bench``) and its notes.
+    for name in ("ingest-results.md", "adaptive-results.md", "adaptive-notes.md"):
+        extra = common.ROOT / "bench" / name
+        if extra.exists():
+            text = text.rstrip("\n") + "\n\n" + extra.read_text(encoding="utf-8")
     (common.ROOT / "BENCHMARKS.md").write_text(text, encoding="utf-8")
     print(f"[run_all] wrote {common.ROOT / 'BENCHMARKS.md'}", flush=True)
     return 0

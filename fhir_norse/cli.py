@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from fhir_norse.api.app import configure_logging, create_app
+    from fhir_norse.api.app import configure_logging, create_app, freeze_startup_objects
 
     configure_logging(settings.log_level)
     print(f"fhir-norse serving FHIR R4 at http://{settings.host}:{settings.port}/fhir", file=sys.stderr)
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     except ContentConflict as exc:
         print(f"fhir-norse: content refused: {exc}", file=sys.stderr)
         return 2
+    freeze_startup_objects()
     uvicorn.run(
         app,
         host=settings.host,

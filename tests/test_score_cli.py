@@ -73,3 +73,40 @@ def test_not_json_and_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture
     code, out = run(tmp_path, capsys, "{not json")
     assert code == 1 and out["issue"][0]["code"] == "structure"
     assert main(["score", str(tmp_path / "missing.json")]) == 2
+
+
+def test_a_response_to_a_contained_adaptive_form(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A completed $next-question response names its contained form; the form's source scores it."""
+    root = Path(__file__).resolve().parents[1]
+    adaptive = json.loads((root / "questionnaires/nf21/Questionnaire-nf21-adaptive.json").read_text())
+    sad_1 = next(i for i in adaptive["item"] if i["linkId"] == "sad-1")
+    contained = {
+        "resourceType": "Questionnaire",
+        "id": "q",
+        "status": "active",
+        "derivedFrom": ["http://fhir-norse.org/fhir/Questionnaire/nf21-adaptive|2.1.0"],
+        "item": [{"linkId": "page-triggers", "type": "group", "item": [sad_1]}],
+    }
+    answer = {"valueCoding": {"system": "http://fhir-norse.org/fhir/CodeSystem/nf21-answers", "code": "6"}}
+    body: dict[str, Any] = {
+        "resourceType": "QuestionnaireResponse",
+        "id": "qr-2",
+        "contained": [contained],
+        "questionnaire": "#q",
+        "status": "completed",
+        "subject": {"reference": "Patient/p1"},
+        "authored": "2026-03-02T09:00:00+01:00",
+        "item": [{"linkId": "page-triggers", "item": [{"linkId": "sad-1", "answer": [answer]}]}],
+    }
+    code, out = run(tmp_path, capsys, body)
+    assert code == 0, out
+    scales = [
+        e["resource"]["code"]["coding"][0]["code"]
+        for e in out["entry"]
+        if "rom-scale-score" in str(e["resource"].get("meta"))
+    ]
+    assert scales == ["sad"]
+    # An answer outside the contained form is refused as it would be by the server.
+    body["item"][0]["item"].append({"linkId": "sad-2", "answer": [answer]})
+    code, out = run(tmp_path, capsys, body)
+    assert code == 1 and "sad-2" in out["issue"][0]["diagnostics"]

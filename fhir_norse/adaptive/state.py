@@ -11,6 +11,9 @@ Groundwork for issue 6 (``$next-question`` and tailored forms build on it). Rule
   last ``close_window`` full scores is strictly below ``close_if_mean_last3_lt``. Decision for fewer
   scores than that (the sources leave it open): the scale stays open, so a scale is never closed on the
   strength of one or two administrations. Trigger-only scores (the scale was closed) do not count.
+  "The last 3" are the last 3 full scores, also from before the scale last closed: a scale that
+  re-opens may close again after one low administration when its earlier scores were low too (the
+  literal moving average of the sources).
 * An administration that did not measure a scale (missing, or not a scored administration) changes
   nothing for it.
 * **Clinician overrides** win over the rules: ``open`` asks the scale in full every time, ``closed``
@@ -46,7 +49,7 @@ class ScaleState:
 
     scale: str
     open: bool  # what the rules say
-    full_scores: tuple[float, ...]  # the full scale scores counted so far, oldest first
+    full_scores: tuple[float, ...]  # the last ``close_window`` full scale scores, oldest first
     override: Override | None = None
 
     @property

@@ -92,6 +92,23 @@ def build_service(settings: Settings) -> FhirService:
     return service
 
 
+def freeze_startup_objects() -> None:
+    """Move everything loaded at start-up (definitions, models, the content pack) out of the cyclic
+    garbage collector's reach, as long-running servers do (``gc.freeze``): a full collection otherwise
+    walks them all, a 130-150 ms pause in the middle of a request every few hundred requests (measured
+    on ``$next-question``, BENCHMARKS.md). Call once, after the app is built, in the serving process
+    (not in tests, which build many apps in one process)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    # A bigger first generation: a request allocates tens of thousands of short-lived objects (a
+    # 100-200 kB response parsed and rendered), so the default 700 ran the young collections every few
+    # hundred microseconds and, with them, a full collection every few requests (60 in 900 requests,
+    # 10-100 ms each, measured on the adaptive benchmark); with these, one in the same run.
+    gc.set_threshold(50_000, 20, 100)
+
+
 def create_app(settings: Settings, service: FhirService | None = None) -> FastAPI:
     app = FastAPI(
         title="fhir-norse", version="0.1.0", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json"

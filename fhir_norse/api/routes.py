@@ -19,6 +19,13 @@ from fhir_norse.fhir.bundles import BundleProcessor
 from fhir_norse.fhir.capability import capability_statement
 from fhir_norse.fhir.context import RequestContext
 from fhir_norse.fhir.errors import BadRequest, MethodNotAllowed
+from fhir_norse.fhir.operations.adaptive import (
+    adaptive_state_operation,
+    next_question_operation,
+    parameters_as_pairs,
+    populate_operation,
+    tailored_form_operation,
+)
 from fhir_norse.fhir.operations.extract import extract_operation
 from fhir_norse.fhir.operations.validate import validate_operation
 from fhir_norse.fhir.searching import search, search_params_from_form
@@ -125,6 +132,49 @@ def extract_type(body: ResourceBody, ctx: Context, service: Service) -> Response
 @router.post("/QuestionnaireResponse/{res_id}/$extract")
 def extract_instance(res_id: str, ctx: Context, service: Service) -> Response:
     return render(extract_operation(service, ctx, res_id, None))
+
+
+@router.post("/Questionnaire/$next-question")
+@router.post("/Questionnaire/{res_id}/$next-question")
+def next_question(body: ResourceBody, ctx: Context, service: Service) -> Response:
+    """SDC adaptive forms: the response with the next page appended (or completed)."""
+    return render(next_question_operation(service, ctx, body))
+
+
+async def _operation_params(request: Request) -> list[tuple[str, str]]:
+    """Query parameters plus, for a POST, the simple parameters of a Parameters body."""
+    params = _query(request)
+    if request.method == "POST" and (await request.body()):
+        params += parameters_as_pairs(await read_body(request))
+    return params
+
+
+@router.get("/Patient/{res_id}/$tailored-form")
+@router.post("/Patient/{res_id}/$tailored-form")
+async def tailored_form(request: Request, res_id: str, ctx: Context, service: Service) -> Response:
+    params = await _operation_params(request)
+    return render(await run_in_threadpool(tailored_form_operation, service, ctx, res_id, params))
+
+
+@router.get("/Patient/{res_id}/$adaptive-state")
+@router.post("/Patient/{res_id}/$adaptive-state")
+async def adaptive_state(request: Request, res_id: str, ctx: Context, service: Service) -> Response:
+    params = await _operation_params(request)
+    return render(await run_in_threadpool(adaptive_state_operation, service, ctx, res_id, params))
+
+
+@router.get("/Questionnaire/$populate")
+@router.post("/Questionnaire/$populate")
+async def populate_type(request: Request, ctx: Context, service: Service) -> Response:
+    params = await _operation_params(request)
+    return render(await run_in_threadpool(populate_operation, service, ctx, None, params))
+
+
+@router.get("/Questionnaire/{res_id}/$populate")
+@router.post("/Questionnaire/{res_id}/$populate")
+async def populate_instance(request: Request, res_id: str, ctx: Context, service: Service) -> Response:
+    params = await _operation_params(request)
+    return render(await run_in_threadpool(populate_operation, service, ctx, res_id, params))
 
 
 @router.get("/{res_type}/{res_id}")

@@ -77,6 +77,11 @@ INTERACTION_PERMISSIONS: Mapping[str, str] = MappingProxyType(
         "operation:validate": "r",
         # SDC $extract shows what scoring a response would write; it stores nothing.
         "operation:extract": "r",
+        # Adaptive administration reads the patient's history and writes nothing.
+        "operation:next-question": "r",
+        "operation:tailored-form": "r",
+        "operation:populate": "r",
+        "operation:adaptive-state": "r",
     }
 )
 

@@ -65,6 +65,15 @@ def score_file(text: bytes, root: Path) -> tuple[int, dict[str, Any]]:
     except FhirError as error:
         return 1, error.outcome()
     canonical = response.get("questionnaire")
+    form: dict[str, Any] | None = None
+    if isinstance(canonical, str) and canonical.startswith("#"):
+        # A response to a form it contains ($next-question, $populate): scored by the form's source.
+        form = next(
+            (c for c in response.get("contained") or [] if f"#{c.get('id')}" == canonical),
+            None,
+        )
+        derived = (form or {}).get("derivedFrom") or []
+        canonical = derived[0] if derived and isinstance(derived[0], str) else canonical
     questionnaire = _questionnaire(root, canonical) if isinstance(canonical, str) else None
     if questionnaire is None:
         issue = Issue(
@@ -79,7 +88,7 @@ def score_file(text: bytes, root: Path) -> tuple[int, dict[str, Any]]:
         issue = Issue(f"No mapping scores {canonical}", code="not-supported")
         return 1, operation_outcome([issue])
     mapping = instrument.mapping if isinstance(instrument.mapping, InstrumentMapping) else None
-    issues = validate_response(response, questionnaire, mapping=mapping)
+    issues = validate_response(response, form or questionnaire, mapping=mapping)
     for element in ("subject", "authored"):
         if not response.get(element):
             issues.append(

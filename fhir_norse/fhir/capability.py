@@ -2,7 +2,10 @@
 
 https://hl7.org/fhir/R4/capabilitystatement.html. Resource types, interactions, search
 parameters and includes are read from the same registries the server runs on, so the
-statement cannot drift from the code.
+statement cannot drift from the code. ``supportedProfile`` lists the profiles of the content pack
+(:class:`~fhir_norse.fhir.profiles.ProfileValidator`) by the type they constrain; the operations of
+scoring (``$extract``) and adaptive administration (``$next-question``, ``$populate``,
+``$tailored-form``, ``$adaptive-state``) are listed only when this server runs them.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any
 from fhir_norse import __version__
 from fhir_norse.config import Settings
 from fhir_norse.fhir.context import RequestContext, Result
+from fhir_norse.fhir.intake import QuestionnaireResponseIntake
 from fhir_norse.fhir.interactions import FhirService
 from fhir_norse.fhir.resource_types import SUPPORTED_TYPES
 from fhir_norse.fhir.search.registry import RESOURCE_COLUMN_PARAMS
@@ -73,6 +77,7 @@ def _resource(service: FhirService, res_type: str) -> dict[str, Any]:
         "operation": [
             {"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"},
             *(_EXTRACT if res_type == "QuestionnaireResponse" and res_type in service.hooks else []),
+            *(_ADAPTIVE.get(res_type, []) if _adaptive(service) else []),
         ],
     }
 
@@ -85,6 +90,56 @@ _EXTRACT = [
         "documentation": "The scores, report, alerts and Provenance that scoring the response would write",
     }
 ]
+
+# Adaptive administration (fhir_norse.fhir.adaptive): SDC adaptive forms and population
+# (https://hl7.org/fhir/uv/sdc/STU3/adaptive.html, .../populate.html) on Questionnaire, and two
+# operations of this server on Patient. Their OperationDefinitions are not published by this server.
+_OWN_OPERATION = "http://fhir-norse.org/fhir/OperationDefinition/"
+_ADAPTIVE: dict[str, list[dict[str, str]]] = {
+    "Questionnaire": [
+        {
+            "name": "next-question",
+            "definition": "http://hl7.org/fhir/uv/sdc/OperationDefinition/Questionnaire-next-question",
+            "documentation": (
+                "Adaptive administration: the QuestionnaireResponse with the next page of the patient's "
+                "adaptive form appended (the triggers, then the scales they open), or completed"
+            ),
+        },
+        {
+            "name": "populate",
+            "definition": "http://hl7.org/fhir/uv/sdc/OperationDefinition/Questionnaire-populate",
+            "documentation": (
+                "An in-progress QuestionnaireResponse for subject=Patient/[id] that contains the static "
+                "form tailored to the patient (context, episode and the clinicians' scale overrides)"
+            ),
+        },
+    ],
+    "Patient": [
+        {
+            "name": "tailored-form",
+            "definition": f"{_OWN_OPERATION}Patient-tailored-form",
+            "documentation": (
+                "The static Questionnaire tailored to this patient: open and clinician-opened scales "
+                "asked in full, clinician-closed ones by their trigger only, the others opening on "
+                "their trigger as in the static form (parameters context, episode, questionnaire)"
+            ),
+        },
+        {
+            "name": "adaptive-state",
+            "definition": f"{_OWN_OPERATION}Patient-adaptive-state",
+            "documentation": (
+                "Parameters: per scale whether it is open, asked in full, its recent scores and the "
+                "clinician override in force (parameters context, episode, questionnaire)"
+            ),
+        },
+    ],
+}
+
+
+def _adaptive(service: FhirService) -> bool:
+    """Whether the adaptive operations run here: scoring is installed and an instrument adapts."""
+    hook = service.hooks.get("QuestionnaireResponse")
+    return isinstance(hook, QuestionnaireResponseIntake) and bool(hook.adaptive.adaptive_mappings())
 
 
 def capability_statement(service: FhirService, ctx: RequestContext, settings: Settings) -> Result:

@@ -23,6 +23,7 @@ write's unit of work, so a response and everything derived from it commit togeth
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from urllib.parse import urlencode
 import orjson
 
 from fhir_norse import __version__
+from fhir_norse.adaptive.forms import tailored_questionnaire
+from fhir_norse.adaptive.history import context_of, episode_of
 from fhir_norse.alerts.rules import Alert, AlertCode, AlertDecision
 from fhir_norse.fhir.context import RequestContext
 from fhir_norse.fhir.errors import Conflict, Issue, Unprocessable
@@ -42,10 +45,9 @@ from fhir_norse.fhir.resources import instant, new_id, now_ms
 from fhir_norse.instruments.intake import validate_response
 from fhir_norse.instruments.registry import Instrument, InstrumentRegistry, version_key
 from fhir_norse.instruments.schema import InstrumentMapping
+from fhir_norse.scoring.engine import answers_from_response, trigger_scores
 from fhir_norse.scoring.pipeline import PriorAdministration, ScoredAdministration, score_administration
 from fhir_norse.scoring.resources import (
-    CS_ALLIANCE,
-    CS_SCALES,
     LOINC,
 )
 from fhir_norse.store.repository import ReadView, StoredResource, UnitOfWork
@@ -167,7 +169,10 @@ class QuestionnaireResponseIntake:
     """The :class:`~fhir_norse.fhir.interactions.WriteHook` of QuestionnaireResponse (module doc)."""
 
     def __init__(self, registry: InstrumentRegistry) -> None:
+        from fhir_norse.fhir.adaptive import AdaptiveService
+
         self.registry = registry
+        self.adaptive = AdaptiveService(registry)
         # Published Questionnaires never change (they are read-only), so ``url|version`` is cached.
         self._published: dict[str, JsonDict] = {}
 
@@ -197,6 +202,60 @@ class QuestionnaireResponseIntake:
         if version and PUBLISHED_TAG in (best.get("meta") or {}).get("tag", []):
             self._published[canonical] = best
         return best
+
+    def forms(self, service: FhirService, reader: ReadView, response: JsonDict) -> tuple[JsonDict, JsonDict]:
+        """(the form the answers are checked against, the canonical Questionnaire that scores them).
+
+        Both are the stored Questionnaire the response names, except for a response to a form it
+        contains (``questionnaire`` = ``#id``: SDC adaptive forms, tailored static forms): that form
+        must derive from a stored Questionnaire (``derivedFrom``) and define each item as it does.
+        """
+        reference = response.get("questionnaire")
+        if not (isinstance(reference, str) and reference.startswith("#")):
+            canonical = self.questionnaire(service, reader, reference)
+            return canonical, canonical
+        contained = next(
+            (
+                c
+                for c in response.get("contained") or []
+                if isinstance(c, dict)
+                and c.get("resourceType") == "Questionnaire"
+                and f"#{c.get('id')}" == reference
+            ),
+            None,
+        )
+        expression = ["QuestionnaireResponse.questionnaire"]
+        if contained is None:
+            raise Unprocessable(
+                f"questionnaire {reference} names no contained Questionnaire",
+                code="not-found",
+                expression=expression,
+            )
+        derived = [d for d in contained.get("derivedFrom") or [] if isinstance(d, str)]
+        if not derived:
+            raise Unprocessable(
+                "a contained Questionnaire must name the Questionnaire it derives from (derivedFrom)",
+                code="required",
+                expression=expression,
+            )
+        canonical = self.questionnaire(service, reader, derived[0])
+        defined = {str(i.get("linkId")): i for i in _flat(canonical)}
+        issues = []
+        for item in _flat(contained):
+            if item.get("type") in ("group", "display"):
+                continue
+            base = defined.get(str(item.get("linkId")))
+            if base is None or any(item.get(k) != base.get(k) for k in _DEFINING):
+                issues.append(
+                    Issue(
+                        f"contained item {item.get('linkId')!r} is not defined so in {derived[0]}",
+                        code="structure",
+                        expression=("QuestionnaireResponse.contained",),
+                    )
+                )
+        if issues:
+            raise Unprocessable(issues[0].diagnostics, issues=issues)
+        return contained, canonical
 
     def instrument_of(self, questionnaire: JsonDict) -> Instrument | None:
         return self.registry.for_questionnaire(str(questionnaire.get("url")), questionnaire.get("version"))
@@ -244,7 +303,7 @@ class QuestionnaireResponseIntake:
     ) -> None:
         """Intake validation of a response (422 with every problem); see the module doc."""
         issues: list[Issue] = []
-        questionnaire = self.questionnaire(service, uow, body.get("questionnaire"))
+        form, questionnaire = self.forms(service, uow, body)
         subject = (body.get("subject") or {}).get("reference")
         patient_id = _reference_id(subject, "Patient")
         if patient_id is None:
@@ -277,11 +336,43 @@ class QuestionnaireResponseIntake:
             issues += _transition_problems(loads(previous.body_text), body)
         instrument = self.instrument_of(questionnaire)
         mapping = instrument.mapping if instrument is not None else None
-        issues += validate_response(
-            body, questionnaire, mapping=mapping if isinstance(mapping, InstrumentMapping) else None
-        )
+        if isinstance(mapping, InstrumentMapping):
+            answers = validate_response(body, form, mapping=mapping)
+            if answers and patient_id is not None and not issues:
+                # Only now read the history: the adaptive plan may excuse what the plain form refuses.
+                answers = self._adaptive_check(service, uow, body, form, mapping)
+            issues += answers
+        else:
+            issues += validate_response(body, form)
         if issues:
             raise Unprocessable(issues[0].diagnostics, issues=issues)
+
+    def _adaptive_check(
+        self,
+        service: FhirService,
+        reader: ReadView,
+        body: JsonDict,
+        form: JsonDict,
+        mapping: InstrumentMapping,
+    ) -> list[Issue]:
+        """Validation with the patient's adaptive plan: the groups of scales asked in full whatever the
+        trigger are enabled, and the items of scales not asked in full are not required."""
+        patient = str(body["subject"]["reference"])
+        state = self.adaptive.patient_state(
+            service,
+            reader,
+            patient,
+            mapping,
+            episode=self.adaptive.episode(service, reader, body),
+            context=context_of(body),
+            exclude_response=str(body.get("id") or "") or None,
+            before=str(body["authored"]),
+        )
+        plan = state.plan
+        asked = set(plan.in_full(trigger_scores(answers_from_response(body), mapping)))
+        closed = frozenset(s.code for s in mapping.scales if s.code not in asked)
+        tailored = tailored_questionnaire(form, plan, drop_closed=False)
+        return validate_response(body, tailored, mapping=mapping, closed_scales=closed)
 
     def after_save(
         self,
@@ -324,16 +415,23 @@ class QuestionnaireResponseIntake:
 
         ``rescore``: the response was stored before, so its derived resources may exist already.
         """
-        questionnaire = self.questionnaire(service, reader, response.get("questionnaire"))
+        _, questionnaire = self.forms(service, reader, response)
         instrument = self.instrument_of(questionnaire)
         if instrument is None:
             return ScoringPlan()
         res_id = str(response.get("id") or "")
         patient_ref = str(response["subject"]["reference"])
         authored = str(response["authored"])
+        episode = self.adaptive.episode(service, reader, response)
         # Alerts follow the newest administration: a response answered before another one already
         # stored (sent late, or amended later) is scored but leaves the alerts as they stand.
-        history, later = self._history(service, reader, patient_ref, instrument, res_id, authored)
+        if isinstance(instrument.mapping, InstrumentMapping):
+            history, later = self._adaptive_history(
+                service, reader, patient_ref, instrument.mapping, episode, res_id, authored
+            )
+        else:
+            history, later = self._history(service, reader, patient_ref, instrument, res_id, authored)
+        context = context_of(response) or ("intake" if not history else "weekly")
         active = self._active_alerts(service, reader, patient_ref)
         return assemble_plan(
             response,
@@ -345,6 +443,8 @@ class QuestionnaireResponseIntake:
             current=(lambda t, i: reader.current(t, i)) if rescore else (lambda t, i: None),
             stale=(lambda keep: self._withdraw_stale(reader, res_id, keep)) if rescore else (lambda keep: []),
             owner=lambda: self._owner(service, reader, patient_ref),
+            context=context,
+            episode=episode,
         )
 
     def withdrawal(
@@ -425,58 +525,59 @@ class QuestionnaireResponseIntake:
         response_id: str,
         authored: str,
     ) -> tuple[list[PriorAdministration], bool]:
-        """The patient's earlier administrations of the instrument, oldest first, from its stored
-        Observations (final or amended) derived from other responses; and whether a later one exists.
+        """For a sum-score instrument (no change statistics): no history, and whether a later
+        administration of it exists (alerts follow the newest administration).
 
-        One index lookup by subject, filtered here: a query that also filtered by profile and status
-        in SQL depends on fresh planner statistics (on a PostgreSQL without autovacuum it was planned
-        as nested loops over every index row of the type), while this one is a single range scan.
+        One index lookup by subject, filtered here: a query that also filtered by code and status in
+        SQL depends on fresh planner statistics (on a PostgreSQL without autovacuum it was planned as
+        nested loops over every index row of the type), while this one is a single range scan.
         """
         mapping = instrument.mapping
+        assert not isinstance(mapping, InstrumentMapping)
+        code = mapping.total.code
+        total = (LOINC, code) if isinstance(code, str) else (code.get("system"), str(code.get("code")))
         found = service.find_matching(
             reader, "Observation", urlencode({"subject": patient_ref}), _HISTORY_LIMIT
         )
-        if isinstance(mapping, InstrumentMapping):
-            scales = {s.code for s in mapping.scales}
-            total: tuple[str | None, str] | None = None
-        else:
-            scales = set()
-            code = mapping.total.code
-            total = (LOINC, code) if isinstance(code, str) else (code.get("system"), str(code.get("code")))
         current = _moment(authored)
-        later = False
-        by_response: dict[str, tuple[str, dict[str, float], dict[str, float]]] = {}
         for stored in found:
             obs = orjson.loads(stored.body_text or "{}")
-            if obs.get("status") not in ("final", "amended"):
-                continue
             coding = ((obs.get("code") or {}).get("coding") or [{}])[0]
-            system, code = coding.get("system"), coding.get("code")
-            mine = system in (CS_SCALES, CS_ALLIANCE) if total is None else (system, code) == total
-            if not mine:
+            if (
+                obs.get("status") not in ("final", "amended")
+                or (coding.get("system"), coding.get("code")) != total
+            ):
                 continue
             source = _reference_id(
                 ((obs.get("derivedFrom") or [{}])[0]).get("reference"), "QuestionnaireResponse"
             )
             when = obs.get("effectiveDateTime")
-            value = (obs.get("valueQuantity") or {}).get("value")
-            if source is None or source == response_id or not when or value is None:
-                continue
-            moment = _moment(when)
-            if moment > current:
-                later = True
-            if moment >= current or total is not None:
-                continue
-            entry = by_response.setdefault(source, (when, {}, {}))
-            if system == CS_SCALES and code in scales:
-                entry[1][code] = float(value)
-            elif system == CS_ALLIANCE:
-                entry[2][str(code)] = float(value)
-        ordered = sorted(by_response.items(), key=lambda kv: (_moment(kv[1][0]), kv[0]))
+            if source is not None and source != response_id and when and _moment(when) > current:
+                return [], True
+        return [], False
+
+    def _adaptive_history(
+        self,
+        service: FhirService,
+        reader: ReadView,
+        patient_ref: str,
+        mapping: InstrumentMapping,
+        episode: str | None,
+        response_id: str,
+        authored: str,
+    ) -> tuple[list[PriorAdministration], bool]:
+        """The earlier administrations of the episode (scale and alliance scores), oldest first, and
+        whether a later one exists."""
+        every = self.adaptive.history(
+            service, reader, patient_ref, mapping, episode, exclude_response=response_id
+        )
+        current = _moment(authored)
+        earlier = [a for a in every if _moment(a.authored) < current]
+        later = any(_moment(a.authored) > current for a in every)
         history = [
-            PriorAdministration(f"QuestionnaireResponse/{rid}", when, s, a)
-            for rid, (when, s, a) in ordered
-            if s or a
+            PriorAdministration(f"QuestionnaireResponse/{a.response}", a.authored, a.scales, a.alliance)
+            for a in earlier
+            if a.scales or a.alliance
         ]
         return history, later
 
@@ -567,6 +668,8 @@ def assemble_plan(
     stale: Callable[[set[str]], list[PlannedWrite]] = lambda keep: [],
     owner: Callable[[], JsonDict | None] = lambda: None,
     alerts: bool = True,
+    context: str | None = None,
+    episode: str | None = None,
 ) -> ScoringPlan:
     """Score ``response`` and lay out every write (pure, given its inputs; used by the server, by
     ``$extract`` and by ``fhir-norse score``). ``current`` finds an earlier version of a derived
@@ -596,7 +699,10 @@ def assemble_plan(
     plan.warnings += [Issue(w, code="business-rule", severity="warning") for w in scored.warnings]
 
     built = scored.resources.resources()
+    stamps = _administration_extensions(response, context, episode)
     for resource in built:
+        if stamps:
+            resource["extension"] = [*resource.get("extension", []), *copy.deepcopy(stamps)]
         stored = current(resource["resourceType"], resource["id"])
         if stored is not None and not stored.deleted:
             resource["status"] = "amended"
@@ -628,6 +734,35 @@ def assemble_plan(
 
 
 # --- building alert and provenance resources -----------------------------------------------------------
+
+
+_DEFINING = ("type", "code", "answerValueSet", "answerOption", "repeats", "readOnly", "maxLength")
+
+
+def _flat(questionnaire: JsonDict) -> list[JsonDict]:
+    out: list[JsonDict] = []
+    for item in questionnaire.get("item") or []:
+        if isinstance(item, dict):
+            out.append(item)
+            out += _flat(item)
+    return out
+
+
+def _administration_extensions(
+    response: JsonDict, context: str | None, episode: str | None
+) -> list[JsonDict]:
+    """The administration context and the episode the derived resources carry (the response's own
+    extensions when it has them, else what the server resolved)."""
+    from fhir_norse.fhir.adaptive import context_extension, episode_extension
+
+    out: list[JsonDict] = []
+    code = context_of(response) or context
+    if code is not None:
+        out.append(context_extension(code))
+    ref = episode_of(response) or episode
+    if ref is not None:
+        out.append(episode_extension(ref))
+    return out
 
 
 def _strip_version(reference: str) -> str:
@@ -808,6 +943,10 @@ def _provenance(
 
 def install_intake(service: FhirService, registry: InstrumentRegistry) -> QuestionnaireResponseIntake:
     """Attach intake and scoring to the QuestionnaireResponse writes of ``service``."""
+    from fhir_norse.fhir.adaptive import AdaptiveService, ScaleOverrideHook
+
     hook = QuestionnaireResponseIntake(registry)
+    hook.adaptive = AdaptiveService(registry)
     service.hooks["QuestionnaireResponse"] = hook
+    service.hooks["ServiceRequest"] = ScaleOverrideHook(registry)
     return hook

@@ -19,6 +19,7 @@ SUPPORTED_TYPES: tuple[str, ...] = (
     "DiagnosticReport",
     "Flag",
     "Task",
+    "ServiceRequest",
     "CommunicationRequest",
     "Communication",
     "Provenance",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -284,6 +284,13 @@ class InstrumentMapping(_Model):
             "A scale may close only when it has at least this many scale scores (from administrations "
             "where it was open); with fewer it stays open. The closing mean is over the last "
             "close_window scores."
+        ),
+    )
+    full_bank_contexts: list[Literal["intake", "weekly", "termination"]] = Field(
+        default_factory=lambda: cast(list[Literal["intake", "weekly", "termination"]], ["intake"]),
+        description=(
+            "Administration contexts that ask every scale in full whatever its state (the first, long "
+            "administration of the case study); a clinician's override still closes a scale."
         ),
     )
     domains: list[Domain] = Field(min_length=1)

@@ -55,6 +55,7 @@ __all__ = [
     "SingleItemScore",
     "answers_from_response",
     "score_nf21",
+    "trigger_scores",
 ]
 
 PreferenceValue = Literal["less", "as-now", "more"]
@@ -248,6 +249,18 @@ def _scale_score(mapping: InstrumentMapping, scale: Scale, reader: _Reader) -> S
         trigger_problem_score=trigger_value,
         opened=trigger_value is not None and trigger_value > scale.open_if_trigger_gt,
     )
+
+
+def trigger_scores(answers: Mapping[str, str], mapping: InstrumentMapping) -> dict[str, float | None]:
+    """Trigger linkId -> its answer in the problem direction (reverse keying and "not relevant" applied
+    as scoring does; ``None`` when unanswered or missing), for every scale's opening item."""
+    reader = _Reader(answers, mapping.answer_handling)
+    out: dict[str, float | None] = {}
+    for scale in mapping.scales:
+        trigger = mapping.trigger_of(scale)
+        owner = scale if scale.trigger is not None else mapping.scale_of_item(trigger)
+        out[trigger] = reader.value(trigger, "clinical_scales", trigger in owner.reverse_keyed)[1]
+    return out
 
 
 # --- alliance, preferences, single items ----------------------------------------------------------

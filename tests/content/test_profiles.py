@@ -41,6 +41,7 @@ EXPECTED_PROFILES = {
     "rom-report": "DiagnosticReport",
     "rom-questionnaire-response": "QuestionnaireResponse",
     "rom-alert-flag": "Flag",
+    "rom-scale-override": "ServiceRequest",
     "administration-context": "Extension",
     "nf21-item": "Extension",
 }
@@ -330,7 +331,10 @@ def test_flag_invariant_requires_an_end_when_inactive() -> None:
 def test_extension_fixes_its_own_url_and_context() -> None:
     ext = _sd("administration-context")
     assert _element("administration-context", "Extension.url")["fixedUri"] == ext["url"]
-    assert ext["context"] == [{"type": "element", "expression": "QuestionnaireResponse"}]
+    assert ext["context"] == [
+        {"type": "element", "expression": e}
+        for e in ("QuestionnaireResponse", "Observation", "DiagnosticReport")
+    ]
 
 
 def test_the_nf21_item_extension_describes_what_the_questionnaires_use() -> None:

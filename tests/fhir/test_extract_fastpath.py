@@ -557,6 +557,40 @@ def workflow() -> list[JsonDict]:
             "input": [{"type": {"text": "alert"}, "valueReference": {"reference": "Flag/flag-1"}}],
         },
         {
+            "resourceType": "ServiceRequest",
+            "id": "sr-1",
+            "meta": {"profile": ["http://fhir-norse.org/fhir/StructureDefinition/rom-scale-override"]},
+            "extension": [
+                {
+                    "url": "http://hl7.org/fhir/StructureDefinition/workflow-episodeOfCare",
+                    "valueReference": {"reference": "EpisodeOfCare/eoc-1"},
+                }
+            ],
+            "identifier": [{"system": "urn:sr", "value": "sr-1"}],
+            "requisition": {"value": "req-1"},
+            "basedOn": [{"reference": "ServiceRequest/sr-0"}],
+            "replaces": [{"reference": "ServiceRequest/sr-0"}],
+            "instantiatesCanonical": ["http://example.org/PlanDefinition/rom|1.0"],
+            "instantiatesUri": ["http://example.org/protocol"],
+            "status": "active",
+            "intent": "order",
+            "priority": "routine",
+            "doNotPerform": True,
+            "category": [concept("http://fhir-norse.org/fhir/CodeSystem/rom-codes", "scale-override")],
+            "code": concept("http://fhir-norse.org/fhir/CodeSystem/nf21-scales", "worry"),
+            "subject": {"reference": "Patient/p-1"},
+            "encounter": {"reference": "Encounter/e-1"},
+            "occurrenceDateTime": "2026-03-11T09:00:00+01:00",
+            "authoredOn": "2026-03-04T10:15:00+01:00",
+            "requester": {"reference": "Practitioner/pr-1"},
+            "performerType": concept("http://snomed.info/sct", "18803008"),
+            "performer": [{"reference": "Practitioner/pr-1"}],
+            "reasonCode": [{"text": "Worry is being treated elsewhere"}],
+            "reasonReference": [{"reference": "Observation/obs-1"}],
+            "specimen": [{"reference": "Specimen/s-1"}],
+            "bodySite": [concept("http://snomed.info/sct", "38266002")],
+        },
+        {
             "resourceType": "CommunicationRequest",
             "id": "cr-1",
             "identifier": [{"value": "cr-1"}],
@@ -1095,7 +1129,7 @@ def test_share_of_parameters_on_the_fast_path() -> None:
     extractor = IndexExtractor(default_registry())
     extractor.prepare()
     paths = extractor.fast_path
-    assert len(paths) == 566  # every indexed parameter/type pair of the supported types compiles
+    assert len(paths) == 591  # every indexed parameter/type pair of the supported types compiles
     slow = {pair for pair, fast in paths.items() if not fast}
     assert slow == SLOW_PARAMETERS
     assert len(paths) - len(slow) >= 0.8 * len(paths)

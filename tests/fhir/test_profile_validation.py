@@ -206,6 +206,22 @@ def alert_flag() -> JsonDict:
     }
 
 
+def scale_override() -> JsonDict:
+    return {
+        "resourceType": "ServiceRequest",
+        "meta": {"profile": [SD + "rom-scale-override"]},
+        "status": "active",
+        "intent": "order",
+        "doNotPerform": True,
+        "category": [{"coding": [{"system": CS + "rom-codes", "code": "scale-override"}]}],
+        "code": {"coding": [{"system": CS + "nf21-scales", "code": "eating"}]},
+        "subject": {"reference": "Patient/p1"},
+        "authoredOn": "2026-03-09T10:00:00+01:00",
+        "requester": {"reference": "Practitioner/pr1"},
+        "reasonCode": [{"text": "Treated at the eating disorder unit"}],
+    }
+
+
 CONFORMING: dict[str, tuple[str, Callable[[], JsonDict]]] = {
     "rom-scale-score": (SCALE_SCORE, scale_score),
     "rom-alliance": (ALLIANCE, alliance),
@@ -214,6 +230,7 @@ CONFORMING: dict[str, tuple[str, Callable[[], JsonDict]]] = {
     "rom-report": (REPORT, report),
     "rom-questionnaire-response": (QUESTIONNAIRE_RESPONSE, questionnaire_response),
     "rom-alert-flag": (ALERT_FLAG, alert_flag),
+    "rom-scale-override": (SD + "rom-scale-override", scale_override),
     "administration-context": (ADMINISTRATION_CONTEXT, administration_context),
     "nf21-item": (NF21_ITEM, nf21_item),
 }
@@ -237,7 +254,7 @@ def test_a_conforming_instance_passes(name: str) -> None:
 def test_knows_urls_with_and_without_version() -> None:
     v = validator()
     assert v.knows(SCALE_SCORE)
-    assert v.knows(f"{SCALE_SCORE}|0.1.0")
+    assert v.knows(f"{SCALE_SCORE}|0.2.0")
     assert not v.knows(f"{SCALE_SCORE}|9.9.9")
     assert not v.knows(SD + "no-such-profile")
     assert not v.knows("http://hl7.org/fhir/StructureDefinition/Observation")

@@ -114,13 +114,34 @@ def test_every_problem_is_reported_with_its_linkid(client: TestClient) -> None:
     nothing_stored(client)
 
 
+WEEKLY = {
+    "url": "http://fhir-norse.org/fhir/StructureDefinition/administration-context",
+    "valueCoding": {
+        "system": "http://fhir-norse.org/fhir/CodeSystem/administration-context",
+        "code": "weekly",
+    },
+}
+
+
 def test_answers_to_a_closed_scale_are_refused(client: TestClient) -> None:
-    """sad-2 is asked only when the sad trigger opens the scale (the static form's enableWhen)."""
+    """At a weekly administration sad-2 is asked only when the sad trigger opens the scale (the static
+    form's enableWhen; the patient's history has not opened it)."""
+    patient = create_patient(client)
+    answers = nf21_answers({"sad": 2}, overrides={"sad-2": "5"})
+    body = response(NF21_STATIC, answers, patient=patient)
+    body["extension"] = [WEEKLY]
+    answer = post_response(client, body)
+    assert answer.status_code == 422
+    assert "sad-2" in answer.json()["issue"][0]["diagnostics"]
+
+
+def test_the_intake_administration_asks_every_scale(client: TestClient) -> None:
+    """The first administration (context intake, or no context and no history) asks the full bank, so
+    the items of a scale whose trigger is low are accepted there."""
     patient = create_patient(client)
     answers = nf21_answers({"sad": 2}, overrides={"sad-2": "5"})
     answer = post_response(client, response(NF21_STATIC, answers, patient=patient))
-    assert answer.status_code == 422
-    assert "sad-2" in answer.json()["issue"][0]["diagnostics"]
+    assert answer.status_code == 201, answer.text
 
 
 def test_wrong_answer_type_is_refused(client: TestClient) -> None:

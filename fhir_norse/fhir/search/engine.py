@@ -202,6 +202,41 @@ def _fetch_page(
     return rows, keys, more
 
 
+def find_versions(
+    conn: sa.Connection,
+    resource_type: str,
+    params: Iterable[tuple[str, str]],
+    limit: int,
+    *,
+    registry: SearchParamRegistry | None = None,
+) -> list[tuple[int, str, int]]:
+    """(pk, id, version) of the current resources matching a query, without their bodies: for a
+    caller that keeps what it derived from each stored version and reads only the bodies it lacks
+    (:func:`bodies`)."""
+    req = parse_search(resource_type, params, strict=True, registry=registry)
+    req = replace(req, sort=(), cursor=None, count=max(0, limit))
+    if limit <= 0:
+        return []
+    page, _ = _page_select(req, None)
+    page_sq = page.subquery("page")
+    res = _RES
+    statement = sa.select(res.c.pk, res.c.res_id, res.c.version).select_from(
+        page_sq.join(res, res.c.pk == page_sq.c.pk)
+    )
+    return [(int(pk), str(rid), int(version)) for pk, rid, version in conn.execute(statement).all()][:limit]
+
+
+def bodies(conn: sa.Connection, pks: Sequence[int]) -> dict[int, str]:
+    """The stored JSON text of the given resource rows (see :func:`find_versions`)."""
+    res = _RES
+    out: dict[int, str] = {}
+    for start in range(0, len(pks), 500):
+        chunk = list(pks[start : start + 500])
+        statement = sa.select(res.c.pk, sa.cast(res.c.body, sa.Text)).where(res.c.pk.in_(chunk))
+        out.update({int(pk): str(text) for pk, text in conn.execute(statement).all()})
+    return out
+
+
 def count_matches(conn: sa.Connection, req: SearchRequest) -> int:
     """The number of resources matching the criteria (``_total=accurate``)."""
     r = _R

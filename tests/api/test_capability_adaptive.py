@@ -1,0 +1,149 @@
+"""``/metadata`` lists adaptive administration (issue 6): the SDC operations on Questionnaire, this
+server's operations on Patient, and the ``rom-scale-override`` profile of ServiceRequest; every
+operation it lists answers at its address (https://hl7.org/fhir/R4/capabilitystatement.html)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from fhir_norse.fhir.intake import install_intake
+from fhir_norse.instruments.registry import Instrument, InstrumentRegistry
+from fhir_norse.instruments.schema import load_any_mapping
+from tests.intake_support import create_patient, publish_questionnaires
+
+ROOT = Path(__file__).resolve().parents[2]
+SDC = "http://hl7.org/fhir/uv/sdc/OperationDefinition/"
+OURS = "http://fhir-norse.org/fhir/OperationDefinition/"
+OVERRIDE = "http://fhir-norse.org/fhir/StructureDefinition/rom-scale-override"
+ADAPTIVE = "http://fhir-norse.org/fhir/Questionnaire/nf21-adaptive|2.1.0"
+FHIR = {"Content-Type": "application/fhir+json"}
+
+EXPECTED = {
+    "Questionnaire": {
+        "next-question": SDC + "Questionnaire-next-question",
+        "populate": SDC + "Questionnaire-populate",
+    },
+    "Patient": {
+        "tailored-form": OURS + "Patient-tailored-form",
+        "adaptive-state": OURS + "Patient-adaptive-state",
+    },
+}
+ADAPTIVE_NAMES = {name for by_name in EXPECTED.values() for name in by_name}
+
+
+def by_type(client: TestClient) -> dict[str, dict[str, Any]]:
+    response = client.get("/fhir/metadata")
+    assert response.status_code == 200, response.text
+    return {r["type"]: r for r in response.json()["rest"][0]["resource"]}
+
+
+def operations(resource: dict[str, Any]) -> dict[str, str]:
+    names = [op["name"] for op in resource["operation"]]
+    assert len(names) == len(set(names)), names
+    return {op["name"]: op["definition"] for op in resource["operation"]}
+
+
+def test_adaptive_operations_are_listed_on_their_types(client: TestClient) -> None:
+    resources = by_type(client)
+    for res_type, expected in EXPECTED.items():
+        listed = operations(resources[res_type])
+        assert {name: listed.get(name) for name in expected} == expected
+        assert listed["validate"] == "http://hl7.org/fhir/OperationDefinition/Resource-validate"
+        for op in resources[res_type]["operation"]:
+            if op["name"] in expected:
+                assert op["documentation"].strip()
+    # Nowhere else: the operations are type- or instance-level on Questionnaire and Patient only.
+    for res_type, resource in resources.items():
+        if res_type not in EXPECTED:
+            assert not ADAPTIVE_NAMES & set(operations(resource)), res_type
+    # $extract stays where it was.
+    assert "extract" in operations(resources["QuestionnaireResponse"])
+
+
+def test_service_request_supports_the_scale_override_profile(client: TestClient) -> None:
+    service_request = by_type(client)["ServiceRequest"]
+    assert service_request["supportedProfile"] == [OVERRIDE]
+    assert service_request["profile"] == "http://hl7.org/fhir/StructureDefinition/ServiceRequest"
+    assert {"create", "update", "read", "search-type"} <= {i["code"] for i in service_request["interaction"]}
+    params = {p["name"] for p in service_request["searchParam"]}
+    assert {"subject", "patient", "status", "code", "category"} <= params
+
+
+def test_the_supported_profile_is_enforced_by_validate(client: TestClient) -> None:
+    patient = create_patient(client)
+    body: dict[str, Any] = {
+        "resourceType": "ServiceRequest",
+        "meta": {"profile": [OVERRIDE]},
+        "status": "active",
+        "intent": "order",
+        "doNotPerform": False,
+        "category": [
+            {
+                "coding": [
+                    {"system": "http://fhir-norse.org/fhir/CodeSystem/rom-codes", "code": "scale-override"}
+                ]
+            }
+        ],
+        "code": {"coding": [{"system": "http://fhir-norse.org/fhir/CodeSystem/nf21-scales", "code": "sad"}]},
+        "subject": {"reference": f"Patient/{patient}"},
+        "authoredOn": "2026-03-01T10:00:00+01:00",
+        "requester": {"reference": "Practitioner/dr-hansen"},
+        "reasonCode": [{"text": "Sadness is the focus of treatment"}],
+    }
+    ok = client.post("/fhir/ServiceRequest/$validate", json=body, headers=FHIR)
+    assert ok.status_code == 200
+    assert [i["severity"] for i in ok.json()["issue"]] == ["information"]
+    del body["requester"]
+    bad = client.post("/fhir/ServiceRequest/$validate", json=body, headers=FHIR)
+    errors = [i for i in bad.json()["issue"] if i["severity"] == "error"]
+    assert [i["expression"] for i in errors] == [["ServiceRequest.requester"]]
+    assert "rom-scale-override" in errors[0]["diagnostics"]
+
+
+def test_every_listed_adaptive_operation_answers(app: FastAPI, client: TestClient) -> None:
+    publish_questionnaires(app.state.service)
+    patient = create_patient(client)
+    state = client.get(f"/fhir/Patient/{patient}/$adaptive-state")
+    assert state.status_code == 200, state.text
+    assert state.json()["resourceType"] == "Parameters"
+    form = client.post(f"/fhir/Patient/{patient}/$tailored-form", json={"resourceType": "Parameters"})
+    assert form.status_code == 200, form.text
+    assert form.json()["resourceType"] == "Questionnaire"
+    populated = client.get(f"/fhir/Questionnaire/$populate?subject=Patient/{patient}")
+    assert populated.status_code == 200, populated.text
+    assert populated.json()["parameter"][0]["name"] == "response"
+    first = client.post(
+        "/fhir/Questionnaire/$next-question",
+        json={
+            "resourceType": "QuestionnaireResponse",
+            "status": "in-progress",
+            "subject": {"reference": f"Patient/{patient}"},
+            "questionnaire": ADAPTIVE,
+        },
+    )
+    assert first.status_code == 200, first.text
+    assert first.json()["contained"][0]["item"][0]["linkId"] == "page-triggers"
+
+
+def test_without_an_adaptive_instrument_nothing_adaptive_is_listed(app: FastAPI, client: TestClient) -> None:
+    """A server that scores only PHQ-9 runs no adaptive administration, so it does not offer it."""
+    path = ROOT / "mappings" / "phq9-1.0.0.yaml"
+    install_intake(app.state.service, InstrumentRegistry([Instrument(load_any_mapping(path), path)]))
+    resources = by_type(client)
+    for res_type in EXPECTED:
+        assert not ADAPTIVE_NAMES & set(operations(resources[res_type])), res_type
+    assert "extract" in operations(resources["QuestionnaireResponse"])
+    # The profile is the content pack's, not the instrument's: still listed.
+    assert resources["ServiceRequest"]["supportedProfile"] == [OVERRIDE]
+
+
+def test_without_scoring_nothing_adaptive_is_listed(app: FastAPI, client: TestClient) -> None:
+    app.state.service.hooks.pop("QuestionnaireResponse")
+    resources = by_type(client)
+    for resource in resources.values():
+        assert not ADAPTIVE_NAMES & set(operations(resource))
+        assert "extract" not in operations(resource)
