@@ -93,7 +93,8 @@ _EXTRACT = [
 
 # Adaptive administration (fhir_norse.fhir.adaptive): SDC adaptive forms and population
 # (https://hl7.org/fhir/uv/sdc/STU3/adaptive.html, .../populate.html) on Questionnaire, and two
-# operations of this server on Patient. Their OperationDefinitions are not published by this server.
+# operations of this server on Patient, defined in profiles/OperationDefinition-Patient-*.json and
+# published with the content pack (fhir_norse.fhir.content), so ``definition`` resolves on this server.
 _OWN_OPERATION = "http://fhir-norse.org/fhir/OperationDefinition/"
 _ADAPTIVE: dict[str, list[dict[str, str]]] = {
     "Questionnaire": [

@@ -7,7 +7,15 @@ import orjson
 from fhir_norse.fhir.errors import MethodNotAllowed
 
 CONTENT_TYPES = frozenset(
-    {"Questionnaire", "CodeSystem", "ValueSet", "ConceptMap", "StructureDefinition", "Library"}
+    {
+        "Questionnaire",
+        "CodeSystem",
+        "ValueSet",
+        "ConceptMap",
+        "StructureDefinition",
+        "Library",
+        "OperationDefinition",
+    }
 )
 PUBLISHED_TAG = {"system": "http://fhir-norse.org/fhir/CodeSystem/content-tags", "code": "published"}
 

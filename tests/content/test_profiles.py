@@ -1,9 +1,11 @@
-"""The profiles package (``profiles/``): R4 StructureDefinitions packaged as a FHIR NPM package.
+"""The profiles package (``profiles/``): R4 StructureDefinitions and the OperationDefinitions of this
+server's own operations, packaged as a FHIR NPM package.
 
 Checks the package layout of https://hl7.org/fhir/R4/packages.html (``package.json`` and
-``.index.json``), that every StructureDefinition is a valid R4 resource (the server's own validator
-and the independent fhirclient parser), and that every differential element names a real R4 element
-path (https://hl7.org/fhir/R4/elementdefinition.html#id) without widening the base cardinality.
+``.index.json``), that every StructureDefinition and OperationDefinition is a valid R4 resource (the
+server's own validator and the independent fhirclient parser), that every differential element names a
+real R4 element path (https://hl7.org/fhir/R4/elementdefinition.html#id) without widening the base
+cardinality, and that the OperationDefinitions describe the operations as the server runs them.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ EXPECTED_PROFILES = {
     "rom-scale-override": "ServiceRequest",
     "administration-context": "Extension",
     "nf21-item": "Extension",
+}
+# id -> code of this server's own operations (listed in the CapabilityStatement on Patient).
+EXPECTED_OPERATIONS = {
+    "Patient-tailored-form": "tailored-form",
+    "Patient-adaptive-state": "adaptive-state",
 }
 
 
@@ -168,6 +175,10 @@ def test_index_lists_exactly_the_resource_files() -> None:
     for path in _resource_files():
         resource, entry = _load(path), entries[path.name]
         for key in ("resourceType", "id", "url", "version", "kind", "type"):
+            if key == "type" and not isinstance(resource.get(key), str):
+                # The index's ``type`` is a StructureDefinition's; OperationDefinition.type is a boolean.
+                assert key not in entry, f"{path.name}: .index.json has a type"
+                continue
             assert entry.get(key) == resource.get(key), f"{path.name}: .index.json {key} differs"
 
 
@@ -354,3 +365,98 @@ def test_the_nf21_item_extension_describes_what_the_questionnaires_use() -> None
     for name in ("Questionnaire-nf21-static.json", "Questionnaire-nf21-adaptive.json"):
         walk(_load(root / "questionnaires" / "nf21" / name)["item"])
     assert used and used <= slices
+
+
+# --- the OperationDefinitions of this server's own operations ----------------------------------------
+
+OD_FILES = [p for p in _resource_files() if p.name.startswith("OperationDefinition-")]
+OD_IDS = [p.name.removeprefix("OperationDefinition-").removesuffix(".json") for p in OD_FILES]
+TERMINOLOGY = ROOT / "questionnaires" / "terminology"
+
+
+@pytest.fixture(params=OD_FILES, ids=OD_IDS)
+def od(request: pytest.FixtureRequest) -> JsonDict:
+    path: Path = request.param
+    return _load(path)
+
+
+def test_the_package_holds_the_expected_operation_definitions() -> None:
+    found = {_load(p)["id"]: _load(p)["code"] for p in OD_FILES}
+    assert found == EXPECTED_OPERATIONS
+    assert [p.name for p in OD_FILES] == [f"OperationDefinition-{i}.json" for i in OD_IDS]
+
+
+def test_operation_definition_passes_the_server_validator(od: JsonDict) -> None:
+    try:
+        validate_resource(od, expected_type="OperationDefinition")
+    except BadRequest as exc:
+        pytest.fail("\n".join(issue.diagnostics for issue in exc.issues))
+
+
+def test_operation_definition_passes_the_independent_r4_parser(od: JsonDict) -> None:
+    parse_r4(od)
+
+
+def test_operation_definition_metadata(od: JsonDict) -> None:
+    package = _load(PROFILES / "package.json")
+    assert od["url"] == f"{CANONICAL}/OperationDefinition/{od['id']}"
+    assert od["version"] == package["version"]
+    assert od["status"] == "active"
+    assert od["kind"] == "operation"
+    assert od["publisher"] == "fhir-norse"
+    # Instance level on Patient only, and safe to invoke with GET.
+    assert od["resource"] == ["Patient"]
+    assert od["id"] == f"Patient-{od['code']}"
+    assert (od["system"], od["type"], od["instance"], od["affectsState"]) == (False, False, True, False)
+    assert re.fullmatch(r"[A-Z][A-Za-z0-9_]{0,254}", od["name"])  # inv opd-0
+    for key in ("title", "description", "purpose", "comment"):
+        assert isinstance(od[key], str) and od[key].strip(), key
+    for value in _strings(od):
+        if value.startswith(("http://", "https://")):
+            assert value.startswith((f"{CANONICAL}/", *EXTERNAL_PREFIXES)), value
+
+
+@pytest.mark.parametrize(
+    "invariant",
+    [
+        "parameter.all(type.exists() or part.exists())",  # opd-1
+        "parameter.all(searchType.exists() implies type = 'string')",  # opd-2
+        "parameter.all(targetProfile.exists() implies (type = 'Reference' or type = 'canonical'))",  # opd-3
+    ],
+)
+def test_operation_definition_invariants(od: JsonDict, invariant: str) -> None:
+    assert evaluate(od, invariant) == [True]
+
+
+def test_operation_definition_parameters(od: JsonDict) -> None:
+    """The in parameters the server reads (``fhir_norse.fhir.operations.adaptive``) and one ``return``."""
+    params = {p["name"]: p for p in od["parameter"]}
+    assert len(params) == len(od["parameter"]), "a parameter is defined twice"
+    assert [p["name"] for p in od["parameter"] if p["use"] == "in"] == ["context", "episode", "questionnaire"]
+    for param in od["parameter"]:
+        assert param["documentation"].strip(), param["name"]
+        if param["use"] == "in":
+            assert (param["min"], param["max"]) == (0, "1"), param["name"]
+    assert params["context"]["type"] == "code"
+    assert params["context"]["binding"] == {
+        "strength": "required",
+        "valueSet": f"{CANONICAL}/ValueSet/administration-context",
+    }
+    assert params["episode"]["type"] == "Reference"
+    assert params["episode"]["targetProfile"] == [CORE_SD + "EpisodeOfCare"]
+    assert params["questionnaire"]["type"] == "canonical"
+    assert params["questionnaire"]["targetProfile"] == [CORE_SD + "Questionnaire"]
+    out = [p for p in od["parameter"] if p["use"] == "out"]
+    expected_type = {"tailored-form": "Questionnaire", "adaptive-state": "Parameters"}[od["code"]]
+    assert out == [{**params["return"], "min": 1, "max": "1", "type": expected_type}]
+    assert out[0]["name"] == "return"  # a single resource-typed ``return`` is the response body itself
+
+
+def test_the_context_binding_resolves_to_the_administration_contexts(od: JsonDict) -> None:
+    binding = next(p for p in od["parameter"] if p["name"] == "context")["binding"]["valueSet"]
+    value_sets = [_load(p) for p in sorted(TERMINOLOGY.rglob("ValueSet-*.json"))]
+    value_set = next(v for v in value_sets if v["url"] == binding)
+    systems = [include["system"] for include in value_set["compose"]["include"]]
+    code_systems = [_load(p) for p in sorted(TERMINOLOGY.rglob("CodeSystem-*.json"))]
+    codes = {c["code"] for cs in code_systems if cs["url"] in systems for c in cs["concept"]}
+    assert codes == {"intake", "weekly", "termination"}
