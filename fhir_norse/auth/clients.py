@@ -233,7 +233,9 @@ class ClientRegistry:
         allowed = validate_allowed_scopes(scopes)
         created = utcnow()
         row = {
-            "client_id": secrets.token_urlsafe(18),
+            # Hex, not base64url: an id starting with "-" reads as an option on a command line
+            # (``fhir-norse clients revoke <id>`` failed that way, 1 time in 32).
+            "client_id": secrets.token_hex(18),
             "name": name,
             "jwks": clean_jwks,
             "scopes": " ".join(allowed),

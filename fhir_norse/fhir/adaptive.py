@@ -48,7 +48,7 @@ from fhir_norse.adaptive.state import Override, ScaleState, scale_states
 from fhir_norse.fhir.context import RequestContext, Result
 from fhir_norse.fhir.errors import BadRequest, Forbidden, Issue, NotFound, Unprocessable
 from fhir_norse.fhir.interactions import FhirService, JsonDict, WriteOutcome, loads
-from fhir_norse.fhir.resources import instant, now_ms
+from fhir_norse.fhir.resources import flat_items, instant, now_ms, reference_id
 from fhir_norse.fhir.search import engine
 from fhir_norse.fhir.validation import validate_resource
 from fhir_norse.instruments.intake import validate_response
@@ -78,20 +78,6 @@ _LIMIT = 100_000
 _FACT_CACHE = 200_000
 _QR = "QuestionnaireResponse"
 _CONTEXT_DISPLAY = {"intake": "Intake", "weekly": "Weekly", "termination": "Termination"}
-
-
-def _ref_id(reference: Any, res_type: str) -> str | None:
-    if not isinstance(reference, str):
-        return None
-    parts = reference.split("/")
-    if (
-        len(parts) in (2, 4)
-        and parts[0] == res_type
-        and parts[1]
-        and (len(parts) == 2 or parts[2] == "_history")
-    ):
-        return parts[1]
-    return None
 
 
 def context_extension(code: str) -> JsonDict:
@@ -181,14 +167,14 @@ class AdaptiveService:
         explicit = episode_of(response)
         if explicit is not None:
             return explicit
-        encounter_id = _ref_id((response.get("encounter") or {}).get("reference"), "Encounter")
+        encounter_id = reference_id((response.get("encounter") or {}).get("reference"), "Encounter")
         if encounter_id is not None:
             stored = reader.current("Encounter", encounter_id)
             if stored is not None and not stored.deleted:
                 episodes = loads(stored.body_text).get("episodeOfCare") or []
                 ref = (episodes[0] if episodes else {}).get("reference")
-                if _ref_id(ref, "EpisodeOfCare") is not None:
-                    return f"EpisodeOfCare/{_ref_id(ref, 'EpisodeOfCare')}"
+                if reference_id(ref, "EpisodeOfCare") is not None:
+                    return f"EpisodeOfCare/{reference_id(ref, 'EpisodeOfCare')}"
         patient = (response.get("subject") or {}).get("reference")
         if not isinstance(patient, str):
             return None
@@ -341,7 +327,7 @@ class ScaleOverrideHook:
                     expression=("ServiceRequest.code",),
                 )
             )
-        patient_id = _ref_id((body.get("subject") or {}).get("reference"), "Patient")
+        patient_id = reference_id((body.get("subject") or {}).get("reference"), "Patient")
         patient = uow.current("Patient", patient_id) if patient_id else None
         if patient is None or patient.deleted:
             issues.append(
@@ -436,7 +422,7 @@ def _patient_checked(
     expression: str,
 ) -> str:
     """``Patient/<id>`` after checking it exists and that the caller may reach it (403 otherwise)."""
-    patient_id = _ref_id(patient_ref, "Patient")
+    patient_id = reference_id(patient_ref, "Patient")
     if patient_id is None:
         raise Unprocessable(
             "subject must reference a Patient on this server (Patient/<id>)",
@@ -519,7 +505,7 @@ class AdaptiveOperations:
                 )
             delivered = [str(i.get("linkId")) for i in contained.get("item") or []]
             triggers = trigger_scores(answers_from_response(response), mapping)
-            canonical_items = {str(i.get("linkId")): i for i in _flat_items(canonical)}
+            canonical_items = {str(i.get("linkId")): i for i in flat_items(canonical)}
             page = next_page(
                 state.plan, canonical_items, delivered, triggers, str(canonical.get("language") or "nb")
             )
@@ -624,20 +610,8 @@ class AdaptiveOperations:
         params: Mapping[str, str],
         operation: str = "operation:tailored-form",
     ) -> tuple[JsonDict, PatientState]:
-        with service.repo.read() as view:
-            patient = _patient_checked(service, ctx, view, operation, f"Patient/{patient_id}", "Patient")
-            static, mapping = self._static(service, view, params.get("questionnaire"))
-            episode = params.get("episode") or self.adaptive.active_episode(service, view, patient)
-            if episode is not None and _ref_id(episode, "EpisodeOfCare") is None:
-                raise Unprocessable(f"episode {episode!r} is not an EpisodeOfCare reference", code="value")
-            state = self.adaptive.patient_state(
-                service,
-                view,
-                patient,
-                mapping,
-                episode=episode,
-                context=_context_param(params.get("context")),
-            )
+        static, state = self._patient_plan(service, ctx, patient_id, params, operation)
+        patient = state.patient
         form = tailored_questionnaire(static, state.plan)
         for key in ("id", "meta", "url", "identifier", "text"):
             form.pop(key, None)
@@ -652,6 +626,31 @@ class AdaptiveOperations:
             f"{', '.join(sorted(state.plan.forced_closed())) or 'none'}."
         ).strip()
         return form, state
+
+    def _patient_plan(
+        self,
+        service: FhirService,
+        ctx: RequestContext,
+        patient_id: str,
+        params: Mapping[str, str],
+        operation: str,
+    ) -> tuple[JsonDict, PatientState]:
+        """The static canonical and the patient's state for the GET operations on a patient."""
+        with service.repo.read() as view:
+            patient = _patient_checked(service, ctx, view, operation, f"Patient/{patient_id}", "Patient")
+            static, mapping = self._static(service, view, params.get("questionnaire"))
+            episode = params.get("episode") or self.adaptive.active_episode(service, view, patient)
+            if reference_id(episode, "EpisodeOfCare") is None and episode is not None:
+                raise Unprocessable(f"episode {episode!r} is not an EpisodeOfCare reference", code="value")
+            state = self.adaptive.patient_state(
+                service,
+                view,
+                patient,
+                mapping,
+                episode=episode,
+                context=_context_param(params.get("context")),
+            )
+        return static, state
 
     def _static(
         self, service: FhirService, view: ReadView, canonical: str | None
@@ -692,7 +691,7 @@ class AdaptiveOperations:
         operation = "operation:populate"
         with service.refusals_audited(ctx, operation, "Questionnaire", questionnaire_id):
             subject = params.get("subject")
-            patient_id = _ref_id(subject, "Patient")
+            patient_id = reference_id(subject, "Patient")
             if patient_id is None:
                 raise BadRequest("$populate needs subject=Patient/<id>", code="required")
             canonical = params.get("questionnaire") or params.get("canonical")
@@ -738,18 +737,7 @@ class AdaptiveOperations:
     ) -> Result:
         operation = "operation:adaptive-state"
         with service.refusals_audited(ctx, operation, "Patient", patient_id):
-            with service.repo.read() as view:
-                patient = _patient_checked(service, ctx, view, operation, f"Patient/{patient_id}", "Patient")
-                _, mapping = self._static(service, view, params.get("questionnaire"))
-                episode = params.get("episode") or self.adaptive.active_episode(service, view, patient)
-                state = self.adaptive.patient_state(
-                    service,
-                    view,
-                    patient,
-                    mapping,
-                    episode=episode,
-                    context=_context_param(params.get("context")),
-                )
+            _, state = self._patient_plan(service, ctx, patient_id, params, operation)
             service.record_now(
                 service.audit_event(ctx, operation, "success", "Patient", patient_id, patients=[patient_id])
             )
@@ -761,14 +749,6 @@ def _parse_fact(text: str | None, scales: frozenset[str]) -> Fact | None:
     if not text or ("/nf21-scales" not in text and "/nf21-alliance" not in text):
         return None
     return fact_of(orjson.loads(text), scales)
-
-
-def _flat_items(questionnaire: Mapping[str, Any]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for item in questionnaire.get("item") or []:
-        out.append(item)
-        out += _flat_items(item)
-    return out
 
 
 _PAGE_KEYS = frozenset({"extension", "linkId", "text", "_text", "type", "item"})
@@ -788,7 +768,7 @@ def _skeleton(response: Mapping[str, Any]) -> JsonDict:
 def _check_pages(contained: Mapping[str, Any], canonical: Mapping[str, Any]) -> None:
     """The contained form holds only pages this server delivers, each item exactly as the canonical
     defines it (so nothing in it needs validating again)."""
-    items = {str(i.get("linkId")): i for i in _flat_items(canonical)}
+    items = {str(i.get("linkId")): i for i in flat_items(canonical)}
     issues: list[Issue] = []
     seen: list[str] = []
     pages = contained.get("item") or []

@@ -27,7 +27,6 @@ import copy
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, cast
 from urllib.parse import urlencode
 
@@ -35,13 +34,13 @@ import orjson
 
 from fhir_norse import __version__
 from fhir_norse.adaptive.forms import tailored_questionnaire
-from fhir_norse.adaptive.history import context_of, episode_of
+from fhir_norse.adaptive.history import context_of, episode_of, moment
 from fhir_norse.alerts.rules import Alert, AlertCode, AlertDecision
 from fhir_norse.fhir.context import RequestContext
 from fhir_norse.fhir.errors import Conflict, Issue, Unprocessable
 from fhir_norse.fhir.interactions import FhirService, JsonDict, WriteOutcome, loads
 from fhir_norse.fhir.published import PUBLISHED_TAG
-from fhir_norse.fhir.resources import instant, new_id, now_ms
+from fhir_norse.fhir.resources import flat_items, instant, new_id, now_ms, reference_id
 from fhir_norse.instruments.intake import validate_response
 from fhir_norse.instruments.registry import Instrument, InstrumentRegistry, version_key
 from fhir_norse.instruments.schema import InstrumentMapping
@@ -130,32 +129,6 @@ class ScoringPlan:
         return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
-def _reference_id(reference: Any, res_type: str) -> str | None:
-    """``<id>`` of a relative literal reference ``<res_type>/<id>`` (``/_history/<v>`` allowed)."""
-    if not isinstance(reference, str):
-        return None
-    parts = reference.split("/")
-    if (
-        len(parts) in (2, 4)
-        and parts[0] == res_type
-        and parts[1]
-        and (len(parts) == 2 or parts[2] == "_history")
-    ):
-        return parts[1]
-    return None
-
-
-def _moment(value: str) -> datetime:
-    """A FHIR date/dateTime as an aware instant (the start of a partial date), for ordering."""
-    text = value.strip()
-    if len(text) == 4:
-        text += "-01-01"
-    elif len(text) == 7:
-        text += "-01"
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
 def _comparable(resource: JsonDict) -> JsonDict:
     return {k: v for k, v in resource.items() if k not in ("id", "meta", "text")}
 
@@ -239,9 +212,9 @@ class QuestionnaireResponseIntake:
                 expression=expression,
             )
         canonical = self.questionnaire(service, reader, derived[0])
-        defined = {str(i.get("linkId")): i for i in _flat(canonical)}
+        defined = {str(i.get("linkId")): i for i in flat_items(canonical)}
         issues = []
-        for item in _flat(contained):
+        for item in flat_items(contained):
             if item.get("type") in ("group", "display"):
                 continue
             base = defined.get(str(item.get("linkId")))
@@ -305,7 +278,7 @@ class QuestionnaireResponseIntake:
         issues: list[Issue] = []
         form, questionnaire = self.forms(service, uow, body)
         subject = (body.get("subject") or {}).get("reference")
-        patient_id = _reference_id(subject, "Patient")
+        patient_id = reference_id(subject, "Patient")
         if patient_id is None:
             issues.append(
                 Issue(
@@ -539,7 +512,7 @@ class QuestionnaireResponseIntake:
         found = service.find_matching(
             reader, "Observation", urlencode({"subject": patient_ref}), _HISTORY_LIMIT
         )
-        current = _moment(authored)
+        current = moment(authored)
         for stored in found:
             obs = orjson.loads(stored.body_text or "{}")
             coding = ((obs.get("code") or {}).get("coding") or [{}])[0]
@@ -548,11 +521,11 @@ class QuestionnaireResponseIntake:
                 or (coding.get("system"), coding.get("code")) != total
             ):
                 continue
-            source = _reference_id(
+            source = reference_id(
                 ((obs.get("derivedFrom") or [{}])[0]).get("reference"), "QuestionnaireResponse"
             )
             when = obs.get("effectiveDateTime")
-            if source is not None and source != response_id and when and _moment(when) > current:
+            if source is not None and source != response_id and when and moment(when) > current:
                 return [], True
         return [], False
 
@@ -571,9 +544,9 @@ class QuestionnaireResponseIntake:
         every = self.adaptive.history(
             service, reader, patient_ref, mapping, episode, exclude_response=response_id
         )
-        current = _moment(authored)
-        earlier = [a for a in every if _moment(a.authored) < current]
-        later = any(_moment(a.authored) > current for a in every)
+        current = moment(authored)
+        earlier = [a for a in every if moment(a.authored) < current]
+        later = any(moment(a.authored) > current for a in every)
         history = [
             PriorAdministration(f"QuestionnaireResponse/{a.response}", a.authored, a.scales, a.alliance)
             for a in earlier
@@ -625,7 +598,7 @@ class QuestionnaireResponseIntake:
             manager = loads(stored.body_text).get("careManager")
             if isinstance(manager, dict) and manager.get("reference"):
                 return {"reference": manager["reference"]}
-        patient_id = _reference_id(patient_ref, "Patient")
+        patient_id = reference_id(patient_ref, "Patient")
         patient = reader.current("Patient", patient_id) if patient_id else None
         if patient is not None and not patient.deleted:
             gps = loads(patient.body_text).get("generalPractitioner") or []
@@ -641,7 +614,7 @@ class QuestionnaireResponseIntake:
             return out
         panel_body = loads(panel.body_text)
         refs = [m.get("reference") for m in panel_body.get("hasMember", [])]
-        candidates = [("Observation", _reference_id(r, "Observation")) for r in refs]
+        candidates = [("Observation", reference_id(r, "Observation")) for r in refs]
         candidates += [("Observation", panel.res_id), ("DiagnosticReport", derived_id(response_id, "report"))]
         for res_type, rid in candidates:
             if rid is None or rid in keep:
@@ -737,15 +710,6 @@ def assemble_plan(
 
 
 _DEFINING = ("type", "code", "answerValueSet", "answerOption", "repeats", "readOnly", "maxLength")
-
-
-def _flat(questionnaire: JsonDict) -> list[JsonDict]:
-    out: list[JsonDict] = []
-    for item in questionnaire.get("item") or []:
-        if isinstance(item, dict):
-            out.append(item)
-            out += _flat(item)
-    return out
 
 
 def _administration_extensions(

@@ -81,3 +81,28 @@ def stamp_meta(body: dict[str, Any], res_id: str, version: int, last_updated: da
     stamped.update((k, v) for k, v in body.items() if k not in ("resourceType", "id", "meta"))
     stamped["meta"] = meta
     return stamped
+
+
+def reference_id(reference: Any, res_type: str) -> str | None:
+    """``<id>`` of a relative literal reference ``<res_type>/<id>`` (``/_history/<v>`` allowed)."""
+    if not isinstance(reference, str):
+        return None
+    parts = reference.split("/")
+    if (
+        len(parts) in (2, 4)
+        and parts[0] == res_type
+        and parts[1]
+        and (len(parts) == 2 or parts[2] == "_history")
+    ):
+        return parts[1]
+    return None
+
+
+def flat_items(questionnaire: Any) -> list[dict[str, Any]]:
+    """Every item of a Questionnaire (or QuestionnaireResponse), depth first, groups included."""
+    out: list[dict[str, Any]] = []
+    for item in questionnaire.get("item") or []:
+        if isinstance(item, dict):
+            out.append(item)
+            out += flat_items(item)
+    return out

@@ -110,8 +110,9 @@ def _week(n: int) -> str:
     return f"2026-{1 + n // 4:02d}-{1 + 7 * (n % 4):02d}T09:00:00+01:00"
 
 
-def override(client: TestClient, patient: str, scale: str, direction: str, **extra: Any) -> dict[str, Any]:
-    body = {
+def override_body(patient: str, scale: str, direction: str) -> dict[str, Any]:
+    """A scale override as a clinician's system sends it (who, when, why)."""
+    return {
         "resourceType": "ServiceRequest",
         "meta": {"profile": ["http://fhir-norse.org/fhir/StructureDefinition/rom-scale-override"]},
         "status": "active",
@@ -129,8 +130,11 @@ def override(client: TestClient, patient: str, scale: str, direction: str, **ext
         "authoredOn": "2026-03-01T10:00:00+01:00",
         "requester": {"reference": "Practitioner/dr-hansen"},
         "reasonCode": [{"text": f"clinical judgement: {direction}"}],
-        **extra,
     }
+
+
+def override(client: TestClient, patient: str, scale: str, direction: str) -> dict[str, Any]:
+    body = override_body(patient, scale, direction)
     got = client.post("/fhir/ServiceRequest", json=body)
     assert got.status_code == 201, got.text
     return dict(got.json())
@@ -261,7 +265,11 @@ def test_overrides_are_validated_audited_and_honoured(client: TestClient) -> Non
     administer(client, patient, {"sad": 6}, 0)  # sad open after intake
     bad = client.post(
         "/fhir/ServiceRequest",
-        json=_override_body(patient, "nonsense"),
+        json={
+            k: v
+            for k, v in override_body(patient, "nonsense", "open").items()
+            if k not in ("requester", "meta")
+        },
     )
     assert bad.status_code == 422
     problems = " ".join(i["diagnostics"] for i in bad.json()["issue"])
@@ -288,26 +296,6 @@ def test_overrides_are_validated_audited_and_honoured(client: TestClient) -> Non
     events = search(client, f"AuditEvent?entity=ServiceRequest/{closed['id']}")
     assert {e["action"] for e in events} >= {"C", "U"}
     assert len(search(client, f"ServiceRequest/{closed['id']}/_history")) == 2
-
-
-def _override_body(patient: str, scale: str) -> dict[str, Any]:
-    return {
-        "resourceType": "ServiceRequest",
-        "status": "active",
-        "intent": "order",
-        "doNotPerform": False,
-        "category": [
-            {
-                "coding": [
-                    {"system": "http://fhir-norse.org/fhir/CodeSystem/rom-codes", "code": "scale-override"}
-                ]
-            }
-        ],
-        "code": {"coding": [{"system": SCALES_CS, "code": scale}]},
-        "subject": {"reference": f"Patient/{patient}"},
-        "authoredOn": "2026-03-01",
-        "reasonCode": [{"text": "x"}],
-    }
 
 
 # --- static forms and equivalence -------------------------------------------------------------------
