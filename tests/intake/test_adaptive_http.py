@@ -190,6 +190,9 @@ def test_intake_session_pages_the_full_bank_then_weekly_only_what_is_open(client
             "url": CONTEXT_URL,
             "valueCoding": {"system": CONTEXT_CS, "code": "intake", "display": "Intake"},
         } in obs["extension"]
+    # Found by the adaptive canonical, like a response that names it directly.
+    by_questionnaire = search(client, f"QuestionnaireResponse?questionnaire={ADAPTIVE.split('|')[0]}")
+    assert [r["id"] for r in by_questionnaire] == [stored.json()["id"]]
     report = search(client, f"DiagnosticReport?subject=Patient/{patient}")[0]
     assert any(e["url"] == CONTEXT_URL for e in report["extension"])
 

@@ -1145,6 +1145,23 @@ class _Evaluation:
         return templates
 
 
+def _contained_questionnaire(resource: Mapping[str, Any], rows: dict[_RowKey, IndexRow]) -> None:
+    """A response to a form it contains (SDC adaptive forms: ``questionnaire`` = ``#q``) is also found
+    by the canonical the form derives from, so ``QuestionnaireResponse?questionnaire=<url>`` finds
+    adaptive responses too."""
+    reference = resource.get("questionnaire")
+    if not isinstance(reference, str) or not reference.startswith("#"):
+        return
+    for contained in resource.get("contained") or []:
+        if isinstance(contained, Mapping) and f"#{contained.get('id')}" == reference:
+            for canonical in (contained.get("derivedFrom") or [])[:1]:
+                if isinstance(canonical, str):
+                    converted, _ = _convert(_reference_templates, "canonical", canonical)
+                    for make, suffix, fields in converted:
+                        key = (make, "questionnaire" + suffix, fields)
+                        rows[key] = _row(key)
+
+
 class IndexExtractor:
     """Evaluates the indexed SearchParameters of a resource into index rows.
 
@@ -1222,6 +1239,8 @@ class IndexExtractor:
                 if failed not in self._failed:
                     self._failed.add(failed)
                     log.warning("search parameter %s.%s failed: %s", resource_type, param.code, exc)
+        if resource_type == "QuestionnaireResponse":
+            _contained_questionnaire(resource, rows)
         return list(rows.values())
 
     @staticmethod
