@@ -317,12 +317,6 @@ def to_ask(history: Sequence[Mapping[str, Measured]], answers: Mapping[str, str]
     return scales_to_ask(m, scale_states(m, history), trigger_values(answers))
 
 
-def quantile(xs: Sequence[float], p: float) -> float:
-    """Nearest rank."""
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))]
-
-
 def burden(model: CohortModel, patients: int, weeks: int, seed: int) -> dict[str, Any]:
     b, m = bank(), nf21()
     rng = random.Random(seed)
@@ -381,27 +375,27 @@ def burden(model: CohortModel, patients: int, weeks: int, seed: int) -> dict[str
         "after_intake": {
             "n": len(after),
             "mean": statistics.fmean(after),
-            "p10": quantile(after, 10),
-            "p50": quantile(after, 50),
-            "p90": quantile(after, 90),
+            "p10": common.quantile(after, 10),
+            "p50": common.quantile(after, 50),
+            "p90": common.quantile(after, 90),
             "min": min(after),
             "max": max(after),
             "share_of_full": statistics.fmean(after) / b.full,
-            "patient_mean_p10": quantile(per_patient_mean, 10),
-            "patient_mean_p90": quantile(per_patient_mean, 90),
+            "patient_mean_p10": common.quantile(per_patient_mean, 10),
+            "patient_mean_p90": common.quantile(per_patient_mean, 90),
         },
         "static_enablewhen_after_intake": {
             "mean": statistics.fmean(static_after),
-            "p10": quantile(static_after, 10),
-            "p50": quantile(static_after, 50),
-            "p90": quantile(static_after, 90),
+            "p10": common.quantile(static_after, 10),
+            "p50": common.quantile(static_after, 50),
+            "p90": common.quantile(static_after, 90),
         },
         "per_week": {
             w: {
                 "mean": statistics.fmean(v),
-                "p10": quantile(v, 10),
-                "p50": quantile(v, 50),
-                "p90": quantile(v, 90),
+                "p10": common.quantile(v, 10),
+                "p50": common.quantile(v, 50),
+                "p90": common.quantile(v, 90),
                 "static_mean": statistics.fmean(static_per_week[w]) if w in static_per_week else None,
             }
             for w, v in sorted(per_week.items())
@@ -411,20 +405,6 @@ def burden(model: CohortModel, patients: int, weeks: int, seed: int) -> dict[str
 
 
 # ----------------------------------------------------------------------------------------- HTTP
-def stats_ms(samples_s: Sequence[float]) -> dict[str, float]:
-    """n, p50/p95/p99 (nearest rank), max and mean, in ms."""
-    if not samples_s:
-        return {"n": 0}
-    return {
-        "n": len(samples_s),
-        "p50": quantile(samples_s, 50) * 1000,
-        "p95": quantile(samples_s, 95) * 1000,
-        "p99": quantile(samples_s, 99) * 1000,
-        "max": max(samples_s) * 1000,
-        "mean": statistics.fmean(samples_s) * 1000,
-    }
-
-
 def fresh_database(kind: str) -> str:
     """A new, migrated database for this benchmark only; returns its URL."""
     if kind == "sqlite":
@@ -824,8 +804,8 @@ def in_process(
     start = next((i for i, ln in enumerate(lines) if ln.strip().startswith("ncalls")), 0)
     return {
         "calls": len(parsed),
-        "by_call": {str(c): stats_ms(v) for c, v in sorted(per_call.items())},
-        "all": stats_ms([x for v in per_call.values() for x in v]),
+        "by_call": {str(c): common.stats_ms(v) for c, v in sorted(per_call.items())},
+        "all": common.stats_ms([x for v in per_call.values() for x in v]),
         "profiled_ms_per_call": total / len(copies) * 1000,
         "split_ms_per_call": {k: v * 1000 for k, v in split.items()},
         "top": "\n".join(lines[start:]).rstrip(),
@@ -860,13 +840,9 @@ def analyze(engine: sa.Engine) -> float:
     return time.perf_counter() - t0
 
 
-def log(message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
-
-
 def run_database(kind: str, patients: int, sessions: int, seed: int) -> dict[str, Any]:
     label = "SQLite" if kind == "sqlite" else "PostgreSQL"
-    log(f"[{label}] fresh database")
+    common.log(f"[{label}] fresh database")
     url = fresh_database(kind)
     app = build_app(url)
     result: dict[str, Any] = {"database": label, "db": database_info(app.state.service.repo.engine)}
@@ -880,7 +856,7 @@ def run_database(kind: str, patients: int, sessions: int, seed: int) -> dict[str
             count = sessions + WARMUP_SESSIONS if depth == 0 else patients
             ids = create_patients(http, count, f"H{depth}")
             groups[depth] = [BenchPatient(i, SimPatient.draw(model, rng), depth) for i in ids]
-            log(f"[{label}] H={depth}: {count} patients, seeding {depth} administrations each")
+            common.log(f"[{label}] H={depth}: {count} patients, seeding {depth} administrations each")
             for p in groups[depth]:
                 seed_history(http, p, depth)
         result["seed_s"] = time.perf_counter() - t0
@@ -894,14 +870,14 @@ def run_database(kind: str, patients: int, sessions: int, seed: int) -> dict[str
             h0 = time.perf_counter()
             client.get("/health")
             health.append(time.perf_counter() - h0)
-        result["health"] = stats_ms(health[20:])
+        result["health"] = common.stats_ms(health[20:])
         # Warm-up: a few intake sessions, not counted.
         for p in groups[0][:WARMUP_SESSIONS]:
             run_session(http, p, None)
         fresh = groups[0][WARMUP_SESSIONS:]
         # Sessions interleaved over the depth groups so that they share the database's growth.
         logs = {d: SessionLog() for d in DEPTHS}
-        log(f"[{label}] {sessions} sessions per depth group")
+        common.log(f"[{label}] {sessions} sessions per depth group")
         load_before = os.getloadavg()
         t1 = time.perf_counter()
         for k in range(sessions):
@@ -911,22 +887,22 @@ def run_database(kind: str, patients: int, sessions: int, seed: int) -> dict[str
                 run_session(http, group[k % len(group)], logs[depth])
         result["sessions_s"] = time.perf_counter() - t1
         result["loadavg"] = [load_before, os.getloadavg()]
-        log(f"[{label}] in process: the last {REPLAY_SESSIONS} sessions of each group replayed")
+        common.log(f"[{label}] in process: the last {REPLAY_SESSIONS} sessions of each group replayed")
         result["in_process"] = in_process(app, [b for d in DEPTHS for b in logs[d].bodies])
     samples = [s for d in DEPTHS for s in logs[d].samples]
-    result["calls"] = stats_ms([s.seconds for s in samples])
+    result["calls"] = common.stats_ms([s.seconds for s in samples])
     result["by_call"] = {
-        str(c): stats_ms([s.seconds for s in samples if s.call == c])
+        str(c): common.stats_ms([s.seconds for s in samples if s.call == c])
         for c in sorted({s.call for s in samples})
     }
     result["by_page"] = {
-        page: stats_ms([s.seconds for s in samples if s.returned == page])
+        page: common.stats_ms([s.seconds for s in samples if s.returned == page])
         for page in (*PAGES, "completed")
         if any(s.returned == page for s in samples)
     }
     result["by_depth"] = {
         str(d): {
-            **stats_ms([s.seconds for s in logs[d].samples]),
+            **common.stats_ms([s.seconds for s in logs[d].samples]),
             "sessions": logs[d].sessions,
             "depth_range": [min(s.depth for s in logs[d].samples), max(s.depth for s in logs[d].samples)],
             "calls_per_session": len(logs[d].samples) / max(1, logs[d].sessions),
@@ -938,7 +914,7 @@ def run_database(kind: str, patients: int, sessions: int, seed: int) -> dict[str
         for d in DEPTHS
     }
     result["by_depth_call"] = {
-        f"{d}/{c}": stats_ms([s.seconds for s in logs[d].samples if s.call == c])
+        f"{d}/{c}": common.stats_ms([s.seconds for s in logs[d].samples if s.call == c])
         for d in DEPTHS
         for c in sorted({s.call for s in logs[d].samples})
     }
@@ -1201,22 +1177,6 @@ def markdown(results: Mapping[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------- main
-def code_version() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(
-                ["git", *args], cwd=common.ROOT, capture_output=True, text=True, check=False
-            ).stdout.rstrip()
-        except OSError:
-            return ""
-
-    return {
-        "commit": git("rev-parse", "--short", "HEAD"),
-        "subject": git("log", "-1", "--format=%s"),
-        "changed": [ln[3:] for ln in git("status", "--porcelain", "--", "fhir_norse").splitlines()],
-    }
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1239,14 +1199,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "python": platform.python_version(),
         "cores": os.cpu_count(),
-        "code": code_version(),
+        "code": common.code_version(),
         "cohort_model": model.describe(),
     }
-    log(f"burden: {args.cohort} patients x {args.weeks} weeks")
+    common.log(f"burden: {args.cohort} patients x {args.weeks} weeks")
     results["burden"] = burden(model, args.cohort, args.weeks, args.seed)
     results["sensitivity"] = []
     for name, variant in SENSITIVITY:
-        log(f"burden, sensitivity: {name}")
+        common.log(f"burden, sensitivity: {name}")
         run = burden(variant, args.cohort, args.weeks, args.seed)
         results["sensitivity"].append(
             {
@@ -1272,7 +1232,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     future = pool.submit(run_database, kind, args.patients, args.sessions, args.seed)
                     results["databases"].append(future.result())
             except BenchError as exc:
-                log(f"{kind}: {exc}")
+                common.log(f"{kind}: {exc}")
                 results["databases"].append(
                     {"database": "SQLite" if kind == "sqlite" else "PostgreSQL", "error": str(exc)}
                 )

@@ -1,9 +1,15 @@
-"""Shared helpers: database URLs, schema reset, result files."""
+"""Shared helpers: database URLs, schema reset, result files, percentiles, the code measured."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,4 +68,46 @@ def percentiles(samples_s: list[float]) -> dict[str, float]:
         "p99": rank(99),
         "max": xs[-1] * 1000,
         "mean": sum(xs) / n * 1000,
+    }
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+def quantile(xs: Sequence[float], p: float) -> float:
+    """The p-th percentile by nearest rank."""
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))]
+
+
+def stats_ms(samples_s: Sequence[float]) -> dict[str, float]:
+    """n, p50/p95/p99 (nearest rank), max and mean, in ms."""
+    if not samples_s:
+        return {"n": 0}
+    return {
+        "n": len(samples_s),
+        "p50": quantile(samples_s, 50) * 1000,
+        "p95": quantile(samples_s, 95) * 1000,
+        "p99": quantile(samples_s, 99) * 1000,
+        "max": max(samples_s) * 1000,
+        "mean": statistics.fmean(samples_s) * 1000,
+    }
+
+
+def code_version() -> dict[str, Any]:
+    """The commit measured and the server files changed in the working tree at the start."""
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
+            ).stdout.rstrip()
+        except OSError:
+            return ""
+
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "subject": git("log", "-1", "--format=%s"),
+        "changed": [ln[3:] for ln in git("status", "--porcelain", "--", "fhir_norse").splitlines()],
     }

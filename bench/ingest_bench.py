@@ -58,8 +58,6 @@ import random
 import re
 import sqlite3
 import statistics
-import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -134,26 +132,6 @@ Json = dict[str, Any]
 
 
 # ----------------------------------------------------------------------------------------- figures
-def stats_ms(samples_s: Sequence[float]) -> dict[str, float]:
-    """n, p50/p95/p99 (nearest rank), max and mean, in ms."""
-    xs = sorted(samples_s)
-    n = len(xs)
-    if n == 0:
-        return {"n": 0}
-
-    def rank(p: float) -> float:
-        return xs[min(n - 1, max(0, math.ceil(p / 100 * n) - 1))] * 1000
-
-    return {
-        "n": n,
-        "p50": rank(50),
-        "p95": rank(95),
-        "p99": rank(99),
-        "max": xs[-1] * 1000,
-        "mean": statistics.fmean(xs) * 1000,
-    }
-
-
 # ----------------------------------------------------------------------------------------- workload
 def full_length_answers(rng: random.Random) -> dict[str, str]:
     """One full-length NF 2.1 administration: every trigger above its scale's opening threshold (so
@@ -604,7 +582,7 @@ def health_floor(client: TestClient, n: int = 500) -> dict[str, float]:
         t0 = time.perf_counter()
         client.get("/health")
         samples.append(time.perf_counter() - t0)
-    return stats_ms(samples[50:])
+    return common.stats_ms(samples[50:])
 
 
 def cprofile_run(app: FastAPI, bodies: Sequence[tuple[int, bytes]], top: int = 30) -> str:
@@ -734,9 +712,9 @@ def timed_run(
     for (depth, _), seconds in zip(bodies, latencies, strict=True):
         by_depth[depth].append(seconds)
     return {
-        "by_history_depth": {d: stats_ms(v) for d, v in sorted(by_depth.items())},
+        "by_history_depth": {d: common.stats_ms(v) for d, v in sorted(by_depth.items())},
         "ingests": len(bodies),
-        "latency_ms": stats_ms(latencies),
+        "latency_ms": common.stats_ms(latencies),
         "written_kb_per_response": written / len(bodies) / 1000,
         "rows": rows,
         "categories": categorise(rows),
@@ -871,7 +849,7 @@ def insert_what_if(app: FastAPI, ingest_: CapturedIngest, repeats: int = 15) -> 
         "rows": sum(len(r) for _, r in merged.values()),
         "tables": len(merged),
         "inserts_by_server": ingest_.inserts,
-        "variants": {name: stats_ms(v) for name, v in samples.items()},
+        "variants": {name: common.stats_ms(v) for name, v in samples.items()},
     }
 
 
@@ -909,7 +887,7 @@ def run_database(
     kind: str, n: int, p: int, seed: int, profile_ingests: int = PROFILE_INGESTS
 ) -> dict[str, Any]:
     label = "SQLite" if kind == "sqlite" else "PostgreSQL"
-    log(f"[{label}] fresh database")
+    common.log(f"[{label}] fresh database")
     url = fresh_database(kind)
     t0 = time.perf_counter()
     app = build_app(url)
@@ -925,7 +903,7 @@ def run_database(
     extra = max(1, profile_ingests // per_patient)
     with TestClient(app) as client:
         headers = bearer(app)
-        log(f"[{label}] {p} patients")
+        common.log(f"[{label}] {p} patients")
         patients = create_patients(client, headers, p, "M")
         bodies = workload(rng, patients, per_patient)[:n]
         result["items_per_response"] = statistics.fmean(count_items(orjson.loads(b)) for _, b in bodies)
@@ -934,7 +912,7 @@ def run_database(
         rows_before = table_rows(engine)
         result["health"] = health_floor(client)
 
-        log(f"[{label}] ingest {len(bodies)} responses")
+        common.log(f"[{label}] ingest {len(bodies)} responses")
         marks: dict[str, float] = {}
         load_before = os.getloadavg()
         cpu_before = cpu_wait_s()
@@ -950,8 +928,8 @@ def run_database(
             "wall_s": wall,
             "per_s_whole_run": len(bodies) / wall,
             "per_s_after_warmup": len(steady) / steady_wall,
-            "latency_ms": stats_ms(steady),
-            "latency_ms_warmup": stats_ms(latencies[:WARMUP]),
+            "latency_ms": common.stats_ms(steady),
+            "latency_ms_warmup": common.stats_ms(latencies[:WARMUP]),
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
             "cpu_ms_per_response": (cpu_after[0] - cpu_before[0]) / len(bodies) * 1000,
@@ -960,7 +938,7 @@ def run_database(
         by_depth: dict[int, list[float]] = defaultdict(list)
         for (depth, _), seconds in zip(bodies, latencies, strict=True):
             by_depth[depth].append(seconds)
-        result["by_history_depth"] = {d: stats_ms(v) for d, v in sorted(by_depth.items())}
+        result["by_history_depth"] = {d: common.stats_ms(v) for d, v in sorted(by_depth.items())}
         after = counts(client, headers)
         rows_after = table_rows(engine)
         # The count searches themselves store one AuditEvent each (not an ingest's).
@@ -977,25 +955,25 @@ def run_database(
         result["history_plan"] = history_plan(app, later)
 
         # Where the time goes: fresh patients, the same history depths as the main run.
-        log(f"[{label}] phase timers: {extra} x {per_patient} ingests")
+        common.log(f"[{label}] phase timers: {extra} x {per_patient} ingests")
         result["phases"] = timed_run(
             app, client, headers, workload(rng, create_patients(client, headers, extra, "T"), per_patient)
         )
         cprof = max(1, profile_ingests // 2 // per_patient)
-        log(f"[{label}] cProfile: {cprof} x {per_patient} ingests in process")
+        common.log(f"[{label}] cProfile: {cprof} x {per_patient} ingests in process")
         patients3 = create_patients(client, headers, cprof, "C")
         result["cprofile"] = cprofile_run(app, workload(rng, patients3, per_patient))
 
         # What if the planner had statistics (nothing in the server runs ANALYZE)?
         result["analyze_s"] = analyze(engine)
         result["history_plan_analyzed"] = history_plan(app, later)
-        log(f"[{label}] after ANALYZE: {extra} x {per_patient} ingests")
+        common.log(f"[{label}] after ANALYZE: {extra} x {per_patient} ingests")
         what_if: dict[str, Any] = {}
         what_if["analyze"] = timed_run(
             app, client, headers, workload(rng, create_patients(client, headers, extra, "A"), per_patient)
         )
         result["what_if"] = what_if
-        log(f"[{label}] index-row inserts replayed, extraction compared")
+        common.log(f"[{label}] index-row inserts replayed, extraction compared")
         patient = create_patients(client, headers, 1, "I")[0]
         captured = CapturedIngest(app, client, headers, orjson.dumps(full_length_response(rng, patient, 0)))
         what_if["inserts"] = insert_what_if(app, captured)
@@ -1003,7 +981,7 @@ def run_database(
     engine.dispose()
     if kind == "sqlite":
         # The same database (analyzed) with synchronous=NORMAL: commits stop syncing the WAL.
-        log(f"[{label}] synchronous=NORMAL: {extra} x {per_patient} ingests")
+        common.log(f"[{label}] synchronous=NORMAL: {extra} x {per_patient} ingests")
         app2 = create_app(
             Settings(
                 database_url=url,
@@ -1092,7 +1070,7 @@ def scoring_alone(n: int, seed: int) -> dict[str, Any]:
     return {
         "calls": n,
         "history": SCORING_HISTORY,
-        "per_call_ms": stats_ms(samples),
+        "per_call_ms": common.stats_ms(samples),
         "resources_built_per_call": resources / n,
         "phases": phases.table(n, sum(phases.own.values())),
     }
@@ -1481,28 +1459,6 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------- main
-def code_version() -> dict[str, Any]:
-    """The commit measured and the server files changed in the working tree at the start."""
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(
-                ["git", *args], cwd=common.ROOT, capture_output=True, text=True, check=False
-            ).stdout.rstrip()
-        except OSError:
-            return ""
-
-    return {
-        "commit": git("rev-parse", "--short", "HEAD"),
-        "subject": git("log", "-1", "--format=%s"),
-        "changed": [ln[3:] for ln in git("status", "--porcelain", "--", "fhir_norse").splitlines()],
-    }
-
-
-def log(message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1556,8 +1512,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "python": platform.python_version(),
         "cores": os.cpu_count(),
     }
-    results["code"] = code_version()
-    log("scoring alone")
+    results["code"] = common.code_version()
+    common.log("scoring alone")
     results["scoring"] = scoring_alone(args.responses, args.seed)
     results["databases"] = []
     for kind in kinds:
