@@ -745,14 +745,14 @@ def run_session(http: Http, patient: BenchPatient, log_: SessionLog | None, max_
 
 # Functions whose cumulative time the in-process split reports: (label, file fragment, function name).
 SPLIT = (
-    ("resource validation (validate_resource)", "fhir/validation", "validate_resource"),
+    ("resource validation (validate_resource)", "server/validation", "validate_resource"),
     ("response validation (validate_response)", "instruments/intake", "validate_response"),
-    ("patient state (history search + scale_states)", "fhir/adaptive", "patient_state"),
-    ("contained form checks (_contained)", "fhir/adaptive", "_contained"),
+    ("patient state (history search + scale_states)", "rom/adaptive", "patient_state"),
+    ("contained form checks (_contained)", "rom/adaptive", "_contained"),
     ("next page (next_page)", "adaptive/forms", "next_page"),
     ("copy.deepcopy", "copy", "deepcopy"),
-    ("audit: build (audit_event)", "fhir/interactions", "audit_event"),
-    ("audit: store (record_now)", "fhir/interactions", "record_now"),
+    ("audit: build (audit_event)", "server/interactions", "audit_event"),
+    ("audit: store (record_now)", "server/interactions", "record_now"),
 )
 
 
@@ -764,8 +764,8 @@ def in_process(
     functions by own time)."""
     try:
         from fhir_norse.auth.caller import Caller
-        from fhir_norse.fhir.context import RequestContext
-        from fhir_norse.fhir.operations.adaptive import next_question_operation
+        from fhir_norse.rom.operations.adaptive import next_question_operation
+        from fhir_norse.server.context import RequestContext
     except ImportError as exc:  # the server moved things: no split, the HTTP figures stand
         return {"error": str(exc)}
     service = app.state.service

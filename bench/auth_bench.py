@@ -26,7 +26,7 @@ from bench import common
 from fhir_norse.api.app import create_app
 from fhir_norse.auth.caller import Caller
 from fhir_norse.config import Settings
-from fhir_norse.fhir.context import RequestContext
+from fhir_norse.server.context import RequestContext
 from fhir_norse.store import migrate
 from fhir_norse.store.db import create_engine
 

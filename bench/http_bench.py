@@ -311,8 +311,8 @@ def server_sql(url: str, patients: int) -> tuple[list[tuple[str, Any]], str, str
 
     pid, code = dataset.patient_id(patients // 2), dataset.CODES[3][0]
     sa.event.listen(service.repo.engine, "before_cursor_execute", before)
-    from fhir_norse.fhir.search import engine as search_engine
-    from fhir_norse.fhir.search.query import parse_search
+    from fhir_norse.server.search.parse import parse_search
+    from fhir_norse.store.search import engine as search_engine
 
     with service.repo.read() as view:
         request = parse_search(
@@ -396,7 +396,7 @@ def _service(url: str) -> tuple[Any, Any]:
     from fhir_norse.api.app import build_service
     from fhir_norse.auth.caller import Caller
     from fhir_norse.config import load_settings
-    from fhir_norse.fhir.context import RequestContext
+    from fhir_norse.server.context import RequestContext
 
     service = build_service(load_settings(database_url=url, log_level="WARNING", mode="development"))
     return service, RequestContext(caller=Caller.operator(), base_url="http://127.0.0.1/fhir")
@@ -412,11 +412,11 @@ def _top(profile: cProfile.Profile, limit: int = 18) -> str:
 
 
 def profile_part(url: str, patients: int, n: int) -> dict[str, Any]:
-    from fhir_norse.fhir import searching
-    from fhir_norse.fhir.resources import new_id, now_ms, stamp_meta
-    from fhir_norse.fhir.search import engine as search_engine
-    from fhir_norse.fhir.search.query import parse_search
-    from fhir_norse.fhir.validation import validate_resource
+    from fhir_norse.server import searching
+    from fhir_norse.server.resources import new_id, now_ms, stamp_meta
+    from fhir_norse.server.search.parse import parse_search
+    from fhir_norse.server.validation import validate_resource
+    from fhir_norse.store.search import engine as search_engine
 
     service, ctx = _service(url)
     eng = service.repo.engine

@@ -71,25 +71,25 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-import fhir_norse.fhir.compartments as compartments_module
-import fhir_norse.fhir.intake as intake_module
-import fhir_norse.fhir.interactions as interactions_module
+import fhir_norse.auth.policy as compartments_module
+import fhir_norse.rom.intake as intake_module
 import fhir_norse.scoring.pipeline as pipeline_module
-import fhir_norse.store.repository as repository_module
+import fhir_norse.server.interactions as interactions_module
+import fhir_norse.store.storage as repository_module
 from bench import common
 from fhir_norse.alerts.rules import Alert
 from fhir_norse.api.app import create_app
 from fhir_norse.auth.caller import Caller
 from fhir_norse.config import Settings
-from fhir_norse.fhir.context import RequestContext
-from fhir_norse.fhir.intake import QuestionnaireResponseIntake, derived_id
-from fhir_norse.fhir.interactions import FhirService
 from fhir_norse.instruments.registry import Instrument, InstrumentRegistry
 from fhir_norse.instruments.schema import InstrumentMapping
+from fhir_norse.rom.intake import QuestionnaireResponseIntake, derived_id
 from fhir_norse.scoring.pipeline import PriorAdministration, score_administration
+from fhir_norse.server.context import RequestContext
+from fhir_norse.server.interactions import FhirService
 from fhir_norse.store import migrate
 from fhir_norse.store.db import create_engine
-from fhir_norse.store.repository import ReadView, UnitOfWork
+from fhir_norse.store.storage import ReadView, UnitOfWork
 from fhir_norse.store.tables import INDEX_TABLES
 from tests.intake_support import NF21_STATIC, nf21, response
 

@@ -30,12 +30,12 @@ from typing import Any
 import sqlalchemy as sa
 
 from bench import common, dataset
-from fhir_norse.fhir.resources import now_ms, stamp_meta
-from fhir_norse.fhir.search.extract import default_extractor
-from fhir_norse.fhir.validation import validate_resource
+from fhir_norse.server.resources import now_ms, stamp_meta
+from fhir_norse.server.search.extract import default_extractor
+from fhir_norse.server.validation import validate_resource
 from fhir_norse.store import migrate
 from fhir_norse.store.db import create_engine
-from fhir_norse.store.repository import _INDEX_TABLE, H, R, Repository, _row_values
+from fhir_norse.store.storage import _INDEX_TABLE, H, R, Repository, _row_values
 from fhir_norse.store.tables import INDEX_TABLES
 
 

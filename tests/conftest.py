@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from fhir_norse.api.app import create_app
-from fhir_norse.auth.setup import build_key_store
+from fhir_norse.api.auth_setup import build_key_store
 from fhir_norse.auth.tables import ClientRow, UsedJtiRow
 from fhir_norse.config import Settings
 from fhir_norse.store import migrate

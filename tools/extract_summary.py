@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fhir_norse.fhir.resource_types import SUPPORTED_TYPES
+from fhir_norse.store.resource_types import SUPPORTED_TYPES
 from tools.extract_definitions import OUT, _core_files
 
 

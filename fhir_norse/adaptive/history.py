@@ -1,7 +1,7 @@
 """A patient's administrations of an adaptive instrument, read back from its stored scale Observations.
 
 Pure: Observation bodies (JSON) in, administrations out; the server reads the bodies
-(``fhir_norse.fhir.adaptive``). The scored history is the only state adaptive administration keeps: each
+(``fhir_norse.rom.adaptive``). The scored history is the only state adaptive administration keeps: each
 ``rom-scale-score`` Observation carries its scale's score, the trigger in the problem direction
 (component ``trigger-score``) and, when the scale was answered by its trigger alone, the interpretation
 ``trigger-only``; ``derivedFrom`` names the response, ``effectiveDateTime`` its ``authored``, and the

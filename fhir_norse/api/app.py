@@ -12,14 +12,15 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fhir_norse.api.auth_setup import install_auth
 from fhir_norse.api.rendering import render_error
 from fhir_norse.api.routes import router
 from fhir_norse.auth.audit import AuditRecorder
 from fhir_norse.auth.caller import Authorizer
-from fhir_norse.auth.setup import install_auth
 from fhir_norse.config import Settings
-from fhir_norse.fhir.content import publish_content
-from fhir_norse.fhir.errors import (
+from fhir_norse.instruments.registry import InstrumentRegistry
+from fhir_norse.logs import request_id
+from fhir_norse.outcomes import (
     BadRequest,
     FhirError,
     InternalError,
@@ -27,16 +28,15 @@ from fhir_norse.fhir.errors import (
     NotAcceptable,
     NotFound,
 )
-from fhir_norse.fhir.intake import install_intake
-from fhir_norse.fhir.interactions import FhirService
-from fhir_norse.fhir.profiles import ProfileValidator
-from fhir_norse.fhir.search.extract import default_extractor
-from fhir_norse.fhir.search.registry import default_registry
-from fhir_norse.fhir.validation import preload as preload_validation
-from fhir_norse.instruments.registry import InstrumentRegistry
-from fhir_norse.logs import request_id
+from fhir_norse.rom.intake import install_intake
+from fhir_norse.server.content import publish_content
+from fhir_norse.server.interactions import FhirService
+from fhir_norse.server.profiles import ProfileValidator
+from fhir_norse.server.search.extract import default_extractor
+from fhir_norse.server.validation import preload as preload_validation
 from fhir_norse.store.db import create_engine
-from fhir_norse.store.repository import Repository
+from fhir_norse.store.search.params import default_registry
+from fhir_norse.store.storage import Repository
 
 log = logging.getLogger("fhir_norse")
 

@@ -5,7 +5,7 @@
   ``/fhir/.well-known/smart-configuration``): https://hl7.org/fhir/smart-app-launch/conformance.html
 - ``GET /.well-known/jwks.json``: the public keys that verify our access tokens.
 
-Reads from ``request.app.state`` (set by :func:`fhir_norse.auth.setup.install_auth`):
+Reads from ``request.app.state`` (set by :func:`fhir_norse.api.auth_setup.install_auth`):
 ``settings`` (``base_url``), ``token_service`` (:class:`TokenService`), ``key_store``
 (:class:`KeyStore`), ``token_rate_limiter`` (:class:`RateLimiter`, per client address) and, if
 present, ``audit`` (``record_token_grant(client_id, outcome, reason, source_address, scopes)``

@@ -8,10 +8,10 @@ import orjson
 from fastapi import Depends, Request
 
 from fhir_norse.auth.caller import Caller
-from fhir_norse.fhir.context import Prefer, RequestContext
-from fhir_norse.fhir.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from fhir_norse.fhir.interactions import FhirService
 from fhir_norse.logs import request_id
+from fhir_norse.outcomes import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from fhir_norse.server.context import Prefer, RequestContext
+from fhir_norse.server.interactions import FhirService
 
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})

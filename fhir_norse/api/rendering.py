@@ -5,8 +5,8 @@ from __future__ import annotations
 import orjson
 from fastapi import Response
 
-from fhir_norse.fhir.context import Result
-from fhir_norse.fhir.errors import FhirError
+from fhir_norse.outcomes import FhirError
+from fhir_norse.server.context import Result
 
 FHIR_JSON_UTF8 = "application/fhir+json; charset=utf-8"
 

@@ -15,20 +15,20 @@ from starlette.concurrency import run_in_threadpool
 from fhir_norse.api.deps import Context, PatchBody, ResourceBody, Service, base_url, read_body
 from fhir_norse.api.rendering import render
 from fhir_norse.auth.caller import Caller
-from fhir_norse.fhir.bundles import BundleProcessor
-from fhir_norse.fhir.capability import capability_statement
-from fhir_norse.fhir.context import RequestContext
-from fhir_norse.fhir.errors import BadRequest, MethodNotAllowed
-from fhir_norse.fhir.operations.adaptive import (
+from fhir_norse.outcomes import BadRequest, MethodNotAllowed
+from fhir_norse.rom.operations.adaptive import (
     adaptive_state_operation,
     next_question_operation,
     parameters_as_pairs,
     populate_operation,
     tailored_form_operation,
 )
-from fhir_norse.fhir.operations.extract import extract_operation
-from fhir_norse.fhir.operations.validate import validate_operation
-from fhir_norse.fhir.searching import search, search_params_from_form
+from fhir_norse.rom.operations.extract import extract_operation
+from fhir_norse.server.bundles import BundleProcessor
+from fhir_norse.server.capability import capability_statement
+from fhir_norse.server.context import RequestContext
+from fhir_norse.server.operations.validate import validate_operation
+from fhir_norse.server.searching import search, search_params_from_form
 
 router = APIRouter(prefix="/fhir")
 OptionalHeader = Annotated[str | None, Header()]

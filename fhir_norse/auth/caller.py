@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fhir_norse.auth.scopes import ScopeSet
-from fhir_norse.fhir.errors import Forbidden
+from fhir_norse.outcomes import Forbidden
 
 
 @dataclass(frozen=True, slots=True)

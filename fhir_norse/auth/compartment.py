@@ -4,11 +4,11 @@ https://hl7.org/fhir/R4/compartmentdefinition-patient.html lists, per resource t
 parameters whose references put a resource into a Patient's compartment (Observation:
 ``subject`` and ``performer``; QuestionnaireResponse: ``subject`` and ``author``; Patient:
 ``link``, besides the patient itself; ...). The definition is the official one, extracted into
-``fhir/definitions/compartment-patient.json`` by ``tools/extract_compartment.py``. A type it
+``fhir_norse/definitions/compartment-patient.json`` by ``tools/extract_compartment.py``. A type it
 does not list (Questionnaire, Practitioner, Task, Subscription, Binary...) is in no Patient's
 compartment.
 
-The functions take the :class:`~fhir_norse.fhir.search.rows.ReferenceRow` s the search
+The functions take the :class:`~fhir_norse.store.rows.ReferenceRow` s the search
 extractor produces, so the same answer holds for a stored resource (its index rows) and for a
 body about to be written (``default_extractor().extract(body)``).
 
@@ -23,11 +23,11 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Iterable, Mapping
 from functools import cache
-from pathlib import Path
 
-from fhir_norse.fhir.search.rows import IndexRow, ReferenceRow
+from fhir_norse import definitions
+from fhir_norse.store.rows import IndexRow, ReferenceRow
 
-DEFINITION = Path(__file__).resolve().parents[1] / "fhir" / "definitions" / "compartment-patient.json"
+DEFINITION = definitions.DIR / "compartment-patient.json"
 
 
 @cache

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import ClassVar
 
-from fhir_norse.fhir.errors import FhirError
+from fhir_norse.outcomes import FhirError
 
 
 class TooManyRequests(FhirError):

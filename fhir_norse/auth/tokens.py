@@ -55,7 +55,7 @@ from fhir_norse.auth.clients import (
 )
 from fhir_norse.auth.keys import ACCESS_TOKEN_ALG, KeyStore
 from fhir_norse.auth.ratelimit import RateLimiter, TooManyRequests, retry_after_header
-from fhir_norse.fhir.errors import Unauthorized
+from fhir_norse.outcomes import Unauthorized
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 GRANT_TYPE = "client_credentials"

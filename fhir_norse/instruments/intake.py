@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from fhir_norse.fhir.errors import Issue
 from fhir_norse.instruments.schema import InstrumentMapping
+from fhir_norse.outcomes import Issue
 
 __all__ = ["validate_response"]
 

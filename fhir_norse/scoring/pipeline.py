@@ -4,7 +4,7 @@ Input: a QuestionnaireResponse (JSON), the :class:`~fhir_norse.instruments.regis
 scores its Questionnaire, the patient's earlier administrations of that instrument (oldest first) and
 the alerts active for the patient. Output: a :class:`ScoredAdministration` with the Observations, panel
 and DiagnosticReport (:mod:`fhir_norse.scoring.resources`), the change statistics and the alert
-decision. The server (``fhir_norse.fhir.intake``) stores the result; ``$extract`` and
+decision. The server (``fhir_norse.rom.intake``) stores the result; ``$extract`` and
 ``fhir-norse score`` show it without storing.
 
 Change is computed per scale over the series *earlier administrations + this one* with the mapping's SD,

@@ -10,9 +10,9 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from fhir_norse.fhir.intake import install_intake
 from fhir_norse.instruments.registry import Instrument, InstrumentRegistry
 from fhir_norse.instruments.schema import load_any_mapping
+from fhir_norse.rom.intake import install_intake
 from tests.intake_support import create_patient, publish_questionnaires
 
 ROOT = Path(__file__).resolve().parents[2]

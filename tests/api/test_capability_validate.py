@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from fhir_norse.fhir.resource_types import SUPPORTED_TYPES
+from fhir_norse.store.resource_types import SUPPORTED_TYPES
 
 FHIR = {"Content-Type": "application/fhir+json"}
 

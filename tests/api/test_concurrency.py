@@ -15,9 +15,9 @@ import sqlalchemy as sa
 from fhir_norse.api.app import build_service
 from fhir_norse.auth.caller import Caller
 from fhir_norse.config import Settings
-from fhir_norse.fhir.context import RequestContext
-from fhir_norse.fhir.errors import FhirError
-from fhir_norse.fhir.interactions import FhirService
+from fhir_norse.outcomes import FhirError
+from fhir_norse.server.context import RequestContext
+from fhir_norse.server.interactions import FhirService
 from fhir_norse.store.tables import TokenIndex
 
 CTX = RequestContext(caller=Caller.operator(), base_url="http://testserver/fhir")

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from fhir_norse.api.app import create_app
 from fhir_norse.config import Settings
-from fhir_norse.fhir.content import ContentConflict
+from fhir_norse.server.content import ContentConflict
 from tests.tokens import bearer
 
 FHIR = {"Content-Type": "application/fhir+json"}

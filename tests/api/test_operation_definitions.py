@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from fhir_norse.api.app import create_app
 from fhir_norse.config import Settings
-from fhir_norse.fhir.published import PUBLISHED_TAG
+from fhir_norse.server.published import PUBLISHED_TAG
 from tests.fhir_r4_client import check_response
 from tests.tokens import bearer
 

@@ -22,9 +22,9 @@ from fhir_norse.auth.audit import (
     build_token_grant_event,
 )
 from fhir_norse.auth.caller import Caller
-from fhir_norse.fhir.search.extract import default_extractor
-from fhir_norse.fhir.search.rows import ReferenceRow, UriRow
-from fhir_norse.fhir.validation import validate_resource
+from fhir_norse.server.search.extract import default_extractor
+from fhir_norse.server.validation import validate_resource
+from fhir_norse.store.rows import ReferenceRow, UriRow
 
 BALP = "https://profiles.ihe.net/ITI/BALP/StructureDefinition/"
 OAUTH_MINIMAL = BALP + "IHE.BasicAudit.OAUTHaccessTokenUse.Minimal"

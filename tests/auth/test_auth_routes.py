@@ -18,15 +18,15 @@ from fastapi.testclient import TestClient
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from fhir_norse.api.auth_routes import CAPABILITIES
+from fhir_norse.api.auth_setup import install_auth
 from fhir_norse.api.rendering import render_error
 from fhir_norse.auth.caller import Caller
 from fhir_norse.auth.clients import Client, ClientRegistry
 from fhir_norse.auth.ratelimit import RateLimiter
-from fhir_norse.auth.setup import install_auth
 from fhir_norse.auth.tables import AUTH_TABLES
 from fhir_norse.auth.tokens import ASSERTION_TYPE, RequestAuthenticator, TokenService
 from fhir_norse.config import Settings
-from fhir_norse.fhir.errors import FhirError
+from fhir_norse.outcomes import FhirError
 from fhir_norse.store.db import create_engine
 
 FHIR_BASE = "http://testserver/fhir"

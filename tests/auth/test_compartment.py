@@ -14,10 +14,10 @@ from fhir_norse.auth.compartment import (
     patients_referenced,
     resource_in_patient_compartment,
 )
-from fhir_norse.fhir.resource_types import SUPPORTED_TYPES
-from fhir_norse.fhir.search.extract import default_extractor
-from fhir_norse.fhir.search.registry import default_registry
-from fhir_norse.fhir.search.rows import IndexRow, ReferenceRow, TokenRow
+from fhir_norse.server.search.extract import default_extractor
+from fhir_norse.store.resource_types import SUPPORTED_TYPES
+from fhir_norse.store.rows import IndexRow, ReferenceRow, TokenRow
+from fhir_norse.store.search.params import default_registry
 
 
 def rows(resource: dict[str, Any]) -> list[IndexRow]:

@@ -18,12 +18,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from pydantic import SecretStr
 
-from fhir_norse.auth import cli
 from fhir_norse.auth.clients import ClientRegistry, scope_covers, uncovered_scopes, utcnow
 from fhir_norse.auth.keys import DEVELOPMENT_PASSPHRASE, ROTATION_MARGIN_SECONDS, KeyStore, passphrase_from
 from fhir_norse.auth.ratelimit import RateLimiter, TooManyRequests
 from fhir_norse.auth.tables import AUTH_TABLES, SigningKeyRow
 from fhir_norse.auth.tokens import TokenVerifier
+from fhir_norse.cli import auth as cli
 from fhir_norse.config import Settings
 from fhir_norse.store.db import create_engine
 

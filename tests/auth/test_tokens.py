@@ -38,7 +38,7 @@ from fhir_norse.auth.tokens import (
     server_root,
     token_endpoint_for,
 )
-from fhir_norse.fhir.errors import Unauthorized
+from fhir_norse.outcomes import Unauthorized
 from fhir_norse.store.db import create_engine
 
 FHIR_BASE = "http://testserver/fhir"

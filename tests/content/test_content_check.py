@@ -1,4 +1,4 @@
-"""``fhir-norse content check`` passes on the real tree and names precisely what is wrong in a broken copy."""
+"""``python -m tools.content_check`` passes on the real tree and names precisely what is wrong in a copy."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from fhir_norse.instruments.check import check_content, main
+from tools.content_check import check_content, main
 
 ROOT = Path(__file__).resolve().parents[2]
 STATIC = "questionnaires/nf21/Questionnaire-nf21-static.json"

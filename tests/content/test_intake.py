@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from fhir_norse.fhir.errors import Issue
 from fhir_norse.instruments.intake import validate_response
 from fhir_norse.instruments.schema import InstrumentMapping, load_mapping
+from fhir_norse.outcomes import Issue
 
 ROOT = Path(__file__).resolve().parents[2]
 ORDINAL_VALUE = "http://hl7.org/fhir/StructureDefinition/ordinalValue"

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from fhir_norse.instruments.build import build
 from fhir_norse.instruments.schema import load_mapping
 from tests.fhir_r4_client import parse_r4
+from tools.content_build import build
 
 ROOT = Path(__file__).resolve().parents[2]
 MAPPING = load_mapping(ROOT / "mappings" / "nf21-2.1.0.yaml")

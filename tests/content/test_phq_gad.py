@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from fhir_norse.fhir.validation import validate_resource
+from fhir_norse.server.validation import validate_resource
 from tests.fhir_r4_client import parse_r4
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,15 +19,15 @@ from typing import Any
 import pytest
 from fhirpathpy import evaluate
 
-from fhir_norse.fhir.errors import BadRequest
-from fhir_norse.fhir.validation import validate_resource
+from fhir_norse.outcomes import BadRequest
+from fhir_norse.server.validation import validate_resource
 from tests.fhir_r4_client import parse_r4
 
 JsonDict = dict[str, Any]
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = ROOT / "profiles"
-R4_DEFINITIONS = ROOT / "fhir_norse" / "fhir" / "definitions" / "structure-definitions.json"
+R4_DEFINITIONS = ROOT / "fhir_norse" / "definitions" / "structure-definitions.json"
 CANONICAL = "http://fhir-norse.org/fhir"
 CORE_SD = "http://hl7.org/fhir/StructureDefinition/"
 # Canonicals a profile may point to outside its own package: the R4 core package it depends on,
@@ -429,7 +429,7 @@ def test_operation_definition_invariants(od: JsonDict, invariant: str) -> None:
 
 
 def test_operation_definition_parameters(od: JsonDict) -> None:
-    """The in parameters the server reads (``fhir_norse.fhir.operations.adaptive``) and one ``return``."""
+    """The in parameters the server reads (``fhir_norse.rom.operations.adaptive``) and one ``return``."""
     params = {p["name"]: p for p in od["parameter"]}
     assert len(params) == len(od["parameter"]), "a parameter is defined twice"
     assert [p["name"] for p in od["parameter"] if p["use"] == "in"] == ["context", "episode", "questionnaire"]

@@ -1,6 +1,6 @@
 """The official R4 Questionnaire invariants (que-0 to que-13), evaluated with FHIRPath.
 
-The expressions are the published ones (``fhir_norse/fhir/definitions/questionnaire-invariants.json``,
+The expressions are the published ones (``fhir_norse/definitions/questionnaire-invariants.json``,
 from hl7.fhir.r4.core 4.0.1); ``trace()`` is dropped because it only logs. The content check
 implements the same rules in Python; this evaluates the standard's own text on every Questionnaire
 we publish, and on a broken one to show the evaluation can fail.
@@ -17,7 +17,7 @@ from fhirpathpy import evaluate
 from fhirpathpy.models import models
 
 ROOT = Path(__file__).resolve().parents[2]
-INVARIANTS = json.loads((ROOT / "fhir_norse/fhir/definitions/questionnaire-invariants.json").read_text())
+INVARIANTS = json.loads((ROOT / "fhir_norse/definitions/questionnaire-invariants.json").read_text())
 QUESTIONNAIRES = sorted((ROOT / "questionnaires").rglob("Questionnaire-*.json"))
 
 

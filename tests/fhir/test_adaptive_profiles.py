@@ -4,7 +4,7 @@
   (``doNotPerform`` false) or closed (true); who (``requester``), when (``authoredOn``) and why
   (``reasonCode``/``note``, invariant ``rom-override-1``) are required, exactly one scale coding, an
   optional ``workflow-episodeOfCare`` extension. The rules are those the write hook
-  (:class:`fhir_norse.fhir.adaptive.ScaleOverrideHook`) enforces, so what the server accepts conforms.
+  (:class:`fhir_norse.rom.adaptive.ScaleOverrideHook`) enforces, so what the server accepts conforms.
 * ``administration-context`` may now sit on the Observations and the DiagnosticReport scoring derives,
   which carry it (and the episode) next to the response's: they still conform to their profiles.
 
@@ -23,13 +23,13 @@ from typing import Any
 import pytest
 
 from fhir_norse.adaptive.history import CONTEXT_EXTENSION, EPISODE_EXTENSION
-from fhir_norse.fhir.adaptive import CS_SCALES, PROFILE_OVERRIDE, context_extension, episode_extension
-from fhir_norse.fhir.errors import Issue
-from fhir_norse.fhir.profiles import ProfileValidator
-from fhir_norse.fhir.validation import validate_resource
 from fhir_norse.instruments.schema import InstrumentMapping, load_mapping
+from fhir_norse.outcomes import Issue
+from fhir_norse.rom.adaptive import CS_SCALES, PROFILE_OVERRIDE, context_extension, episode_extension
 from fhir_norse.scoring import score_nf21
 from fhir_norse.scoring.resources import AdministrationResources, build_administration
+from fhir_norse.server.profiles import ProfileValidator
+from fhir_norse.server.validation import validate_resource
 
 JsonDict = dict[str, Any]
 

@@ -1,4 +1,4 @@
-"""The fast path of index extraction (:mod:`fhir_norse.fhir.search.fastpath`) against fhirpathpy.
+"""The fast path of index extraction (:mod:`fhir_norse.server.search.fastpath`) against fhirpathpy.
 
 fhirpathpy stays the reference: ``IndexExtractor(registry, fast=False)`` evaluates every expression
 with it. Every resource of a corpus of realistic resources of each supported type (the scored
@@ -25,8 +25,7 @@ from fhirpathpy.engine.nodes import ResourceNode, TypeInfo
 
 from fhir_norse.auth.audit import SUCCESS, build_audit_event
 from fhir_norse.auth.caller import Caller
-from fhir_norse.fhir.resource_types import SUPPORTED_TYPES
-from fhir_norse.fhir.search.extract import (
+from fhir_norse.server.search.extract import (
     MODEL,
     IndexExtractor,
     _values,
@@ -34,9 +33,10 @@ from fhir_norse.fhir.search.extract import (
     compile_fast_expression,
     rewrite_expression,
 )
-from fhir_norse.fhir.search.fastpath import FastEvaluator, Node
-from fhir_norse.fhir.search.registry import SearchParamRegistry, default_registry, split_union
-from fhir_norse.fhir.search.rows import IndexRow
+from fhir_norse.server.search.fastpath import FastEvaluator, Node
+from fhir_norse.store.resource_types import SUPPORTED_TYPES
+from fhir_norse.store.rows import IndexRow
+from fhir_norse.store.search.params import SearchParamRegistry, default_registry, split_union
 from tests.scoring.test_resources import build, phq9, phq9_total, sad_changes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,7 +102,7 @@ def terminology() -> list[JsonDict]:
 
 
 def search_parameters() -> list[JsonDict]:
-    bundle = json.loads((ROOT / "fhir_norse/fhir/definitions/search-parameters.json").read_text())
+    bundle = json.loads((ROOT / "fhir_norse/definitions/search-parameters.json").read_text())
     found = [e["resource"] for e in bundle["entry"]]
     # Every composite (components, several bases) and a spread of the others.
     return [r for r in found if r["type"] == "composite"] + found[::17]

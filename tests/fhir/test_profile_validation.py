@@ -1,4 +1,4 @@
-"""Validation against the content pack's own profiles (``fhir_norse.fhir.profiles``).
+"""Validation against the content pack's own profiles (``fhir_norse.server.profiles``).
 
 For each of the nine StructureDefinitions in ``profiles/`` one conforming instance passes (and is
 valid R4 too), and targeted broken instances fail with the expected expression, severity and code.
@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from fhir_norse.fhir.errors import Issue
-from fhir_norse.fhir.profiles import ProfileError, ProfileValidator
-from fhir_norse.fhir.validation import validate_resource
+from fhir_norse.outcomes import Issue
+from fhir_norse.server.profiles import ProfileError, ProfileValidator
+from fhir_norse.server.validation import validate_resource
 
 JsonDict = dict[str, Any]
 

@@ -1,4 +1,4 @@
-"""Structural validation of resource bodies (``fhir_norse.fhir.validation``).
+"""Structural validation of resource bodies (``fhir_norse.server.validation``).
 
 Each failure test names the FHIRPath-style location the OperationOutcome must point at; see
 https://hl7.org/fhir/R4/validation.html and https://hl7.org/fhir/R4/json.html.
@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from fhir_norse.fhir import validation
-from fhir_norse.fhir.errors import BadRequest, Issue
-from fhir_norse.fhir.models import model_class
-from fhir_norse.fhir.validation import validate_resource
+from fhir_norse.outcomes import BadRequest, Issue
+from fhir_norse.server import validation
+from fhir_norse.server.models import model_class
+from fhir_norse.server.validation import validate_resource
 
 JsonDict = dict[str, Any]
 

@@ -10,8 +10,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from fhir_norse.auth.caller import Caller
-from fhir_norse.fhir.context import RequestContext
-from fhir_norse.fhir.errors import FhirError
+from fhir_norse.outcomes import FhirError
+from fhir_norse.server.context import RequestContext
 from tests.intake_support import NF21_STATIC, create_patient, nf21_answers, response, search
 
 

@@ -15,9 +15,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from fhir_norse.fhir.intake import ALERT_KEY_SYSTEM, derived_id
-from fhir_norse.fhir.validation import validate_resource
+from fhir_norse.rom.intake import ALERT_KEY_SYSTEM, derived_id
 from fhir_norse.scoring import answers_from_response, score_nf21
+from fhir_norse.server.validation import validate_resource
 from tests.intake_support import (
     FHIR,
     NF21_STATIC,

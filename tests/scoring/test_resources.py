@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from fhir_norse.fhir.validation import validate_resource
 from fhir_norse.instruments.schema import (
     InstrumentMapping,
     SumScoreMapping,
@@ -25,6 +24,7 @@ from fhir_norse.scoring.resources import (
     AdministrationResources,
     build_administration,
 )
+from fhir_norse.server.validation import validate_resource
 from tests.fhir_r4_client import parse_r4
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -2,7 +2,7 @@
 
 Administrations are built with :func:`fhir_norse.scoring.resources.build_administration` from the
 real mappings in ``mappings/`` and validated with the content pack's
-:class:`~fhir_norse.fhir.profiles.ProfileValidator` (https://hl7.org/fhir/R4/profiling.html) after
+:class:`~fhir_norse.server.profiles.ProfileValidator` (https://hl7.org/fhir/R4/profiling.html) after
 the structural R4 check. Warnings are allowed only for extensible bindings the profiles mean to be
 open (a LOINC total or an item code where no NF 2.1 scale code applies).
 """
@@ -18,18 +18,18 @@ from typing import Any
 
 import pytest
 
-from fhir_norse.fhir.errors import Issue
-from fhir_norse.fhir.profiles import ProfileValidator
-from fhir_norse.fhir.validation import validate_resource
 from fhir_norse.instruments.schema import (
     InstrumentMapping,
     SumScoreMapping,
     load_mapping,
     load_sum_score_mapping,
 )
+from fhir_norse.outcomes import Issue
 from fhir_norse.scoring import Nf21Scores, SumScore, score_nf21, score_sum
 from fhir_norse.scoring.change import ScaleChange, scale_change, scale_change_for
 from fhir_norse.scoring.resources import AdministrationResources, build_administration
+from fhir_norse.server.profiles import ProfileValidator
+from fhir_norse.server.validation import validate_resource
 
 ROOT = Path(__file__).resolve().parents[2]
 SD = "http://fhir-norse.org/fhir/StructureDefinition/"

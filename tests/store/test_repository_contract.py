@@ -15,10 +15,10 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from fhir_norse.fhir.errors import Conflict
-from fhir_norse.fhir.search.rows import DateRow, ReferenceRow, TokenRow
+from fhir_norse.outcomes import Conflict
 from fhir_norse.store.db import create_engine
-from fhir_norse.store.repository import Repository
+from fhir_norse.store.rows import DateRow, ReferenceRow, TokenRow
+from fhir_norse.store.storage import Repository
 from fhir_norse.store.tables import DateIndex, ReferenceIndex, TokenIndex
 
 T0 = datetime(2024, 1, 1, 12, 0, 0)

@@ -21,9 +21,8 @@ from urllib.parse import parse_qsl
 import orjson
 import sqlalchemy as sa
 
-from fhir_norse.fhir.search.engine import SearchPage, StoredRow, execute_search
-from fhir_norse.fhir.search.query import SearchRequest, parse_search
-from fhir_norse.fhir.search.rows import (
+from fhir_norse.server.search.parse import parse_search
+from fhir_norse.store.rows import (
     CompositeRow,
     DateRow,
     IndexRow,
@@ -33,6 +32,8 @@ from fhir_norse.fhir.search.rows import (
     TokenRow,
     UriRow,
 )
+from fhir_norse.store.search.engine import SearchPage, StoredRow, execute_search
+from fhir_norse.store.search.request import SearchRequest
 from fhir_norse.store.tables import (
     DATE_MAX,
     DATE_MIN,

@@ -14,16 +14,15 @@ from typing import Any
 
 import pytest
 
-from fhir_norse.fhir.search import extract as extract_module
-from fhir_norse.fhir.search.extract import (
+from fhir_norse.server.search import extract as extract_module
+from fhir_norse.server.search.extract import (
     IndexExtractor,
     default_extractor,
     first_element,
     parse_reference,
     rewrite_expression,
 )
-from fhir_norse.fhir.search.registry import SearchParamRegistry
-from fhir_norse.fhir.search.rows import (
+from fhir_norse.store.rows import (
     CompositeRow,
     DateRow,
     IndexRow,
@@ -33,6 +32,7 @@ from fhir_norse.fhir.search.rows import (
     TokenRow,
     UriRow,
 )
+from fhir_norse.store.search.params import SearchParamRegistry
 
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
@@ -796,7 +796,7 @@ def test_parameters_that_cannot_compile_are_reported_not_raised(caplog: pytest.L
         {"code": "unknown-function", "type": "token", "expression": "Task.status.memberOf('http://x')"},
         {"code": "status", "type": "token", "expression": "Task.status"},
     )
-    with caplog.at_level(logging.DEBUG, logger="fhir_norse.fhir.search.extract"):
+    with caplog.at_level(logging.DEBUG, logger="fhir_norse.server.search.extract"):
         rows = extractor.extract(task_with_inputs())
     assert rows == [TokenRow("status", None, "requested")]
     reported = {(t, c): reason for t, c, reason in extractor.unsupported}
@@ -806,7 +806,7 @@ def test_parameters_that_cannot_compile_are_reported_not_raised(caplog: pytest.L
     assert sum("not indexed" in r.message for r in caplog.records) == 2
     # Reported once: a second write neither compiles again nor logs again.
     caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="fhir_norse.fhir.search.extract"):
+    with caplog.at_level(logging.DEBUG, logger="fhir_norse.server.search.extract"):
         extractor.extract(task_with_inputs())
     assert caplog.records == []
     assert len(extractor.unsupported) == 2
@@ -819,7 +819,7 @@ def test_a_parameter_failing_on_the_data_does_not_fail_the_write(caplog: pytest.
         {"code": "status", "type": "token", "expression": "Task.status"},
     )
     task = task_with_inputs({"valueString": "a"}, {"valueString": "b"})
-    with caplog.at_level(logging.WARNING, logger="fhir_norse.fhir.search.extract"):
+    with caplog.at_level(logging.WARNING, logger="fhir_norse.server.search.extract"):
         assert extractor.extract(task) == [TokenRow("status", None, "requested")]
         extractor.extract(task)
     assert len([r for r in caplog.records if "only-input" in r.message]) == 1

@@ -12,11 +12,11 @@ from urllib.parse import parse_qsl
 
 import pytest
 
-from fhir_norse.fhir.errors import BadRequest
-from fhir_norse.fhir.search.cursor import Cursor, ValueKind, decode_cursor, encode_cursor
-from fhir_norse.fhir.search.links import page_query, self_query
-from fhir_norse.fhir.search.query import (
-    MAX_COUNT,
+from fhir_norse.outcomes import BadRequest
+from fhir_norse.server.search.links import page_query, self_query
+from fhir_norse.server.search.parse import MAX_COUNT, parse_search, split_escaped, unescape
+from fhir_norse.store.search.cursor import Cursor, ValueKind, decode_cursor, encode_cursor
+from fhir_norse.store.search.request import (
     ChainCriterion,
     CompositeValue,
     Criterion,
@@ -30,9 +30,6 @@ from fhir_norse.fhir.search.query import (
     StringValue,
     TokenValue,
     UriValue,
-    parse_search,
-    split_escaped,
-    unescape,
 )
 
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from fhir_norse.fhir.errors import BadRequest
-from fhir_norse.fhir.search import engine as search_engine
-from fhir_norse.fhir.search.engine import execute_search, find_matching
-from fhir_norse.fhir.search.links import page_query
-from fhir_norse.fhir.search.rows import (
+from fhir_norse.outcomes import BadRequest
+from fhir_norse.server.search.links import page_query
+from fhir_norse.server.search.parse import parse_search
+from fhir_norse.store.rows import (
     CompositeRow,
     DateRow,
     IndexRow,
@@ -28,7 +28,9 @@ from fhir_norse.fhir.search.rows import (
     TokenRow,
     UriRow,
 )
-from fhir_norse.fhir.search.values import date_range, decimal_range, normalize_string
+from fhir_norse.store.search import engine as search_engine
+from fhir_norse.store.search.engine import execute_search, find_matching
+from fhir_norse.store.search.values import date_range, decimal_range, normalize_string
 from tests.fhir.search.search_helpers import (
     PG_URL,
     Seeder,
@@ -807,16 +809,20 @@ def test_include_limit_is_reported(
 # --- conditional interactions, errors --------------------------------------------------------------
 
 
+def _matching(conn: sa.Connection, res_type: str, params: list[tuple[str, str]], limit: int) -> list[Any]:
+    return find_matching(conn, parse_search(res_type, params, strict=True), limit)
+
+
 def test_find_matching(conn: sa.Connection, seed: Seeder) -> None:
     seed.add("Patient", "p1", tok("identifier", "1", "urn:mrn"))
     seed.add("Patient", "p2", tok("identifier", "1", "urn:mrn"))
     seed.add("Patient", "p3", tok("identifier", "3", "urn:mrn"))
-    assert ids(find_matching(conn, "Patient", [("identifier", "urn:mrn|3")], 2)) == ["p3"]
-    assert ids(find_matching(conn, "Patient", [("identifier", "urn:mrn|1")], 2)) == ["p1", "p2"]
-    assert ids(find_matching(conn, "Patient", [("identifier", "urn:mrn|1")], 1)) == ["p1"]
-    assert find_matching(conn, "Patient", [("identifier", "urn:mrn|9")], 2) == []
+    assert ids(_matching(conn, "Patient", [("identifier", "urn:mrn|3")], 2)) == ["p3"]
+    assert ids(_matching(conn, "Patient", [("identifier", "urn:mrn|1")], 2)) == ["p1", "p2"]
+    assert ids(_matching(conn, "Patient", [("identifier", "urn:mrn|1")], 1)) == ["p1"]
+    assert _matching(conn, "Patient", [("identifier", "urn:mrn|9")], 2) == []
     with pytest.raises(BadRequest, match="bogus"):
-        find_matching(conn, "Patient", [("bogus", "1")], 2)
+        _matching(conn, "Patient", [("bogus", "1")], 2)
 
 
 def test_unknown_parameters_strict_and_lenient(conn: sa.Connection, seed: Seeder) -> None:

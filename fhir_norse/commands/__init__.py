@@ -1,1 +1,0 @@
-"""Command-line adapters of ``fhir-norse`` that combine layers (content, scoring, storage)."""

@@ -1,0 +1,916 @@
+"""QuestionnaireResponse intake and scoring at the storage seam (the write hook of the type).
+
+https://hl7.org/fhir/R4/questionnaireresponse.html, SDC https://hl7.org/fhir/uv/sdc/STU3/extraction.html.
+Every create, update, patch and transaction entry of a QuestionnaireResponse passes here, inside the
+write's unit of work, so a response and everything derived from it commit together or not at all:
+
+1. **Before saving** (422 on any problem, nothing stored): the ``questionnaire`` canonical resolves to a
+   stored Questionnaire (``url|version``; a bare url takes the highest version); the ``subject`` is an
+   existing ``Patient``; ``authored`` is present; the answers are valid for the Questionnaire
+   (:func:`fhir_norse.instruments.intake.validate_response`); a completed response is not re-opened and
+   an amendment keeps its subject and Questionnaire.
+2. **After saving** a ``completed`` or ``amended`` response whose Questionnaire a mapping scores:
+   Observations, the panel and the DiagnosticReport (:mod:`fhir_norse.scoring.pipeline`), change against
+   the patient's earlier administrations, alert Flags (and a Task for the responsible clinician when
+   urgent), and one Provenance per scoring run.
+3. **Amendments**: derived resources have ids computed from the response id and their key, so scoring
+   the response again updates the same resources (status ``amended``, the earlier version kept in the
+   history); one that no longer applies becomes ``entered-in-error``. A response marked
+   ``entered-in-error``, or deleted, withdraws everything derived from it the same way.
+4. **Retries**: a create whose ``identifier`` matches a stored response with the same content creates
+   nothing (200 with the stored one); different content under the same identifier is a 409.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+from urllib.parse import urlencode
+
+import orjson
+
+from fhir_norse import __version__
+from fhir_norse.adaptive.forms import tailored_questionnaire
+from fhir_norse.adaptive.history import context_of, episode_of, moment
+from fhir_norse.alerts.rules import Alert, AlertCode, AlertDecision
+from fhir_norse.instruments.intake import validate_response
+from fhir_norse.instruments.registry import Instrument, InstrumentRegistry, version_key
+from fhir_norse.instruments.schema import InstrumentMapping
+from fhir_norse.outcomes import Conflict, Issue, Unprocessable
+from fhir_norse.scoring.engine import answers_from_response, trigger_scores
+from fhir_norse.scoring.pipeline import PriorAdministration, ScoredAdministration, score_administration
+from fhir_norse.scoring.resources import (
+    LOINC,
+)
+from fhir_norse.server.context import RequestContext
+from fhir_norse.server.interactions import FhirService, JsonDict, WriteOutcome, loads
+from fhir_norse.server.published import PUBLISHED_TAG
+from fhir_norse.server.resources import flat_items, instant, new_id, now_ms, reference_id
+from fhir_norse.store.storage import ReadView, StoredResource, UnitOfWork
+
+__all__ = [
+    "ALERT_KEY_SYSTEM",
+    "QuestionnaireResponseIntake",
+    "ScoringPlan",
+    "assemble_plan",
+    "derived_id",
+]
+
+_BASE = "http://fhir-norse.org/fhir"
+ALERT_KEY_SYSTEM = f"{_BASE}/alert-key"
+PROFILE_FLAG = f"{_BASE}/StructureDefinition/rom-alert-flag"
+CS_ALERTS = f"{_BASE}/CodeSystem/rom-alerts"
+MAPPING_SYSTEM = f"{_BASE}/mapping"
+SOFTWARE_SYSTEM = f"{_BASE}/software"
+FLAG_DETAIL = "http://hl7.org/fhir/StructureDefinition/flag-detail"
+FLAG_PRIORITY = "http://hl7.org/fhir/StructureDefinition/flag-priority"
+FLAG_PRIORITY_CS = "http://hl7.org/fhir/flag-priority-code"
+DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
+PARTICIPANT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+
+# Derived resource ids: uuid5(namespace, "QuestionnaireResponse/<id>#<key>").
+_DERIVED_NAMESPACE = uuid.UUID("6f1c8e0a-3d4b-5a7e-9c21-4b8d0f2e6a13")
+_SCORED = frozenset({"completed", "amended"})
+_HISTORY_LIMIT = 100_000
+_ALERT_DISPLAY: dict[str, str] = {
+    "suicide-risk": "Suicide risk",
+    "deterioration": "Reliable deterioration",
+    "alliance-rupture": "Alliance rupture",
+    "prefer-not-suicide": "'Prefer not to answer' on suicidality items",
+}
+
+
+def derived_id(response_id: str, key: str) -> str:
+    """The id of the resource scoring derives from response ``response_id`` under ``key``."""
+    return str(uuid.uuid5(_DERIVED_NAMESPACE, f"QuestionnaireResponse/{response_id}#{key}"))
+
+
+@dataclass
+class PlannedWrite:
+    """One resource scoring writes: created (``previous`` None) or a new version of ``previous``."""
+
+    res_type: str
+    res_id: str
+    body: JsonDict
+    previous: StoredResource | None = None
+
+
+@dataclass
+class ScoringPlan:
+    """Everything one scoring (or withdrawal) run writes, in order, plus its Provenance and warnings."""
+
+    writes: list[PlannedWrite] = field(default_factory=list)
+    provenance: JsonDict | None = None
+    warnings: list[Issue] = field(default_factory=list)
+    scored: ScoredAdministration | None = None
+
+    def transaction(self) -> JsonDict:
+        """The transaction Bundle of this plan (SDC ``$extract``): PUT by id, Provenance last."""
+        entries = [
+            {
+                "fullUrl": f"urn:uuid:{w.res_id}",
+                "resource": w.body,
+                "request": {"method": "PUT", "url": f"{w.res_type}/{w.res_id}"},
+            }
+            for w in self.writes
+        ]
+        if self.provenance is not None:
+            prov = dict(self.provenance)
+            entries.append(
+                {
+                    "fullUrl": f"urn:uuid:{prov['id']}",
+                    "resource": prov,
+                    "request": {"method": "PUT", "url": f"Provenance/{prov['id']}"},
+                }
+            )
+        return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def _comparable(resource: JsonDict) -> JsonDict:
+    return {k: v for k, v in resource.items() if k not in ("id", "meta", "text")}
+
+
+def _same_answers(a: JsonDict, b: JsonDict) -> bool:
+    keys = ("status", "questionnaire", "subject", "authored", "item")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+class QuestionnaireResponseIntake:
+    """The :class:`~fhir_norse.server.interactions.WriteHook` of QuestionnaireResponse (module doc)."""
+
+    def __init__(self, registry: InstrumentRegistry) -> None:
+        from fhir_norse.rom.adaptive import AdaptiveService
+
+        self.registry = registry
+        self.adaptive = AdaptiveService(registry)
+        # Published Questionnaires never change (they are read-only), so ``url|version`` is cached.
+        self._published: dict[str, JsonDict] = {}
+
+    # ------------------------------------------------------------------ resolving
+    def questionnaire(self, service: FhirService, reader: ReadView, canonical: Any) -> JsonDict:
+        """The stored Questionnaire a response names (422 when there is none)."""
+        expression = ("QuestionnaireResponse.questionnaire",)
+        if not isinstance(canonical, str) or not canonical:
+            raise Unprocessable(
+                "A QuestionnaireResponse must name its Questionnaire (questionnaire = url|version)",
+                code="required",
+                expression=list(expression),
+            )
+        if (cached := self._published.get(canonical)) is not None:
+            return cached
+        url, _, version = canonical.partition("|")
+        query = {"url": url, **({"version": version} if version else {})}
+        found = service.find_matching(reader, "Questionnaire", urlencode(query), _HISTORY_LIMIT)
+        if not found:
+            raise Unprocessable(
+                f"Questionnaire {canonical} is not known to this server",
+                code="not-found",
+                expression=list(expression),
+            )
+        bodies = [loads(f.body_text) for f in found]
+        best = max(bodies, key=lambda b: version_key(str(b.get("version") or "0")))
+        if version and PUBLISHED_TAG in (best.get("meta") or {}).get("tag", []):
+            self._published[canonical] = best
+        return best
+
+    def forms(self, service: FhirService, reader: ReadView, response: JsonDict) -> tuple[JsonDict, JsonDict]:
+        """(the form the answers are checked against, the canonical Questionnaire that scores them).
+
+        Both are the stored Questionnaire the response names, except for a response to a form it
+        contains (``questionnaire`` = ``#id``: SDC adaptive forms, tailored static forms): that form
+        must derive from a stored Questionnaire (``derivedFrom``) and define each item as it does.
+        """
+        reference = response.get("questionnaire")
+        if not (isinstance(reference, str) and reference.startswith("#")):
+            canonical = self.questionnaire(service, reader, reference)
+            return canonical, canonical
+        contained = next(
+            (
+                c
+                for c in response.get("contained") or []
+                if isinstance(c, dict)
+                and c.get("resourceType") == "Questionnaire"
+                and f"#{c.get('id')}" == reference
+            ),
+            None,
+        )
+        expression = ["QuestionnaireResponse.questionnaire"]
+        if contained is None:
+            raise Unprocessable(
+                f"questionnaire {reference} names no contained Questionnaire",
+                code="not-found",
+                expression=expression,
+            )
+        derived = [d for d in contained.get("derivedFrom") or [] if isinstance(d, str)]
+        if not derived:
+            raise Unprocessable(
+                "a contained Questionnaire must name the Questionnaire it derives from (derivedFrom)",
+                code="required",
+                expression=expression,
+            )
+        canonical = self.questionnaire(service, reader, derived[0])
+        defined = {str(i.get("linkId")): i for i in flat_items(canonical)}
+        issues = []
+        for item in flat_items(contained):
+            if item.get("type") in ("group", "display"):
+                continue
+            base = defined.get(str(item.get("linkId")))
+            if base is None or any(item.get(k) != base.get(k) for k in _DEFINING):
+                issues.append(
+                    Issue(
+                        f"contained item {item.get('linkId')!r} is not defined so in {derived[0]}",
+                        code="structure",
+                        expression=("QuestionnaireResponse.contained",),
+                    )
+                )
+        if issues:
+            raise Unprocessable(issues[0].diagnostics, issues=issues)
+        return contained, canonical
+
+    def instrument_of(self, questionnaire: JsonDict) -> Instrument | None:
+        return self.registry.for_questionnaire(str(questionnaire.get("url")), questionnaire.get("version"))
+
+    # ------------------------------------------------------------------ WriteHook
+    def existing(
+        self, service: FhirService, uow: UnitOfWork, body: JsonDict, patients: frozenset[str] | None
+    ) -> StoredResource | None:
+        identifiers = body.get("identifier")
+        if isinstance(identifiers, dict):  # R4 QuestionnaireResponse.identifier is 0..1
+            identifiers = [identifiers]
+        for ident in identifiers or []:
+            if not isinstance(ident, dict) or not ident.get("system") or not ident.get("value"):
+                continue
+            token = f"{ident['system']}|{ident['value']}"
+            uow.advisory_lock(f"create:QuestionnaireResponse?identifier={token}")
+            found = service.find_matching(
+                uow, "QuestionnaireResponse", urlencode({"identifier": token}), 2, patients=patients
+            )
+            if not found:
+                continue
+            stored = found[0]
+            if _comparable(loads(stored.body_text)) == _comparable(body):
+                return stored
+            raise Conflict(
+                f"QuestionnaireResponse/{stored.res_id} already has identifier {token} with other "
+                "content; to change it, update that resource (status 'amended')",
+                expression="QuestionnaireResponse.identifier",
+            )
+        return None
+
+    def before_save(
+        self,
+        service: FhirService,
+        uow: UnitOfWork,
+        ctx: RequestContext,
+        res_id: str,
+        body: JsonDict,
+        previous: StoredResource | None,
+    ) -> None:
+        self.check(service, uow, body, previous)
+
+    def check(
+        self, service: FhirService, uow: ReadView, body: JsonDict, previous: StoredResource | None
+    ) -> None:
+        """Intake validation of a response (422 with every problem); see the module doc."""
+        issues: list[Issue] = []
+        form, questionnaire = self.forms(service, uow, body)
+        subject = (body.get("subject") or {}).get("reference")
+        patient_id = reference_id(subject, "Patient")
+        if patient_id is None:
+            issues.append(
+                Issue(
+                    "subject must reference a Patient on this server (Patient/<id>)",
+                    code="required" if subject is None else "value",
+                    expression=("QuestionnaireResponse.subject",),
+                )
+            )
+        else:
+            patient = uow.current("Patient", patient_id)
+            if patient is None or patient.deleted:
+                issues.append(
+                    Issue(
+                        f"subject Patient/{patient_id} is not known to this server",
+                        code="not-found",
+                        expression=("QuestionnaireResponse.subject",),
+                    )
+                )
+        if not body.get("authored"):
+            issues.append(
+                Issue(
+                    "authored (when the answers were given) is required",
+                    code="required",
+                    expression=("QuestionnaireResponse.authored",),
+                )
+            )
+        if previous is not None and not previous.deleted:
+            issues += _transition_problems(loads(previous.body_text), body)
+        instrument = self.instrument_of(questionnaire)
+        mapping = instrument.mapping if instrument is not None else None
+        if isinstance(mapping, InstrumentMapping):
+            answers = validate_response(body, form, mapping=mapping)
+            if answers and patient_id is not None and not issues:
+                # Only now read the history: the adaptive plan may excuse what the plain form refuses.
+                answers = self._adaptive_check(service, uow, body, form, mapping)
+            issues += answers
+        else:
+            issues += validate_response(body, form)
+        if issues:
+            raise Unprocessable(issues[0].diagnostics, issues=issues)
+
+    def _adaptive_check(
+        self,
+        service: FhirService,
+        reader: ReadView,
+        body: JsonDict,
+        form: JsonDict,
+        mapping: InstrumentMapping,
+    ) -> list[Issue]:
+        """Validation with the patient's adaptive plan: the groups of scales asked in full whatever the
+        trigger are enabled, and the items of scales not asked in full are not required."""
+        patient = str(body["subject"]["reference"])
+        state = self.adaptive.patient_state(
+            service,
+            reader,
+            patient,
+            mapping,
+            episode=self.adaptive.episode(service, reader, body),
+            context=context_of(body),
+            exclude_response=str(body.get("id") or "") or None,
+            before=str(body["authored"]),
+        )
+        plan = state.plan
+        asked = set(plan.in_full(trigger_scores(answers_from_response(body), mapping)))
+        closed = frozenset(s.code for s in mapping.scales if s.code not in asked)
+        tailored = tailored_questionnaire(form, plan, drop_closed=False)
+        return validate_response(body, tailored, mapping=mapping, closed_scales=closed)
+
+    def after_save(
+        self,
+        service: FhirService,
+        uow: UnitOfWork,
+        ctx: RequestContext,
+        outcome: WriteOutcome,
+        previous: StoredResource | None,
+    ) -> list[Issue]:
+        body = outcome.body
+        assert body is not None
+        before = loads(previous.body_text) if previous is not None and not previous.deleted else None
+        status = body.get("status")
+        if status in _SCORED:
+            if before is not None and before.get("status") in _SCORED and _same_answers(before, body):
+                return []  # the same answers again: the stored scores stand
+            # One scoring run per patient at a time: the history and the active alerts read next must
+            # include a concurrent run's writes, or two runs could both raise the same alert.
+            uow.advisory_lock(f"scoring:{(body.get('subject') or {}).get('reference')}")
+            # A response stored before (even if deleted since) may have derived resources already.
+            plan = self.plan(service, uow, body, rescore=previous is not None)
+        elif status == "entered-in-error" and before is not None:
+            plan = self.withdrawal(service, uow, body, reason="the response was marked entered-in-error")
+        else:
+            return []
+        self.apply(service, uow, plan)
+        return plan.warnings
+
+    def after_delete(
+        self, service: FhirService, uow: UnitOfWork, ctx: RequestContext, deleted: StoredResource
+    ) -> None:
+        plan = self.withdrawal(service, uow, loads(deleted.body_text), reason="the response was deleted")
+        self.apply(service, uow, plan)
+
+    # ------------------------------------------------------------------ planning
+    def plan(
+        self, service: FhirService, reader: ReadView, response: JsonDict, *, rescore: bool
+    ) -> ScoringPlan:
+        """What scoring ``response`` (stored, or not when ``$extract`` asks) would write.
+
+        ``rescore``: the response was stored before, so its derived resources may exist already.
+        """
+        _, questionnaire = self.forms(service, reader, response)
+        instrument = self.instrument_of(questionnaire)
+        if instrument is None:
+            return ScoringPlan()
+        res_id = str(response.get("id") or "")
+        patient_ref = str(response["subject"]["reference"])
+        authored = str(response["authored"])
+        episode = self.adaptive.episode(service, reader, response)
+        # Alerts follow the newest administration: a response answered before another one already
+        # stored (sent late, or amended later) is scored but leaves the alerts as they stand.
+        if isinstance(instrument.mapping, InstrumentMapping):
+            history, later = self._adaptive_history(
+                service, reader, patient_ref, instrument.mapping, episode, res_id, authored
+            )
+        else:
+            history, later = self._history(service, reader, patient_ref, instrument, res_id, authored)
+        context = context_of(response) or ("intake" if not history else "weekly")
+        active = self._active_alerts(service, reader, patient_ref)
+        return assemble_plan(
+            response,
+            questionnaire,
+            instrument,
+            history=history,
+            active=active,
+            alerts=not later,
+            current=(lambda t, i: reader.current(t, i)) if rescore else (lambda t, i: None),
+            stale=(lambda keep: self._withdraw_stale(reader, res_id, keep)) if rescore else (lambda keep: []),
+            owner=lambda: self._owner(service, reader, patient_ref),
+            context=context,
+            episode=episode,
+        )
+
+    def withdrawal(
+        self, service: FhirService, reader: ReadView, response: JsonDict, *, reason: str
+    ) -> ScoringPlan:
+        """Mark everything derived from ``response`` entered-in-error, with its alert Flags."""
+        res_id = str(response.get("id"))
+        plan = ScoringPlan()
+        plan.writes += self._withdraw_stale(reader, res_id, set())
+        if not plan.writes:
+            return plan
+        withdrawn = {f"{w.res_type}/{w.res_id}" for w in plan.writes}
+        withdrawn.add(f"QuestionnaireResponse/{res_id}")
+        patient_ref = str((response.get("subject") or {}).get("reference"))
+        for _alert, stored in self._active_alerts(service, reader, patient_ref):
+            flag = loads(stored.body_text)
+            evidence = {
+                _strip_version(str((e.get("valueReference") or {}).get("reference")))
+                for e in flag.get("extension", [])
+                if e.get("url") == FLAG_DETAIL
+            }
+            if evidence & withdrawn:
+                flag["status"] = "entered-in-error"
+                plan.writes.append(PlannedWrite("Flag", stored.res_id, flag, stored))
+        version = (response.get("meta") or {}).get("versionId")
+        ref = f"QuestionnaireResponse/{res_id}" + (f"/_history/{version}" if version else "")
+        plan.provenance = _provenance(
+            plan.writes, ref, None, None, instant(now_ms()), "DELETE", reason=reason
+        )
+        return plan
+
+    def apply(self, service: FhirService, uow: UnitOfWork, plan: ScoringPlan) -> None:
+        """Store a plan in ``uow``: new resources in one batch, new versions one by one, then the
+        Provenance naming the versions written."""
+        if not plan.writes:
+            return
+        targets: dict[int, str] = {}
+        # Planning looked up every derived id of a response stored before (``rescore``), so a write
+        # without ``previous`` is a new resource: derived ids of a new response, new Flags and Tasks.
+        creates = [(n, w) for n, w in enumerate(plan.writes) if w.previous is None]
+        batch = [(w.res_type, w.res_id, w.body) for _, w in creates]
+        if len(creates) == len(plan.writes) and plan.provenance is not None:
+            # Only new resources (version 1 each): the Provenance joins the same batch.
+            prov = dict(plan.provenance)
+            prov["target"] = [{"reference": f"{w.res_type}/{w.res_id}/_history/1"} for w in plan.writes]
+            service.save_new_many(uow, [*batch, ("Provenance", prov["id"], prov)])
+            return
+        stored = service.save_new_many(uow, batch)
+        for (n, w), s in zip(creates, stored, strict=True):
+            targets[n] = f"{w.res_type}/{w.res_id}/_history/{s.version}"
+        for n, w in enumerate(plan.writes):
+            if n in targets:
+                continue
+            previous = uow.lock(w.res_type, w.res_id)
+            if w.previous is not None and (previous is None or previous.version != w.previous.version):
+                raise Conflict(f"{w.res_type}/{w.res_id} changed while it was being re-scored; try again")
+            outcome = service._save(
+                uow,
+                w.res_type,
+                w.res_id,
+                w.body,
+                previous=previous,
+                method="update" if previous else "create",
+            )
+            targets[n] = f"{w.res_type}/{w.res_id}/_history/{outcome.stored.version}"
+        if plan.provenance is not None:
+            prov = dict(plan.provenance)
+            prov["target"] = [{"reference": targets[n]} for n in range(len(plan.writes))]
+            service.save_new_many(uow, [("Provenance", prov["id"], prov)])
+
+    # ------------------------------------------------------------------ reads
+    def _history(
+        self,
+        service: FhirService,
+        reader: ReadView,
+        patient_ref: str,
+        instrument: Instrument,
+        response_id: str,
+        authored: str,
+    ) -> tuple[list[PriorAdministration], bool]:
+        """For a sum-score instrument (no change statistics): no history, and whether a later
+        administration of it exists (alerts follow the newest administration).
+
+        One index lookup by subject, filtered here: a query that also filtered by code and status in
+        SQL depends on fresh planner statistics (on a PostgreSQL without autovacuum it was planned as
+        nested loops over every index row of the type), while this one is a single range scan.
+        """
+        mapping = instrument.mapping
+        assert not isinstance(mapping, InstrumentMapping)
+        code = mapping.total.code
+        total = (LOINC, code) if isinstance(code, str) else (code.get("system"), str(code.get("code")))
+        found = service.find_matching(
+            reader, "Observation", urlencode({"subject": patient_ref}), _HISTORY_LIMIT
+        )
+        current = moment(authored)
+        for stored in found:
+            obs = orjson.loads(stored.body_text or "{}")
+            coding = ((obs.get("code") or {}).get("coding") or [{}])[0]
+            if (
+                obs.get("status") not in ("final", "amended")
+                or (coding.get("system"), coding.get("code")) != total
+            ):
+                continue
+            source = reference_id(
+                ((obs.get("derivedFrom") or [{}])[0]).get("reference"), "QuestionnaireResponse"
+            )
+            when = obs.get("effectiveDateTime")
+            if source is not None and source != response_id and when and moment(when) > current:
+                return [], True
+        return [], False
+
+    def _adaptive_history(
+        self,
+        service: FhirService,
+        reader: ReadView,
+        patient_ref: str,
+        mapping: InstrumentMapping,
+        episode: str | None,
+        response_id: str,
+        authored: str,
+    ) -> tuple[list[PriorAdministration], bool]:
+        """The earlier administrations of the episode (scale and alliance scores), oldest first, and
+        whether a later one exists."""
+        every = self.adaptive.history(
+            service, reader, patient_ref, mapping, episode, exclude_response=response_id
+        )
+        current = moment(authored)
+        earlier = [a for a in every if moment(a.authored) < current]
+        later = any(moment(a.authored) > current for a in every)
+        history = [
+            PriorAdministration(f"QuestionnaireResponse/{a.response}", a.authored, a.scales, a.alliance)
+            for a in earlier
+            if a.scales or a.alliance
+        ]
+        return history, later
+
+    def _active_alerts(
+        self, service: FhirService, reader: ReadView, patient_ref: str
+    ) -> list[tuple[Alert, StoredResource]]:
+        # R4 Flag has no ``status`` search parameter: the status is read from the body.
+        query = urlencode({"subject": patient_ref})
+        out: list[tuple[Alert, StoredResource]] = []
+        for stored in service.find_matching(reader, "Flag", query, _HISTORY_LIMIT):
+            flag = loads(stored.body_text)
+            if flag.get("status") != "active" or PROFILE_FLAG not in (flag.get("meta") or {}).get(
+                "profile", []
+            ):
+                continue
+            key = next(
+                (
+                    str(i.get("value"))
+                    for i in flag.get("identifier", [])
+                    if i.get("system") == ALERT_KEY_SYSTEM
+                ),
+                None,
+            )
+            if key is None:
+                continue
+            code, _, scale = key.partition("/")
+            urgent = any(
+                c.get("code") == "PH"
+                for e in flag.get("extension", [])
+                if e.get("url") == FLAG_PRIORITY
+                for c in (e.get("valueCodeableConcept") or {}).get("coding", [])
+            )
+            alert = Alert(
+                cast(AlertCode, code), scale or None, urgent, str((flag.get("code") or {}).get("text", ""))
+            )
+            out.append((alert, stored))
+        out.sort(key=lambda pair: pair[1].last_updated)
+        return out
+
+    def _owner(self, service: FhirService, reader: ReadView, patient_ref: str) -> JsonDict | None:
+        """The responsible clinician: the care manager of the patient's active EpisodeOfCare, else
+        the patient's first general practitioner, else nobody (the Task waits in the unit's queue)."""
+        query = urlencode({"patient": patient_ref, "status": "active"})
+        for stored in service.find_matching(reader, "EpisodeOfCare", query, 10):
+            manager = loads(stored.body_text).get("careManager")
+            if isinstance(manager, dict) and manager.get("reference"):
+                return {"reference": manager["reference"]}
+        patient_id = reference_id(patient_ref, "Patient")
+        patient = reader.current("Patient", patient_id) if patient_id else None
+        if patient is not None and not patient.deleted:
+            gps = loads(patient.body_text).get("generalPractitioner") or []
+            if gps and isinstance(gps[0], dict) and gps[0].get("reference"):
+                return {"reference": gps[0]["reference"]}
+        return None
+
+    def _withdraw_stale(self, reader: ReadView, response_id: str, keep: set[str]) -> list[PlannedWrite]:
+        """Earlier derived resources of the response that are not in ``keep`` -> entered-in-error."""
+        out: list[PlannedWrite] = []
+        panel = reader.current("Observation", derived_id(response_id, "panel"))
+        if panel is None or panel.deleted:
+            return out
+        panel_body = loads(panel.body_text)
+        refs = [m.get("reference") for m in panel_body.get("hasMember", [])]
+        candidates = [("Observation", reference_id(r, "Observation")) for r in refs]
+        candidates += [("Observation", panel.res_id), ("DiagnosticReport", derived_id(response_id, "report"))]
+        for res_type, rid in candidates:
+            if rid is None or rid in keep:
+                continue
+            stored = reader.current(res_type, rid)
+            if stored is None or stored.deleted:
+                continue
+            body = loads(stored.body_text)
+            if body.get("status") == "entered-in-error":
+                continue
+            body["status"] = "entered-in-error"
+            out.append(PlannedWrite(res_type, rid, body, stored))
+        return out
+
+
+def assemble_plan(
+    response: JsonDict,
+    questionnaire: JsonDict,
+    instrument: Instrument,
+    *,
+    history: Sequence[PriorAdministration] = (),
+    active: Sequence[tuple[Alert, StoredResource]] = (),
+    current: Callable[[str, str], StoredResource | None] = lambda t, i: None,
+    stale: Callable[[set[str]], list[PlannedWrite]] = lambda keep: [],
+    owner: Callable[[], JsonDict | None] = lambda: None,
+    alerts: bool = True,
+    context: str | None = None,
+    episode: str | None = None,
+) -> ScoringPlan:
+    """Score ``response`` and lay out every write (pure, given its inputs; used by the server, by
+    ``$extract`` and by ``fhir-norse score``). ``current`` finds an earlier version of a derived
+    resource, ``stale`` lists earlier derived resources to withdraw, ``owner`` the Task's owner."""
+    plan = ScoringPlan()
+    res_id = str(response.get("id") or new_id())
+    version = (response.get("meta") or {}).get("versionId") or "1"
+    response_ref = f"QuestionnaireResponse/{res_id}/_history/{version}"
+    patient_ref = str(response["subject"]["reference"])
+    authored = str(response["authored"])
+    now = instant(now_ms())
+    try:
+        scored = score_administration(
+            response,
+            instrument,
+            response_ref=response_ref,
+            patient_ref=patient_ref,
+            history=history,
+            active_alerts=[a for a, _ in active],
+            id_for=lambda key: derived_id(res_id, key),
+            issued=now,
+        )
+    except ValueError as error:
+        plan.warnings.append(Issue(f"Not scored: {error}", code="incomplete", severity="warning"))
+        return plan
+    plan.scored = scored
+    plan.warnings += [Issue(w, code="business-rule", severity="warning") for w in scored.warnings]
+
+    built = scored.resources.resources()
+    stamps = _administration_extensions(response, context, episode)
+    for resource in built:
+        if stamps:
+            resource["extension"] = [*resource.get("extension", []), *copy.deepcopy(stamps)]
+        stored = current(resource["resourceType"], resource["id"])
+        if stored is not None and not stored.deleted:
+            resource["status"] = "amended"
+        plan.writes.append(PlannedWrite(resource["resourceType"], resource["id"], resource, stored))
+    plan.writes += stale({r["id"] for r in built})
+
+    evidence = _evidence(scored, response_ref)
+    by_key = {a.key: flag for a, flag in active}
+    decision = scored.alerts if alerts else AlertDecision((), tuple(a for a, _ in active), ())
+    for alert in decision.raise_:
+        flag = _flag(alert, patient_ref, authored, evidence(alert))
+        plan.writes.append(PlannedWrite("Flag", flag["id"], flag))
+        if alert.urgent:
+            task = _task(alert, flag, patient_ref, now, owner())
+            plan.writes.append(PlannedWrite("Task", task["id"], task))
+    for alert in decision.resolve:
+        stored_flag = by_key.get(alert.key)
+        if stored_flag is None:
+            continue
+        flag = loads(stored_flag.body_text)
+        flag["status"] = "inactive"
+        flag.setdefault("period", {})["end"] = authored
+        plan.writes.append(PlannedWrite("Flag", stored_flag.res_id, flag, stored_flag))
+    amended = any(w.previous is not None and w.res_type != "Flag" for w in plan.writes)
+    plan.provenance = _provenance(
+        plan.writes, response_ref, questionnaire, instrument, now, "UPDATE" if amended else "CREATE"
+    )
+    return plan
+
+
+# --- building alert and provenance resources -----------------------------------------------------------
+
+
+_DEFINING = ("type", "code", "answerValueSet", "answerOption", "repeats", "readOnly", "maxLength")
+
+
+def _administration_extensions(
+    response: JsonDict, context: str | None, episode: str | None
+) -> list[JsonDict]:
+    """The administration context and the episode the derived resources carry (the response's own
+    extensions when it has them, else what the server resolved)."""
+    from fhir_norse.rom.adaptive import context_extension, episode_extension
+
+    out: list[JsonDict] = []
+    code = context_of(response) or context
+    if code is not None:
+        out.append(context_extension(code))
+    ref = episode_of(response) or episode
+    if ref is not None:
+        out.append(episode_extension(ref))
+    return out
+
+
+def _strip_version(reference: str) -> str:
+    return reference.split("/_history/", 1)[0]
+
+
+def _transition_problems(before: JsonDict, after: JsonDict) -> list[Issue]:
+    issues: list[Issue] = []
+    if before.get("status") in _SCORED and after.get("status") in ("in-progress", "stopped"):
+        issues.append(
+            Issue(
+                f"A {before.get('status')} response cannot become {after.get('status')}; "
+                "amend it (status 'amended') or mark it entered-in-error",
+                code="business-rule",
+                expression=("QuestionnaireResponse.status",),
+            )
+        )
+    if before.get("status") in _SCORED:
+        for element in ("subject", "questionnaire"):
+            if before.get(element) != after.get(element):
+                issues.append(
+                    Issue(
+                        f"An amendment cannot change {element}; mark this response entered-in-error "
+                        "and submit a new one",
+                        code="business-rule",
+                        expression=(f"QuestionnaireResponse.{element}",),
+                    )
+                )
+    return issues
+
+
+def _evidence(scored: ScoredAdministration, response_ref: str) -> Any:
+    """alert -> the reference that shows why it was raised (the scale, the alliance total or the
+    response itself)."""
+    by_key: dict[str, str] = {}
+    res = scored.resources
+    for obs in [*res.scale_scores, *res.sum_scores]:
+        coding = obs["code"]["coding"][0]
+        by_key[str(coding["code"])] = f"Observation/{obs['id']}"
+    for obs in res.alliance:
+        by_key[f"alliance:{obs['code']['coding'][0]['code']}"] = f"Observation/{obs['id']}"
+    instrument = scored.instrument.mapping
+    total_code = instrument.alliance.total if isinstance(instrument, InstrumentMapping) else None
+    sum_obs = res.sum_scores[0]["id"] if res.sum_scores else None
+
+    def evidence(alert: Alert) -> str:
+        if alert.code == "alliance-rupture" and total_code is not None:
+            return by_key.get(f"alliance:{total_code}", response_ref)
+        if alert.code == "prefer-not-suicide":
+            return response_ref
+        if alert.scale is not None and alert.scale in by_key:
+            return by_key[alert.scale]
+        if sum_obs is not None and alert.scale == scored.instrument.code:
+            return f"Observation/{sum_obs}"
+        return response_ref
+
+    return evidence
+
+
+def _alert_key(alert: Alert) -> str:
+    return alert.code if alert.scale is None else f"{alert.code}/{alert.scale}"
+
+
+def _flag(alert: Alert, patient_ref: str, authored: str, evidence: str) -> JsonDict:
+    extension: list[JsonDict] = [{"url": FLAG_DETAIL, "valueReference": {"reference": evidence}}]
+    priority = ("PH", "High priority") if alert.urgent else ("PM", "Medium priority")
+    extension.append(
+        {
+            "url": FLAG_PRIORITY,
+            "valueCodeableConcept": {
+                "coding": [{"system": FLAG_PRIORITY_CS, "code": priority[0], "display": priority[1]}]
+            },
+        }
+    )
+    return {
+        "resourceType": "Flag",
+        "id": new_id(),
+        "meta": {"profile": [PROFILE_FLAG]},
+        "extension": extension,
+        "identifier": [{"system": ALERT_KEY_SYSTEM, "value": _alert_key(alert)}],
+        "status": "active",
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/flag-category",
+                        "code": "clinical",
+                        "display": "Clinical",
+                    }
+                ]
+            }
+        ],
+        "code": {
+            "coding": [{"system": CS_ALERTS, "code": alert.code, "display": _ALERT_DISPLAY[alert.code]}],
+            "text": alert.reason,
+        },
+        "subject": {"reference": patient_ref},
+        "period": {"start": authored},
+    }
+
+
+def _task(alert: Alert, flag: JsonDict, patient_ref: str, now: str, owner: JsonDict | None) -> JsonDict:
+    task: JsonDict = {
+        "resourceType": "Task",
+        "id": new_id(),
+        "status": "requested",
+        "intent": "order",
+        "priority": "urgent",
+        "code": {"text": f"Review alert: {_ALERT_DISPLAY[alert.code]}"},
+        "description": f"{_ALERT_DISPLAY[alert.code]}: {alert.reason}. Review before the next session.",
+        "focus": {"reference": f"Flag/{flag['id']}"},
+        "for": {"reference": patient_ref},
+        "authoredOn": now,
+        "reasonReference": dict(flag["extension"][0]["valueReference"]),
+    }
+    if owner is not None:
+        task["owner"] = owner
+    return task
+
+
+def _provenance(
+    writes: Sequence[PlannedWrite],
+    response_ref: str,
+    questionnaire: JsonDict | None,
+    instrument: Instrument | None,
+    now: str,
+    activity: str,
+    *,
+    reason: str | None = None,
+) -> JsonDict:
+    entity: list[JsonDict] = [{"role": "source", "what": {"reference": response_ref}}]
+    if questionnaire is not None:
+        entity.append(
+            {
+                "role": "source",
+                "what": {
+                    "reference": f"Questionnaire/{questionnaire.get('id')}",
+                    "display": f"{questionnaire.get('url')}|{questionnaire.get('version')}",
+                },
+            }
+        )
+    if instrument is not None:
+        entity.append(
+            {
+                "role": "source",
+                "what": {
+                    "identifier": {
+                        "system": MAPPING_SYSTEM,
+                        "value": f"{instrument.code}|{instrument.version}",
+                    },
+                    "display": f"mappings/{instrument.path.name}",
+                },
+            }
+        )
+    prov: JsonDict = {
+        "resourceType": "Provenance",
+        "id": new_id(),
+        "target": [{"reference": f"{w.res_type}/{w.res_id}"} for w in writes],
+        "recorded": now,
+        "activity": {"coding": [{"system": DATA_OPERATION, "code": activity}]},
+        "agent": [
+            {
+                "type": {
+                    "coding": [{"system": PARTICIPANT_TYPE, "code": "assembler", "display": "Assembler"}]
+                },
+                "who": {
+                    "identifier": {"system": SOFTWARE_SYSTEM, "value": f"fhir-norse-scorer/{__version__}"},
+                    "display": f"fhir-norse scoring engine {__version__}",
+                },
+            }
+        ],
+        "entity": entity,
+    }
+    if reason is not None:
+        prov["reason"] = [{"text": reason}]
+    return prov
+
+
+def install_intake(service: FhirService, registry: InstrumentRegistry) -> QuestionnaireResponseIntake:
+    """Attach intake and scoring to the QuestionnaireResponse writes of ``service``."""
+    from fhir_norse.rom.adaptive import AdaptiveService, ScaleOverrideHook
+
+    hook = QuestionnaireResponseIntake(registry)
+    hook.adaptive = AdaptiveService(registry)
+    service.hooks["QuestionnaireResponse"] = hook
+    service.hooks["ServiceRequest"] = ScaleOverrideHook(registry)
+    return hook

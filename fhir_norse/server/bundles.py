@@ -1,0 +1,461 @@
+"""Batch and transaction Bundles: https://hl7.org/fhir/R4/http.html#transaction.
+
+A transaction runs every entry in one unit of work: all succeed or nothing is stored.
+Entries are processed in the order the specification fixes (DELETE, POST, PUT/PATCH, GET),
+``urn:uuid`` full URLs and conditional references (``Patient?identifier=...``) are resolved
+and rewritten before any resource is validated. A batch runs each entry on its own and
+reports each outcome in its response entry.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import orjson
+
+from fhir_norse.auth import policy as compartments
+from fhir_norse.outcomes import (
+    BadRequest,
+    FhirError,
+    Gone,
+    Issue,
+    NotFound,
+    PreconditionFailed,
+    operation_outcome,
+)
+from fhir_norse.server.context import RequestContext, Result
+from fhir_norse.server.interactions import FhirService, WriteOutcome, dumps, loads
+from fhir_norse.server.resources import ID_PATTERN, check_id, check_type, etag, instant, new_id
+from fhir_norse.store.resource_types import SUPPORTED_TYPE_SET
+from fhir_norse.store.storage import UnitOfWork
+
+JsonDict = dict[str, Any]
+_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
+_ENTRY_INTERACTION = {
+    "DELETE": "delete",
+    "POST": "create",
+    "PUT": "update",
+    "PATCH": "patch",
+    "GET": "read",
+    "HEAD": "read",
+}
+
+
+@dataclass(slots=True)
+class EntryRequest:
+    index: int
+    method: str
+    url: str
+    res_type: str
+    res_id: str | None
+    query: str | None
+    resource: JsonDict | None
+    full_url: str | None
+    if_match: str | None
+    if_none_exist: str | None
+    if_none_match: str | None
+
+
+def _parse_url(url: str) -> tuple[str, str | None, str | None, str | None]:
+    """``Type``, ``Type/id``, ``Type/id/_history/v`` or ``Type?query`` -> (type, id, version, query)."""
+    parts = urlsplit(url)
+    path = parts.path.strip("/")
+    segments = path.split("/") if path else []
+    if not segments:
+        raise BadRequest(f"Entry request url '{url}' names no resource type")
+    res_type = segments[0]
+    res_id = segments[1] if len(segments) > 1 else None
+    version = None
+    if len(segments) == 4 and segments[2] == "_history":
+        version = segments[3]
+    elif len(segments) > 2:
+        raise BadRequest(f"Entry request url '{url}' is not supported in a Bundle")
+    return res_type, res_id, version, parts.query or None
+
+
+def parse_entries(bundle: JsonDict, kind: str) -> list[EntryRequest]:
+    entries = bundle.get("entry") or []
+    if not isinstance(entries, list):
+        raise BadRequest("Bundle.entry must be an array", expression="Bundle.entry")
+    parsed = []
+    for i, entry in enumerate(entries):
+        where = f"Bundle.entry[{i}]"
+        if not isinstance(entry, dict):
+            raise BadRequest("A Bundle entry must be an object", expression=where)
+        request = entry.get("request")
+        if not isinstance(request, dict) or not request.get("method") or not request.get("url"):
+            raise BadRequest(
+                f"Each {kind} entry needs request.method and request.url", expression=f"{where}.request"
+            )
+        method = str(request["method"]).upper()
+        if method not in _ORDER:
+            raise BadRequest(f"Unsupported entry method '{method}'", expression=f"{where}.request.method")
+        resource = entry.get("resource")
+        if resource is not None and not isinstance(resource, dict):
+            raise BadRequest("Bundle.entry.resource must be an object", expression=f"{where}.resource")
+        if method in ("POST", "PUT") and resource is None:
+            raise BadRequest(f"A {method} entry needs a resource", expression=f"{where}.resource")
+        url = str(request["url"])
+        res_type, res_id, _version, query = _parse_url(url)
+        parsed.append(
+            EntryRequest(
+                index=i,
+                method=method,
+                url=url,
+                res_type=res_type,
+                res_id=res_id,
+                query=query,
+                resource=resource,
+                full_url=entry.get("fullUrl"),
+                if_match=request.get("ifMatch"),
+                if_none_exist=request.get("ifNoneExist"),
+                if_none_match=request.get("ifNoneMatch"),
+            )
+        )
+    return parsed
+
+
+class BundleProcessor:
+    def __init__(self, service: FhirService) -> None:
+        self.service = service
+
+    def process(self, ctx: RequestContext, bundle: Any) -> Result:
+        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+            raise BadRequest("POST to the base URL takes a Bundle of type batch or transaction")
+        kind = bundle.get("type")
+        if kind == "transaction":
+            return self.transaction(ctx, bundle)
+        if kind == "batch":
+            return self.batch(ctx, bundle)
+        raise BadRequest(
+            f"Bundle.type must be 'batch' or 'transaction', not '{kind}'", expression="Bundle.type"
+        )
+
+    # ------------------------------------------------------------------ transaction
+    def transaction(self, ctx: RequestContext, bundle: JsonDict) -> Result:
+        with self.service.refusals_audited(ctx, "transaction", None):
+            return self._transaction(ctx, bundle)
+
+    def _transaction(self, ctx: RequestContext, bundle: JsonDict) -> Result:
+        entries = parse_entries(bundle, "transaction")
+        responses: dict[int, JsonDict] = {}
+        try:
+            with self.service.repo.write() as uow:
+                ids = self._assign_ids(uow, entries)
+                for entry in entries:
+                    if entry.resource is not None:
+                        entry.resource = self._rewrite_references(uow, entry.resource, ids, entry.index)
+                for entry in sorted(entries, key=lambda e: _ORDER[e.method]):
+                    responses[entry.index] = self._run(uow, ctx, entry, ids)
+        except FhirError as error:
+            raise _at_entry(error, getattr(error, "entry_index", None)) from error
+        ordered = [responses[e.index] for e in entries]
+        return Result(200, raw=_response_bundle("transaction-response", ordered))
+
+    def _assign_ids(self, uow: UnitOfWork, entries: list[EntryRequest]) -> dict[str, str]:
+        """Map each entry's fullUrl to the ``Type/id`` it will have once stored."""
+        ids: dict[str, str] = {}
+        for entry in entries:
+            try:
+                check_type(entry.res_type)
+                target: str | None = None
+                if entry.method == "POST":
+                    if entry.if_none_exist:
+                        found = self.service.find_matching(uow, entry.res_type, entry.if_none_exist, limit=2)
+                        if len(found) > 1:
+                            raise PreconditionFailed(
+                                f"ifNoneExist '{entry.if_none_exist}' matches {len(found)} resources"
+                            )
+                        if found:
+                            entry.res_id = found[0].res_id
+                            target = f"{entry.res_type}/{found[0].res_id}"
+                    if target is None:
+                        entry.res_id = new_id()
+                        target = f"{entry.res_type}/{entry.res_id}"
+                elif entry.method == "PUT" and entry.query is not None and entry.res_id is None:
+                    found = self.service.find_matching(uow, entry.res_type, entry.query, limit=2)
+                    if len(found) > 1:
+                        raise PreconditionFailed(
+                            f"Conditional update '{entry.query}' matches several resources"
+                        )
+                    body_id = (entry.resource or {}).get("id")
+                    entry.res_id = found[0].res_id if found else (str(body_id) if body_id else new_id())
+                    target = f"{entry.res_type}/{entry.res_id}"
+                elif entry.method == "PUT" and entry.res_id is not None:
+                    target = f"{entry.res_type}/{entry.res_id}"
+                if target and entry.full_url:
+                    if entry.full_url in ids:
+                        raise BadRequest(f"fullUrl '{entry.full_url}' appears twice in the transaction")
+                    ids[entry.full_url] = target
+            except FhirError as error:
+                error.entry_index = entry.index  # type: ignore[attr-defined]
+                raise
+        return ids
+
+    def _rewrite_references(self, uow: UnitOfWork, value: Any, ids: dict[str, str], index: int) -> Any:
+        if isinstance(value, dict):
+            out = {}
+            for key, item in value.items():
+                if key == "reference" and isinstance(item, str):
+                    out[key] = self._resolve_reference(uow, item, ids, index)
+                else:
+                    out[key] = self._rewrite_references(uow, item, ids, index)
+            return out
+        if isinstance(value, list):
+            return [self._rewrite_references(uow, item, ids, index) for item in value]
+        return value
+
+    def _resolve_reference(self, uow: UnitOfWork, reference: str, ids: dict[str, str], index: int) -> str:
+        if reference in ids:
+            return ids[reference]
+        if reference.startswith(("urn:uuid:", "urn:oid:")):
+            raise _entry_error(NotFound(f"Reference '{reference}' names no entry of this transaction"), index)
+        if "?" in reference and not reference.startswith(("http://", "https://", "#")):
+            res_type, _, query = reference.partition("?")
+            try:
+                check_type(res_type)
+                found = self.service.find_matching(uow, res_type, query, limit=2)
+            except FhirError as error:
+                raise _entry_error(error, index) from error
+            if len(found) != 1:
+                raise _entry_error(
+                    PreconditionFailed(
+                        f"Conditional reference '{reference}' matches {len(found)} resources; "
+                        "it must match exactly one"
+                    ),
+                    index,
+                )
+            return f"{res_type}/{found[0].res_id}"
+        return reference
+
+    def _run(
+        self, uow: UnitOfWork, ctx: RequestContext, entry: EntryRequest, ids: dict[str, str]
+    ) -> JsonDict:
+        """One entry, with the same authorization, compartment and audit rules as on its own."""
+        service = self.service
+        try:
+            check_type(entry.res_type)
+            if entry.method in ("GET", "HEAD"):
+                return self._get(uow, ctx, entry)
+            if entry.method == "DELETE":
+                access = service.access(ctx, "delete", entry.res_type)
+                if entry.res_id is not None:
+                    outcome = service.delete_in(uow, ctx, entry.res_type, entry.res_id, access=access)
+                else:
+                    maybe = service.conditional_delete_in(
+                        uow, ctx, entry.res_type, entry.query or "", access=access
+                    )
+                    if maybe is None:
+                        return {"response": {"status": "204 No Content"}}
+                    outcome = maybe
+                return {"response": {"status": "204 No Content", "etag": etag(outcome.stored.version)}}
+            if entry.method == "POST":
+                access = service.access(ctx, "create", entry.res_type)
+                assert entry.resource is not None and entry.res_id is not None
+                if entry.if_none_exist:
+                    existing = uow.current(entry.res_type, entry.res_id)
+                    if existing is not None and not existing.deleted:
+                        return _write_entry(
+                            ctx, WriteOutcome(200, existing, loads(existing.body_text), noop=True)
+                        )
+                outcome = service.create_in(
+                    uow, ctx, entry.res_type, entry.resource, res_id=entry.res_id, access=access
+                )
+                return _write_entry(ctx, outcome)
+            if entry.method == "PUT":
+                access = service.access(ctx, "update", entry.res_type)
+                assert entry.resource is not None and entry.res_id is not None
+                body = entry.resource if entry.query is None else {**entry.resource, "id": entry.res_id}
+                outcome = service.update_in(
+                    uow, ctx, entry.res_type, entry.res_id, body, entry.if_match, access=access
+                )
+                return _write_entry(ctx, outcome)
+            # PATCH: a Binary resource carrying the JSON Patch document, per the R4 transaction rules.
+            access = service.access(ctx, "patch", entry.res_type)
+            if entry.res_id is None:
+                raise BadRequest("A PATCH entry needs Type/id in request.url")
+            outcome = service.patch_in(
+                uow,
+                ctx,
+                entry.res_type,
+                entry.res_id,
+                _patch_document(entry.resource),
+                entry.if_match,
+                access=access,
+            )
+            return _write_entry(ctx, outcome)
+        except FhirError as error:
+            error.entry_index = entry.index  # type: ignore[attr-defined]
+            raise
+
+    def _get(self, uow: UnitOfWork, ctx: RequestContext, entry: EntryRequest) -> JsonDict:
+        """A read or search entry: authorized, compartment-checked and audited in the unit of work."""
+        from fhir_norse.server.searching import search_in
+
+        service = self.service
+        if entry.res_id is None:
+            params = parse_qsl(entry.query or "", keep_blank_values=True)
+            result = search_in(service, uow.conn, ctx, entry.res_type, params)
+            service.record(
+                uow, service.audit_event(ctx, "search-type", "success", entry.res_type, query=entry.url)
+            )
+            return {"resource": loads(result.raw), "response": {"status": "200 OK"}}
+        _res_type, res_id, version, _query = _parse_url(entry.url)
+        assert res_id is not None
+        check_id(res_id)
+        interaction = "vread" if version else "read"
+        access = service.access(ctx, interaction, entry.res_type)
+        patients = service.reachable_patients(uow.conn, access)
+        stored = (
+            uow.version(entry.res_type, res_id, int(version))
+            if version and version.isdigit()
+            else None
+            if version
+            else uow.current(entry.res_type, res_id)
+        )
+        if stored is None or (stored.deleted and patients is not None):
+            raise NotFound(f"{entry.res_type}/{res_id} is not known")
+        if stored.deleted:
+            raise Gone(f"{entry.res_type}/{res_id} was deleted")
+        rows = service.extractor.extract(loads(stored.body_text))
+        compartments.require_visible(entry.res_type, res_id, rows, patients)
+        service.record(
+            uow,
+            service.audit_event(
+                ctx,
+                interaction,
+                "success",
+                entry.res_type,
+                res_id,
+                version=stored.version,
+                patients=compartments.patients_of(entry.res_type, res_id, rows),
+            ),
+        )
+        response = {
+            "status": "200 OK",
+            "etag": etag(stored.version),
+            "lastModified": instant(stored.last_updated),
+        }
+        if entry.if_none_match and entry.if_none_match.strip() in (
+            etag(stored.version),
+            f'"{stored.version}"',
+        ):
+            return {"response": {**response, "status": "304 Not Modified"}}
+        return {"resource": loads(stored.body_text), "response": response}
+
+    # ------------------------------------------------------------------ batch
+    def batch(self, ctx: RequestContext, bundle: JsonDict) -> Result:
+        entries = parse_entries(bundle, "batch")
+        responses: dict[int, JsonDict] = {}
+        for entry in sorted(entries, key=lambda e: _ORDER[e.method]):
+            try:
+                with self.service.repo.write() as uow:
+                    single = [entry]
+                    ids = self._assign_ids(uow, single)
+                    if entry.resource is not None:
+                        entry.resource = self._rewrite_references(uow, entry.resource, ids, entry.index)
+                    responses[entry.index] = self._run(uow, ctx, entry, ids)
+            except FhirError as error:
+                self.service.record_now(
+                    self.service.audit_event(
+                        ctx,
+                        _ENTRY_INTERACTION[entry.method],
+                        "failed" if error.status >= 500 else "refused",
+                        entry.res_type if entry.res_type in SUPPORTED_TYPE_SET else None,
+                        entry.res_id if entry.res_id and ID_PATTERN.match(entry.res_id) else None,
+                        reason=f"{error.status}: {error.message}"[:500],
+                    )
+                )
+                responses[entry.index] = {
+                    "response": {
+                        "status": f"{error.status} {_reason(error.status)}",
+                        "outcome": error.outcome(),
+                    }
+                }
+        ordered = [responses[e.index] for e in entries]
+        return Result(200, raw=_response_bundle("batch-response", ordered))
+
+
+def _patch_document(resource: JsonDict | None) -> Any:
+    if resource is None or resource.get("resourceType") != "Binary" or "data" not in resource:
+        raise BadRequest("A PATCH entry carries its JSON Patch as a Binary resource with base64 data")
+    try:
+        return orjson.loads(base64.b64decode(resource["data"]))
+    except (ValueError, orjson.JSONDecodeError) as exc:
+        raise BadRequest(f"The PATCH entry's Binary does not hold a JSON Patch: {exc}") from exc
+
+
+def _write_entry(ctx: RequestContext, outcome: WriteOutcome) -> JsonDict:
+    stored = outcome.stored
+    status = "201 Created" if outcome.status == 201 else "200 OK"
+    response: JsonDict = {
+        "status": status,
+        "location": f"{stored.res_type}/{stored.res_id}/_history/{stored.version}",
+        "etag": etag(stored.version),
+        "lastModified": instant(stored.last_updated),
+    }
+    if outcome.warnings:
+        response["outcome"] = operation_outcome(list(outcome.warnings))
+    entry: JsonDict = {"fullUrl": f"{ctx.base_url}/{stored.res_type}/{stored.res_id}"}
+    if ctx.prefer.return_ == "representation" and outcome.body is not None:
+        entry["resource"] = outcome.body
+    entry["response"] = response
+    return entry
+
+
+def _response_bundle(kind: str, entries: list[JsonDict]) -> str:
+    return dumps({"resourceType": "Bundle", "type": kind, "entry": entries})
+
+
+def _entry_error(error: FhirError, index: int) -> FhirError:
+    error.entry_index = index  # type: ignore[attr-defined]
+    return error
+
+
+def _at_entry(error: FhirError, index: int | None) -> FhirError:
+    """The same error, its issues located at the failing entry; nothing of the transaction was stored."""
+    if index is None:
+        return error
+    located = []
+    for issue in error.issues:
+        expression = tuple(
+            f"Bundle.entry[{index}].resource.{e.split('.', 1)[1]}" if "." in e else f"Bundle.entry[{index}]"
+            for e in issue.expression
+        ) or (f"Bundle.entry[{index}]",)
+        located.append(
+            Issue(
+                f"Transaction failed at entry {index}; nothing was stored: {issue.diagnostics}",
+                code=issue.code,
+                severity=issue.severity,
+                expression=expression,
+            )
+        )
+    clone = type(error)(error.message, issues=located, headers=error.headers)
+    return clone
+
+
+_REASONS = {
+    200: "OK",
+    201: "Created",
+    204: "No Content",
+    304: "Not Modified",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    410: "Gone",
+    412: "Precondition Failed",
+    413: "Payload Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Entity",
+    500: "Internal Server Error",
+}
+
+
+def _reason(status: int) -> str:
+    return _REASONS.get(status, "")

@@ -1,0 +1,94 @@
+"""Publishing the content pack (Questionnaires, terminology, profiles) as read-only resources.
+
+https://hl7.org/fhir/R4/resource.html#versions. Content files are loaded at start-up. Each
+``url|version`` is stored once, as its own resource (id ``<file id>-<version>``), so responses
+that name an older version keep resolving after a newer one is published. Loading is
+idempotent; a file whose content changed while its version did not is refused, because two
+different artefacts must never share one canonical version. Published resources carry a
+``meta.tag`` and cannot be updated, patched or deleted through the API.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from fhir_norse.auth.caller import UNRESTRICTED, Caller
+from fhir_norse.outcomes import FhirError
+from fhir_norse.server.context import RequestContext
+from fhir_norse.server.interactions import FhirService
+from fhir_norse.server.published import CONTENT_TYPES, PUBLISHED_TAG
+
+# Folders of a content pack; ``questionnaires/source`` holds authoring sources, not resources.
+CONTENT_FOLDERS = ("questionnaires", "profiles")
+_SKIP_DIRS = frozenset({"source"})
+_ID_UNSAFE = re.compile(r"[^A-Za-z0-9\-.]")
+
+
+class ContentConflict(Exception):
+    """A content file changed but kept its ``url|version``."""
+
+
+@dataclass
+class PublishReport:
+    created: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+
+def content_files(root: Path) -> Iterator[Path]:
+    for folder in CONTENT_FOLDERS:
+        base = root / folder
+        if not base.is_dir():
+            continue
+        for path in sorted(base.rglob("*.json")):
+            if _SKIP_DIRS.intersection(path.relative_to(base).parts[:-1]):
+                continue
+            yield path
+
+
+def _comparable(resource: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in resource.items() if k not in ("id", "meta")}
+
+
+def stored_id(resource: dict[str, Any]) -> str:
+    base = str(resource.get("id") or resource["url"].rstrip("/").rsplit("/", 1)[-1])
+    return _ID_UNSAFE.sub("-", f"{base}-{resource['version']}")[:64]
+
+
+def publish_content(service: FhirService, root: Path) -> PublishReport:
+    """Store every content resource under ``root`` that is not stored yet (see module doc)."""
+    ctx = RequestContext(caller=Caller.operator(), base_url="urn:fhir-norse:content")
+    report = PublishReport()
+    for path in content_files(root):
+        resource = orjson.loads(path.read_bytes())
+        if not isinstance(resource, dict) or resource.get("resourceType") not in CONTENT_TYPES:
+            continue
+        if not resource.get("url") or not resource.get("version"):
+            raise ContentConflict(f"{path}: a content resource needs url and version")
+        res_type, canonical = resource["resourceType"], f"{resource['url']}|{resource['version']}"
+        with service.repo.write() as uow:
+            found = service.find_matching(
+                uow, res_type, f"url={resource['url']}&version={resource['version']}", 2
+            )
+            if found:
+                if _comparable(orjson.loads(found[0].body_text or "{}")) != _comparable(resource):
+                    raise ContentConflict(
+                        f"{path}: {res_type} {canonical} is already published with other content; "
+                        "give the changed file a new version"
+                    )
+                report.unchanged.append(canonical)
+                continue
+            meta = dict(resource.get("meta") or {})
+            meta["tag"] = [*meta.get("tag", []), PUBLISHED_TAG]
+            body = {**resource, "id": stored_id(resource), "meta": meta}
+            try:
+                service.update_in(uow, ctx, res_type, body["id"], body, access=UNRESTRICTED)
+            except FhirError as error:
+                raise ContentConflict(f"{path}: {error.message}") from error
+            report.created.append(canonical)
+    return report

@@ -1,0 +1,152 @@
+"""The SearchParameter definitions that drive indexing and search.
+
+Loaded from the official R4 4.0.1 SearchParameter resources shipped in
+``fhir_norse/definitions/search-parameters.json`` (CC0, from ``hl7.fhir.r4.core``). A definition
+whose ``base`` lists several types carries one FHIRPath union over all of them; it is
+split per type here so that each type evaluates only its own branches.
+See https://hl7.org/fhir/R4/searchparameter.html.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from fhir_norse import definitions
+from fhir_norse.store.resource_types import SUPPORTED_TYPES
+
+DEFINITIONS = definitions.DIR / "search-parameters.json"
+
+# Parameters that apply to every resource type and are answered from the resource table or
+# by the search engine itself, not from index rows.
+RESOURCE_COLUMN_PARAMS = frozenset({"_id", "_lastUpdated"})
+# Defined by the specification but not backed by an expression we can index.
+UNINDEXED = frozenset({"_content", "_text", "_query", "_filter", "_list", "_has", "_type"})
+
+
+@dataclass(frozen=True, slots=True)
+class Component:
+    """One component of a composite parameter: the definition it uses and its relative expression."""
+
+    definition_url: str
+    expression: str
+
+
+@dataclass(frozen=True, slots=True)
+class SearchParamDef:
+    code: str
+    type: str  # number | date | string | token | reference | composite | quantity | uri | special
+    url: str
+    resource_type: str
+    # The FHIRPath expression restricted to ``resource_type``'s branches (``Resource.`` rewritten to it).
+    expression: str | None
+    targets: tuple[str, ...] = ()
+    components: tuple[Component, ...] = ()
+    modifiers: tuple[str, ...] = ()
+    comparators: tuple[str, ...] = ()
+    description: str = ""
+    documentation: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+def split_union(expression: str) -> list[str]:
+    """Split a FHIRPath expression on its top-level ``|`` operators."""
+    parts: list[str] = []
+    depth = 0
+    quote = False
+    start = 0
+    for i, ch in enumerate(expression):
+        if ch == "'" and (i == 0 or expression[i - 1] != "\\"):
+            quote = not quote
+        elif quote:
+            continue
+        elif ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        elif ch == "|" and depth == 0:
+            parts.append(expression[start:i].strip())
+            start = i + 1
+    parts.append(expression[start:].strip())
+    return [p for p in parts if p]
+
+
+def _root(branch: str) -> str:
+    return branch.lstrip("(").split(".", 1)[0].split(" ", 1)[0].strip()
+
+
+def restrict_expression(expression: str, resource_type: str) -> str | None:
+    """Keep the union branches that start at ``resource_type`` (or at ``Resource``/``DomainResource``)."""
+    kept = []
+    for branch in split_union(expression):
+        root = _root(branch)
+        if root == resource_type:
+            kept.append(branch)
+        elif root in ("Resource", "DomainResource"):
+            kept.append(branch.replace(root + ".", resource_type + ".", 1))
+    return " | ".join(kept) if kept else None
+
+
+class SearchParamRegistry:
+    """All SearchParameters by resource type and code, and by canonical URL."""
+
+    def __init__(self, definitions: Iterable[Mapping[str, Any]], resource_types: Iterable[str]) -> None:
+        self._by_type: dict[str, dict[str, SearchParamDef]] = {t: {} for t in resource_types}
+        self._by_url: dict[str, dict[str, SearchParamDef]] = {}
+        for sp in definitions:
+            for base in sp.get("base", []):
+                targets = list(self._by_type) if base in ("Resource", "DomainResource") else [base]
+                for rtype in targets:
+                    if rtype not in self._by_type:
+                        continue
+                    self._add(sp, rtype)
+
+    def _add(self, sp: Mapping[str, Any], rtype: str) -> None:
+        raw = sp.get("expression")
+        expression = restrict_expression(raw, rtype) if raw else None
+        if sp["code"] == "_id":
+            expression = f"{rtype}.id"
+        definition = SearchParamDef(
+            code=sp["code"],
+            type=sp["type"],
+            url=sp["url"],
+            resource_type=rtype,
+            expression=expression,
+            targets=tuple(sp.get("target", ())),
+            components=tuple(Component(c["definition"], c["expression"]) for c in sp.get("component", ())),
+            modifiers=tuple(sp.get("modifier", ())),
+            comparators=tuple(sp.get("comparator", ())),
+            description=str(sp.get("description", "")),
+        )
+        if raw and expression is None and sp["type"] != "composite":
+            return  # the union names this type in ``base`` but has no branch for it
+        self._by_type[rtype][sp["code"]] = definition
+        self._by_url.setdefault(sp["url"], {})[rtype] = definition
+
+    def for_type(self, resource_type: str) -> Mapping[str, SearchParamDef]:
+        return self._by_type.get(resource_type, {})
+
+    def get(self, resource_type: str, code: str) -> SearchParamDef | None:
+        return self._by_type.get(resource_type, {}).get(code)
+
+    def by_url(self, url: str, resource_type: str) -> SearchParamDef | None:
+        return self._by_url.get(url, {}).get(resource_type)
+
+    def indexed(self, resource_type: str) -> list[SearchParamDef]:
+        """The definitions whose values are extracted into index rows on write."""
+        return [
+            d
+            for d in self._by_type.get(resource_type, {}).values()
+            if d.code not in RESOURCE_COLUMN_PARAMS
+            and d.code not in UNINDEXED
+            and d.type != "special"
+            and (d.expression or d.type == "composite")
+        ]
+
+
+@cache
+def default_registry() -> SearchParamRegistry:
+    bundle = json.loads(DEFINITIONS.read_text(encoding="utf-8"))
+    return SearchParamRegistry((e["resource"] for e in bundle["entry"]), SUPPORTED_TYPES)

@@ -1,0 +1,415 @@
+"""The repository: versioned resources, their history and their search-index rows.
+
+All writes go through :class:`UnitOfWork`, one database transaction: the resource row,
+the history row and the index rows are written together or not at all. Reads return the
+stored JSON as text, never re-parsed or re-validated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from fhir_norse.outcomes import Conflict
+
+if TYPE_CHECKING:
+    import psycopg
+from fhir_norse.store.db import is_sqlite
+from fhir_norse.store.rows import (
+    CompositeRow,
+    DateRow,
+    IndexRow,
+    NumberRow,
+    ReferenceRow,
+    StringRow,
+    TokenRow,
+    UriRow,
+)
+from fhir_norse.store.tables import (
+    DATE_MAX,
+    DATE_MIN,
+    CompositeIndex,
+    DateIndex,
+    HistoryRow,
+    NumberIndex,
+    ReferenceIndex,
+    ResourceRow,
+    StringIndex,
+    TokenIndex,
+    UriIndex,
+)
+
+R = ResourceRow.__table__  # type: ignore[attr-defined]
+H = HistoryRow.__table__  # type: ignore[attr-defined]
+_INDEX_TABLE: dict[type, sa.Table] = {
+    TokenRow: TokenIndex.__table__,  # type: ignore[attr-defined]
+    StringRow: StringIndex.__table__,  # type: ignore[attr-defined]
+    DateRow: DateIndex.__table__,  # type: ignore[attr-defined]
+    NumberRow: NumberIndex.__table__,  # type: ignore[attr-defined]
+    ReferenceRow: ReferenceIndex.__table__,  # type: ignore[attr-defined]
+    UriRow: UriIndex.__table__,  # type: ignore[attr-defined]
+    CompositeRow: CompositeIndex.__table__,  # type: ignore[attr-defined]
+}
+
+
+_STRING_LIMITS: dict[type, dict[str, int]] = {
+    row_type: {
+        c.name: c.type.length for c in table.columns if isinstance(c.type, sa.String) and c.type.length
+    }
+    for row_type, table in _INDEX_TABLE.items()
+}
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResource:
+    pk: int
+    res_type: str
+    res_id: str
+    version: int
+    last_updated: datetime
+    deleted: bool
+    # The stored JSON text; None for a deletion.
+    body_text: str | None
+    # For history entries: create | update | patch | delete.
+    method: str | None = None
+
+
+def _json_text(column: Any) -> Any:
+    return sa.cast(column, sa.Text)
+
+
+_RESOURCE_COLS = (
+    R.c.pk,
+    R.c.res_type,
+    R.c.res_id,
+    R.c.version,
+    R.c.last_updated,
+    R.c.deleted,
+    _json_text(R.c.body),
+)
+_HISTORY_COLS = (
+    H.c.pk,
+    H.c.res_type,
+    H.c.res_id,
+    H.c.version,
+    H.c.last_updated,
+    H.c.deleted,
+    _json_text(H.c.body),
+    H.c.method,
+)
+
+
+def _stored(row: Sequence[Any]) -> StoredResource:
+    return StoredResource(*row)
+
+
+def _row_values(resource_pk: int, res_type: str, row: IndexRow) -> dict[str, Any]:
+    values: dict[str, Any] = {"resource_pk": resource_pk, "res_type": res_type}
+    if isinstance(row, DateRow):
+        values.update(param=row.param, low=row.low or DATE_MIN, high=row.high or DATE_MAX)
+    elif isinstance(row, NumberRow):
+        values.update(
+            param=row.param,
+            value=float(row.value),
+            low=float(row.low),
+            high=float(row.high),
+            system=row.system,
+            code=row.code,
+            unit=row.unit,
+        )
+    elif isinstance(row, CompositeRow):
+        values.update(
+            param=row.param,
+            c1_system=row.c1_system,
+            c1_code=row.c1_code,
+            c2_system=row.c2_system,
+            c2_code=row.c2_code,
+            c2_low=None if row.c2_low is None else float(row.c2_low),
+            c2_high=None if row.c2_high is None else float(row.c2_high),
+            c2_date_low=row.c2_date_low,
+            c2_date_high=row.c2_date_high,
+            c2_string=row.c2_string,
+        )
+    else:
+        values.update({f: getattr(row, f) for f in row.__slots__})
+    # Index columns are bounded; a longer value is indexed by its prefix (the body keeps it whole).
+    for key, limit in _STRING_LIMITS[type(row)].items():
+        value = values.get(key)
+        if isinstance(value, str) and len(value) > limit:
+            values[key] = value[:limit]
+    return values
+
+
+# Built once: SQLAlchemy memoises a statement's cache key on the object, so the hot write path
+# skips rebuilding and re-keying seven statements per request.
+_INSERT_RESOURCE = sa.insert(R).returning(R.c.pk)
+_UPDATE_RESOURCE = (
+    sa.update(R)
+    .where(R.c.pk == sa.bindparam("row_pk"), R.c.version == sa.bindparam("expected"))
+    .values(
+        version=sa.bindparam("new_version"),
+        last_updated=sa.bindparam("new_last_updated"),
+        deleted=sa.bindparam("new_deleted"),
+        body=sa.bindparam("new_body", type_=R.c.body.type),
+    )
+)
+_INSERT_HISTORY = sa.insert(H)
+_INSERT_RESOURCE_ROWS = sa.insert(R)
+_DELETE_INDEX_ROWS = tuple(
+    sa.delete(table).where(table.c.resource_pk == sa.bindparam("row_pk")) for table in _INDEX_TABLE.values()
+)
+_INSERT_INDEX_ROWS = {row_type: sa.insert(table) for row_type, table in _INDEX_TABLE.items()}
+_INSERT_INTO = {
+    R.name: _INSERT_RESOURCE_ROWS,
+    H.name: _INSERT_HISTORY,
+    **{table.name: _INSERT_INDEX_ROWS[row_type] for row_type, table in _INDEX_TABLE.items()},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NewResource:
+    """A resource to create (version 1) with :meth:`UnitOfWork.save_new`."""
+
+    res_type: str
+    res_id: str
+    body: dict[str, Any]
+    last_updated: datetime
+    index_rows: Sequence[IndexRow] = ()
+
+
+class ReadView:
+    """Queries on one connection (inside whatever transaction it has)."""
+
+    def __init__(self, conn: sa.Connection) -> None:
+        self.conn = conn
+
+    def current(self, res_type: str, res_id: str) -> StoredResource | None:
+        row = self.conn.execute(
+            sa.select(*_RESOURCE_COLS).where(R.c.res_type == res_type, R.c.res_id == res_id)
+        ).first()
+        return _stored(row) if row else None
+
+    def version(self, res_type: str, res_id: str, version: int) -> StoredResource | None:
+        row = self.conn.execute(
+            sa.select(*_HISTORY_COLS).where(
+                H.c.res_type == res_type, H.c.res_id == res_id, H.c.version == version
+            )
+        ).first()
+        return _stored(row) if row else None
+
+    def history(
+        self,
+        *,
+        res_type: str | None = None,
+        res_id: str | None = None,
+        since: datetime | None = None,
+        before_pk: int | None = None,
+        after_pk: int | None = None,
+        count: int = 50,
+    ) -> list[StoredResource]:
+        """History entries newest first, keyset paged on the history row key.
+
+        ``before_pk`` pages towards older entries; ``after_pk`` returns the ``count`` entries just
+        newer than it, oldest first (the caller reverses them for a "previous" page).
+        """
+        query = sa.select(*_HISTORY_COLS)
+        if res_type is not None:
+            query = query.where(H.c.res_type == res_type)
+        if res_id is not None:
+            query = query.where(H.c.res_id == res_id)
+        if since is not None:
+            query = query.where(H.c.last_updated >= since)
+        if before_pk is not None:
+            query = query.where(H.c.pk < before_pk)
+        if after_pk is not None:
+            query = query.where(H.c.pk > after_pk).order_by(H.c.pk.asc())
+        else:
+            query = query.order_by(H.c.pk.desc())
+        query = query.limit(count)
+        return [_stored(r) for r in self.conn.execute(query)]
+
+    def history_count(
+        self, *, res_type: str | None = None, res_id: str | None = None, since: datetime | None = None
+    ) -> int:
+        query = sa.select(sa.func.count()).select_from(H)
+        if res_type is not None:
+            query = query.where(H.c.res_type == res_type)
+        if res_id is not None:
+            query = query.where(H.c.res_id == res_id)
+        if since is not None:
+            query = query.where(H.c.last_updated >= since)
+        return int(self.conn.execute(query).scalar_one())
+
+
+class UnitOfWork(ReadView):
+    """One write transaction."""
+
+    def lock(self, res_type: str, res_id: str) -> StoredResource | None:
+        """The current row, locked against concurrent writers until commit (PostgreSQL row lock;
+        SQLite holds the database write lock from ``BEGIN IMMEDIATE``)."""
+        query = sa.select(*_RESOURCE_COLS).where(R.c.res_type == res_type, R.c.res_id == res_id)
+        if not is_sqlite_conn(self.conn):
+            query = query.with_for_update()
+        row = self.conn.execute(query).first()
+        return _stored(row) if row else None
+
+    def advisory_lock(self, key: str) -> None:
+        """Serialise writers that share ``key`` (conditional creates of the same criteria)."""
+        if not is_sqlite_conn(self.conn):
+            self.conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": key})
+
+    def save(
+        self,
+        *,
+        res_type: str,
+        res_id: str,
+        body: dict[str, Any] | None,
+        version: int,
+        last_updated: datetime,
+        method: str,
+        previous: StoredResource | None,
+        index_rows: Iterable[IndexRow] = (),
+    ) -> StoredResource:
+        """Write version ``version`` (a deletion when ``body`` is None) and replace the index rows.
+
+        ``previous`` is the current row as read (and locked) by the caller; a concurrent writer
+        that got there first makes the unique constraints fail, reported as 409.
+        """
+        deleted = body is None
+        values = {
+            "res_type": res_type,
+            "res_id": res_id,
+            "version": version,
+            "last_updated": last_updated,
+            "deleted": deleted,
+            "body": body,
+        }
+        try:
+            if previous is None:
+                pk = self.conn.execute(_INSERT_RESOURCE, values).scalar_one()
+            else:
+                pk = previous.pk
+                updated = self.conn.execute(
+                    _UPDATE_RESOURCE,
+                    {
+                        "row_pk": pk,
+                        "expected": previous.version,
+                        "new_version": version,
+                        "new_last_updated": last_updated,
+                        "new_deleted": deleted,
+                        "new_body": body,
+                    },
+                )
+                if updated.rowcount != 1:
+                    raise Conflict(f"{res_type}/{res_id} was changed by another request; retry")
+                for statement in _DELETE_INDEX_ROWS:
+                    self.conn.execute(statement, {"row_pk": pk})
+            self.conn.execute(_INSERT_HISTORY, {**values, "method": method})
+        except IntegrityError as exc:
+            raise Conflict(f"{res_type}/{res_id} was written concurrently by another request; retry") from exc
+        if not deleted:
+            self._insert_index_rows(pk, res_type, index_rows)
+        return StoredResource(pk, res_type, res_id, version, last_updated, deleted, None, method)
+
+    def save_new(self, resources: Sequence[NewResource]) -> list[StoredResource]:
+        """Create many resources (version 1 each) with one statement per table instead of several
+        per resource: what a scoring run writes. Same guarantees as :meth:`save`."""
+        if not resources:
+            return []
+        values = [
+            {
+                "res_type": r.res_type,
+                "res_id": r.res_id,
+                "version": 1,
+                "last_updated": r.last_updated,
+                "deleted": False,
+                "body": r.body,
+            }
+            for r in resources
+        ]
+        try:
+            # One multi-row INSERT, then one SELECT for the keys: RETURNING with an executemany would
+            # fall back to a statement per row on both databases (no insert sentinel column).
+            self._insert_many(R, values)
+            found = {
+                (t, i): pk
+                for pk, t, i in self.conn.execute(
+                    sa.select(R.c.pk, R.c.res_type, R.c.res_id).where(
+                        R.c.res_type.in_(sorted({r.res_type for r in resources})),
+                        R.c.res_id.in_([r.res_id for r in resources]),
+                    )
+                )
+            }
+            pks = [found[(r.res_type, r.res_id)] for r in resources]
+            self._insert_many(H, [{**v, "method": "create"} for v in values])
+        except IntegrityError as exc:
+            raise Conflict("a resource was written concurrently by another request; retry") from exc
+        grouped: dict[type, list[dict[str, Any]]] = {}
+        for pk, r in zip(pks, resources, strict=True):
+            for row in r.index_rows:
+                grouped.setdefault(type(row), []).append(_row_values(pk, r.res_type, row))
+        for row_type, rows in grouped.items():
+            self._insert_many(_INDEX_TABLE[row_type], rows)
+        return [
+            StoredResource(pk, r.res_type, r.res_id, 1, r.last_updated, False, None, "create")
+            for pk, r in zip(pks, resources, strict=True)
+        ]
+
+    def _insert_many(self, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+        """Insert ``rows`` (all with the same keys). SQLite: the driver's executemany, a loop in C
+        in process. PostgreSQL index rows: ``COPY``, because psycopg's executemany runs one INSERT
+        per row on the server (measured: 170 ms of 270 ms per scored ingest)."""
+        if not rows:
+            return
+        if is_sqlite_conn(self.conn) or len(rows) == 1:
+            self.conn.execute(_INSERT_INTO[table.name], rows)
+            return
+        if table is R or table is H:
+            self.conn.execute(_INSERT_INTO[table.name], rows)
+            return
+        # Index rows (plain scalar columns): COPY, in this transaction on this connection.
+        columns = list(rows[0])
+        raw = cast("psycopg.Connection[Any]", self.conn.connection.dbapi_connection)
+        with raw.cursor() as cursor:
+            names = ", ".join(f'"{c}"' for c in columns)
+            with cursor.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
+                for row in rows:
+                    copy.write_row([row[c] for c in columns])
+
+    def _insert_index_rows(self, pk: int, res_type: str, rows: Iterable[IndexRow]) -> None:
+        grouped: dict[type, list[dict[str, Any]]] = {}
+        for row in rows:
+            grouped.setdefault(type(row), []).append(_row_values(pk, res_type, row))
+        for row_type, values in grouped.items():
+            self._insert_many(_INDEX_TABLE[row_type], values)
+
+
+def is_sqlite_conn(conn: sa.Connection) -> bool:
+    return conn.dialect.name == "sqlite"
+
+
+class Repository:
+    """Opens read views and units of work on an engine."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.sqlite = is_sqlite(engine)
+
+    @contextmanager
+    def read(self) -> Iterator[ReadView]:
+        with self.engine.connect() as conn, conn.begin():
+            yield ReadView(conn)
+
+    @contextmanager
+    def write(self) -> Iterator[UnitOfWork]:
+        with self.engine.connect() as conn:
+            if self.sqlite:
+                conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+            with conn.begin():
+                yield UnitOfWork(conn)
