@@ -763,8 +763,9 @@ def in_process(
     call, and a cProfile of the same calls (cumulative time of the functions in ``SPLIT``, and the top
     functions by own time)."""
     try:
-        from fhir_norse.auth.caller import Caller
         from fhir_norse.rom.operations.adaptive import next_question_operation
+
+        from fhir_norse.auth.caller import Caller
         from fhir_norse.server.context import RequestContext
     except ImportError as exc:  # the server moved things: no split, the HTTP figures stand
         return {"error": str(exc)}
@@ -845,7 +846,7 @@ def run_database(kind: str, patients: int, sessions: int, seed: int) -> dict[str
     common.log(f"[{label}] fresh database")
     url = fresh_database(kind)
     app = build_app(url)
-    result: dict[str, Any] = {"database": label, "db": database_info(app.state.service.repo.engine)}
+    result: dict[str, Any] = {"database": label, "db": database_info(app.state.service.storage.engine)}
     rng = random.Random(seed)
     model = CohortModel()
     with serve(url) as client:
@@ -864,7 +865,7 @@ def run_database(kind: str, patients: int, sessions: int, seed: int) -> dict[str
             # This machine's PostgreSQL runs without autovacuum; a production one analyzes a table
             # after this much writing. Without statistics the subject lookup takes a worse index
             # (5.5 ms instead of 2.9 ms for 830 Observations, EXPLAIN ANALYZE; see BENCHMARKS.md).
-            result["analyze_s"] = analyze(app.state.service.repo.engine)
+            result["analyze_s"] = analyze(app.state.service.storage.engine)
         health: list[float] = []
         for _ in range(200):
             h0 = time.perf_counter()

@@ -99,14 +99,14 @@ def main() -> None:
         sqlite = _app(f"sqlite:///{Path(tmp) / 'auth.sqlite3'}")
         results["verify"] = verification(sqlite, args.n)
         results["audit_sqlite"] = audit_write(sqlite, args.n)
-        sqlite.state.service.repo.engine.dispose()
+        sqlite.state.service.storage.engine.dispose()
     admin = sa.create_engine(common.PG_SERVER, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.exec_driver_sql("DROP SCHEMA IF EXISTS bench_auth CASCADE")
         conn.exec_driver_sql("CREATE SCHEMA bench_auth")
     pg = _app(f"{common.PG_SERVER}?options=-csearch_path%3Dbench_auth")
     results["audit_postgresql"] = audit_write(pg, args.n)
-    pg.state.service.repo.engine.dispose()
+    pg.state.service.storage.engine.dispose()
     with admin.connect() as conn:
         conn.exec_driver_sql("DROP SCHEMA bench_auth CASCADE")
     admin.dispose()

@@ -310,17 +310,17 @@ def server_sql(url: str, patients: int) -> tuple[list[tuple[str, Any]], str, str
         captured.append((statement, parameters))
 
     pid, code = dataset.patient_id(patients // 2), dataset.CODES[3][0]
-    sa.event.listen(service.repo.engine, "before_cursor_execute", before)
+    sa.event.listen(service.storage.engine, "before_cursor_execute", before)
     from fhir_norse.server.search.parse import parse_search
     from fhir_norse.store.search import engine as search_engine
 
-    with service.repo.read() as view:
+    with service.storage.read() as view:
         request = parse_search(
             "Observation", list(hot_query(pid, code).items()), strict=False, registry=service.registry
         )
         search_engine.execute_search(view.conn, request)
-    sa.event.remove(service.repo.engine, "before_cursor_execute", before)
-    service.repo.engine.dispose()
+    sa.event.remove(service.storage.engine, "before_cursor_execute", before)
+    service.storage.engine.dispose()
     return [c for c in captured if "idx_" in c[0] or "resource" in c[0]], pid, code
 
 
@@ -393,8 +393,8 @@ def raw_part(url: str, patients: int, per_patient: int, n: int) -> dict[str, Any
 
 # ---------------------------------------------------------------------------- in-process profile
 def _service(url: str) -> tuple[Any, Any]:
-    from fhir_norse.api.app import build_service
     from fhir_norse.auth.caller import Caller
+    from fhir_norse.compose import build_service
     from fhir_norse.config import load_settings
     from fhir_norse.server.context import RequestContext
 
@@ -419,7 +419,7 @@ def profile_part(url: str, patients: int, n: int) -> dict[str, Any]:
     from fhir_norse.store.search import engine as search_engine
 
     service, ctx = _service(url)
-    eng = service.repo.engine
+    eng = service.storage.engine
     sql_time = [0.0]
     started: list[float] = []
 
@@ -439,7 +439,7 @@ def profile_part(url: str, patients: int, n: int) -> dict[str, Any]:
     for i in range(n + 50):
         params = list(hot_query(*hot_params(rng, patients)).items())
         t0 = time.perf_counter()
-        with service.repo.read() as view:
+        with service.storage.read() as view:
             t1 = time.perf_counter()
             request = parse_search("Observation", params, strict=False, registry=service.registry)
             t2 = time.perf_counter()
@@ -469,7 +469,7 @@ def profile_part(url: str, patients: int, n: int) -> dict[str, Any]:
             searching.search(service, ctx, "Observation", params)
         except Exception as exc:
             out_errors.setdefault("search", repr(exc))
-            with service.repo.read() as view:
+            with service.storage.read() as view:
                 request = parse_search("Observation", params, strict=False, registry=service.registry)
                 search_engine.execute_search(view.conn, request)
 
@@ -492,7 +492,7 @@ def profile_part(url: str, patients: int, n: int) -> dict[str, Any]:
         stamped = stamp_meta(body, res_id, 1, lu)
         rows = service.extractor.extract(stamped)
         t2 = time.perf_counter()
-        cm = service.repo.write()
+        cm = service.storage.write()
         uow = cm.__enter__()
         uow.save(
             res_type="Observation",

@@ -71,7 +71,6 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-import fhir_norse.auth.policy as compartments_module
 import fhir_norse.rom.intake as intake_module
 import fhir_norse.scoring.pipeline as pipeline_module
 import fhir_norse.server.interactions as interactions_module
@@ -80,6 +79,7 @@ from bench import common
 from fhir_norse.alerts.rules import Alert
 from fhir_norse.api.app import create_app
 from fhir_norse.auth.caller import Caller
+from fhir_norse.auth.policy import AccessPolicy
 from fhir_norse.config import Settings
 from fhir_norse.instruments.registry import Instrument, InstrumentRegistry
 from fhir_norse.instruments.schema import InstrumentMapping
@@ -435,8 +435,8 @@ class Phases:
         self.wrap(FhirService, "create", "server: unit of work, pool checkout, rest of create")
         self.wrap(interactions_module, "validate_resource", "resource validation (validate_resource)")
         self.wrap(FhirService, "reachable_patients", "authorization: compartment checks")
-        self.wrap(compartments_module, "require_writable", "authorization: compartment checks")
-        self.wrap(compartments_module, "patients_of", "authorization: compartment checks")
+        self.wrap(AccessPolicy, "require_writable", "authorization: compartment checks")
+        self.wrap(AccessPolicy, "patients_of", "authorization: compartment checks")
         self.wrap(hook, "existing", "intake: identifier (retry) lookup")
         self.wrap(hook, "check", "intake: Questionnaire + subject lookup (rest of check)")
         self.wrap(intake_module, "validate_response", "intake validation (validate_response)")
@@ -459,7 +459,7 @@ class Phases:
         self.wrap(UnitOfWork, "lock", "SQL: point reads (current, lock)")
         self.wrap(FhirService, "audit_event", "audit: build AuditEvent")
         self.wrap(FhirService, "record", "audit: store AuditEvent (rest)")
-        engine = service.repo.engine
+        engine = service.storage.engine
         self.wrap(engine.dialect, "do_commit", "SQL: COMMIT")
         self.wrap(engine.dialect, "do_ping", "SQL: pool pre-ping")
         before, after = self._before_sql, self._after_sql  # one bound method each, to remove them
@@ -631,7 +631,7 @@ def history_plan(app: FastAPI, body: Json) -> dict[str, Any]:
     runs them (``plan`` on a read view, nothing written), timed per statement, with the database's
     plan of the slowest statement (SQLite: EXPLAIN QUERY PLAN; PostgreSQL: EXPLAIN ANALYZE)."""
     service: FhirService = app.state.service
-    engine: sa.Engine = service.repo.engine
+    engine: sa.Engine = service.storage.engine
     hook: Any = service.hooks["QuestionnaireResponse"]
     captured: list[list[Any]] = []  # [statement, parameters, seconds]
 
@@ -644,7 +644,7 @@ def history_plan(app: FastAPI, body: Json) -> dict[str, Any]:
     sa.event.listen(engine, "before_cursor_execute", before)
     sa.event.listen(engine, "after_cursor_execute", after)
     try:
-        with service.repo.read() as reader:
+        with service.storage.read() as reader:
             t0 = time.perf_counter()
             hook.plan(service, reader, body, rescore=False)
             seconds = time.perf_counter() - t0
@@ -698,7 +698,7 @@ def timed_run(
     app: FastAPI, client: TestClient, headers: dict[str, str], bodies: Sequence[tuple[int, bytes]]
 ) -> dict[str, Any]:
     """Ingest ``bodies`` with the phase timers on."""
-    engine: sa.Engine = app.state.service.repo.engine
+    engine: sa.Engine = app.state.service.storage.engine
     phases = Phases()
     phases.install_server(app.state.service)
     before = written_bytes(engine)
@@ -761,7 +761,7 @@ class CapturedIngest:
             ):
                 self.inserts += 1
 
-        engine = service.repo.engine
+        engine = service.storage.engine
         patched: Any = repository_module
         service.extractor.extract = recording  # type: ignore[method-assign,assignment]
         if row_values is not None and tables:
@@ -783,7 +783,7 @@ def insert_what_if(app: FastAPI, ingest_: CapturedIngest, repeats: int = 15) -> 
     executemany on an engine whose dialect sends multi-row ``VALUES`` itself (SQLAlchemy's
     ``insertmanyvalues``, off by default for INSERTs without RETURNING); on PostgreSQL, COPY."""
     service: FhirService = app.state.service
-    engine = service.repo.engine
+    engine = service.storage.engine
     merged = ingest_.rows
     if not merged:
         return {}
@@ -892,7 +892,7 @@ def run_database(
     t0 = time.perf_counter()
     app = build_app(url)
     startup_s = time.perf_counter() - t0
-    engine: sa.Engine = app.state.service.repo.engine
+    engine: sa.Engine = app.state.service.storage.engine
     result: dict[str, Any] = {
         "database": label,
         "startup_s": round(startup_s, 2),
@@ -997,7 +997,7 @@ def run_database(
             what_if["synchronous_normal"] = timed_run(
                 app2, client2, headers2, workload(rng, patients4, per_patient)
             )
-        app2.state.service.repo.engine.dispose()
+        app2.state.service.storage.engine.dispose()
     return result
 
 

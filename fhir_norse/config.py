@@ -46,10 +46,17 @@ class Settings(BaseSettings):
     key_passphrase: SecretStr = SecretStr("")
     # The issuer of our access tokens; derived from base_url when unset.
     token_issuer: str | None = None
-    token_ttl_seconds: int = 300
-    token_max_ttl_seconds: int = 3600
+    # Lifetime of the access tokens POST /auth/token issues.
+    token_ttl_seconds: int = Field(default=300, gt=0)
+    # The longest lifetime of a token `fhir-norse token` mints; retired signing keys stay published
+    # for the longest lifetime a token may have.
+    mint_max_ttl_seconds: int = Field(default=24 * 3600, gt=0)
+    # Token requests per client address and minute (POST /auth/token).
     token_rate_per_minute: int = 30
+    # Failed FHIR authentications per address and minute before the address is refused for a while.
     auth_failure_limit_per_minute: int = 20
+    # How stale the in-memory signing key set and revoked-client set may get (seconds).
+    auth_cache_seconds: float = Field(default=30.0, ge=0)
     # A hospital identity provider whose tokens are accepted too (JWKS from a file; no network).
     oidc_issuer: str | None = None
     oidc_jwks_file: str | None = None

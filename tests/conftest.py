@@ -150,7 +150,7 @@ def settings(database_url: str) -> Settings:
 def app(settings: Settings) -> Iterator[FastAPI]:
     application = create_app(settings)
     yield application
-    application.state.service.repo.engine.dispose()
+    application.state.service.storage.engine.dispose()
 
 
 @pytest.fixture

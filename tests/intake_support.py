@@ -18,6 +18,7 @@ from fhir_norse.instruments.schema import InstrumentMapping, load_mapping, load_
 from fhir_norse.server.content import content_files, stored_id
 from fhir_norse.server.interactions import FhirService
 from fhir_norse.server.published import PUBLISHED_TAG
+from fhir_norse.server.resources import now_ms, stamp_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 FHIR = {"Content-Type": "application/fhir+json"}
@@ -44,12 +45,23 @@ def _content() -> tuple[dict[str, Any], ...]:
 def publish_questionnaires(service: FhirService) -> None:
     """Store the pack's Questionnaires as publishing does, without its (slow, separately tested)
     validation of each file: see tests/api/test_content_publish.py for the real path."""
-    with service.repo.write() as uow:
+    with service.storage.write() as uow:
         for resource in _content():
             body = orjson.loads(orjson.dumps(resource))
             body["id"] = stored_id(body)
             body.setdefault("meta", {})["tag"] = [PUBLISHED_TAG]
-            service._save(uow, "Questionnaire", body["id"], body, previous=None, method="create")
+            moment = now_ms()
+            stamped = stamp_meta(body, body["id"], 1, moment)
+            uow.save(
+                res_type="Questionnaire",
+                res_id=body["id"],
+                body=stamped,
+                version=1,
+                last_updated=moment,
+                method="create",
+                previous=None,
+                index_rows=service.kernel.extractor.extract(stamped),
+            )
 
 
 @cache

@@ -25,10 +25,10 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from fhir_norse.api.app import build_service
 from fhir_norse.auth.caller import Caller
 from fhir_norse.cli import main
 from fhir_norse.cli.calibrate import counts_response, next_patch_version
+from fhir_norse.compose import build_service
 from fhir_norse.config import Settings
 from fhir_norse.instruments.intake import validate_response
 from fhir_norse.instruments.registry import InstrumentRegistry
@@ -229,7 +229,7 @@ def _populate(database_url: str, scratch: Path) -> list[Answers]:
         counted[5] = given
         return counted
     finally:
-        service.repo.engine.dispose()
+        service.storage.engine.dispose()
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])

@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from fhir_norse.canonicals import BASE
 from fhir_norse.instruments.schema import (
     InstrumentMapping,
     ItemSource,
@@ -259,7 +260,7 @@ def _suffix(link_id: str) -> str:
 
 def generate_mapping(csv_path: Path, source: ItemSource, version: str = "2.1.0") -> dict[str, Any]:
     """The mapping as plain data: numbers from ``nf21-scales.csv``, linkIds from the item source."""
-    base = "http://fhir-norse.org/fhir"
+    base = BASE
     with csv_path.open(encoding="utf-8", newline="") as fh:
         rows = list(csv.DictReader(fh))
     source_scales = {s.scale: s for s in source.scales}

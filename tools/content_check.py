@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fhir_norse.canonicals import BASE
 from fhir_norse.instruments.schema import (
     ContentError,
     InstrumentMapping,
@@ -103,7 +104,7 @@ class _Checker:
         self.code_systems: dict[str, set[str]] = {}
         self.value_sets: dict[str, dict[str, Any]] = {}
         self.questionnaires: dict[str, _Resource] = {}
-        self.base = "http://fhir-norse.org/fhir"
+        self.base = BASE
 
     def add(self, file: str, path: str, message: str) -> None:
         self.problems.append(Problem(file, path, message))

@@ -19,6 +19,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fhir_norse.adaptive.state import Measured
+from fhir_norse.canonicals import (
+    CONTEXT_EXTENSION,
+    CS_ALLIANCE,
+    CS_COMPONENTS,
+    CS_CONTEXT,
+    CS_INTERPRETATION,
+    CS_SCALES,
+)
 
 __all__ = [
     "CONTEXT_EXTENSION",
@@ -34,13 +42,6 @@ __all__ = [
     "moment",
 ]
 
-_BASE = "http://fhir-norse.org/fhir"
-CS_SCALES = f"{_BASE}/CodeSystem/nf21-scales"
-CS_ALLIANCE = f"{_BASE}/CodeSystem/nf21-alliance"
-CS_COMPONENTS = f"{_BASE}/CodeSystem/rom-components"
-CS_INTERPRETATION = f"{_BASE}/CodeSystem/rom-interpretation"
-CS_CONTEXT = f"{_BASE}/CodeSystem/administration-context"
-CONTEXT_EXTENSION = f"{_BASE}/StructureDefinition/administration-context"
 # R5's cross-version extension, usable on R4 Observation, DiagnosticReport, QuestionnaireResponse and
 # ServiceRequest: https://hl7.org/fhir/extensions/StructureDefinition-workflow-episodeOfCare.html
 EPISODE_EXTENSION = "http://hl7.org/fhir/StructureDefinition/workflow-episodeOfCare"

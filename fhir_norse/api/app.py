@@ -14,11 +14,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fhir_norse.api.auth_setup import install_auth
 from fhir_norse.api.rendering import render_error
-from fhir_norse.api.routes import router
-from fhir_norse.auth.audit import AuditRecorder
-from fhir_norse.auth.caller import Authorizer
+from fhir_norse.api.routes import fhir_router
+from fhir_norse.compose import build_service, event_recorder
 from fhir_norse.config import Settings
-from fhir_norse.instruments.registry import InstrumentRegistry
 from fhir_norse.logs import request_id
 from fhir_norse.outcomes import (
     BadRequest,
@@ -28,15 +26,8 @@ from fhir_norse.outcomes import (
     NotAcceptable,
     NotFound,
 )
-from fhir_norse.rom.intake import install_intake
 from fhir_norse.server.content import publish_content
 from fhir_norse.server.interactions import FhirService
-from fhir_norse.server.profiles import ProfileValidator
-from fhir_norse.server.search.extract import default_extractor
-from fhir_norse.server.validation import preload as preload_validation
-from fhir_norse.store.db import create_engine
-from fhir_norse.store.search.params import default_registry
-from fhir_norse.store.storage import Repository
 
 log = logging.getLogger("fhir_norse")
 
@@ -63,35 +54,6 @@ def configure_logging(level: str) -> None:
     root.propagate = False
 
 
-def build_service(settings: Settings) -> FhirService:
-    engine = create_engine(
-        settings.database_url,
-        synchronous=settings.sqlite_synchronous,
-        busy_timeout_ms=settings.sqlite_busy_timeout_ms,
-        pool_size=settings.db_pool_size,
-    )
-    extractor = default_extractor()
-    # Compile every FHIRPath expression and load the definitions now, not on a patient's first write.
-    extractor.prepare()
-    preload_validation()
-    service = FhirService(
-        Repository(engine),
-        default_registry(),
-        extractor,
-        Authorizer(),
-        default_count=settings.default_count,
-        max_count=settings.max_count,
-    )
-    # Token grants and other events outside a FHIR write are stored in a transaction of their own.
-    service.audit = AuditRecorder(
-        service.record_now, server_name="fhir-norse", server_address=settings.base_url
-    )
-    # QuestionnaireResponse intake validation and scoring, driven by the content pack's mappings.
-    install_intake(service, InstrumentRegistry.from_content_dir(settings.content_dir))
-    service.profiles = ProfileValidator.from_content_dir(settings.content_dir)
-    return service
-
-
 def freeze_startup_objects() -> None:
     """Move everything loaded at start-up (definitions, models, the content pack) out of the cyclic
     garbage collector's reach, as long-running servers do (``gc.freeze``): a full collection otherwise
@@ -115,6 +77,7 @@ def create_app(settings: Settings, service: FhirService | None = None) -> FastAP
     )
     app.state.settings = settings
     app.state.service = service or build_service(settings)
+    app.state.audit = event_recorder(app.state.service, settings)
 
     @app.exception_handler(FhirError)
     async def fhir_error(_request: Request, error: FhirError) -> Response:
@@ -142,14 +105,13 @@ def create_app(settings: Settings, service: FhirService | None = None) -> FastAP
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    app.include_router(router)
-    install_auth(app, settings, app.state.service.repo.engine)
-    app.state.audit = app.state.service.audit
+    app.include_router(fhir_router())
+    install_auth(app, settings, app.state.service.storage.engine)
     if settings.publish_content:
         try:
             report = publish_content(app.state.service, settings.content_dir)
         except Exception:
-            app.state.service.repo.engine.dispose()
+            app.state.service.storage.engine.dispose()
             raise
         log.info("content: %d published, %d unchanged", len(report.created), len(report.unchanged))
     if settings.cors_origins:

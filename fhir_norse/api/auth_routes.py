@@ -31,6 +31,7 @@ from fhir_norse.auth.tokens import (
     jwks_uri_for,
     token_endpoint_for,
 )
+from fhir_norse.config import Settings
 
 router = APIRouter(include_in_schema=True, tags=["authorization"])
 
@@ -48,9 +49,9 @@ CAPABILITIES = ["client-confidential-asymmetric", "permission-v2", "permission-v
 
 def fhir_base(request: Request) -> str:
     """The FHIR base URL: configured (behind a proxy) or derived from the request, as the FHIR routes do."""
-    configured = getattr(request.app.state.settings, "base_url", None)
-    if configured:
-        return str(configured).rstrip("/")
+    settings: Settings = request.app.state.settings
+    if settings.base_url:
+        return settings.base_url.rstrip("/")
     return str(request.base_url).rstrip("/") + "/fhir"
 
 

@@ -22,55 +22,19 @@ and adds the routes of :mod:`fhir_norse.api.auth_routes` *before* the app's othe
 
 from __future__ import annotations
 
-from typing import Any
-
 import sqlalchemy as sa
 from fastapi import FastAPI
 
-from fhir_norse.auth.clients import ClientRegistry
-from fhir_norse.auth.keys import KeyStore, passphrase_from
+from fhir_norse.auth.build import build_key_store, build_token_service
 from fhir_norse.auth.ratelimit import RateLimiter
-from fhir_norse.auth.tokens import OidcProvider, RequestAuthenticator, TokenService, TokenVerifier
+from fhir_norse.auth.tokens import OidcProvider, RequestAuthenticator, TokenVerifier
+from fhir_norse.config import Settings
 
-DEFAULT_TOKEN_TTL_SECONDS = 300
-DEFAULT_MINT_MAX_TTL_SECONDS = 24 * 3600
-DEFAULT_TOKEN_RATE_PER_MINUTE = 30
-DEFAULT_AUTH_FAILURE_LIMIT_PER_MINUTE = 20
-# How stale the in-memory key set and revoked-client set may get (seconds).
-DEFAULT_AUTH_CACHE_SECONDS = 30.0
+# The builders live in fhir_norse.auth.build (the CLI uses them too); re-exported for existing callers.
+__all__ = ["build_key_store", "build_token_service", "install_auth"]
 
 
-def token_ttl(settings: Any) -> int:
-    return int(getattr(settings, "token_ttl_seconds", None) or DEFAULT_TOKEN_TTL_SECONDS)
-
-
-def mint_max_ttl(settings: Any) -> int:
-    return int(getattr(settings, "mint_max_ttl_seconds", None) or DEFAULT_MINT_MAX_TTL_SECONDS)
-
-
-def build_key_store(settings: Any, engine: sa.Engine) -> KeyStore:
-    """The key store, with old keys kept for the longest token we may have issued."""
-    return KeyStore(
-        engine,
-        passphrase_from(settings),
-        max_token_lifetime=max(token_ttl(settings), mint_max_ttl(settings)),
-        refresh_seconds=float(getattr(settings, "auth_cache_seconds", None) or DEFAULT_AUTH_CACHE_SECONDS),
-    )
-
-
-def build_token_service(settings: Any, engine: sa.Engine, key_store: KeyStore | None = None) -> TokenService:
-    cache = float(getattr(settings, "auth_cache_seconds", None) or DEFAULT_AUTH_CACHE_SECONDS)
-    per_minute = int(getattr(settings, "token_rate_per_minute", DEFAULT_TOKEN_RATE_PER_MINUTE))
-    return TokenService(
-        key_store or build_key_store(settings, engine),
-        ClientRegistry(engine, refresh_seconds=cache),
-        token_ttl=token_ttl(settings),
-        issuer=getattr(settings, "auth_issuer", None) or None,
-        client_limiter=RateLimiter(per_minute),
-    )
-
-
-def install_auth(app: FastAPI, settings: Any, engine: sa.Engine) -> None:
+def install_auth(app: FastAPI, settings: Settings, engine: sa.Engine) -> None:
     """Create the authorization objects on ``app.state`` and add the auth routes (see module doc).
 
     Generates the first signing key if the database has none and checks that the passphrase
@@ -86,9 +50,7 @@ def install_auth(app: FastAPI, settings: Any, engine: sa.Engine) -> None:
     verifier = TokenVerifier(
         key_store, service.clients, issuer=service.issuer, oidc=OidcProvider.from_settings(settings)
     )
-    failures = RateLimiter(
-        int(getattr(settings, "auth_failure_limit_per_minute", DEFAULT_AUTH_FAILURE_LIMIT_PER_MINUTE))
-    )
+    failures = RateLimiter(settings.auth_failure_limit_per_minute)
 
     state = app.state
     if getattr(state, "settings", None) is None:
@@ -98,9 +60,7 @@ def install_auth(app: FastAPI, settings: Any, engine: sa.Engine) -> None:
     state.token_service = service
     state.token_verifier = verifier
     state.authenticator = RequestAuthenticator(verifier, failures)
-    state.token_rate_limiter = RateLimiter(
-        int(getattr(settings, "token_rate_per_minute", DEFAULT_TOKEN_RATE_PER_MINUTE))
-    )
+    state.token_rate_limiter = RateLimiter(settings.token_rate_per_minute)
     state.auth_failure_limiter = failures
 
     before = len(app.router.routes)

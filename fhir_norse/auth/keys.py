@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from fhir_norse.auth.tables import SigningKeyRow
+from fhir_norse.config import Settings
 
 log = logging.getLogger("fhir_norse.auth")
 
@@ -54,17 +55,16 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def passphrase_from(settings: Any) -> str:
-    """The key passphrase from ``settings.key_passphrase`` (a SecretStr or str).
+def passphrase_from(settings: Settings) -> str:
+    """The key passphrase from ``settings.key_passphrase``.
 
     Without one, development mode uses a fixed development passphrase (logged as a warning) and
     production mode refuses to start.
     """
-    secret: Any = getattr(settings, "key_passphrase", None)
-    value: Any = secret.get_secret_value() if hasattr(secret, "get_secret_value") else secret
+    value = settings.key_passphrase.get_secret_value()
     if value:
-        return str(value)
-    if getattr(settings, "mode", "production") == "development":
+        return value
+    if settings.mode == "development":
         log.warning("no key_passphrase configured: using the development passphrase for signing keys")
         return DEVELOPMENT_PASSPHRASE
     raise RuntimeError("FHIR_NORSE_KEY_PASSPHRASE must be set outside development mode")

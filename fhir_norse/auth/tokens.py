@@ -55,6 +55,7 @@ from fhir_norse.auth.clients import (
 )
 from fhir_norse.auth.keys import ACCESS_TOKEN_ALG, KeyStore
 from fhir_norse.auth.ratelimit import RateLimiter, TooManyRequests, retry_after_header
+from fhir_norse.config import Settings
 from fhir_norse.outcomes import Unauthorized
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -674,15 +675,14 @@ class OidcProvider:
             self._keys[jwk["kid"]] = (jwk, {})
 
     @classmethod
-    def from_settings(cls, settings: Any) -> OidcProvider | None:
-        issuer = getattr(settings, "oidc_issuer", None)
-        jwks_file = getattr(settings, "oidc_jwks_file", None)
-        audience = getattr(settings, "oidc_audience", None)
+    def from_settings(cls, settings: Settings) -> OidcProvider | None:
+        """The provider ``oidc_issuer`` names (``None`` without one), keys from ``oidc_jwks_file``."""
+        issuer, jwks_file, audience = settings.oidc_issuer, settings.oidc_jwks_file, settings.oidc_audience
         if not issuer:
             return None
         if not jwks_file or not audience:
             raise ValueError("oidc_issuer needs oidc_jwks_file and oidc_audience too")
-        return cls(str(issuer), str(audience), json.loads(Path(str(jwks_file)).read_text()))
+        return cls(issuer, audience, json.loads(Path(jwks_file).read_text()))
 
     def knows(self, kid: str) -> bool:
         return kid in self._keys

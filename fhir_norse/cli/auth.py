@@ -25,10 +25,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from fhir_norse.api.auth_setup import build_key_store, build_token_service, mint_max_ttl
+from fhir_norse.auth.build import build_key_store, build_token_service
 from fhir_norse.auth.clients import ClientRegistry, is_scope_token, parse_resource_scope
 from fhir_norse.auth.keys import StoredKey
 from fhir_norse.auth.tokens import server_root
+from fhir_norse.config import Settings
 
 COMMANDS = frozenset({"clients", "token", "keys"})
 OPERATOR = "local-operator"
@@ -37,14 +38,14 @@ _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 
 @contextmanager
-def _engine(settings: Any) -> Iterator[sa.Engine]:
+def _engine(settings: Settings) -> Iterator[sa.Engine]:
     from fhir_norse.store import migrate
     from fhir_norse.store.db import create_engine
 
     engine = create_engine(
         settings.database_url,
-        synchronous=getattr(settings, "sqlite_synchronous", "FULL"),
-        busy_timeout_ms=getattr(settings, "sqlite_busy_timeout_ms", 30_000),
+        synchronous=settings.sqlite_synchronous,
+        busy_timeout_ms=settings.sqlite_busy_timeout_ms,
         pool_size=2,
     )
     try:
@@ -54,10 +55,9 @@ def _engine(settings: Any) -> Iterator[sa.Engine]:
         engine.dispose()
 
 
-def fhir_base_url(settings: Any) -> str:
-    configured = getattr(settings, "base_url", None)
-    if configured:
-        return str(configured).rstrip("/")
+def fhir_base_url(settings: Settings) -> str:
+    if settings.base_url:
+        return settings.base_url.rstrip("/")
     return f"http://{settings.host}:{settings.port}/fhir"
 
 
@@ -71,14 +71,14 @@ class ClientListing:
     revoked_at: datetime | None
 
 
-def clients_add(settings: Any, name: str, jwks_path: str | Path, scopes: str) -> str:
+def clients_add(settings: Settings, name: str, jwks_path: str | Path, scopes: str) -> str:
     """Register a backend client from a JWK Set file of its public keys; returns its client_id."""
     jwks = json.loads(Path(jwks_path).read_text(encoding="utf-8"))
     with _engine(settings) as engine:
         return ClientRegistry(engine).add(name, jwks, scopes).client_id
 
 
-def clients_list(settings: Any) -> list[ClientListing]:
+def clients_list(settings: Settings) -> list[ClientListing]:
     with _engine(settings) as engine:
         return [
             ClientListing(
@@ -93,14 +93,14 @@ def clients_list(settings: Any) -> list[ClientListing]:
         ]
 
 
-def clients_revoke(settings: Any, client_id: str) -> None:
+def clients_revoke(settings: Settings, client_id: str) -> None:
     """Revoke a client: no new tokens; its live tokens are refused within the server's cache time."""
     with _engine(settings) as engine:
         ClientRegistry(engine).revoke(client_id)
 
 
 def mint_token(
-    settings: Any,
+    settings: Settings,
     scopes: str,
     patient: str | None = None,
     practitioner: str | None = None,
@@ -121,7 +121,7 @@ def mint_token(
         raise ValueError("patient/ scopes need --patient ID")
     if "user" in contexts and practitioner is None:
         raise ValueError("user/ scopes need --practitioner ID")
-    longest = mint_max_ttl(settings)
+    longest = settings.mint_max_ttl_seconds
     lifetime = DEFAULT_MINT_TTL_SECONDS if ttl is None else int(ttl)
     if not 1 <= lifetime <= longest:
         raise ValueError(f"--ttl must be between 1 and {longest} seconds")
@@ -139,7 +139,7 @@ def mint_token(
         return token
 
 
-def keys_rotate(settings: Any, retire_now: bool = False) -> str:
+def keys_rotate(settings: Settings, retire_now: bool = False) -> str:
     """Make a new signing key; returns its kid. Servers pick it up within their key cache time."""
     with _engine(settings) as engine:
         store = build_key_store(settings, engine)
@@ -147,7 +147,7 @@ def keys_rotate(settings: Any, retire_now: bool = False) -> str:
         return store.rotate(retire_now=retire_now)
 
 
-def keys_list(settings: Any) -> list[StoredKey]:
+def keys_list(settings: Settings) -> list[StoredKey]:
     with _engine(settings) as engine:
         return build_key_store(settings, engine).list_keys()
 
@@ -191,7 +191,7 @@ def _when(value: datetime | None) -> str:
     return value.isoformat(timespec="seconds") + "Z" if value else "-"
 
 
-def run_command(args: argparse.Namespace, settings: Any) -> int:
+def run_command(args: argparse.Namespace, settings: Settings) -> int:
     """Run ``clients``/``token``/``keys``; 0 on success, 1 with a message on stderr otherwise."""
     try:
         if args.command == "clients":
@@ -216,7 +216,7 @@ def run_command(args: argparse.Namespace, settings: Any) -> int:
     return 2
 
 
-def _clients(args: argparse.Namespace, settings: Any) -> int:
+def _clients(args: argparse.Namespace, settings: Settings) -> int:
     if args.clients_command == "add":
         client_id = clients_add(settings, args.name, args.jwks, args.scope)
         print(client_id)

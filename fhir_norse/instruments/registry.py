@@ -8,24 +8,32 @@ calibrated mapping (``fhir-norse calibrate``: new reliabilities, new mapping ver
 same, unchanged Questionnaire version.
 
 When several mappings score one Questionnaire version, the highest mapping version wins.
+
+The displays of the pack's codes (``questionnaires/terminology/``, ``profiles/``) are loaded with the
+mappings (:mod:`fhir_norse.instruments.terminology`) and travel with every :class:`Instrument`, so the
+builders write the displays the content defines.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from fhir_norse.canonicals import CS_ALERTS
 from fhir_norse.instruments.schema import (
     ContentError,
     InstrumentMapping,
     SumScoreMapping,
     load_any_mapping,
 )
+from fhir_norse.instruments.terminology import Terminology, load_terminology
 
 __all__ = ["Instrument", "InstrumentRegistry", "version_key"]
 
 AnyMapping = InstrumentMapping | SumScoreMapping
+# The language of the texts the server writes (Flag and Task wording, report conclusions).
+TEXT_LANGUAGE = "en"
 
 
 def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
@@ -35,10 +43,11 @@ def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
 
 @dataclass(frozen=True)
 class Instrument:
-    """One loaded mapping and the file it came from."""
+    """One loaded mapping, the file it came from and the displays of the content pack's codes."""
 
     mapping: AnyMapping
     path: Path
+    terminology: Terminology = field(default_factory=Terminology, compare=False)
 
     @property
     def code(self) -> str:
@@ -62,11 +71,21 @@ class Instrument:
             url, _, pinned = canonical.partition("|")
             yield url, pinned or self.mapping.version
 
+    def alert_display(self, code: str) -> str | None:
+        """The display of alert ``code`` (CodeSystem ``rom-alerts``) in the server's text language."""
+        return self.terminology.display(CS_ALERTS, code, TEXT_LANGUAGE)
+
 
 class InstrumentRegistry:
-    """Mappings by the Questionnaire ``url|version`` they score."""
+    """Mappings by the Questionnaire ``url|version`` they score, and the content's terminology."""
 
-    def __init__(self, instruments: Iterable[Instrument] = ()) -> None:
+    def __init__(
+        self, instruments: Iterable[Instrument] = (), terminology: Terminology | None = None
+    ) -> None:
+        """With ``terminology``, every instrument carries it (instead of the one it was made with)."""
+        if terminology is not None:
+            instruments = [replace(i, terminology=terminology) for i in instruments]
+        self.terminology = terminology if terminology is not None else Terminology()
         self._all = tuple(instruments)
         self._by_questionnaire: dict[tuple[str, str], Instrument] = {}
         for inst in sorted(self._all, key=lambda i: version_key(i.version)):
@@ -75,10 +94,12 @@ class InstrumentRegistry:
 
     @classmethod
     def from_content_dir(cls, root: Path) -> InstrumentRegistry:
-        """Load ``root/mappings/*.yaml``; raises :class:`ContentError` naming a broken file."""
+        """Load ``root/mappings/*.yaml`` and the terminology of the pack; raises :class:`ContentError`
+        naming a broken file."""
+        terminology = load_terminology(Path(root))
         folder = Path(root) / "mappings"
         if not folder.is_dir():
-            return cls()
+            return cls(terminology=terminology)
         instruments = [Instrument(load_any_mapping(p), p) for p in sorted(folder.glob("*.yaml"))]
         seen: dict[tuple[str, str], Path] = {}
         for inst in instruments:
@@ -88,7 +109,7 @@ class InstrumentRegistry:
                     str(inst.path), [f"{inst.code} {inst.version} is also defined in {seen[key].name}"]
                 )
             seen[key] = inst.path
-        return cls(instruments)
+        return cls(instruments, terminology)
 
     def __iter__(self) -> Iterator[Instrument]:
         return iter(self._all)

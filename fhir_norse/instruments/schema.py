@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = [
     "AllianceDefinition",
     "AnswerHandling",
+    "CodeRef",
     "ContentError",
     "InstrumentMapping",
     "ItemSource",
@@ -441,14 +442,24 @@ class SumTotal(BaseModel):
         return out
 
 
+class CodeRef(_Model):
+    """A code of a code system; its display comes from the content's terminology."""
+
+    system: str
+    code: str
+
+
 class SumScoreMapping(BaseModel):
-    """A sum-score instrument: ``total`` adds the item scores; ``severity_bands`` partition the range."""
+    """A sum-score instrument: ``total`` adds the item scores; ``severity_bands`` partition the range;
+    ``panel`` is the code of the panel Observation of an administration of this instrument alone (a code
+    of ValueSet ``rom-panels``)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
     instrument: str
     version: str
     questionnaire: str
+    panel: CodeRef | None = None
     total: SumTotal
     severity_bands: list[SeverityBand] = Field(min_length=1)
     alerts: list[Any] = Field(default_factory=list)

@@ -1,403 +1,46 @@
-"""Adaptive administration on the server: per-patient scale state from the stored history, clinician
-overrides, and the operations built on them.
+"""The adaptive administration operations (SDC ``$next-question`` and ``$populate``, this server's
+``$tailored-form`` and ``$adaptive-state``), built on the patient's record (:mod:`fhir_norse.rom.patient`).
 
-* **Episode.** An administration belongs to the EpisodeOfCare its response names (extension
-  ``workflow-episodeOfCare``), else the episode of its ``encounter``, else the patient's only active
-  EpisodeOfCare, else none. Scale state, change and the intake context are counted within the episode
-  (administrations without an episode form one series of their own).
-* **Context.** ``administration-context`` (intake | weekly | termination) from the response; without one,
-  ``intake`` for the first administration of the episode and ``weekly`` after it. Contexts listed in the
-  mapping's ``full_bank_contexts`` ask every scale in full.
-* **State.** :func:`fhir_norse.adaptive.state.scale_states` over the episode's scored administrations
-  (:mod:`fhir_norse.adaptive.history`) with the active overrides. Nothing else is kept between calls.
-* **Overrides** are ``ServiceRequest`` resources (profile ``rom-scale-override``): ``code`` the scale,
-  ``doNotPerform`` false to force it open (asked in full every time) or true to force it closed (only the
-  trigger), ``requester`` who, ``authoredOn`` when, ``reasonCode``/``note`` why, ``status`` active while
-  it holds (revoked, completed or entered-in-error lifts it), optionally limited to an episode with the
-  ``workflow-episodeOfCare`` extension. They are read, searched, changed and audited like any resource
-  (every write has its AuditEvent and its version in the history); the newest active one per scale wins.
-* **Operations**: ``Questionnaire/$next-question`` (SDC adaptive forms), ``Patient/{id}/$tailored-form``
-  (a tailored static Questionnaire), ``Questionnaire/$populate`` (the same form contained in a
-  QuestionnaireResponse to fill), and ``Patient/{id}/$adaptive-state`` (the state, scale by scale).
+Each runs in one repository session: the patient named must exist and be within the caller's reach
+(404 otherwise, as for any resource out of reach), and the AuditEvent is written in the same
+transaction as the reads.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import urlencode
 
-import orjson
-
-from fhir_norse.adaptive.forms import PAGES, AdministrationPlan, next_page, tailored_questionnaire
+from fhir_norse.adaptive.forms import PAGES, next_page, tailored_questionnaire
 from fhir_norse.adaptive.history import (
-    CONTEXT_EXTENSION,
-    CS_CONTEXT,
-    EPISODE_EXTENSION,
-    Administration,
-    Fact,
     context_of,
     episode_of,
-    fact_of,
-    from_facts,
-    moment,
 )
-from fhir_norse.adaptive.state import Override, ScaleState, scale_states
+from fhir_norse.canonicals import BASE as _BASE
+from fhir_norse.canonicals import CS_SCALES
 from fhir_norse.instruments.intake import validate_response
-from fhir_norse.instruments.registry import Instrument, InstrumentRegistry
+from fhir_norse.instruments.registry import Instrument
 from fhir_norse.instruments.schema import InstrumentMapping
-from fhir_norse.outcomes import BadRequest, Forbidden, Issue, NotFound, Unprocessable
+from fhir_norse.outcomes import BadRequest, Issue, NotFound, Unprocessable
+from fhir_norse.rom.intake import QuestionnaireResponseIntake
+from fhir_norse.rom.patient import (
+    _QR,
+    CONTEXTS,
+    SDC_ADAPTIVE,
+    SDC_Q_ADAPT,
+    SDC_QR_ADAPT,
+    AdaptiveService,
+    PatientState,
+    context_extension,
+    episode_extension,
+)
 from fhir_norse.scoring.engine import answers_from_response, trigger_scores
 from fhir_norse.server.context import RequestContext, Result
-from fhir_norse.server.interactions import FhirService, JsonDict, WriteOutcome, loads
+from fhir_norse.server.interactions import FhirService
+from fhir_norse.server.repository import JsonDict, Repository, loads
 from fhir_norse.server.resources import flat_items, instant, now_ms, reference_id
-from fhir_norse.server.search.parse import parse_search
 from fhir_norse.server.validation import validate_resource
-from fhir_norse.store.search import engine
-from fhir_norse.store.storage import ReadView, StoredResource, UnitOfWork
-
-__all__ = [
-    "CS_SCALES",
-    "OVERRIDE_CATEGORY",
-    "PROFILE_OVERRIDE",
-    "AdaptiveService",
-    "ScaleOverrideHook",
-]
-
-_BASE = "http://fhir-norse.org/fhir"
-CS_SCALES = f"{_BASE}/CodeSystem/nf21-scales"
-CS_ROM = f"{_BASE}/CodeSystem/rom-codes"
-PROFILE_OVERRIDE = f"{_BASE}/StructureDefinition/rom-scale-override"
-OVERRIDE_CATEGORY = "scale-override"
-SDC_QR_ADAPT = "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaireresponse-adapt"
-SDC_Q_ADAPT = "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-adapt"
-SDC_ADAPTIVE = "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-questionnaireAdaptive"
-CONTEXTS = ("intake", "weekly", "termination")
-_LIMIT = 100_000
-_FACT_CACHE = 200_000
-_QR = "QuestionnaireResponse"
-_CONTEXT_DISPLAY = {"intake": "Intake", "weekly": "Weekly", "termination": "Termination"}
-
-
-def context_extension(code: str) -> JsonDict:
-    return {
-        "url": CONTEXT_EXTENSION,
-        "valueCoding": {"system": CS_CONTEXT, "code": code, "display": _CONTEXT_DISPLAY.get(code, code)},
-    }
-
-
-def episode_extension(episode: str) -> JsonDict:
-    return {"url": EPISODE_EXTENSION, "valueReference": {"reference": episode}}
-
-
-@dataclass(frozen=True)
-class OverrideRecord:
-    """One active clinician override, as the state operation shows it."""
-
-    scale: str
-    override: Override
-    request: str  # ServiceRequest/<id>
-    requester: str | None
-    authored: str | None
-    reason: str | None
-
-
-@dataclass
-class PatientState:
-    """Everything adaptive administration knows about one patient (in one episode) right now."""
-
-    mapping: InstrumentMapping
-    patient: str  # Patient/<id>
-    episode: str | None
-    context: str
-    history: list[Administration]
-    states: dict[str, ScaleState]
-    overrides: dict[str, OverrideRecord] = field(default_factory=dict)
-
-    @property
-    def plan(self) -> AdministrationPlan:
-        return AdministrationPlan(
-            self.mapping, self.states, full_bank=self.context in self.mapping.full_bank_contexts
-        )
-
-
-def override_of(body: Mapping[str, Any]) -> tuple[str, Override] | None:
-    """(scale code, 'open' | 'closed') of an active scale-override ServiceRequest, else None."""
-    if body.get("status") != "active" or not _is_override(body):
-        return None
-    code = next(
-        (c.get("code") for c in (body.get("code") or {}).get("coding") or [] if c.get("system") == CS_SCALES),
-        None,
-    )
-    if not isinstance(code, str):
-        return None
-    return code, ("closed" if body.get("doNotPerform") is True else "open")
-
-
-def _is_override(body: Mapping[str, Any]) -> bool:
-    if PROFILE_OVERRIDE in ((body.get("meta") or {}).get("profile") or []):
-        return True
-    return any(
-        c.get("system") == CS_ROM and c.get("code") == OVERRIDE_CATEGORY
-        for cat in body.get("category") or []
-        for c in cat.get("coding") or []
-    )
-
-
-class AdaptiveService:
-    """Reads the stored history and overrides of a patient and turns them into the adaptive plan."""
-
-    def __init__(self, registry: InstrumentRegistry) -> None:
-        self.registry = registry
-        # Parsed stored versions (immutable), not state: the same answers with an empty cache.
-        self._facts: dict[tuple[str, int, frozenset[str]], Fact | None] = {}
-
-    # ------------------------------------------------------------------ instruments
-    def adaptive_mappings(self) -> list[InstrumentMapping]:
-        return [i.mapping for i in self.registry if isinstance(i.mapping, InstrumentMapping)]
-
-    def instrument(self, canonical: str) -> Instrument | None:
-        url, _, version = canonical.partition("|")
-        return self.registry.for_questionnaire(url, version or None)
-
-    # ------------------------------------------------------------------ reads
-    def episode(self, service: FhirService, reader: ReadView, response: Mapping[str, Any]) -> str | None:
-        """The EpisodeOfCare of an administration (module doc)."""
-        explicit = episode_of(response)
-        if explicit is not None:
-            return explicit
-        encounter_id = reference_id((response.get("encounter") or {}).get("reference"), "Encounter")
-        if encounter_id is not None:
-            stored = reader.current("Encounter", encounter_id)
-            if stored is not None and not stored.deleted:
-                episodes = loads(stored.body_text).get("episodeOfCare") or []
-                ref = (episodes[0] if episodes else {}).get("reference")
-                if reference_id(ref, "EpisodeOfCare") is not None:
-                    return f"EpisodeOfCare/{reference_id(ref, 'EpisodeOfCare')}"
-        patient = (response.get("subject") or {}).get("reference")
-        if not isinstance(patient, str):
-            return None
-        return self.active_episode(service, reader, patient)
-
-    def active_episode(self, service: FhirService, reader: ReadView, patient_ref: str) -> str | None:
-        query = urlencode({"patient": patient_ref, "status": "active"})
-        found = service.find_matching(reader, "EpisodeOfCare", query, 2)
-        return f"EpisodeOfCare/{found[0].res_id}" if len(found) == 1 else None
-
-    def history(
-        self,
-        service: FhirService,
-        reader: ReadView,
-        patient_ref: str,
-        mapping: InstrumentMapping,
-        episode: str | None,
-        *,
-        exclude_response: str | None = None,
-    ) -> list[Administration]:
-        """The patient's scored administrations of ``mapping`` in ``episode``, oldest first (scale
-        and alliance scores)."""
-        # By subject only, filtered here: adding ``code`` makes PostgreSQL without fresh statistics
-        # plan a nested loop over every code row (1.4 s seen); the facts of other Observations are
-        # remembered as "nothing" after their first read.
-        query = {"subject": patient_ref}
-        scales = frozenset(s.code for s in mapping.scales)
-        # Ids and versions first; only the versions not read before are fetched and parsed.
-        request = parse_search("Observation", list(query.items()), strict=True, registry=service.registry)
-        found = engine.find_versions(reader.conn, request, _LIMIT)
-        known: dict[int, Fact | None] = {}
-        missing: list[tuple[int, tuple[str, int, frozenset[str]]]] = []
-        for pk, rid, version in found:
-            key = (rid, version, scales)
-            if key in self._facts:
-                known[pk] = self._facts[key]
-            else:
-                missing.append((pk, key))
-        if missing:
-            texts = engine.bodies(reader.conn, [pk for pk, _ in missing])
-            if len(self._facts) + len(missing) > _FACT_CACHE:
-                self._facts.clear()
-            for pk, key in missing:
-                known[pk] = self._facts[key] = _parse_fact(texts.get(pk), scales)
-        every = from_facts(known[pk] for pk, _, _ in found)
-        return [a for a in every if a.episode == episode and a.response != exclude_response]
-
-    def overrides(
-        self, service: FhirService, reader: ReadView, patient_ref: str, episode: str | None
-    ) -> dict[str, OverrideRecord]:
-        """The active overrides for the patient (episode-bound ones only in their episode)."""
-        found = service.find_matching(reader, "ServiceRequest", urlencode({"subject": patient_ref}), _LIMIT)
-        chosen: dict[str, tuple[str, OverrideRecord]] = {}
-        for stored in found:
-            body = loads(stored.body_text)
-            parsed = override_of(body)
-            if parsed is None:
-                continue
-            bound = episode_of(body)
-            if bound is not None and bound != episode:
-                continue
-            scale, kind = parsed
-            authored = body.get("authoredOn")
-            reason = "; ".join(
-                [str(r.get("text")) for r in body.get("reasonCode") or [] if r.get("text")]
-                + [str(n.get("text")) for n in body.get("note") or [] if n.get("text")]
-            )
-            record = OverrideRecord(
-                scale,
-                kind,
-                f"ServiceRequest/{stored.res_id}",
-                (body.get("requester") or {}).get("reference"),
-                authored,
-                reason or None,
-            )
-            rank = f"{moment(authored).isoformat() if authored else ''}|{stored.last_updated}"
-            if scale not in chosen or rank > chosen[scale][0]:
-                chosen[scale] = (rank, record)
-        return {scale: record for scale, (_, record) in chosen.items()}
-
-    def patient_state(
-        self,
-        service: FhirService,
-        reader: ReadView,
-        patient_ref: str,
-        mapping: InstrumentMapping,
-        *,
-        episode: str | None,
-        context: str | None,
-        exclude_response: str | None = None,
-        before: str | None = None,
-    ) -> PatientState:
-        """The state before the next administration (or before ``before``, an ``authored`` time)."""
-        history = self.history(
-            service, reader, patient_ref, mapping, episode, exclude_response=exclude_response
-        )
-        if before is not None:
-            cutoff = moment(before)
-            history = [a for a in history if moment(a.authored) < cutoff]
-        overrides = self.overrides(service, reader, patient_ref, episode)
-        states = scale_states(
-            mapping, [a.measured for a in history], {s: o.override for s, o in overrides.items()}
-        )
-        resolved = context or ("intake" if not history else "weekly")
-        return PatientState(mapping, patient_ref, episode, resolved, history, states, overrides)
-
-
-# ---------------------------------------------------------------------- the override write hook
-
-
-class ScaleOverrideHook:
-    """Checks clinician overrides (ServiceRequest ``rom-scale-override``) before they are stored; other
-    ServiceRequests pass untouched."""
-
-    def __init__(self, registry: InstrumentRegistry) -> None:
-        self.registry = registry
-
-    def existing(
-        self, service: FhirService, uow: UnitOfWork, body: JsonDict, patients: frozenset[str] | None
-    ) -> StoredResource | None:
-        return None
-
-    def before_save(
-        self,
-        service: FhirService,
-        uow: UnitOfWork,
-        ctx: RequestContext,
-        res_id: str,
-        body: JsonDict,
-        previous: StoredResource | None,
-    ) -> None:
-        if not _is_override(body):
-            return
-        issues: list[Issue] = []
-        scales = {
-            s.code
-            for i in self.registry
-            if isinstance(i.mapping, InstrumentMapping)
-            for s in i.mapping.scales
-        }
-        codes = [c for c in (body.get("code") or {}).get("coding") or [] if c.get("system") == CS_SCALES]
-        if len(codes) != 1 or codes[0].get("code") not in scales:
-            given = ", ".join(str(c.get("code")) for c in codes) or "none"
-            issues.append(
-                Issue(
-                    f"A scale override names exactly one scale of {CS_SCALES} in code (given: {given}; "
-                    f"known: {', '.join(sorted(scales))})",
-                    code="code-invalid",
-                    expression=("ServiceRequest.code",),
-                )
-            )
-        patient_id = reference_id((body.get("subject") or {}).get("reference"), "Patient")
-        patient = uow.current("Patient", patient_id) if patient_id else None
-        if patient is None or patient.deleted:
-            issues.append(
-                Issue(
-                    "subject must reference a Patient on this server",
-                    code="not-found" if patient_id else "required",
-                    expression=("ServiceRequest.subject",),
-                )
-            )
-        if not (body.get("requester") or {}).get("reference"):
-            issues.append(
-                Issue(
-                    "requester (the clinician who decides) is required on a scale override",
-                    code="required",
-                    expression=("ServiceRequest.requester",),
-                )
-            )
-        if not body.get("authoredOn"):
-            issues.append(
-                Issue(
-                    "authoredOn (when the decision was made) is required on a scale override",
-                    code="required",
-                    expression=("ServiceRequest.authoredOn",),
-                )
-            )
-        has_reason = any(r.get("text") or r.get("coding") for r in body.get("reasonCode") or []) or any(
-            n.get("text") for n in body.get("note") or []
-        )
-        if not has_reason:
-            issues.append(
-                Issue(
-                    "a reason (reasonCode.text or note) is required on a scale override",
-                    code="required",
-                    expression=("ServiceRequest.reasonCode",),
-                )
-            )
-        if "doNotPerform" not in body:
-            issues.append(
-                Issue(
-                    "doNotPerform must say the direction: false forces the scale open, true forces it closed",
-                    code="required",
-                    expression=("ServiceRequest.doNotPerform",),
-                )
-            )
-        if body.get("intent") not in ("order", "plan", "directive", "original-order"):
-            issues.append(
-                Issue(
-                    "intent of a scale override is 'order'",
-                    code="value",
-                    expression=("ServiceRequest.intent",),
-                )
-            )
-        if issues:
-            raise Unprocessable(issues[0].diagnostics, issues=issues)
-
-    def after_save(
-        self,
-        service: FhirService,
-        uow: UnitOfWork,
-        ctx: RequestContext,
-        outcome: WriteOutcome,
-        previous: StoredResource | None,
-    ) -> list[Issue]:
-        return []
-
-    def after_delete(
-        self, service: FhirService, uow: UnitOfWork, ctx: RequestContext, deleted: StoredResource
-    ) -> None:
-        return None
-
 
 # ---------------------------------------------------------------------- operations
 
@@ -411,34 +54,6 @@ def _unwrap(body: Mapping[str, Any] | None, name: str, operation: str) -> JsonDi
         if param.get("name") == name and isinstance(param.get("resource"), dict):
             return dict(param["resource"])
     raise BadRequest(f"{operation} needs the '{name}' parameter", code="required")
-
-
-def _patient_checked(
-    service: FhirService,
-    ctx: RequestContext,
-    view: ReadView,
-    operation: str,
-    patient_ref: Any,
-    expression: str,
-) -> str:
-    """``Patient/<id>`` after checking it exists and that the caller may reach it (403 otherwise)."""
-    patient_id = reference_id(patient_ref, "Patient")
-    if patient_id is None:
-        raise Unprocessable(
-            "subject must reference a Patient on this server (Patient/<id>)",
-            code="required" if patient_ref is None else "value",
-            expression=expression,
-        )
-    access = service.access(ctx, operation, _QR)
-    patients = service.reachable_patients(view.conn, access)
-    if patients is not None and patient_id not in patients:
-        raise Forbidden(f"Patient/{patient_id} is outside the patients this token may reach")
-    stored = view.current("Patient", patient_id)
-    if stored is None or stored.deleted:
-        raise Unprocessable(
-            f"Patient/{patient_id} is not known to this server", code="not-found", expression=expression
-        )
-    return f"Patient/{patient_id}"
 
 
 def _context_param(value: str | None) -> str | None:
@@ -456,17 +71,20 @@ def _context_param(value: str | None) -> str | None:
 class AdaptiveOperations:
     """The HTTP-facing operations (module doc); one instance per server."""
 
-    def __init__(self, adaptive: AdaptiveService, canonical: Any) -> None:
+    def __init__(self, adaptive: AdaptiveService, intake: QuestionnaireResponseIntake) -> None:
         self.adaptive = adaptive
-        # ``canonical(service, reader, url|version) -> Questionnaire`` (the intake's resolver, cached).
-        self._canonical = canonical
+        self.intake = intake
+
+    def _canonical(self, repo: Repository, canonical: Any) -> JsonDict:
+        """The stored Questionnaire named (the intake's resolver, cached for published versions)."""
+        return self.intake.questionnaire(repo, canonical)
 
     # -------------------------------------------------------------- $next-question
     def next_question(
         self, service: FhirService, ctx: RequestContext, body: Mapping[str, Any] | None
     ) -> Result:
         operation = "operation:next-question"
-        with service.refusals_audited(ctx, operation, "Questionnaire"):
+        with service.audited_session(ctx, operation, "Questionnaire") as repo:
             response = _unwrap(body, "questionnaire-response", "$next-question")
             # The contained form is checked item by item against the canonical below; the rest of the
             # working response by the R4 definitions (it is stored, and fully validated, only later).
@@ -479,30 +97,23 @@ class AdaptiveOperations:
                     expression="QuestionnaireResponse.status",
                 )
             # One transaction reads the history and records the AuditEvent: one commit per call.
-            with service.repo.write() as view:
-                patient = _patient_checked(
-                    service,
-                    ctx,
-                    view,
-                    operation,
-                    (response.get("subject") or {}).get("reference"),
-                    "QuestionnaireResponse.subject",
-                )
-                contained, canonical, instrument = self._contained(service, view, response)
-                mapping = cast(InstrumentMapping, instrument.mapping)
-                episode = self.adaptive.episode(service, view, response)
-                state = self.adaptive.patient_state(
-                    service, view, patient, mapping, episode=episode, context=context_of(response)
-                )
-                problems = validate_response(response, contained, mapping=mapping)
-                if problems:
-                    raise Unprocessable(problems[0].diagnostics, issues=problems)
-                service.record(
-                    view,
-                    service.audit_event(
-                        ctx, operation, "success", "Questionnaire", None, patients=[patient.split("/")[1]]
-                    ),
-                )
+            patient = repo.require_patient(
+                (response.get("subject") or {}).get("reference"),
+                interaction=operation,
+                res_type=_QR,
+                expression="QuestionnaireResponse.subject",
+            )
+            server = repo.as_server()
+            contained, canonical, instrument = self._contained(server, response)
+            mapping = cast(InstrumentMapping, instrument.mapping)
+            episode = self.adaptive.episode(server, response)
+            state = self.adaptive.patient_state(
+                server, patient, mapping, episode=episode, context=context_of(response)
+            )
+            problems = validate_response(response, contained, mapping=mapping)
+            if problems:
+                raise Unprocessable(problems[0].diagnostics, issues=problems)
+            repo.audit(operation, "Questionnaire", None, patients=[patient.split("/")[1]])
             delivered = [str(i.get("linkId")) for i in contained.get("item") or []]
             triggers = trigger_scores(answers_from_response(response), mapping)
             canonical_items = {str(i.get("linkId")): i for i in flat_items(canonical)}
@@ -522,15 +133,13 @@ class AdaptiveOperations:
                 meta["profile"].append(SDC_QR_ADAPT)
             return Result(200, body=out)
 
-    def _contained(
-        self, service: FhirService, view: ReadView, response: JsonDict
-    ) -> tuple[JsonDict, JsonDict, Instrument]:
+    def _contained(self, repo: Repository, response: JsonDict) -> tuple[JsonDict, JsonDict, Instrument]:
         """The contained Questionnaire (created on the first call when the response names the adaptive
         canonical instead), the canonical it derives from, and the instrument scoring it."""
         reference = response.get("questionnaire")
         if isinstance(reference, str) and not reference.startswith("#"):
             # A convenience for the first call: name the adaptive canonical, get the contained form.
-            canonical = self._canonical(service, view, reference)
+            canonical = self._canonical(repo, reference)
             shell = {
                 "resourceType": "Questionnaire",
                 "id": "q",
@@ -582,7 +191,7 @@ class AdaptiveOperations:
                 code="required",
                 expression="QuestionnaireResponse.contained.derivedFrom",
             )
-        canonical = self._canonical(service, view, derived[0])
+        canonical = self._canonical(repo, derived[0])
         instrument = self.adaptive.instrument(f"{canonical.get('url')}|{canonical.get('version')}")
         mapping = instrument.mapping if instrument is not None else None
         if instrument is None or not isinstance(mapping, InstrumentMapping):
@@ -604,13 +213,12 @@ class AdaptiveOperations:
     # -------------------------------------------------------------- tailored static form
     def tailored_form(
         self,
-        service: FhirService,
-        ctx: RequestContext,
+        repo: Repository,
         patient_id: str,
         params: Mapping[str, str],
         operation: str = "operation:tailored-form",
     ) -> tuple[JsonDict, PatientState]:
-        static, state = self._patient_plan(service, ctx, patient_id, params, operation)
+        static, state = self._patient_plan(repo, patient_id, params, operation)
         patient = state.patient
         form = tailored_questionnaire(static, state.plan)
         for key in ("id", "meta", "url", "identifier", "text"):
@@ -628,39 +236,29 @@ class AdaptiveOperations:
         return form, state
 
     def _patient_plan(
-        self,
-        service: FhirService,
-        ctx: RequestContext,
-        patient_id: str,
-        params: Mapping[str, str],
-        operation: str,
+        self, repo: Repository, patient_id: str, params: Mapping[str, str], operation: str
     ) -> tuple[JsonDict, PatientState]:
         """The static canonical and the patient's state for the GET operations on a patient."""
-        with service.repo.read() as view:
-            patient = _patient_checked(service, ctx, view, operation, f"Patient/{patient_id}", "Patient")
-            static, mapping = self._static(service, view, params.get("questionnaire"))
-            episode = params.get("episode") or self.adaptive.active_episode(service, view, patient)
-            if reference_id(episode, "EpisodeOfCare") is None and episode is not None:
-                raise Unprocessable(f"episode {episode!r} is not an EpisodeOfCare reference", code="value")
-            state = self.adaptive.patient_state(
-                service,
-                view,
-                patient,
-                mapping,
-                episode=episode,
-                context=_context_param(params.get("context")),
-            )
+        patient = repo.require_patient(
+            f"Patient/{patient_id}", interaction=operation, res_type=_QR, expression="Patient"
+        )
+        server = repo.as_server()
+        static, mapping = self._static(server, params.get("questionnaire"))
+        episode = params.get("episode") or self.adaptive.active_episode(server, patient)
+        if reference_id(episode, "EpisodeOfCare") is None and episode is not None:
+            raise Unprocessable(f"episode {episode!r} is not an EpisodeOfCare reference", code="value")
+        state = self.adaptive.patient_state(
+            server, patient, mapping, episode=episode, context=_context_param(params.get("context"))
+        )
         return static, state
 
-    def _static(
-        self, service: FhirService, view: ReadView, canonical: str | None
-    ) -> tuple[JsonDict, InstrumentMapping]:
+    def _static(self, repo: Repository, canonical: str | None) -> tuple[JsonDict, InstrumentMapping]:
         mappings = self.adaptive.adaptive_mappings()
         if canonical is None:
             if len(mappings) != 1:
                 raise BadRequest("name the static Questionnaire (questionnaire=url|version)", code="required")
             canonical = mappings[0].questionnaires.static
-        static = self._canonical(service, view, canonical)
+        static = self._canonical(repo, canonical)
         instrument = self.adaptive.instrument(f"{static.get('url')}|{static.get('version')}")
         mapping = instrument.mapping if instrument is not None else None
         if not isinstance(mapping, InstrumentMapping) or static.get("url") != mapping.questionnaires.static:
@@ -669,16 +267,24 @@ class AdaptiveOperations:
             )
         return static, mapping
 
-    def tailored_form_operation(
-        self, service: FhirService, ctx: RequestContext, patient_id: str, params: Mapping[str, str]
+    def on_patient(
+        self,
+        service: FhirService,
+        ctx: RequestContext,
+        name: str,
+        patient_id: str,
+        params: Mapping[str, str],
     ) -> Result:
-        operation = "operation:tailored-form"
-        with service.refusals_audited(ctx, operation, "Patient", patient_id):
-            form, _ = self.tailored_form(service, ctx, patient_id, params, operation)
-            service.record_now(
-                service.audit_event(ctx, operation, "success", "Patient", patient_id, patients=[patient_id])
-            )
-            return Result(200, body=form)
+        """``Patient/{id}/$tailored-form`` (the tailored Questionnaire) or ``$adaptive-state`` (the state
+        as Parameters), read and audited in one session."""
+        operation = f"operation:{name}"
+        with service.audited_session(ctx, operation, "Patient", patient_id) as repo:
+            if name == "tailored-form":
+                body, _ = self.tailored_form(repo, patient_id, params, operation)
+            else:
+                body = _state_parameters(self._patient_plan(repo, patient_id, params, operation)[1])
+            repo.audit(operation, "Patient", patient_id, patients=[patient_id])
+        return Result(200, body=body)
 
     def populate(
         self,
@@ -689,22 +295,20 @@ class AdaptiveOperations:
     ) -> Result:
         """SDC ``$populate``: a QuestionnaireResponse to fill, holding the tailored form as contained."""
         operation = "operation:populate"
-        with service.refusals_audited(ctx, operation, "Questionnaire", questionnaire_id):
+        with service.audited_session(ctx, operation, "Questionnaire", questionnaire_id) as repo:
             subject = params.get("subject")
             patient_id = reference_id(subject, "Patient")
             if patient_id is None:
                 raise BadRequest("$populate needs subject=Patient/<id>", code="required")
             canonical = params.get("questionnaire") or params.get("canonical")
             if questionnaire_id is not None:
-                with service.repo.read() as view:
-                    stored = view.current("Questionnaire", questionnaire_id)
-                if stored is None or stored.deleted:
+                stored = repo.get("Questionnaire", questionnaire_id)
+                if stored is None:
                     raise NotFound(f"Questionnaire/{questionnaire_id} is not known")
                 body = loads(stored.body_text)
                 canonical = f"{body.get('url')}|{body.get('version')}"
             form, state = self.tailored_form(
-                service,
-                ctx,
+                repo,
                 patient_id,
                 {**params, **({"questionnaire": canonical} if canonical else {})},
                 operation,
@@ -718,11 +322,7 @@ class AdaptiveOperations:
                 "subject": {"reference": f"Patient/{patient_id}"},
             }
             _stamp(response, state)
-            service.record_now(
-                service.audit_event(
-                    ctx, operation, "success", "Questionnaire", questionnaire_id, patients=[patient_id]
-                )
-            )
+            repo.audit(operation, "Questionnaire", questionnaire_id, patients=[patient_id])
             return Result(
                 200,
                 body={
@@ -730,25 +330,6 @@ class AdaptiveOperations:
                     "parameter": [{"name": "response", "resource": response}],
                 },
             )
-
-    # -------------------------------------------------------------- $adaptive-state
-    def state_operation(
-        self, service: FhirService, ctx: RequestContext, patient_id: str, params: Mapping[str, str]
-    ) -> Result:
-        operation = "operation:adaptive-state"
-        with service.refusals_audited(ctx, operation, "Patient", patient_id):
-            _, state = self._patient_plan(service, ctx, patient_id, params, operation)
-            service.record_now(
-                service.audit_event(ctx, operation, "success", "Patient", patient_id, patients=[patient_id])
-            )
-            return Result(200, body=_state_parameters(state))
-
-
-def _parse_fact(text: str | None, scales: frozenset[str]) -> Fact | None:
-    # Cheap filter before parsing: only scale and alliance scores matter here.
-    if not text or ("/nf21-scales" not in text and "/nf21-alliance" not in text):
-        return None
-    return fact_of(orjson.loads(text), scales)
 
 
 _PAGE_KEYS = frozenset({"extension", "linkId", "text", "_text", "type", "item"})

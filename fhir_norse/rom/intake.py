@@ -28,28 +28,29 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import urlencode
 
 import orjson
 
 from fhir_norse import __version__
 from fhir_norse.adaptive.forms import tailored_questionnaire
-from fhir_norse.adaptive.history import context_of, episode_of, moment
+from fhir_norse.adaptive.history import Administration, context_of, episode_of, moment
 from fhir_norse.alerts.rules import Alert, AlertCode, AlertDecision
+from fhir_norse.canonicals import ALERT_KEY_SYSTEM, CS_ALERTS, MAPPING_SYSTEM, PROFILE_FLAG, SOFTWARE_SYSTEM
 from fhir_norse.instruments.intake import validate_response
 from fhir_norse.instruments.registry import Instrument, InstrumentRegistry, version_key
 from fhir_norse.instruments.schema import InstrumentMapping
 from fhir_norse.outcomes import Conflict, Issue, Unprocessable
+from fhir_norse.rom.patient import AdaptiveService, context_extension, episode_extension
 from fhir_norse.scoring.engine import answers_from_response, trigger_scores
 from fhir_norse.scoring.pipeline import PriorAdministration, ScoredAdministration, score_administration
 from fhir_norse.scoring.resources import (
     LOINC,
 )
-from fhir_norse.server.context import RequestContext
-from fhir_norse.server.interactions import FhirService, JsonDict, WriteOutcome, loads
 from fhir_norse.server.published import PUBLISHED_TAG
+from fhir_norse.server.repository import Derived, JsonDict, Repository, StorageHook, WriteOutcome, loads
 from fhir_norse.server.resources import flat_items, instant, new_id, now_ms, reference_id
-from fhir_norse.store.storage import ReadView, StoredResource, UnitOfWork
+from fhir_norse.server.search.typed import Where
+from fhir_norse.store.storage import StoredResource
 
 __all__ = [
     "ALERT_KEY_SYSTEM",
@@ -59,12 +60,6 @@ __all__ = [
     "derived_id",
 ]
 
-_BASE = "http://fhir-norse.org/fhir"
-ALERT_KEY_SYSTEM = f"{_BASE}/alert-key"
-PROFILE_FLAG = f"{_BASE}/StructureDefinition/rom-alert-flag"
-CS_ALERTS = f"{_BASE}/CodeSystem/rom-alerts"
-MAPPING_SYSTEM = f"{_BASE}/mapping"
-SOFTWARE_SYSTEM = f"{_BASE}/software"
 FLAG_DETAIL = "http://hl7.org/fhir/StructureDefinition/flag-detail"
 FLAG_PRIORITY = "http://hl7.org/fhir/StructureDefinition/flag-priority"
 FLAG_PRIORITY_CS = "http://hl7.org/fhir/flag-priority-code"
@@ -75,12 +70,6 @@ PARTICIPANT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participant
 _DERIVED_NAMESPACE = uuid.UUID("6f1c8e0a-3d4b-5a7e-9c21-4b8d0f2e6a13")
 _SCORED = frozenset({"completed", "amended"})
 _HISTORY_LIMIT = 100_000
-_ALERT_DISPLAY: dict[str, str] = {
-    "suicide-risk": "Suicide risk",
-    "deterioration": "Reliable deterioration",
-    "alliance-rupture": "Alliance rupture",
-    "prefer-not-suicide": "'Prefer not to answer' on suicidality items",
-}
 
 
 def derived_id(response_id: str, key: str) -> str:
@@ -138,19 +127,30 @@ def _same_answers(a: JsonDict, b: JsonDict) -> bool:
     return all(a.get(k) == b.get(k) for k in keys)
 
 
-class QuestionnaireResponseIntake:
-    """The :class:`~fhir_norse.server.interactions.WriteHook` of QuestionnaireResponse (module doc)."""
+@dataclass(frozen=True)
+class PatientRecord:
+    """What one write needs to know of the patient, read once per write (validation and the scoring
+    plan both use it): the forms, the instrument, the episode and the other administrations of it."""
 
-    def __init__(self, registry: InstrumentRegistry) -> None:
-        from fhir_norse.rom.adaptive import AdaptiveService
+    form: JsonDict
+    questionnaire: JsonDict
+    instrument: Instrument | None
+    episode: str | None
+    # The other scored administrations of the episode (adaptive instruments), oldest first.
+    administrations: tuple[Administration, ...] = ()
 
+
+class QuestionnaireResponseIntake(StorageHook):
+    """The storage hook of QuestionnaireResponse (module doc)."""
+
+    def __init__(self, registry: InstrumentRegistry, adaptive: AdaptiveService) -> None:
         self.registry = registry
-        self.adaptive = AdaptiveService(registry)
+        self.adaptive = adaptive
         # Published Questionnaires never change (they are read-only), so ``url|version`` is cached.
         self._published: dict[str, JsonDict] = {}
 
     # ------------------------------------------------------------------ resolving
-    def questionnaire(self, service: FhirService, reader: ReadView, canonical: Any) -> JsonDict:
+    def questionnaire(self, repo: Repository, canonical: Any) -> JsonDict:
         """The stored Questionnaire a response names (422 when there is none)."""
         expression = ("QuestionnaireResponse.questionnaire",)
         if not isinstance(canonical, str) or not canonical:
@@ -162,8 +162,8 @@ class QuestionnaireResponseIntake:
         if (cached := self._published.get(canonical)) is not None:
             return cached
         url, _, version = canonical.partition("|")
-        query = {"url": url, **({"version": version} if version else {})}
-        found = service.find_matching(reader, "Questionnaire", urlencode(query), _HISTORY_LIMIT)
+        where = Where("Questionnaire", uris={"url": url}, tokens={"version": version} if version else {})
+        found = repo.as_server().find(where, _HISTORY_LIMIT)
         if not found:
             raise Unprocessable(
                 f"Questionnaire {canonical} is not known to this server",
@@ -176,7 +176,7 @@ class QuestionnaireResponseIntake:
             self._published[canonical] = best
         return best
 
-    def forms(self, service: FhirService, reader: ReadView, response: JsonDict) -> tuple[JsonDict, JsonDict]:
+    def forms(self, repo: Repository, response: JsonDict) -> tuple[JsonDict, JsonDict]:
         """(the form the answers are checked against, the canonical Questionnaire that scores them).
 
         Both are the stored Questionnaire the response names, except for a response to a form it
@@ -185,7 +185,7 @@ class QuestionnaireResponseIntake:
         """
         reference = response.get("questionnaire")
         if not (isinstance(reference, str) and reference.startswith("#")):
-            canonical = self.questionnaire(service, reader, reference)
+            canonical = self.questionnaire(repo, reference)
             return canonical, canonical
         contained = next(
             (
@@ -211,7 +211,7 @@ class QuestionnaireResponseIntake:
                 code="required",
                 expression=expression,
             )
-        canonical = self.questionnaire(service, reader, derived[0])
+        canonical = self.questionnaire(repo, derived[0])
         defined = {str(i.get("linkId")): i for i in flat_items(canonical)}
         issues = []
         for item in flat_items(contained):
@@ -233,10 +233,40 @@ class QuestionnaireResponseIntake:
     def instrument_of(self, questionnaire: JsonDict) -> Instrument | None:
         return self.registry.for_questionnaire(str(questionnaire.get("url")), questionnaire.get("version"))
 
-    # ------------------------------------------------------------------ WriteHook
-    def existing(
-        self, service: FhirService, uow: UnitOfWork, body: JsonDict, patients: frozenset[str] | None
-    ) -> StoredResource | None:
+    def record(self, repo: Repository, response: JsonDict) -> PatientRecord:
+        """The patient's record for ``response``, read once per write and transaction (the checks before
+        storage and the scoring plan before commit share it)."""
+        key = ("intake", str(response.get("id") or ""), str(response.get("questionnaire")))
+        cached = repo.memo.get(key)
+        if isinstance(cached, PatientRecord):
+            return cached
+        server = repo.as_server()
+        form, questionnaire = self.forms(server, response)
+        instrument = self.instrument_of(questionnaire)
+        episode = self.adaptive.episode(server, response)
+        administrations: tuple[Administration, ...] = ()
+        patient = (response.get("subject") or {}).get("reference")
+        if (
+            instrument is not None
+            and isinstance(instrument.mapping, InstrumentMapping)
+            and isinstance(patient, str)
+            and reference_id(patient, "Patient") is not None
+        ):
+            administrations = tuple(
+                self.adaptive.history(
+                    server,
+                    patient,
+                    instrument.mapping,
+                    episode,
+                    exclude_response=str(response.get("id") or "") or None,
+                )
+            )
+        record = PatientRecord(form, questionnaire, instrument, episode, administrations)
+        repo.memo[key] = record
+        return record
+
+    # ------------------------------------------------------------------ StorageHook
+    def existing(self, repo: Repository, body: JsonDict) -> StoredResource | None:
         identifiers = body.get("identifier")
         if isinstance(identifiers, dict):  # R4 QuestionnaireResponse.identifier is 0..1
             identifiers = [identifiers]
@@ -244,10 +274,9 @@ class QuestionnaireResponseIntake:
             if not isinstance(ident, dict) or not ident.get("system") or not ident.get("value"):
                 continue
             token = f"{ident['system']}|{ident['value']}"
-            uow.advisory_lock(f"create:QuestionnaireResponse?identifier={token}")
-            found = service.find_matching(
-                uow, "QuestionnaireResponse", urlencode({"identifier": token}), 2, patients=patients
-            )
+            repo.serialize(f"create:QuestionnaireResponse?identifier={token}")
+            where = Where("QuestionnaireResponse", tokens={"identifier": (ident["system"], ident["value"])})
+            found = repo.find(where, 2, interaction="create")
             if not found:
                 continue
             stored = found[0]
@@ -260,23 +289,15 @@ class QuestionnaireResponseIntake:
             )
         return None
 
-    def before_save(
-        self,
-        service: FhirService,
-        uow: UnitOfWork,
-        ctx: RequestContext,
-        res_id: str,
-        body: JsonDict,
-        previous: StoredResource | None,
+    def before_storage(
+        self, repo: Repository, res_id: str, body: JsonDict, previous: StoredResource | None
     ) -> None:
-        self.check(service, uow, body, previous)
+        self.check(repo, {**body, "id": res_id}, previous)
 
-    def check(
-        self, service: FhirService, uow: ReadView, body: JsonDict, previous: StoredResource | None
-    ) -> None:
+    def check(self, repo: Repository, body: JsonDict, previous: StoredResource | None) -> None:
         """Intake validation of a response (422 with every problem); see the module doc."""
         issues: list[Issue] = []
-        form, questionnaire = self.forms(service, uow, body)
+        record = self.record(repo, body)
         subject = (body.get("subject") or {}).get("reference")
         patient_id = reference_id(subject, "Patient")
         if patient_id is None:
@@ -287,16 +308,14 @@ class QuestionnaireResponseIntake:
                     expression=("QuestionnaireResponse.subject",),
                 )
             )
-        else:
-            patient = uow.current("Patient", patient_id)
-            if patient is None or patient.deleted:
-                issues.append(
-                    Issue(
-                        f"subject Patient/{patient_id} is not known to this server",
-                        code="not-found",
-                        expression=("QuestionnaireResponse.subject",),
-                    )
+        elif repo.as_server().get("Patient", patient_id) is None:
+            issues.append(
+                Issue(
+                    f"subject Patient/{patient_id} is not known to this server",
+                    code="not-found",
+                    expression=("QuestionnaireResponse.subject",),
                 )
+            )
         if not body.get("authored"):
             issues.append(
                 Issue(
@@ -307,56 +326,49 @@ class QuestionnaireResponseIntake:
             )
         if previous is not None and not previous.deleted:
             issues += _transition_problems(loads(previous.body_text), body)
-        instrument = self.instrument_of(questionnaire)
-        mapping = instrument.mapping if instrument is not None else None
+        mapping = record.instrument.mapping if record.instrument is not None else None
         if isinstance(mapping, InstrumentMapping):
-            answers = validate_response(body, form, mapping=mapping)
+            answers = validate_response(body, record.form, mapping=mapping)
             if answers and patient_id is not None and not issues:
-                # Only now read the history: the adaptive plan may excuse what the plain form refuses.
-                answers = self._adaptive_check(service, uow, body, form, mapping)
+                # The adaptive plan may excuse what the plain form refuses.
+                answers = self._adaptive_check(repo, body, record, mapping)
             issues += answers
         else:
-            issues += validate_response(body, form)
+            issues += validate_response(body, record.form)
         if issues:
             raise Unprocessable(issues[0].diagnostics, issues=issues)
 
     def _adaptive_check(
-        self,
-        service: FhirService,
-        reader: ReadView,
-        body: JsonDict,
-        form: JsonDict,
-        mapping: InstrumentMapping,
+        self, repo: Repository, body: JsonDict, record: PatientRecord, mapping: InstrumentMapping
     ) -> list[Issue]:
         """Validation with the patient's adaptive plan: the groups of scales asked in full whatever the
         trigger are enabled, and the items of scales not asked in full are not required."""
-        patient = str(body["subject"]["reference"])
-        state = self.adaptive.patient_state(
-            service,
-            reader,
-            patient,
+        state = self.adaptive.state_from(
+            repo.as_server(),
+            str(body["subject"]["reference"]),
             mapping,
-            episode=self.adaptive.episode(service, reader, body),
+            record.administrations,
+            episode=record.episode,
             context=context_of(body),
-            exclude_response=str(body.get("id") or "") or None,
             before=str(body["authored"]),
         )
         plan = state.plan
         asked = set(plan.in_full(trigger_scores(answers_from_response(body), mapping)))
         closed = frozenset(s.code for s in mapping.scales if s.code not in asked)
-        tailored = tailored_questionnaire(form, plan, drop_closed=False)
+        tailored = tailored_questionnaire(record.form, plan, drop_closed=False)
         return validate_response(body, tailored, mapping=mapping, closed_scales=closed)
 
-    def after_save(
-        self,
-        service: FhirService,
-        uow: UnitOfWork,
-        ctx: RequestContext,
-        outcome: WriteOutcome,
-        previous: StoredResource | None,
+    def before_commit(
+        self, repo: Repository, outcome: WriteOutcome, previous: StoredResource | None
     ) -> list[Issue]:
+        server = repo.as_server()
         body = outcome.body
-        assert body is not None
+        if body is None:  # deleted: withdraw what was derived from it
+            assert previous is not None
+            self.apply(
+                server, self.withdrawal(server, loads(previous.body_text), reason="the response was deleted")
+            )
+            return []
         before = loads(previous.body_text) if previous is not None and not previous.deleted else None
         status = body.get("status")
         if status in _SCORED:
@@ -364,75 +376,63 @@ class QuestionnaireResponseIntake:
                 return []  # the same answers again: the stored scores stand
             # One scoring run per patient at a time: the history and the active alerts read next must
             # include a concurrent run's writes, or two runs could both raise the same alert.
-            uow.advisory_lock(f"scoring:{(body.get('subject') or {}).get('reference')}")
+            server.serialize(f"scoring:{(body.get('subject') or {}).get('reference')}")
             # A response stored before (even if deleted since) may have derived resources already.
-            plan = self.plan(service, uow, body, rescore=previous is not None)
+            plan = self.plan(server, body, rescore=previous is not None)
         elif status == "entered-in-error" and before is not None:
-            plan = self.withdrawal(service, uow, body, reason="the response was marked entered-in-error")
+            plan = self.withdrawal(server, body, reason="the response was marked entered-in-error")
         else:
             return []
-        self.apply(service, uow, plan)
+        self.apply(server, plan)
         return plan.warnings
 
-    def after_delete(
-        self, service: FhirService, uow: UnitOfWork, ctx: RequestContext, deleted: StoredResource
-    ) -> None:
-        plan = self.withdrawal(service, uow, loads(deleted.body_text), reason="the response was deleted")
-        self.apply(service, uow, plan)
-
     # ------------------------------------------------------------------ planning
-    def plan(
-        self, service: FhirService, reader: ReadView, response: JsonDict, *, rescore: bool
-    ) -> ScoringPlan:
+    def plan(self, repo: Repository, response: JsonDict, *, rescore: bool) -> ScoringPlan:
         """What scoring ``response`` (stored, or not when ``$extract`` asks) would write.
 
         ``rescore``: the response was stored before, so its derived resources may exist already.
         """
-        _, questionnaire = self.forms(service, reader, response)
-        instrument = self.instrument_of(questionnaire)
+        server = repo.as_server()
+        record = self.record(server, response)
+        instrument = record.instrument
         if instrument is None:
             return ScoringPlan()
         res_id = str(response.get("id") or "")
         patient_ref = str(response["subject"]["reference"])
         authored = str(response["authored"])
-        episode = self.adaptive.episode(service, reader, response)
         # Alerts follow the newest administration: a response answered before another one already
         # stored (sent late, or amended later) is scored but leaves the alerts as they stand.
         if isinstance(instrument.mapping, InstrumentMapping):
-            history, later = self._adaptive_history(
-                service, reader, patient_ref, instrument.mapping, episode, res_id, authored
-            )
+            history, later = _adaptive_history(record.administrations, authored)
         else:
-            history, later = self._history(service, reader, patient_ref, instrument, res_id, authored)
+            history, later = self._history(server, patient_ref, instrument, res_id, authored)
         context = context_of(response) or ("intake" if not history else "weekly")
-        active = self._active_alerts(service, reader, patient_ref)
+        active = self._active_alerts(server, patient_ref)
         return assemble_plan(
             response,
-            questionnaire,
+            record.questionnaire,
             instrument,
             history=history,
             active=active,
             alerts=not later,
-            current=(lambda t, i: reader.current(t, i)) if rescore else (lambda t, i: None),
-            stale=(lambda keep: self._withdraw_stale(reader, res_id, keep)) if rescore else (lambda keep: []),
-            owner=lambda: self._owner(service, reader, patient_ref),
+            current=(lambda t, i: server.get(t, i)) if rescore else (lambda t, i: None),
+            stale=(lambda keep: self._withdraw_stale(server, res_id, keep)) if rescore else (lambda keep: []),
+            owner=lambda: self._owner(server, patient_ref),
             context=context,
-            episode=episode,
+            episode=record.episode,
         )
 
-    def withdrawal(
-        self, service: FhirService, reader: ReadView, response: JsonDict, *, reason: str
-    ) -> ScoringPlan:
+    def withdrawal(self, repo: Repository, response: JsonDict, *, reason: str) -> ScoringPlan:
         """Mark everything derived from ``response`` entered-in-error, with its alert Flags."""
         res_id = str(response.get("id"))
         plan = ScoringPlan()
-        plan.writes += self._withdraw_stale(reader, res_id, set())
+        plan.writes += self._withdraw_stale(repo, res_id, set())
         if not plan.writes:
             return plan
         withdrawn = {f"{w.res_type}/{w.res_id}" for w in plan.writes}
         withdrawn.add(f"QuestionnaireResponse/{res_id}")
         patient_ref = str((response.get("subject") or {}).get("reference"))
-        for _alert, stored in self._active_alerts(service, reader, patient_ref):
+        for _alert, stored in self._active_alerts(repo, patient_ref):
             flag = loads(stored.body_text)
             evidence = {
                 _strip_version(str((e.get("valueReference") or {}).get("reference")))
@@ -449,50 +449,31 @@ class QuestionnaireResponseIntake:
         )
         return plan
 
-    def apply(self, service: FhirService, uow: UnitOfWork, plan: ScoringPlan) -> None:
-        """Store a plan in ``uow``: new resources in one batch, new versions one by one, then the
-        Provenance naming the versions written."""
+    def apply(self, repo: Repository, plan: ScoringPlan) -> None:
+        """Store a plan through the repository's derived writes: the resources first, then the Provenance
+        naming the versions written (in the same batch when every write is new)."""
         if not plan.writes:
             return
-        targets: dict[int, str] = {}
-        # Planning looked up every derived id of a response stored before (``rescore``), so a write
-        # without ``previous`` is a new resource: derived ids of a new response, new Flags and Tasks.
-        creates = [(n, w) for n, w in enumerate(plan.writes) if w.previous is None]
-        batch = [(w.res_type, w.res_id, w.body) for _, w in creates]
-        if len(creates) == len(plan.writes) and plan.provenance is not None:
+        items = [Derived(w.res_type, w.res_id, w.body, w.previous) for w in plan.writes]
+        if all(w.previous is None for w in plan.writes) and plan.provenance is not None:
             # Only new resources (version 1 each): the Provenance joins the same batch.
             prov = dict(plan.provenance)
             prov["target"] = [{"reference": f"{w.res_type}/{w.res_id}/_history/1"} for w in plan.writes]
-            service.save_new_many(uow, [*batch, ("Provenance", prov["id"], prov)])
+            repo.save_derived([*items, Derived("Provenance", prov["id"], prov)])
             return
-        stored = service.save_new_many(uow, batch)
-        for (n, w), s in zip(creates, stored, strict=True):
-            targets[n] = f"{w.res_type}/{w.res_id}/_history/{s.version}"
-        for n, w in enumerate(plan.writes):
-            if n in targets:
-                continue
-            previous = uow.lock(w.res_type, w.res_id)
-            if w.previous is not None and (previous is None or previous.version != w.previous.version):
-                raise Conflict(f"{w.res_type}/{w.res_id} changed while it was being re-scored; try again")
-            outcome = service._save(
-                uow,
-                w.res_type,
-                w.res_id,
-                w.body,
-                previous=previous,
-                method="update" if previous else "create",
-            )
-            targets[n] = f"{w.res_type}/{w.res_id}/_history/{outcome.stored.version}"
+        stored = repo.save_derived(items)
         if plan.provenance is not None:
             prov = dict(plan.provenance)
-            prov["target"] = [{"reference": targets[n]} for n in range(len(plan.writes))]
-            service.save_new_many(uow, [("Provenance", prov["id"], prov)])
+            prov["target"] = [
+                {"reference": f"{w.res_type}/{w.res_id}/_history/{s.version}"}
+                for w, s in zip(plan.writes, stored, strict=True)
+            ]
+            repo.save_derived([Derived("Provenance", prov["id"], prov)])
 
     # ------------------------------------------------------------------ reads
     def _history(
         self,
-        service: FhirService,
-        reader: ReadView,
+        repo: Repository,
         patient_ref: str,
         instrument: Instrument,
         response_id: str,
@@ -509,9 +490,7 @@ class QuestionnaireResponseIntake:
         assert not isinstance(mapping, InstrumentMapping)
         code = mapping.total.code
         total = (LOINC, code) if isinstance(code, str) else (code.get("system"), str(code.get("code")))
-        found = service.find_matching(
-            reader, "Observation", urlencode({"subject": patient_ref}), _HISTORY_LIMIT
-        )
+        found = repo.find(Where("Observation", references={"subject": patient_ref}), _HISTORY_LIMIT)
         current = moment(authored)
         for stored in found:
             obs = orjson.loads(stored.body_text or "{}")
@@ -529,38 +508,10 @@ class QuestionnaireResponseIntake:
                 return [], True
         return [], False
 
-    def _adaptive_history(
-        self,
-        service: FhirService,
-        reader: ReadView,
-        patient_ref: str,
-        mapping: InstrumentMapping,
-        episode: str | None,
-        response_id: str,
-        authored: str,
-    ) -> tuple[list[PriorAdministration], bool]:
-        """The earlier administrations of the episode (scale and alliance scores), oldest first, and
-        whether a later one exists."""
-        every = self.adaptive.history(
-            service, reader, patient_ref, mapping, episode, exclude_response=response_id
-        )
-        current = moment(authored)
-        earlier = [a for a in every if moment(a.authored) < current]
-        later = any(moment(a.authored) > current for a in every)
-        history = [
-            PriorAdministration(f"QuestionnaireResponse/{a.response}", a.authored, a.scales, a.alliance)
-            for a in earlier
-            if a.scales or a.alliance
-        ]
-        return history, later
-
-    def _active_alerts(
-        self, service: FhirService, reader: ReadView, patient_ref: str
-    ) -> list[tuple[Alert, StoredResource]]:
+    def _active_alerts(self, repo: Repository, patient_ref: str) -> list[tuple[Alert, StoredResource]]:
         # R4 Flag has no ``status`` search parameter: the status is read from the body.
-        query = urlencode({"subject": patient_ref})
         out: list[tuple[Alert, StoredResource]] = []
-        for stored in service.find_matching(reader, "Flag", query, _HISTORY_LIMIT):
+        for stored in repo.find(Where("Flag", references={"subject": patient_ref}), _HISTORY_LIMIT):
             flag = loads(stored.body_text)
             if flag.get("status") != "active" or PROFILE_FLAG not in (flag.get("meta") or {}).get(
                 "profile", []
@@ -590,27 +541,27 @@ class QuestionnaireResponseIntake:
         out.sort(key=lambda pair: pair[1].last_updated)
         return out
 
-    def _owner(self, service: FhirService, reader: ReadView, patient_ref: str) -> JsonDict | None:
+    def _owner(self, repo: Repository, patient_ref: str) -> JsonDict | None:
         """The responsible clinician: the care manager of the patient's active EpisodeOfCare, else
         the patient's first general practitioner, else nobody (the Task waits in the unit's queue)."""
-        query = urlencode({"patient": patient_ref, "status": "active"})
-        for stored in service.find_matching(reader, "EpisodeOfCare", query, 10):
+        where = Where("EpisodeOfCare", references={"patient": patient_ref}, tokens={"status": "active"})
+        for stored in repo.find(where, 10):
             manager = loads(stored.body_text).get("careManager")
             if isinstance(manager, dict) and manager.get("reference"):
                 return {"reference": manager["reference"]}
         patient_id = reference_id(patient_ref, "Patient")
-        patient = reader.current("Patient", patient_id) if patient_id else None
-        if patient is not None and not patient.deleted:
+        patient = repo.get("Patient", patient_id) if patient_id else None
+        if patient is not None:
             gps = loads(patient.body_text).get("generalPractitioner") or []
             if gps and isinstance(gps[0], dict) and gps[0].get("reference"):
                 return {"reference": gps[0]["reference"]}
         return None
 
-    def _withdraw_stale(self, reader: ReadView, response_id: str, keep: set[str]) -> list[PlannedWrite]:
+    def _withdraw_stale(self, repo: Repository, response_id: str, keep: set[str]) -> list[PlannedWrite]:
         """Earlier derived resources of the response that are not in ``keep`` -> entered-in-error."""
         out: list[PlannedWrite] = []
-        panel = reader.current("Observation", derived_id(response_id, "panel"))
-        if panel is None or panel.deleted:
+        panel = repo.get("Observation", derived_id(response_id, "panel"))
+        if panel is None:
             return out
         panel_body = loads(panel.body_text)
         refs = [m.get("reference") for m in panel_body.get("hasMember", [])]
@@ -619,8 +570,8 @@ class QuestionnaireResponseIntake:
         for res_type, rid in candidates:
             if rid is None or rid in keep:
                 continue
-            stored = reader.current(res_type, rid)
-            if stored is None or stored.deleted:
+            stored = repo.get(res_type, rid)
+            if stored is None:
                 continue
             body = loads(stored.body_text)
             if body.get("status") == "entered-in-error":
@@ -628,6 +579,22 @@ class QuestionnaireResponseIntake:
             body["status"] = "entered-in-error"
             out.append(PlannedWrite(res_type, rid, body, stored))
         return out
+
+
+def _adaptive_history(
+    administrations: Sequence[Administration], authored: str
+) -> tuple[list[PriorAdministration], bool]:
+    """The earlier administrations of the episode (scale and alliance scores), oldest first, and
+    whether a later one exists."""
+    current = moment(authored)
+    earlier = [a for a in administrations if moment(a.authored) < current]
+    later = any(moment(a.authored) > current for a in administrations)
+    history = [
+        PriorAdministration(f"QuestionnaireResponse/{a.response}", a.authored, a.scales, a.alliance)
+        for a in earlier
+        if a.scales or a.alliance
+    ]
+    return history, later
 
 
 def assemble_plan(
@@ -686,7 +653,7 @@ def assemble_plan(
     by_key = {a.key: flag for a, flag in active}
     decision = scored.alerts if alerts else AlertDecision((), tuple(a for a, _ in active), ())
     for alert in decision.raise_:
-        flag = _flag(alert, patient_ref, authored, evidence(alert))
+        flag = _flag(alert, patient_ref, authored, evidence(alert), instrument.alert_display(alert.code))
         plan.writes.append(PlannedWrite("Flag", flag["id"], flag))
         if alert.urgent:
             task = _task(alert, flag, patient_ref, now, owner())
@@ -717,8 +684,6 @@ def _administration_extensions(
 ) -> list[JsonDict]:
     """The administration context and the episode the derived resources carry (the response's own
     extensions when it has them, else what the server resolved)."""
-    from fhir_norse.rom.adaptive import context_extension, episode_extension
-
     out: list[JsonDict] = []
     code = context_of(response) or context
     if code is not None:
@@ -790,7 +755,11 @@ def _alert_key(alert: Alert) -> str:
     return alert.code if alert.scale is None else f"{alert.code}/{alert.scale}"
 
 
-def _flag(alert: Alert, patient_ref: str, authored: str, evidence: str) -> JsonDict:
+def _flag(alert: Alert, patient_ref: str, authored: str, evidence: str, display: str | None) -> JsonDict:
+    """The Flag of ``alert``; ``display`` is the alert code's display in the content's ``rom-alerts``."""
+    coding: JsonDict = {"system": CS_ALERTS, "code": alert.code}
+    if display is not None:
+        coding["display"] = display
     extension: list[JsonDict] = [{"url": FLAG_DETAIL, "valueReference": {"reference": evidence}}]
     priority = ("PH", "High priority") if alert.urgent else ("PM", "Medium priority")
     extension.append(
@@ -820,7 +789,7 @@ def _flag(alert: Alert, patient_ref: str, authored: str, evidence: str) -> JsonD
             }
         ],
         "code": {
-            "coding": [{"system": CS_ALERTS, "code": alert.code, "display": _ALERT_DISPLAY[alert.code]}],
+            "coding": [coding],
             "text": alert.reason,
         },
         "subject": {"reference": patient_ref},
@@ -829,14 +798,16 @@ def _flag(alert: Alert, patient_ref: str, authored: str, evidence: str) -> JsonD
 
 
 def _task(alert: Alert, flag: JsonDict, patient_ref: str, now: str, owner: JsonDict | None) -> JsonDict:
+    """The clinician's Task to review the urgent ``alert`` of ``flag`` (named as the Flag's code shows it)."""
+    name = str(flag["code"]["coding"][0].get("display") or alert.code)
     task: JsonDict = {
         "resourceType": "Task",
         "id": new_id(),
         "status": "requested",
         "intent": "order",
         "priority": "urgent",
-        "code": {"text": f"Review alert: {_ALERT_DISPLAY[alert.code]}"},
-        "description": f"{_ALERT_DISPLAY[alert.code]}: {alert.reason}. Review before the next session.",
+        "code": {"text": f"Review alert: {name}"},
+        "description": f"{name}: {alert.reason}. Review before the next session.",
         "focus": {"reference": f"Flag/{flag['id']}"},
         "for": {"reference": patient_ref},
         "authoredOn": now,
@@ -903,14 +874,3 @@ def _provenance(
     if reason is not None:
         prov["reason"] = [{"text": reason}]
     return prov
-
-
-def install_intake(service: FhirService, registry: InstrumentRegistry) -> QuestionnaireResponseIntake:
-    """Attach intake and scoring to the QuestionnaireResponse writes of ``service``."""
-    from fhir_norse.rom.adaptive import AdaptiveService, ScaleOverrideHook
-
-    hook = QuestionnaireResponseIntake(registry)
-    hook.adaptive = AdaptiveService(registry)
-    service.hooks["QuestionnaireResponse"] = hook
-    service.hooks["ServiceRequest"] = ScaleOverrideHook(registry)
-    return hook

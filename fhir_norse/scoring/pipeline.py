@@ -217,6 +217,7 @@ def score_administration(
             id_for=id_for,
             mapping=mapping,
             issued=issued,
+            terminology=instrument.terminology,
         )
         decision = _nf21_alerts(mapping, scores, answers, changes, alliance_changes, active_alerts)
         _conclude_alerts(resources, decision)
@@ -233,6 +234,7 @@ def score_administration(
         id_for=id_for,
         sum_mappings={mapping.instrument: mapping},
         issued=issued,
+        terminology=instrument.terminology,
     )
     decision = _sum_alerts(mapping, score, active_alerts)
     _conclude_alerts(resources, decision)

@@ -36,38 +36,33 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fhir_norse.canonicals import (
+    CS_ALLIANCE,
+    CS_COMPONENTS,
+    CS_INTERPRETATION,
+    CS_ITEMS,
+    CS_PREFERENCE,
+    CS_ROM,
+    CS_SCALES,
+    LOINC,
+    OBSERVATION_CATEGORY,
+    PROFILE_ALLIANCE,
+    PROFILE_PANEL,
+    PROFILE_PREFERENCE,
+    PROFILE_REPORT,
+    PROFILE_SCALE_SCORE,
+    UCUM,
+)
 from fhir_norse.instruments.schema import InstrumentMapping, SumScoreMapping
+from fhir_norse.instruments.terminology import Terminology
 from fhir_norse.scoring.change import ScaleChange, elevated_cutoff
 from fhir_norse.scoring.engine import AllianceScore, Nf21Scores, ScaleScore, SingleItemScore
 from fhir_norse.scoring.sums import SumScore
 
-__all__ = ["AdministrationResources", "build_administration"]
+# LOINC is re-exported for fhir_norse.rom.intake, which imports it from here (canonicals is its home).
+__all__ = ["LOINC", "AdministrationResources", "build_administration"]
 
 Resource = dict[str, Any]
-
-_BASE = "http://fhir-norse.org/fhir"
-PROFILE_SCALE_SCORE = f"{_BASE}/StructureDefinition/rom-scale-score"
-PROFILE_ALLIANCE = f"{_BASE}/StructureDefinition/rom-alliance"
-PROFILE_PREFERENCE = f"{_BASE}/StructureDefinition/rom-preference"
-PROFILE_PANEL = f"{_BASE}/StructureDefinition/rom-panel"
-PROFILE_REPORT = f"{_BASE}/StructureDefinition/rom-report"
-
-CS_SCALES = f"{_BASE}/CodeSystem/nf21-scales"
-CS_ALLIANCE = f"{_BASE}/CodeSystem/nf21-alliance"
-CS_ITEMS = f"{_BASE}/CodeSystem/nf21-items"
-CS_PREFERENCE = f"{_BASE}/CodeSystem/preference-values"
-CS_INTERPRETATION = f"{_BASE}/CodeSystem/rom-interpretation"
-CS_COMPONENTS = f"{_BASE}/CodeSystem/rom-components"
-CS_ROM = f"{_BASE}/CodeSystem/rom-codes"
-CS_OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
-UCUM = "http://unitsofmeasure.org"
-LOINC = "http://loinc.org"
-
-# The panel codes of ValueSet rom-panels for an administration of a sum-score instrument alone.
-_SUM_PANELS: dict[str, dict[str, str]] = {
-    "phq9": {"system": LOINC, "code": "44249-1", "display": "PHQ-9 quick depression assessment panel"},
-    "gad7": {"system": LOINC, "code": "69737-5", "display": "Generalized anxiety disorder 7 item (GAD-7)"},
-}
 
 _CHANGE_CODES = {
     "reliably-improved": ("reliable-improvement", "Reliable improvement"),
@@ -158,7 +153,7 @@ class _Context:
             "meta": {"profile": [profile]},
             "status": "final",
             "category": [
-                {"coding": [{"system": CS_OBSERVATION_CATEGORY, "code": "survey", "display": "Survey"}]}
+                {"coding": [{"system": OBSERVATION_CATEGORY, "code": "survey", "display": "Survey"}]}
             ],
             "code": code,
             "subject": {"reference": self.patient_ref},
@@ -427,6 +422,17 @@ def _conclusion(
     return " ".join(parts), codes
 
 
+def _sum_panel(mapping: SumScoreMapping | None, terminology: Terminology | None) -> dict[str, Any] | None:
+    """The panel coding of an administration of ``mapping``'s instrument alone (display from content)."""
+    if mapping is None or mapping.panel is None:
+        return None
+    coding: dict[str, Any] = {"system": mapping.panel.system, "code": mapping.panel.code}
+    display = None if terminology is None else terminology.display(mapping.panel.system, mapping.panel.code)
+    if display is not None:
+        coding["display"] = display
+    return coding
+
+
 # --- entry point ----------------------------------------------------------------------------------
 
 
@@ -444,13 +450,17 @@ def build_administration(
     sum_mappings: Mapping[str, SumScoreMapping] | None = None,
     alliance_changes: Mapping[str, ScaleChange] | None = None,
     issued: str | None = None,
+    terminology: Terminology | None = None,
 ) -> AdministrationResources:
     """The Observations, panel and DiagnosticReport for one scored administration.
 
     ``response_ref`` must be a versioned reference (``QuestionnaireResponse/<id>/_history/<v>``).
     ``sum_mappings`` (keyed by ``SumScore.instrument``) supplies each total's LOINC code and range and
-    is required for every complete sum score. ``issued`` (an instant) is the report's time of issue;
-    it defaults to ``authored``. Raises :class:`ValueError` when nothing is scored.
+    is required for every complete sum score; an administration of one sum-score instrument alone
+    takes its panel code from that mapping's ``panel``. ``terminology`` (the content's, as the
+    registry loads it) gives the displays of such codes; without it they are written without one.
+    ``issued`` (an instant) is the report's time of issue; it defaults to ``authored``. Raises
+    :class:`ValueError` when nothing is scored.
     """
     if "/_history/" not in response_ref and not response_ref.startswith("urn:uuid:"):
         raise ValueError(f"response_ref must be a versioned reference (got {response_ref!r})")
@@ -509,10 +519,10 @@ def build_administration(
         }
     else:
         complete = [s.instrument for s in sums if s.total is not None]
-        panel_coding = _SUM_PANELS.get(complete[0]) if len(complete) == 1 else None
+        panel_coding = _sum_panel(sum_mappings.get(complete[0]), terminology) if len(complete) == 1 else None
         if panel_coding is None:
             raise ValueError(f"no panel code for an administration of {', '.join(complete)}")
-        panel_code = {"coding": [dict(panel_coding)]}
+        panel_code = {"coding": [panel_coding]}
     panel = ctx.observation(PROFILE_PANEL, panel_code, "panel")
     panel["hasMember"] = [_ref(m) for m in members]
 

@@ -16,21 +16,24 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
-from fhir_norse.auth import policy as compartments
 from fhir_norse.outcomes import (
     BadRequest,
     FhirError,
-    Gone,
     Issue,
     NotFound,
     PreconditionFailed,
-    operation_outcome,
 )
 from fhir_norse.server.context import RequestContext, Result
-from fhir_norse.server.interactions import FhirService, WriteOutcome, dumps, loads
-from fhir_norse.server.resources import ID_PATTERN, check_id, check_type, etag, instant, new_id
+from fhir_norse.server.interactions import (
+    FhirService,
+    InteractionRequest,
+    dumps,
+    match,
+    write_entry,
+)
+from fhir_norse.server.repository import Repository, WriteOutcome, loads
+from fhir_norse.server.resources import check_type, new_id
 from fhir_norse.store.resource_types import SUPPORTED_TYPE_SET
-from fhir_norse.store.storage import UnitOfWork
 
 JsonDict = dict[str, Any]
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
@@ -57,6 +60,15 @@ class EntryRequest:
     if_match: str | None
     if_none_exist: str | None
     if_none_match: str | None
+
+    @property
+    def path(self) -> str:
+        """The entry's path below the base, without the query (``Type``, ``Type/id``, ...); a
+        conditional update whose target was resolved becomes an update of that id."""
+        path = urlsplit(self.url).path.strip("/")
+        if self.res_id is not None and "/" not in path:
+            return f"{self.res_type}/{self.res_id}"
+        return path
 
 
 def _parse_url(url: str) -> tuple[str, str | None, str | None, str | None]:
@@ -119,6 +131,9 @@ def parse_entries(bundle: JsonDict, kind: str) -> list[EntryRequest]:
 
 
 class BundleProcessor:
+    """Runs the entries of a batch or transaction through the interaction table, each with the same
+    access, compartment, validation and audit rules as on its own (the repository applies them)."""
+
     def __init__(self, service: FhirService) -> None:
         self.service = service
 
@@ -136,26 +151,22 @@ class BundleProcessor:
 
     # ------------------------------------------------------------------ transaction
     def transaction(self, ctx: RequestContext, bundle: JsonDict) -> Result:
-        with self.service.refusals_audited(ctx, "transaction", None):
-            return self._transaction(ctx, bundle)
-
-    def _transaction(self, ctx: RequestContext, bundle: JsonDict) -> Result:
         entries = parse_entries(bundle, "transaction")
         responses: dict[int, JsonDict] = {}
         try:
-            with self.service.repo.write() as uow:
-                ids = self._assign_ids(uow, entries)
+            with self.service.audited_session(ctx, "transaction", None) as repo:
+                ids = self._assign_ids(repo, entries)
                 for entry in entries:
                     if entry.resource is not None:
-                        entry.resource = self._rewrite_references(uow, entry.resource, ids, entry.index)
+                        entry.resource = self._rewrite_references(repo, entry.resource, ids, entry.index)
                 for entry in sorted(entries, key=lambda e: _ORDER[e.method]):
-                    responses[entry.index] = self._run(uow, ctx, entry, ids)
+                    responses[entry.index] = self._run(repo, ctx, entry)
         except FhirError as error:
             raise _at_entry(error, getattr(error, "entry_index", None)) from error
         ordered = [responses[e.index] for e in entries]
         return Result(200, raw=_response_bundle("transaction-response", ordered))
 
-    def _assign_ids(self, uow: UnitOfWork, entries: list[EntryRequest]) -> dict[str, str]:
+    def _assign_ids(self, repo: Repository, entries: list[EntryRequest]) -> dict[str, str]:
         """Map each entry's fullUrl to the ``Type/id`` it will have once stored."""
         ids: dict[str, str] = {}
         for entry in entries:
@@ -164,7 +175,7 @@ class BundleProcessor:
                 target: str | None = None
                 if entry.method == "POST":
                     if entry.if_none_exist:
-                        found = self.service.find_matching(uow, entry.res_type, entry.if_none_exist, limit=2)
+                        found = repo.find(repo.conditional(entry.res_type, entry.if_none_exist), 2)
                         if len(found) > 1:
                             raise PreconditionFailed(
                                 f"ifNoneExist '{entry.if_none_exist}' matches {len(found)} resources"
@@ -176,13 +187,16 @@ class BundleProcessor:
                         entry.res_id = new_id()
                         target = f"{entry.res_type}/{entry.res_id}"
                 elif entry.method == "PUT" and entry.query is not None and entry.res_id is None:
-                    found = self.service.find_matching(uow, entry.res_type, entry.query, limit=2)
+                    found = repo.find(repo.conditional(entry.res_type, entry.query), 2, interaction="update")
                     if len(found) > 1:
                         raise PreconditionFailed(
                             f"Conditional update '{entry.query}' matches several resources"
                         )
                     body_id = (entry.resource or {}).get("id")
                     entry.res_id = found[0].res_id if found else (str(body_id) if body_id else new_id())
+                    entry.query = None
+                    if entry.resource is not None:
+                        entry.resource = {**entry.resource, "id": entry.res_id}
                     target = f"{entry.res_type}/{entry.res_id}"
                 elif entry.method == "PUT" and entry.res_id is not None:
                     target = f"{entry.res_type}/{entry.res_id}"
@@ -195,20 +209,20 @@ class BundleProcessor:
                 raise
         return ids
 
-    def _rewrite_references(self, uow: UnitOfWork, value: Any, ids: dict[str, str], index: int) -> Any:
+    def _rewrite_references(self, repo: Repository, value: Any, ids: dict[str, str], index: int) -> Any:
         if isinstance(value, dict):
             out = {}
             for key, item in value.items():
                 if key == "reference" and isinstance(item, str):
-                    out[key] = self._resolve_reference(uow, item, ids, index)
+                    out[key] = self._resolve_reference(repo, item, ids, index)
                 else:
-                    out[key] = self._rewrite_references(uow, item, ids, index)
+                    out[key] = self._rewrite_references(repo, item, ids, index)
             return out
         if isinstance(value, list):
-            return [self._rewrite_references(uow, item, ids, index) for item in value]
+            return [self._rewrite_references(repo, item, ids, index) for item in value]
         return value
 
-    def _resolve_reference(self, uow: UnitOfWork, reference: str, ids: dict[str, str], index: int) -> str:
+    def _resolve_reference(self, repo: Repository, reference: str, ids: dict[str, str], index: int) -> str:
         if reference in ids:
             return ids[reference]
         if reference.startswith(("urn:uuid:", "urn:oid:")):
@@ -216,8 +230,7 @@ class BundleProcessor:
         if "?" in reference and not reference.startswith(("http://", "https://", "#")):
             res_type, _, query = reference.partition("?")
             try:
-                check_type(res_type)
-                found = self.service.find_matching(uow, res_type, query, limit=2)
+                found = repo.find(repo.conditional(res_type, query), 2, interaction="read")
             except FhirError as error:
                 raise _entry_error(error, index) from error
             if len(found) != 1:
@@ -231,120 +244,40 @@ class BundleProcessor:
             return f"{res_type}/{found[0].res_id}"
         return reference
 
-    def _run(
-        self, uow: UnitOfWork, ctx: RequestContext, entry: EntryRequest, ids: dict[str, str]
-    ) -> JsonDict:
-        """One entry, with the same authorization, compartment and audit rules as on its own."""
-        service = self.service
+    def _run(self, repo: Repository, ctx: RequestContext, entry: EntryRequest) -> JsonDict:
+        """One entry, dispatched through the interaction table."""
         try:
             check_type(entry.res_type)
-            if entry.method in ("GET", "HEAD"):
-                return self._get(uow, ctx, entry)
-            if entry.method == "DELETE":
-                access = service.access(ctx, "delete", entry.res_type)
-                if entry.res_id is not None:
-                    outcome = service.delete_in(uow, ctx, entry.res_type, entry.res_id, access=access)
-                else:
-                    maybe = service.conditional_delete_in(
-                        uow, ctx, entry.res_type, entry.query or "", access=access
-                    )
-                    if maybe is None:
-                        return {"response": {"status": "204 No Content"}}
-                    outcome = maybe
-                return {"response": {"status": "204 No Content", "etag": etag(outcome.stored.version)}}
-            if entry.method == "POST":
-                access = service.access(ctx, "create", entry.res_type)
-                assert entry.resource is not None and entry.res_id is not None
-                if entry.if_none_exist:
-                    existing = uow.current(entry.res_type, entry.res_id)
-                    if existing is not None and not existing.deleted:
-                        return _write_entry(
-                            ctx, WriteOutcome(200, existing, loads(existing.body_text), noop=True)
-                        )
-                outcome = service.create_in(
-                    uow, ctx, entry.res_type, entry.resource, res_id=entry.res_id, access=access
-                )
-                return _write_entry(ctx, outcome)
-            if entry.method == "PUT":
-                access = service.access(ctx, "update", entry.res_type)
-                assert entry.resource is not None and entry.res_id is not None
-                body = entry.resource if entry.query is None else {**entry.resource, "id": entry.res_id}
-                outcome = service.update_in(
-                    uow, ctx, entry.res_type, entry.res_id, body, entry.if_match, access=access
-                )
-                return _write_entry(ctx, outcome)
-            # PATCH: a Binary resource carrying the JSON Patch document, per the R4 transaction rules.
-            access = service.access(ctx, "patch", entry.res_type)
-            if entry.res_id is None:
-                raise BadRequest("A PATCH entry needs Type/id in request.url")
-            outcome = service.patch_in(
-                uow,
-                ctx,
-                entry.res_type,
-                entry.res_id,
-                _patch_document(entry.resource),
-                entry.if_match,
-                access=access,
+            if entry.method == "POST" and entry.if_none_exist and entry.res_id is not None:
+                existing = repo.get(entry.res_type, entry.res_id)
+                if existing is not None:
+                    outcome = WriteOutcome(200, existing, loads(existing.body_text), noop=True)
+                    return write_entry(ctx, outcome)
+            method = "GET" if entry.method == "HEAD" else entry.method
+            path = entry.res_type if entry.method == "POST" else entry.path
+            found = match(method, path)
+            if found is None or found[0].entry is None:
+                raise BadRequest(f"Entry request '{entry.method} {entry.url}' is not supported in a Bundle")
+            interaction, parts = found
+            assert interaction.entry is not None
+            body: Any = entry.resource
+            if entry.method == "PATCH":
+                body = _patch_document(entry.resource)
+            request = InteractionRequest(
+                res_type=entry.res_type,
+                res_id=parts.get("res_id") or (entry.res_id if entry.method == "POST" else None),
+                version=parts.get("version"),
+                params=parse_qsl(entry.query or "", keep_blank_values=True),
+                body=body,
+                if_match=entry.if_match,
+                if_none_match=entry.if_none_match,
             )
-            return _write_entry(ctx, outcome)
+            if interaction.needs_query and not request.params:
+                raise BadRequest(f"A {entry.method} entry on a type needs search parameters")
+            return interaction.entry(ctx, request, interaction.execute(repo, request))
         except FhirError as error:
             error.entry_index = entry.index  # type: ignore[attr-defined]
             raise
-
-    def _get(self, uow: UnitOfWork, ctx: RequestContext, entry: EntryRequest) -> JsonDict:
-        """A read or search entry: authorized, compartment-checked and audited in the unit of work."""
-        from fhir_norse.server.searching import search_in
-
-        service = self.service
-        if entry.res_id is None:
-            params = parse_qsl(entry.query or "", keep_blank_values=True)
-            result = search_in(service, uow.conn, ctx, entry.res_type, params)
-            service.record(
-                uow, service.audit_event(ctx, "search-type", "success", entry.res_type, query=entry.url)
-            )
-            return {"resource": loads(result.raw), "response": {"status": "200 OK"}}
-        _res_type, res_id, version, _query = _parse_url(entry.url)
-        assert res_id is not None
-        check_id(res_id)
-        interaction = "vread" if version else "read"
-        access = service.access(ctx, interaction, entry.res_type)
-        patients = service.reachable_patients(uow.conn, access)
-        stored = (
-            uow.version(entry.res_type, res_id, int(version))
-            if version and version.isdigit()
-            else None
-            if version
-            else uow.current(entry.res_type, res_id)
-        )
-        if stored is None or (stored.deleted and patients is not None):
-            raise NotFound(f"{entry.res_type}/{res_id} is not known")
-        if stored.deleted:
-            raise Gone(f"{entry.res_type}/{res_id} was deleted")
-        rows = service.extractor.extract(loads(stored.body_text))
-        compartments.require_visible(entry.res_type, res_id, rows, patients)
-        service.record(
-            uow,
-            service.audit_event(
-                ctx,
-                interaction,
-                "success",
-                entry.res_type,
-                res_id,
-                version=stored.version,
-                patients=compartments.patients_of(entry.res_type, res_id, rows),
-            ),
-        )
-        response = {
-            "status": "200 OK",
-            "etag": etag(stored.version),
-            "lastModified": instant(stored.last_updated),
-        }
-        if entry.if_none_match and entry.if_none_match.strip() in (
-            etag(stored.version),
-            f'"{stored.version}"',
-        ):
-            return {"response": {**response, "status": "304 Not Modified"}}
-        return {"resource": loads(stored.body_text), "response": response}
 
     # ------------------------------------------------------------------ batch
     def batch(self, ctx: RequestContext, bundle: JsonDict) -> Result:
@@ -352,22 +285,21 @@ class BundleProcessor:
         responses: dict[int, JsonDict] = {}
         for entry in sorted(entries, key=lambda e: _ORDER[e.method]):
             try:
-                with self.service.repo.write() as uow:
+                with self.service.session(ctx) as repo:
                     single = [entry]
-                    ids = self._assign_ids(uow, single)
+                    ids = self._assign_ids(repo, single)
                     if entry.resource is not None:
-                        entry.resource = self._rewrite_references(uow, entry.resource, ids, entry.index)
-                    responses[entry.index] = self._run(uow, ctx, entry, ids)
+                        entry.resource = self._rewrite_references(repo, entry.resource, ids, entry.index)
+                    responses[entry.index] = self._run(repo, ctx, entry)
             except FhirError as error:
-                self.service.record_now(
-                    self.service.audit_event(
-                        ctx,
-                        _ENTRY_INTERACTION[entry.method],
-                        "failed" if error.status >= 500 else "refused",
-                        entry.res_type if entry.res_type in SUPPORTED_TYPE_SET else None,
-                        entry.res_id if entry.res_id and ID_PATTERN.match(entry.res_id) else None,
-                        reason=f"{error.status}: {error.message}"[:500],
-                    )
+                self.service.record_refusal(
+                    ctx,
+                    _ENTRY_INTERACTION[entry.method],
+                    "failed" if error.status >= 500 else "refused",
+                    entry.res_type if entry.res_type in SUPPORTED_TYPE_SET else None,
+                    entry.res_id,
+                    None,
+                    f"{error.status}: {error.message}",
                 )
                 responses[entry.index] = {
                     "response": {
@@ -386,24 +318,6 @@ def _patch_document(resource: JsonDict | None) -> Any:
         return orjson.loads(base64.b64decode(resource["data"]))
     except (ValueError, orjson.JSONDecodeError) as exc:
         raise BadRequest(f"The PATCH entry's Binary does not hold a JSON Patch: {exc}") from exc
-
-
-def _write_entry(ctx: RequestContext, outcome: WriteOutcome) -> JsonDict:
-    stored = outcome.stored
-    status = "201 Created" if outcome.status == 201 else "200 OK"
-    response: JsonDict = {
-        "status": status,
-        "location": f"{stored.res_type}/{stored.res_id}/_history/{stored.version}",
-        "etag": etag(stored.version),
-        "lastModified": instant(stored.last_updated),
-    }
-    if outcome.warnings:
-        response["outcome"] = operation_outcome(list(outcome.warnings))
-    entry: JsonDict = {"fullUrl": f"{ctx.base_url}/{stored.res_type}/{stored.res_id}"}
-    if ctx.prefer.return_ == "representation" and outcome.body is not None:
-        entry["resource"] = outcome.body
-    entry["response"] = response
-    return entry
 
 
 def _response_bundle(kind: str, entries: list[JsonDict]) -> str:

@@ -18,11 +18,12 @@ from typing import Any
 
 import orjson
 
-from fhir_norse.auth.caller import UNRESTRICTED, Caller
+from fhir_norse.auth.caller import Caller
 from fhir_norse.outcomes import FhirError
 from fhir_norse.server.context import RequestContext
 from fhir_norse.server.interactions import FhirService
 from fhir_norse.server.published import CONTENT_TYPES, PUBLISHED_TAG
+from fhir_norse.server.search.typed import Where
 
 # Folders of a content pack; ``questionnaires/source`` holds authoring sources, not resources.
 CONTENT_FOLDERS = ("questionnaires", "profiles")
@@ -71,10 +72,9 @@ def publish_content(service: FhirService, root: Path) -> PublishReport:
         if not resource.get("url") or not resource.get("version"):
             raise ContentConflict(f"{path}: a content resource needs url and version")
         res_type, canonical = resource["resourceType"], f"{resource['url']}|{resource['version']}"
-        with service.repo.write() as uow:
-            found = service.find_matching(
-                uow, res_type, f"url={resource['url']}&version={resource['version']}", 2
-            )
+        with service.session(ctx) as repo:
+            where = Where(res_type, uris={"url": resource["url"]}, tokens={"version": resource["version"]})
+            found = repo.find(where, 2)
             if found:
                 if _comparable(orjson.loads(found[0].body_text or "{}")) != _comparable(resource):
                     raise ContentConflict(
@@ -87,7 +87,7 @@ def publish_content(service: FhirService, root: Path) -> PublishReport:
             meta["tag"] = [*meta.get("tag", []), PUBLISHED_TAG]
             body = {**resource, "id": stored_id(resource), "meta": meta}
             try:
-                service.update_in(uow, ctx, res_type, body["id"], body, access=UNRESTRICTED)
+                repo.update(res_type, body["id"], body)
             except FhirError as error:
                 raise ContentConflict(f"{path}: {error.message}") from error
             report.created.append(canonical)

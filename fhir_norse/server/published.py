@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import orjson
 
+from fhir_norse.canonicals import CS_CONTENT_TAGS
 from fhir_norse.outcomes import MethodNotAllowed
 
 CONTENT_TYPES = frozenset(
@@ -17,7 +18,7 @@ CONTENT_TYPES = frozenset(
         "OperationDefinition",
     }
 )
-PUBLISHED_TAG = {"system": "http://fhir-norse.org/fhir/CodeSystem/content-tags", "code": "published"}
+PUBLISHED_TAG = {"system": CS_CONTENT_TAGS, "code": "published"}
 
 
 def refuse_change_to_published(res_type: str, body_text: str | None) -> None:

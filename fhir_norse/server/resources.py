@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 from typing import Any
 
+import orjson
+
 from fhir_norse.outcomes import BadRequest, NotFound
 from fhir_norse.store.resource_types import SUPPORTED_TYPE_SET
 
@@ -106,3 +108,8 @@ def flat_items(questionnaire: Any) -> list[dict[str, Any]]:
             out.append(item)
             out += flat_items(item)
     return out
+
+
+def dumps(value: Any) -> str:
+    """JSON text of a value (as stored and sent)."""
+    return orjson.dumps(value).decode()

@@ -1,4 +1,4 @@
-"""The repository: versioned resources, their history and their search-index rows.
+"""Storage: versioned resources, their history and their search-index rows.
 
 All writes go through :class:`UnitOfWork`, one database transaction: the resource row,
 the history row and the index rows are written together or not at all. Reads return the
@@ -394,8 +394,8 @@ def is_sqlite_conn(conn: sa.Connection) -> bool:
     return conn.dialect.name == "sqlite"
 
 
-class Repository:
-    """Opens read views and units of work on an engine."""
+class Storage:
+    """Opens read views and units of work on an engine (used only by the server's repository)."""
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine

@@ -386,7 +386,7 @@ def test_cors_can_be_turned_on(settings: Any) -> None:
             )
             assert "access-control-allow-origin" not in other.headers
     finally:
-        app.state.service.repo.engine.dispose()
+        app.state.service.storage.engine.dispose()
 
 
 def test_tokens_never_reach_the_logs(app: FastAPI, caplog: pytest.LogCaptureFixture) -> None:

@@ -4,16 +4,23 @@ operation it lists answers at its address (https://hl7.org/fhir/R4/capabilitysta
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from fhir_norse.instruments.registry import Instrument, InstrumentRegistry
-from fhir_norse.instruments.schema import load_any_mapping
-from fhir_norse.rom.intake import install_intake
+from fhir_norse.api.app import create_app
+from fhir_norse.compose import build_service
+from fhir_norse.config import Settings
+from fhir_norse.server.interactions import FhirService
+from fhir_norse.server.operations.registry import OperationRegistry
+from fhir_norse.server.operations.validate import VALIDATE
 from tests.intake_support import create_patient, publish_questionnaires
+from tests.tokens import bearer
 
 ROOT = Path(__file__).resolve().parents[2]
 SDC = "http://hl7.org/fhir/uv/sdc/OperationDefinition/"
@@ -129,21 +136,45 @@ def test_every_listed_adaptive_operation_answers(app: FastAPI, client: TestClien
     assert first.json()["contained"][0]["item"][0]["linkId"] == "page-triggers"
 
 
-def test_without_an_adaptive_instrument_nothing_adaptive_is_listed(app: FastAPI, client: TestClient) -> None:
-    """A server that scores only PHQ-9 runs no adaptive administration, so it does not offer it."""
-    path = ROOT / "mappings" / "phq9-1.0.0.yaml"
-    install_intake(app.state.service, InstrumentRegistry([Instrument(load_any_mapping(path), path)]))
-    resources = by_type(client)
-    for res_type in EXPECTED:
-        assert not ADAPTIVE_NAMES & set(operations(resources[res_type])), res_type
-    assert "extract" in operations(resources["QuestionnaireResponse"])
-    # The profile is the content pack's, not the instrument's: still listed.
-    assert resources["ServiceRequest"]["supportedProfile"] == [OVERRIDE]
+def _app_with(settings: Settings, service: FhirService) -> Iterator[TestClient]:
+    app = create_app(settings, service)
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        test_client.headers.update(bearer(app))
+        yield test_client
+    service.storage.engine.dispose()
 
 
-def test_without_scoring_nothing_adaptive_is_listed(app: FastAPI, client: TestClient) -> None:
-    app.state.service.hooks.pop("QuestionnaireResponse")
-    resources = by_type(client)
-    for resource in resources.values():
-        assert not ADAPTIVE_NAMES & set(operations(resource))
-        assert "extract" not in operations(resource)
+def test_without_an_adaptive_instrument_nothing_adaptive_is_listed(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A server whose content pack scores only PHQ-9 runs no adaptive administration, so the
+    composition root registers none of its operations and the CapabilityStatement lists none."""
+    pack = tmp_path / "pack"
+    for folder in ("questionnaires", "profiles"):
+        shutil.copytree(ROOT / folder, pack / folder)
+    (pack / "mappings").mkdir()
+    shutil.copy(ROOT / "mappings" / "phq9-1.0.0.yaml", pack / "mappings")
+    local = settings.model_copy(update={"content_dir": pack})
+    for client in _app_with(local, build_service(local)):
+        resources = by_type(client)
+        for res_type in EXPECTED:
+            assert not ADAPTIVE_NAMES & set(operations(resources[res_type])), res_type
+        assert "extract" in operations(resources["QuestionnaireResponse"])
+        # The profile is the content pack's, not the instrument's: still listed.
+        assert resources["ServiceRequest"]["supportedProfile"] == [OVERRIDE]
+        # And what is not listed does not answer.
+        answer = client.get("/fhir/Patient/p/$adaptive-state")
+        assert answer.status_code == 400 and "not supported" in answer.text
+
+
+def test_without_scoring_nothing_adaptive_is_listed(settings: Settings) -> None:
+    """The CapabilityStatement is the operation registry: a server built without the scoring layer
+    (only the generic ``$validate``) lists neither ``$extract`` nor the adaptive operations."""
+    full = build_service(settings)
+    bare = FhirService(replace(full.kernel, hooks={}), OperationRegistry([VALIDATE]))
+    for client in _app_with(settings, bare):
+        resources = by_type(client)
+        for resource in resources.values():
+            assert not ADAPTIVE_NAMES & set(operations(resource))
+            assert "extract" not in operations(resource)
+            assert set(operations(resource)) == {"validate"}

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import sqlalchemy as sa
 
-from fhir_norse.api.app import build_service
 from fhir_norse.auth.caller import Caller
+from fhir_norse.compose import build_service
 from fhir_norse.config import Settings
 from fhir_norse.outcomes import FhirError
 from fhir_norse.server.context import RequestContext
@@ -27,7 +27,7 @@ CTX = RequestContext(caller=Caller.operator(), base_url="http://testserver/fhir"
 def service(settings: Settings) -> Iterator[FhirService]:
     svc = build_service(settings)
     yield svc
-    svc.repo.engine.dispose()
+    svc.storage.engine.dispose()
 
 
 def run_threads(count: int, work: Callable[[int], None]) -> None:
@@ -66,7 +66,7 @@ def test_concurrent_updates_are_serialised_without_loss(service: FhirService) ->
 
     run_threads(6, work)
     assert errors == []
-    with service.repo.read() as view:
+    with service.storage.read() as view:
         assert view.current("Patient", "shared").version == 31  # type: ignore[union-attr]
         assert view.history_count(res_type="Patient", res_id="shared") == 31
         table = TokenIndex.__table__  # type: ignore[attr-defined]
@@ -119,5 +119,5 @@ def test_concurrent_conditional_creates_make_one_resource(service: FhirService) 
 
     run_threads(4, work)
     assert sorted(statuses) == [200, 200, 200, 201]
-    with service.repo.read() as view:
+    with service.storage.read() as view:
         assert view.history_count(res_type="Patient") == 1

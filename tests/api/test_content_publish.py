@@ -57,17 +57,17 @@ def test_content_is_published_once_and_searchable(settings: Settings, tmp_path: 
         entries = found.json()["entry"]
         assert [e["resource"]["id"] for e in entries] == ["check-in-1.0.0"]
         assert client.get("/fhir/Questionnaire?name=CheckIn&status=active").json()["entry"]
-    app.state.service.repo.engine.dispose()
+    app.state.service.storage.engine.dispose()
     again = started(settings, root)  # idempotent: nothing new
     with TestClient(again, headers=bearer(again)) as client:
         history = client.get("/fhir/Questionnaire/check-in-1.0.0/_history").json()
         assert len(history["entry"]) == 1
-    again.state.service.repo.engine.dispose()
+    again.state.service.storage.engine.dispose()
 
 
 def test_changed_content_with_the_same_version_is_refused(settings: Settings, tmp_path: Path) -> None:
     app = started(settings, write_pack(tmp_path, questionnaire("1.0.0")))
-    app.state.service.repo.engine.dispose()
+    app.state.service.storage.engine.dispose()
     write_pack(tmp_path, questionnaire("1.0.0", title="Changed"))
     with pytest.raises(ContentConflict, match="give the changed file a new version"):
         started(settings, tmp_path)
@@ -75,12 +75,12 @@ def test_changed_content_with_the_same_version_is_refused(settings: Settings, tm
 
 def test_a_new_version_is_published_beside_the_old(settings: Settings, tmp_path: Path) -> None:
     app = started(settings, write_pack(tmp_path, questionnaire("1.0.0")))
-    app.state.service.repo.engine.dispose()
+    app.state.service.storage.engine.dispose()
     app = started(settings, write_pack(tmp_path, questionnaire("1.1.0", title="Check-in, revised")))
     with TestClient(app, headers=bearer(app)) as client:
         found = client.get("/fhir/Questionnaire?url=http://fhir-norse.org/fhir/Questionnaire/check-in").json()
         assert sorted(e["resource"]["version"] for e in found["entry"]) == ["1.0.0", "1.1.0"]
-    app.state.service.repo.engine.dispose()
+    app.state.service.storage.engine.dispose()
 
 
 def test_published_content_is_read_only(settings: Settings, tmp_path: Path) -> None:
@@ -100,4 +100,4 @@ def test_published_content_is_read_only(settings: Settings, tmp_path: Path) -> N
         draft = {**questionnaire("0.1.0"), "id": "draft"}
         assert client.put("/fhir/Questionnaire/draft", json=draft, headers=FHIR).status_code == 201
         assert client.delete("/fhir/Questionnaire/draft").status_code == 204
-    app.state.service.repo.engine.dispose()
+    app.state.service.storage.engine.dispose()

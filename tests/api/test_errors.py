@@ -72,7 +72,7 @@ def test_body_over_limit_is_413(settings: Settings) -> None:
         assert response.status_code == 413
         outcome(response)
         assert client.get("/fhir/Patient?_total=accurate").json()["total"] == 0
-    app.state.service.repo.engine.dispose()
+    app.state.service.storage.engine.dispose()
 
 
 def test_method_not_allowed_is_405(client: TestClient) -> None:
@@ -96,7 +96,7 @@ def test_internal_error_is_500_without_internals(settings: Settings) -> None:
     def broken(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("secret database password in message")
 
-    app.state.service.read = broken
+    app.state.service.perform = broken
     with TestClient(app, raise_server_exceptions=False, headers=bearer(app)) as client:
         response = client.get("/fhir/Patient/1")
     assert response.status_code == 500
@@ -104,4 +104,4 @@ def test_internal_error_is_500_without_internals(settings: Settings) -> None:
     assert "secret" not in text and "RuntimeError" not in text
     assert outcome(response)["issue"][0]["code"] == "exception"  # type: ignore[index]
     assert response.headers["X-Request-ID"]
-    app.state.service.repo.engine.dispose()
+    app.state.service.storage.engine.dispose()

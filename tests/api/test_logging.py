@@ -27,7 +27,7 @@ def test_error_log_has_request_id_but_no_resource_content(
     def broken(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("boom")
 
-    app.state.service.create = broken
+    app.state.service.perform = broken
     caplog.handler.addFilter(RequestIdFilter())
     with (
         caplog.at_level(logging.INFO, logger="fhir_norse"),
@@ -38,7 +38,7 @@ def test_error_log_has_request_id_but_no_resource_content(
             json={"resourceType": "Patient", "name": [{"family": "Confidential-Surname"}]},
             headers={"Content-Type": "application/fhir+json", "X-Request-ID": "req-42"},
         )
-    app.state.service.repo.engine.dispose()
+    app.state.service.storage.engine.dispose()
     assert response.status_code == 500
     records = [r for r in caplog.records if r.name.startswith("fhir_norse") and r.levelno >= logging.ERROR]
     assert records, "the failure was not logged"

@@ -36,7 +36,7 @@ def published(settings: Settings) -> Iterator[FastAPI]:
     """An app started on this checkout's content pack with publishing on (as a server starts)."""
     app = create_app(settings.model_copy(update={"publish_content": True, "content_dir": ROOT}))
     yield app
-    app.state.service.repo.engine.dispose()
+    app.state.service.storage.engine.dispose()
 
 
 def own_operations(client: TestClient) -> list[tuple[str, dict[str, Any]]]:

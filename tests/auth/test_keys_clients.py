@@ -125,18 +125,14 @@ def test_rotation_with_retire_now_drops_old_keys_at_once(engine: sa.Engine) -> N
 
 
 def test_passphrase_from_settings() -> None:
-    class Configured:
-        key_passphrase = SecretStr("from-settings")
-        mode = "production"
+    configured = Settings(mode="production", key_passphrase=SecretStr("from-settings-long-enough"))
+    # Settings refuse an empty passphrase in production; a copy skips that check, as a mistake might.
+    production = Settings(mode="development").model_copy(update={"mode": "production"})
 
-    class Production:
-        key_passphrase = None
-        mode = "production"
-
-    assert passphrase_from(Configured()) == "from-settings"
+    assert passphrase_from(configured) == "from-settings-long-enough"
     assert passphrase_from(Settings(mode="development")) == DEVELOPMENT_PASSPHRASE
     with pytest.raises(RuntimeError, match="KEY_PASSPHRASE"):
-        passphrase_from(Production())
+        passphrase_from(production)
 
 
 # -- clients --------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from fhir_norse.auth.tokens import (
     server_root,
     token_endpoint_for,
 )
+from fhir_norse.config import Settings
 from fhir_norse.outcomes import Unauthorized
 from fhir_norse.store.db import create_engine
 
@@ -543,12 +544,13 @@ def test_oidc_provider_tokens_map_onto_the_caller(auth: Auth, tmp_path: Path) ->
     jwks_file = tmp_path / "idp.jwks.json"
     jwks_file.write_text(json.dumps({"keys": [idp_key.public_jwk()]}))
 
-    class OidcSettings:
-        oidc_issuer = "https://idp.hospital.example"
-        oidc_jwks_file = str(jwks_file)
-        oidc_audience = "fhir-norse"
-
-    provider = OidcProvider.from_settings(OidcSettings())
+    oidc_settings = Settings(
+        mode="development",
+        oidc_issuer="https://idp.hospital.example",
+        oidc_jwks_file=str(jwks_file),
+        oidc_audience="fhir-norse",
+    )
+    provider = OidcProvider.from_settings(oidc_settings)
     assert provider is not None
     verifier = TokenVerifier(auth.keys, auth.clients, oidc=provider)
     now = int(time.time())
@@ -589,4 +591,4 @@ def test_oidc_provider_tokens_map_onto_the_caller(auth: Auth, tmp_path: Path) ->
     _head, body, sig = token.split(".")
     relabelled = f"{b64(json.dumps({'alg': 'ES256', 'kid': 'idp-1'}).encode())}.{body}.{sig}"
     unauthorized(lambda: verifier.verify(f"Bearer {relabelled}", FHIR_BASE))
-    assert OidcProvider.from_settings(object()) is None
+    assert OidcProvider.from_settings(Settings(mode="development")) is None

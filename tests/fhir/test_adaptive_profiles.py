@@ -23,9 +23,10 @@ from typing import Any
 import pytest
 
 from fhir_norse.adaptive.history import CONTEXT_EXTENSION, EPISODE_EXTENSION
+from fhir_norse.canonicals import CS_SCALES, PROFILE_OVERRIDE
 from fhir_norse.instruments.schema import InstrumentMapping, load_mapping
 from fhir_norse.outcomes import Issue
-from fhir_norse.rom.adaptive import CS_SCALES, PROFILE_OVERRIDE, context_extension, episode_extension
+from fhir_norse.rom.patient import context_extension, episode_extension
 from fhir_norse.scoring import score_nf21
 from fhir_norse.scoring.resources import AdministrationResources, build_administration
 from fhir_norse.server.profiles import ProfileValidator

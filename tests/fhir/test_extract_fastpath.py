@@ -3,18 +3,19 @@
 fhirpathpy stays the reference: ``IndexExtractor(registry, fast=False)`` evaluates every expression
 with it. Every resource of a corpus of realistic resources of each supported type (the scored
 administration of ``build_administration``, the shipped Questionnaires, terminology and profiles,
-hand-built clinical and workflow resources) and of seeded variations of them (primitive extensions,
-missing and repeated elements, contained resources, values of unexpected JSON types) must give the
-same index rows either way, and the same parameters must fail; each expression must give the same
-items with the same types.
+hand-built clinical and workflow resources) and of variations of them that Hypothesis generates
+(primitive extensions, missing and repeated elements, contained resources, values of unexpected JSON
+types) must give the same index rows either way, and the same parameters must fail; each expression
+must give the same items with the same types. The variations are the same on every run
+(``derandomize=True``); a failing one is shrunk to few edits and printed as the resource's name in the
+corpus and its edits.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import random
-from collections.abc import Iterator
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import Any
 
 import pytest
 from fhirpathpy.engine.nodes import ResourceNode, TypeInfo
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fhir_norse.auth.audit import SUCCESS, build_audit_event
 from fhir_norse.auth.caller import Caller
@@ -37,6 +40,7 @@ from fhir_norse.server.search.fastpath import FastEvaluator, Node
 from fhir_norse.store.resource_types import SUPPORTED_TYPES
 from fhir_norse.store.rows import IndexRow
 from fhir_norse.store.search.params import SearchParamRegistry, default_registry, split_union
+from tests.property_support import picks
 from tests.scoring.test_resources import build, phq9, phq9_total, sad_changes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -952,71 +956,129 @@ def _fast_evaluators() -> list[FastEvaluator]:
 
 
 # --------------------------------------------------------------------------------------------
-# Unusual data: seeded variations of the corpus
+# Unusual data: variations of the corpus (Hypothesis)
 
 
 EXTENSION = {"extension": [{"url": "http://example.org/x", "valueString": "x"}]}
+ODD_VALUES: tuple[Any, ...] = (7, 1.5, True, "text", [], {}, [1, "a"], {"value": "x"}, None)
+_EDITS: tuple[tuple[str, int], ...] = (
+    *(("drop", 0),) * 13,
+    *(("extend", 0),) * 18,
+    *(("extension only", 0),) * 10,
+    *(("repeat", k) for k in range(26)),
+    *(("odd value", i) for i in range(len(ODD_VALUES))),
+)
+#: What becomes of one element of a variation, one byte each (``picks`` from 256 fates): mostly kept;
+#: dropped (5 %), given a primitive extension (7 %) or only that (4 %), an array's item repeated (10 %),
+#: and in odd variations, replaced by a value of another JSON type (3.5 %). A fate that does not fit the
+#: element (an extension on an object, say) keeps it.
+FATES: tuple[tuple[str, int], ...] = (("keep", 0),) * (256 - len(_EDITS)) + _EDITS
+#: The elements one variation may edit: a larger resource (the NF 2.1 Questionnaires have some 16,000)
+#: has a window of them edited, as one byte each must fit Hypothesis's budget for one case.
+WINDOW = 4000
 
 
-def _variations(resource: JsonDict, rng: random.Random, odd: bool) -> JsonDict:
-    """A copy of ``resource`` with elements dropped, repeated, given primitive extensions (or
-    only those), contained, and with ``odd``, replaced by values of other JSON types."""
+class Variation:
+    """A resource of the corpus with edits. Printed as the resource's name in the corpus and the edits,
+    so that a shrunk counterexample can be read."""
+
+    def __init__(self, name: str, resource: JsonDict, edits: list[str]) -> None:
+        self.name = name
+        self.resource = resource
+        self.edits = edits
+
+    def __repr__(self) -> str:
+        return f"Variation({self.name!r}, edits=[" + "".join(f"\n    {e!r}," for e in self.edits) + "\n])"
+
+
+def _elements(node: Any, path: str, out: list[tuple[str, JsonDict, str]]) -> list[tuple[str, JsonDict, str]]:
+    """Every element under ``node`` in document order, as its path, the object that holds it and its key."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            _elements(item, f"{path}[{i}]", out)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            out.append((f"{path}.{key}", node, key))
+            _elements(value, f"{path}.{key}", out)
+    return out
+
+
+def _edit(node: JsonDict, key: str, kind: str, k: int) -> str | None:
+    """Give ``node[key]`` the fate ``(kind, k)`` of ``FATES``; what was done, or None if it does not fit."""
+    value = node[key]
+    primitive = isinstance(value, str | bool | int | float) and not key.startswith("_")
+    strings = isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+    if kind == "drop":
+        del node[key]
+    elif kind == "extend" and primitive:
+        node["_" + key] = copy.deepcopy(EXTENSION)
+    elif kind == "extend" and strings:
+        node["_" + key] = [None] * (len(value) - 1) + [copy.deepcopy(EXTENSION)]
+    elif kind == "extension only" and primitive:
+        del node[key]
+        node["_" + key] = {"id": "only-extension", **copy.deepcopy(EXTENSION)}
+    elif kind == "repeat" and isinstance(value, list) and value:
+        kind = f"repeat [{k % len(value)}] of"
+        value.append(copy.deepcopy(value[k % len(value)]))
+    elif kind == "odd value":
+        node[key] = copy.deepcopy(ODD_VALUES[k])
+        kind = f"odd value {node[key]!r} for"
+    else:
+        return None
+    return kind
+
+
+@st.composite
+def variations(draw: st.DrawFn, resources: Sequence[tuple[str, JsonDict]], odd: bool) -> Variation:
+    """A copy of one of ``resources`` with elements dropped, repeated, given primitive extensions (or
+    only those), a contained resource, and with ``odd``, values of other JSON types (see ``FATES``).
+    Shrinks towards fewer edits."""
+    name, resource = draw(st.sampled_from(resources))
     result = copy.deepcopy(resource)
-
-    def visit(node: Any, depth: int) -> None:
-        if isinstance(node, list):
-            for item in node:
-                visit(item, depth + 1)
-            if node and rng.random() < 0.1:
-                node.append(copy.deepcopy(rng.choice(node)))
-            return
-        if not isinstance(node, dict):
-            return
-        for key in list(node):
-            if key == "resourceType" and depth == 0:
-                continue
-            value = node[key]
-            roll = rng.random()
-            if roll < 0.05:
-                del node[key]
-                continue
-            if isinstance(value, str | bool | int | float) and not key.startswith("_"):
-                if roll < 0.12:
-                    node["_" + key] = copy.deepcopy(EXTENSION)
-                elif roll < 0.16:
-                    del node[key]
-                    node["_" + key] = {"id": "only-extension", **copy.deepcopy(EXTENSION)}
-            elif isinstance(value, list) and value and all(isinstance(v, str) for v in value) and roll < 0.12:
-                node["_" + key] = [None] * (len(value) - 1) + [copy.deepcopy(EXTENSION)]
-            if odd and rng.random() < 0.04:
-                node[key] = rng.choice([7, 1.5, True, "text", [], {}, [1, "a"], {"value": "x"}, None])
-                continue
-            if key in node:
-                visit(node[key], depth + 1)
-
-    visit(result, 0)
-    if rng.random() < 0.2:
+    elements = [e for e in _elements(result, "", []) if e[0] != ".resourceType"]
+    start = draw(st.integers(0, max(0, len(elements) - WINDOW)))
+    window = elements[start : start + WINDOW]
+    fates = picks(draw, FATES, len(window))
+    edits: list[str] = []
+    # Innermost first (backwards through the document), so that a repeated item keeps its own edits.
+    for (path, node, key), (kind, k) in reversed(list(zip(window, fates, strict=True))):
+        if kind != "keep" and key in node and (odd or kind != "odd value"):
+            done = _edit(node, key, kind, k)
+            if done is not None:
+                edits.insert(0, f"{done} {path}")
+    if draw(st.booleans()):
         result["contained"] = [{"resourceType": "Patient", "id": "c1", "name": [{"family": "Inne"}]}]
-    return result
+        edits.append("contained Patient/c1")
+    return Variation(name, result, edits)
 
 
-def _mutants(count: int, odd: bool, seed: int) -> Iterator[JsonDict]:
-    rng = random.Random(seed)
-    resources = [r for _, r in corpus() if len(json.dumps(r)) < 60_000]
-    for _ in range(count):
-        yield _variations(rng.choice(resources), rng, odd)
+def _extractor_pair() -> list[IndexExtractor]:
+    """The fast path and fhirpathpy, each in an extractor that has seen no failure yet."""
+    return [IndexExtractor(default_registry()), IndexExtractor(default_registry(), fast=False)]
 
 
 @pytest.mark.parametrize("odd", [False, True], ids=["fhir-like", "odd-types"])
 def test_fast_rows_equal_fhirpathpy_rows_on_variations(odd: bool) -> None:
-    fast = IndexExtractor(default_registry())
-    slow = IndexExtractor(default_registry(), fast=False)
-    for mutant in _mutants(250, odd, seed=20260304 + odd):
+    resources = [(n, r) for n, r in corpus() if len(json.dumps(r)) < 60_000]
+    pair = _extractor_pair()  # compiles its plans once; replaced after a failure (see below)
+
+    @settings(max_examples=150, deadline=None, derandomize=True)
+    @given(variation=variations(resources, odd))
+    def holds(variation: Variation) -> None:
+        fast, slow = pair
+        mutant = variation.resource
         rows, expected = fast.extract(mutant), slow.extract(mutant)
+        # ``failed`` keeps what failed on any resource so far: a pair that has seen a failure is replaced,
+        # so that what failed is what failed on this mutant, whatever ran before.
+        failed_fast, failed_slow = fast.failed, slow.failed
+        if failed_fast or failed_slow:
+            pair[:] = _extractor_pair()
         assert set(rows) == set(expected), (json.dumps(mutant)[:2000], _difference(rows, expected))
         assert len(rows) == len(set(rows))
-    # A parameter failing on odd data fails either way (and only then).
-    assert fast.failed == slow.failed
+        # A parameter failing on odd data fails either way (and only then).
+        assert failed_fast == failed_slow
+
+    holds()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1068,50 +1130,72 @@ def _relative(expression: str) -> bool:
     return not expression.lstrip("(")[:1].isupper()
 
 
-@pytest.mark.parametrize("resource_type", SUPPORTED_TYPES)
-def test_expressions_give_fhirpathpys_items(resource_type: str) -> None:
-    TypeInfo.model = MODEL  # type: ignore[assignment]  # as the extractor sets it
-    resources = [r for _, r in corpus() if r["resourceType"] == resource_type]
-    rng = random.Random(resource_type)
-    resources += [_variations(rng.choice(resources), rng, odd) for odd in (False, True) for _ in range(15)]
+@cache
+def _absolute_and_relative(resource_type: str) -> tuple[list[str], list[str]]:
     expressions = _expressions(resource_type)
-    absolute = [e for e in expressions if not _relative(e)]
-    relative = [e for e in expressions if _relative(e)]
+    return [e for e in expressions if not _relative(e)], [e for e in expressions if _relative(e)]
+
+
+def _compare_expressions(resource_type: str, resource: JsonDict) -> tuple[int, int]:
+    """Every expression of the type on ``resource``: the fast path gives fhirpathpy's items (or fails as
+    it does), and a typed reading gives its typed values. Returns how many items lists and typed
+    readings were compared."""
+    TypeInfo.model = MODEL  # type: ignore[assignment]  # as the extractor sets it
+    absolute, relative = _absolute_and_relative(resource_type)
     compared = typed = 0
-    for resource in resources:
-        # Relative (component) expressions run on the nodes of every absolute expression.
-        nodes: list[Any] = []
-        for expression in absolute:
-            fast = compile_fast_expression(expression)
-            if fast is None:
-                continue
-            slow = compile_expression(expression)
-            expected = _outcome(slow, resource)
-            assert _outcome(fast, resource) == expected, (expression, json.dumps(resource)[:1500])
+    # Relative (component) expressions run on the nodes of every absolute expression.
+    nodes: list[Any] = []
+    for expression in absolute:
+        fast = compile_fast_expression(expression)
+        if fast is None:
+            continue
+        slow = compile_expression(expression)
+        expected = _outcome(slow, resource)
+        assert _outcome(fast, resource) == expected, (expression, json.dumps(resource)[:1500])
+        compared += 1
+        if expected[0] == "ok":
+            typed += _check_typed(fast, slow, resource, resource)
+            nodes += [n for n in slow(resource) if isinstance(n, ResourceNode) and isinstance(n.data, dict)]
+    for expression in relative:
+        fast = compile_fast_expression(expression)
+        if fast is None:
+            continue
+        slow = compile_expression(expression)
+        for node in nodes[:40]:
+            expected = _outcome(slow, node)
+            assert _outcome(fast, Node(node.path, node.data)) == expected, (
+                expression,
+                node.path,
+                node.data,
+            )
+            assert _outcome(fast, node) == expected
             compared += 1
             if expected[0] == "ok":
-                typed += _check_typed(fast, slow, resource, resource)
-                nodes += [
-                    n for n in slow(resource) if isinstance(n, ResourceNode) and isinstance(n.data, dict)
-                ]
-        for expression in relative:
-            fast = compile_fast_expression(expression)
-            if fast is None:
-                continue
-            slow = compile_expression(expression)
-            for node in nodes[:40]:
-                expected = _outcome(slow, node)
-                assert _outcome(fast, Node(node.path, node.data)) == expected, (
-                    expression,
-                    node.path,
-                    node.data,
-                )
-                assert _outcome(fast, node) == expected
-                compared += 1
-                if expected[0] == "ok":
-                    typed += _check_typed(fast, slow, Node(node.path, node.data), node)
+                typed += _check_typed(fast, slow, Node(node.path, node.data), node)
+    return compared, typed
+
+
+@pytest.mark.parametrize("resource_type", SUPPORTED_TYPES)
+def test_expressions_give_fhirpathpys_items(resource_type: str) -> None:
+    compared = typed = 0
+    for _, resource in corpus():
+        if resource["resourceType"] == resource_type:
+            counts = _compare_expressions(resource_type, resource)
+            compared, typed = compared + counts[0], typed + counts[1]
     assert compared
     assert typed  # plain paths are read straight off the JSON
+
+
+@pytest.mark.parametrize("resource_type", SUPPORTED_TYPES)
+def test_expressions_give_fhirpathpys_items_on_variations(resource_type: str) -> None:
+    resources = [(n, r) for n, r in corpus() if r["resourceType"] == resource_type]
+
+    @settings(max_examples=20, deadline=None, derandomize=True)
+    @given(variation=st.booleans().flatmap(lambda odd: variations(resources, odd)))
+    def holds(variation: Variation) -> None:
+        _compare_expressions(resource_type, variation.resource)
+
+    holds()
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,4 +17,4 @@ def app(settings: Settings) -> Iterator[FastAPI]:
     application = create_app(settings)
     publish_questionnaires(application.state.service)
     yield application
-    application.state.service.repo.engine.dispose()
+    application.state.service.storage.engine.dispose()

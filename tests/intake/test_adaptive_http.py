@@ -213,8 +213,9 @@ def test_nothing_left_to_ask_skips_the_scale_page(client: TestClient) -> None:
 def test_next_question_refuses_bad_input_with_an_operation_outcome(client: TestClient) -> None:
     patient = create_patient(client)
     url = "/fhir/Questionnaire/$next-question"
+    # An unknown subject answers as a patient out of reach does: 404, as if absent.
     unknown = client.post(url, json=start("nobody"))
-    assert unknown.status_code == 422 and unknown.json()["resourceType"] == "OperationOutcome"
+    assert unknown.status_code == 404 and unknown.json()["resourceType"] == "OperationOutcome"
     static = client.post(url, json=start(patient, questionnaire=NF21_STATIC))
     assert static.status_code == 422 and "static" in static.json()["issue"][0]["diagnostics"]
     done = client.post(url, json={**start(patient), "status": "completed"})
@@ -251,10 +252,16 @@ def test_a_patient_token_works_only_for_that_patient(app: Any, client: TestClien
     token = bearer(app, "patient/*.cruds", patient=mine)
     url = "/fhir/Questionnaire/$next-question"
     assert client.post(url, json=start(mine), headers=token).status_code == 200
+    # Another patient is out of reach: the same answer as a patient that does not exist (404), so
+    # nothing is revealed, as for a read of that patient.
     refused = client.post(url, json=start(other), headers=token)
-    assert refused.status_code == 403 and refused.json()["resourceType"] == "OperationOutcome"
-    assert client.get(f"/fhir/Patient/{other}/$tailored-form", headers=token).status_code == 403
-    assert client.get(f"/fhir/Patient/{other}/$adaptive-state", headers=token).status_code == 403
+    absent = client.post(url, json=start("no-such-patient"), headers=token)
+    assert refused.status_code == absent.status_code == 404
+    assert refused.json()["issue"][0]["code"] == absent.json()["issue"][0]["code"] == "not-found"
+    assert client.get(f"/fhir/Patient/{other}", headers=token).status_code == 404
+    for operation in ("$tailored-form", "$adaptive-state"):
+        assert client.get(f"/fhir/Patient/{other}/{operation}", headers=token).status_code == 404
+        assert client.get(f"/fhir/Patient/no-such-patient/{operation}", headers=token).status_code == 404
     # A whole session and its storage with the patient's own token.
     _pages, done = session(client, mine, levels_to_answers({}), authored=_week(0), headers=token)
     assert post_response(client, done, **token).status_code == 201
@@ -475,7 +482,7 @@ def test_operation_parameters_and_their_errors(client: TestClient) -> None:
     bad = client.get(f"/fhir/Patient/{patient}/$tailored-form?context=monthly")
     assert bad.status_code == 422 and "monthly" in bad.json()["issue"][0]["diagnostics"]
     assert client.get(f"/fhir/Patient/{patient}/$tailored-form?colour=red").status_code == 400
-    assert client.get("/fhir/Patient/nobody/$adaptive-state").status_code == 422
+    assert client.get("/fhir/Patient/nobody/$adaptive-state").status_code == 404
     # The same as a POST with a Parameters body; the intake context asks every scale in full.
     posted = client.post(
         f"/fhir/Patient/{patient}/$tailored-form",

@@ -392,7 +392,7 @@ def server(settings: Settings) -> Iterator[TestClient]:
         with TestClient(app, headers=bearer(app)) as client:
             yield client
     finally:
-        app.state.service.repo.engine.dispose()
+        app.state.service.storage.engine.dispose()
 
 
 def run(client: TestClient, name: str, reports: Sequence[Report], start: date, days: int) -> Run:

@@ -48,7 +48,9 @@ def assert_conforms(app: FastAPI, resource: dict[str, Any]) -> None:
     """R4 structure, and every profile the resource claims (errors only; extensible misses warn)."""
     validate_resource(resource, expected_type=resource["resourceType"])
     for profile in resource.get("meta", {}).get("profile", []):
-        errors = [i for i in app.state.service.profiles.validate(resource, profile) if i.severity == "error"]
+        errors = [
+            i for i in app.state.service.kernel.profiles.validate(resource, profile) if i.severity == "error"
+        ]
         assert errors == [], (resource["resourceType"], profile, errors)
 
 

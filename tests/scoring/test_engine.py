@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
-import random
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fhir_norse.instruments.schema import InstrumentMapping, load_mapping
 from fhir_norse.scoring import answers_from_response, score_nf21
+from tests.property_support import picks
 
 ROOT = Path(__file__).resolve().parents[2]
 CODES = ["1", "2", "3", "4", "5", "6", "7", "not-relevant", "prefer-not"]
@@ -253,17 +255,21 @@ def test_single_and_medication_items() -> None:
     assert scores.medication["medication-worries"].problem_score is None
 
 
-# --- properties over random answer sets -----------------------------------------------------------
+# --- properties over generated answer sets (Hypothesis) ------------------------------------------
 
 
-def _random_answers(rng: random.Random, codes: list[str]) -> dict[str, str]:
-    return {i: rng.choice(codes) for i in nf21().all_link_ids() if rng.random() < 0.8}
+@st.composite
+def answer_sets(draw: st.DrawFn, codes: list[str]) -> dict[str, str]:
+    """Any NF 2.1 item answered with one of ``codes`` or left out; shrinks towards fewer items."""
+    link_ids = nf21().all_link_ids()
+    picked = picks(draw, [None, *codes], len(link_ids))
+    return {i: code for i, code in zip(link_ids, picked, strict=True) if code is not None}
 
 
-@pytest.mark.parametrize("seed", range(200))
-def test_scores_stay_within_range(seed: int) -> None:
-    rng = random.Random(seed)
-    scores = score_nf21(_random_answers(rng, CODES), nf21())
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(answers=answer_sets(CODES))
+def test_scores_stay_within_range(answers: dict[str, str]) -> None:
+    scores = score_nf21(answers, nf21())
     for scale in nf21().scales:
         s = scores.scales[scale.code]
         assert 0 <= s.items_answered <= s.items_total == len(scale.items)
@@ -286,11 +292,9 @@ def test_scores_stay_within_range(seed: int) -> None:
             assert 1 <= item.problem_score <= 7
 
 
-@pytest.mark.parametrize("seed", range(200))
-def test_reversing_reverse_keyed_answers(seed: int) -> None:
-    rng = random.Random(seed)
-    numeric = CODES[:7]
-    answers = _random_answers(rng, numeric)
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(answers=answer_sets(CODES[:7]))
+def test_reversing_reverse_keyed_answers(answers: dict[str, str]) -> None:
     before = score_nf21(answers, nf21())
     flipped_reverse = {
         i: (str(8 - int(c)) if any(i in s.reverse_keyed for s in nf21().scales) else c)

@@ -10,20 +10,17 @@ from typing import Any
 
 import pytest
 
+from fhir_norse.canonicals import CS_COMPONENTS, CS_INTERPRETATION, LOINC
 from fhir_norse.instruments.schema import (
     InstrumentMapping,
     SumScoreMapping,
     load_mapping,
     load_sum_score_mapping,
 )
+from fhir_norse.instruments.terminology import Terminology, load_terminology
 from fhir_norse.scoring import Nf21Scores, SumScore, score_nf21, score_sum
 from fhir_norse.scoring.change import ScaleChange, scale_change_for
-from fhir_norse.scoring.resources import (
-    CS_COMPONENTS,
-    CS_INTERPRETATION,
-    AdministrationResources,
-    build_administration,
-)
+from fhir_norse.scoring.resources import AdministrationResources, build_administration
 from fhir_norse.server.validation import validate_resource
 from tests.fhir_r4_client import parse_r4
 
@@ -214,13 +211,32 @@ def test_sum_score_observation() -> None:
     assert "PHQ9 total 18 (Moderately severe depression)." in built.report["conclusion"]
 
 
+@cache
+def terminology() -> Terminology:
+    return load_terminology(ROOT)
+
+
 def test_sum_scores_alone_use_the_loinc_panel() -> None:
-    built = build(scores=None, sums=[phq9_total()], sum_mappings={"phq9": phq9()})
-    assert built.panel["code"]["coding"][0]["code"] == "44249-1"
+    built = build(scores=None, sums=[phq9_total()], sum_mappings={"phq9": phq9()}, terminology=terminology())
+    # The code is the mapping's ``panel``; the display is the one ValueSet rom-panels gives it.
+    assert built.panel["code"] == {
+        "coding": [{"system": LOINC, "code": "44249-1", "display": "PHQ-9 quick depression assessment panel"}]
+    }
     assert len(built.members) == 1
     for resource in built.resources():
         validate_resource(resource)
         parse_r4(resource)
+
+
+def test_a_panel_code_without_terminology_has_no_display() -> None:
+    built = build(scores=None, sums=[phq9_total()], sum_mappings={"phq9": phq9()})
+    assert built.panel["code"] == {"coding": [{"system": LOINC, "code": "44249-1"}]}
+
+
+def test_a_sum_score_mapping_without_a_panel_code_is_refused() -> None:
+    mapping = phq9().model_copy(update={"panel": None})
+    with pytest.raises(ValueError, match="no panel code"):
+        build(scores=None, sums=[phq9_total()], sum_mappings={"phq9": mapping})
 
 
 def test_refusals() -> None:

@@ -18,25 +18,25 @@ import sqlalchemy as sa
 from fhir_norse.outcomes import Conflict
 from fhir_norse.store.db import create_engine
 from fhir_norse.store.rows import DateRow, ReferenceRow, TokenRow
-from fhir_norse.store.storage import Repository
+from fhir_norse.store.storage import Storage
 from fhir_norse.store.tables import DateIndex, ReferenceIndex, TokenIndex
 
 T0 = datetime(2024, 1, 1, 12, 0, 0)
 
 
 @pytest.fixture
-def repo(database_url: str) -> Iterator[Repository]:
+def repo(database_url: str) -> Iterator[Storage]:
     engine = create_engine(database_url)
-    yield Repository(engine)
+    yield Storage(engine)
     engine.dispose()
 
 
-def _count(repo: Repository, table: sa.Table) -> int:
+def _count(repo: Storage, table: sa.Table) -> int:
     with repo.engine.connect() as conn:
         return int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
 
 
-def _save(repo: Repository, res_id: str, version: int, body: dict[str, object] | None, **kw: object) -> None:
+def _save(repo: Storage, res_id: str, version: int, body: dict[str, object] | None, **kw: object) -> None:
     with repo.write() as uow:
         previous = uow.lock("Patient", res_id)
         uow.save(
@@ -51,7 +51,7 @@ def _save(repo: Repository, res_id: str, version: int, body: dict[str, object] |
         )
 
 
-def test_versions_history_and_current(repo: Repository) -> None:
+def test_versions_history_and_current(repo: Storage) -> None:
     _save(repo, "a", 1, {"resourceType": "Patient", "id": "a", "gender": "male"})
     _save(repo, "a", 2, {"resourceType": "Patient", "id": "a", "gender": "female"})
     with repo.read() as view:
@@ -64,7 +64,7 @@ def test_versions_history_and_current(repo: Repository) -> None:
         assert view.history_count(res_type="Patient") == 2
 
 
-def test_index_rows_are_replaced_on_update_and_removed_on_delete(repo: Repository) -> None:
+def test_index_rows_are_replaced_on_update_and_removed_on_delete(repo: Storage) -> None:
     table = TokenIndex.__table__  # type: ignore[attr-defined]
     _save(
         repo,
@@ -84,7 +84,7 @@ def test_index_rows_are_replaced_on_update_and_removed_on_delete(repo: Repositor
         assert deleted is not None and deleted.deleted and deleted.body_text is None
 
 
-def test_failed_unit_of_work_leaves_nothing(repo: Repository) -> None:
+def test_failed_unit_of_work_leaves_nothing(repo: Storage) -> None:
     with pytest.raises(RuntimeError), repo.write() as uow:
         uow.save(
             res_type="Patient",
@@ -104,7 +104,7 @@ def test_failed_unit_of_work_leaves_nothing(repo: Repository) -> None:
     assert _count(repo, DateIndex.__table__) == 0  # type: ignore[attr-defined]
 
 
-def test_concurrent_creators_of_one_id_conflict(repo: Repository) -> None:
+def test_concurrent_creators_of_one_id_conflict(repo: Storage) -> None:
     """Two writers that both saw "no such resource" cannot both create version 1."""
     barrier = threading.Barrier(2, timeout=10)
     outcomes: list[str] = []
@@ -142,7 +142,7 @@ def test_concurrent_creators_of_one_id_conflict(repo: Repository) -> None:
         assert view.history_count(res_type="Patient", res_id="same") == 1
 
 
-def test_stale_update_is_a_conflict(repo: Repository) -> None:
+def test_stale_update_is_a_conflict(repo: Storage) -> None:
     _save(repo, "s", 1, {"resourceType": "Patient"})
     with repo.read() as view:
         stale = view.current("Patient", "s")

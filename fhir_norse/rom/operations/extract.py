@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fhir_norse.outcomes import BadRequest, Forbidden, NotFound, Unprocessable
+from fhir_norse.outcomes import BadRequest, NotFound, Unprocessable
 from fhir_norse.rom.intake import QuestionnaireResponseIntake, ScoringPlan
 from fhir_norse.server.context import RequestContext, Result
-from fhir_norse.server.interactions import FhirService, loads
+from fhir_norse.server.interactions import FhirService
+from fhir_norse.server.operations.registry import Operation, OperationCall
+from fhir_norse.server.repository import Repository, loads
 from fhir_norse.server.resources import check_id
 from fhir_norse.server.validation import validate_resource
-from fhir_norse.store.storage import ReadView
 
 RES_TYPE = "QuestionnaireResponse"
 
@@ -33,69 +34,80 @@ def _unwrap(body: dict[str, Any]) -> dict[str, Any]:
     raise BadRequest("$extract needs the 'questionnaire-response' parameter", code="required")
 
 
-def _intake(service: FhirService) -> QuestionnaireResponseIntake:
-    hook = service.hooks.get(RES_TYPE)
-    if not isinstance(hook, QuestionnaireResponseIntake):
-        raise NotFound("$extract is not available: this server does not score QuestionnaireResponses")
-    return hook
+def operation(intake: QuestionnaireResponseIntake) -> Operation:
+    def handler(service: FhirService, call: OperationCall) -> Result:
+        return extract(
+            service, intake, call.ctx, call.res_id, call.body if isinstance(call.body, dict) else None
+        )
+
+    return Operation(
+        name="extract",
+        definition="http://hl7.org/fhir/uv/sdc/OperationDefinition/QuestionnaireResponse-extract",
+        types=(RES_TYPE,),
+        handler=handler,
+        type_level=True,
+        instance_level=True,
+        idempotent=True,
+        documentation="The scores, report, alerts and Provenance that scoring the response would write",
+    )
 
 
-def extract_operation(
-    service: FhirService, ctx: RequestContext, res_id: str | None, body: dict[str, Any] | None
+def extract(
+    service: FhirService,
+    intake: QuestionnaireResponseIntake,
+    ctx: RequestContext,
+    res_id: str | None,
+    body: dict[str, Any] | None,
 ) -> Result:
-    with service.refusals_audited(ctx, "operation:extract", RES_TYPE, res_id):
-        access = service.access(ctx, "operation:extract", RES_TYPE)
-        intake = _intake(service)
-        with service.repo.read() as view:
-            response = _response(service, intake, view, res_id, body)
-            patients = service.reachable_patients(view.conn, access)
-            patient = str((response.get("subject") or {}).get("reference", "")).removeprefix("Patient/")
-            if patients is not None and patient not in patients:
-                raise Forbidden("The response's subject is outside the patients this token may reach")
-            if response.get("status") not in ("completed", "amended"):
-                raise Unprocessable(
-                    f"Only completed or amended responses are scored (status is {response.get('status')!r})",
-                    expression="QuestionnaireResponse.status",
-                )
-            plan: ScoringPlan = intake.plan(service, view, response, rescore=False)
-        service.record_now(
-            service.audit_event(
-                ctx, "operation:extract", "success", RES_TYPE, res_id, patients=[patient] if patient else []
+    operation = "operation:extract"
+    with service.audited_session(ctx, operation, RES_TYPE, res_id) as repo:
+        repo.grant(operation, RES_TYPE)
+        response = _response(repo, intake, res_id, body)
+        patient = repo.require_patient(
+            (response.get("subject") or {}).get("reference"),
+            interaction=operation,
+            res_type=RES_TYPE,
+            expression="QuestionnaireResponse.subject",
+        )
+        if response.get("status") not in ("completed", "amended"):
+            raise Unprocessable(
+                f"Only completed or amended responses are scored (status is {response.get('status')!r})",
+                expression="QuestionnaireResponse.status",
             )
-        )
-        bundle = plan.transaction()
-        if not plan.warnings:
-            return Result(200, body=bundle)
-        # With warnings (e.g. a submitted total that disagrees), the SDC outputs ``return`` and
-        # ``issues`` come together in a Parameters resource.
-        issues = {"resourceType": "OperationOutcome", "issue": [i.to_json() for i in plan.warnings]}
-        return Result(
-            200,
-            body={
-                "resourceType": "Parameters",
-                "parameter": [
-                    {"name": "return", "resource": bundle},
-                    {"name": "issues", "resource": issues},
-                ],
-            },
-        )
+        plan: ScoringPlan = intake.plan(repo, response, rescore=False)
+        repo.audit(operation, RES_TYPE, res_id, patients=[patient.removeprefix("Patient/")])
+    bundle = plan.transaction()
+    if not plan.warnings:
+        return Result(200, body=bundle)
+    # With warnings (e.g. a submitted total that disagrees), the SDC outputs ``return`` and
+    # ``issues`` come together in a Parameters resource.
+    issues = {"resourceType": "OperationOutcome", "issue": [i.to_json() for i in plan.warnings]}
+    return Result(
+        200,
+        body={
+            "resourceType": "Parameters",
+            "parameter": [
+                {"name": "return", "resource": bundle},
+                {"name": "issues", "resource": issues},
+            ],
+        },
+    )
 
 
 def _response(
-    service: FhirService,
+    repo: Repository,
     intake: QuestionnaireResponseIntake,
-    view: ReadView,
     res_id: str | None,
     body: dict[str, Any] | None,
 ) -> dict[str, Any]:
     if res_id is not None:
-        stored = view.current(RES_TYPE, check_id(res_id))
-        if stored is None or stored.deleted:
+        stored = repo.get(RES_TYPE, check_id(res_id))
+        if stored is None:
             raise NotFound(f"{RES_TYPE}/{res_id} is not known")
         return loads(stored.body_text)
     if body is None:
         raise BadRequest("$extract at type level needs a QuestionnaireResponse in the body")
     response = _unwrap(body)
     validate_resource(response, expected_type=RES_TYPE)
-    intake.check(service, view, response, None)
+    intake.check(repo, response, None)
     return response

@@ -18,9 +18,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from fhir_norse.outcomes import BadRequest, FhirError, Issue, NotFound, information, operation_outcome
-from fhir_norse.server.context import RequestContext, Result
+from fhir_norse.server.context import Result
 from fhir_norse.server.interactions import FhirService
+from fhir_norse.server.operations.registry import Operation, OperationCall
 from fhir_norse.server.profiles import ProfileValidator
+from fhir_norse.server.repository import Repository
 from fhir_norse.server.resources import check_id, check_type
 from fhir_norse.server.validation import validate_resource
 
@@ -47,39 +49,32 @@ def _unwrap(body: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None, li
     return resource, mode, profiles
 
 
-def validate_operation(
-    service: FhirService,
-    ctx: RequestContext,
-    res_type: str,
-    res_id: str | None,
-    body: dict[str, Any],
-    profiles: Sequence[str] = (),
-) -> Result:
-    """``profiles``: the ``profile`` parameters of the query string."""
-    with service.refusals_audited(ctx, "operation:validate", res_type, res_id):
-        result = _validate(service, ctx, res_type, res_id, body, profiles)
-        service.record_now(service.audit_event(ctx, "operation:validate", "success", res_type, res_id))
-        return result
+def validate_operation(service: FhirService, call: OperationCall) -> Result:
+    """The handler of ``$validate`` (``profile``: parameters of the query string)."""
+    res_type, res_id = call.res_type, call.res_id
+    with service.audited_session(call.ctx, "operation:validate", res_type, res_id) as repo:
+        result = _validate(repo, res_type, res_id, call.body, call.params_named("profile"))
+        repo.audit("operation:validate", res_type, res_id)
+    return result
 
 
 def _validate(
-    service: FhirService,
-    ctx: RequestContext,
+    repo: Repository,
     res_type: str,
     res_id: str | None,
-    body: dict[str, Any],
+    body: Any,
     query_profiles: Sequence[str],
 ) -> Result:
     check_type(res_type)
-    service.access(ctx, "operation:validate", res_type)
+    repo.grant("operation:validate", res_type)
+    if not isinstance(body, dict):
+        raise BadRequest("$validate needs a resource (the body, or the 'resource' parameter)")
     resource, mode, body_profiles = _unwrap(body)
     if mode is not None and mode not in _MODES:
         raise BadRequest(f"$validate mode must be one of {', '.join(_MODES)}, not '{mode}'")
     if res_id is not None:
         check_id(res_id)
-        with service.repo.read() as view:
-            current = view.current(res_type, res_id)
-        if current is None or current.deleted:
+        if repo.get(res_type, res_id) is None:
             raise NotFound(f"{res_type}/{res_id} is not known")
         if mode == "delete":
             return Result(200, body=information(f"{res_type}/{res_id} may be deleted"))
@@ -94,17 +89,26 @@ def _validate(
             )
     except FhirError as error:
         return Result(200, body=error.outcome())
-    issues = _profile_issues(service, res_type, resource, [*query_profiles, *body_profiles])
+    issues = _profile_issues(repo.kernel.profiles, res_type, resource, [*query_profiles, *body_profiles])
     if not issues:
         return Result(200, body=information("Validation found no problems", code="informational"))
     return Result(200, body=operation_outcome(issues))
 
 
+VALIDATE = Operation(
+    name="validate",
+    definition="http://hl7.org/fhir/OperationDefinition/Resource-validate",
+    types=("*",),
+    handler=validate_operation,
+    type_level=True,
+    instance_level=True,
+)
+
+
 def _profile_issues(
-    service: FhirService, res_type: str, resource: dict[str, Any], requested: Sequence[str]
+    validator: ProfileValidator | None, res_type: str, resource: dict[str, Any], requested: Sequence[str]
 ) -> list[Issue]:
     """Validate against the requested profiles and the known ones of ``meta.profile``."""
-    validator: ProfileValidator | None = service.profiles
     issues: list[Issue] = []
     # Each profile once, whether asked for with or without its version.
     to_check: dict[str, str] = {}

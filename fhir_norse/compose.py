@@ -1,0 +1,80 @@
+"""The composition root: settings in, the whole server built once (nothing is changed afterwards).
+
+Storage on the configured database, the SearchParameter registry and index extraction, the access
+policy, the audit event builder, the content pack's profiles, and the outcome-monitoring layer: the
+storage hooks of QuestionnaireResponse (intake and scoring) and ServiceRequest (clinician overrides),
+and the operations it runs (``$extract`` always, the adaptive ones where an instrument adapts). The API
+(:mod:`fhir_norse.api.app`) and the commands (:mod:`fhir_norse.cli`) both start here.
+"""
+
+from __future__ import annotations
+
+from fhir_norse.auth.audit import AuditRecorder
+from fhir_norse.auth.policy import AccessPolicy
+from fhir_norse.config import Settings
+from fhir_norse.instruments.registry import InstrumentRegistry
+from fhir_norse.rom.adaptive import AdaptiveOperations
+from fhir_norse.rom.intake import QuestionnaireResponseIntake
+from fhir_norse.rom.operations import adaptive_state, extract, next_question, populate, tailored_form
+from fhir_norse.rom.overrides import ScaleOverrideHook
+from fhir_norse.rom.patient import AdaptiveService
+from fhir_norse.server.interactions import FhirService
+from fhir_norse.server.operations.registry import Operation, OperationRegistry
+from fhir_norse.server.operations.validate import VALIDATE
+from fhir_norse.server.profiles import ProfileValidator
+from fhir_norse.server.repository import Kernel, StorageHook
+from fhir_norse.server.search.extract import default_extractor
+from fhir_norse.server.validation import preload as preload_validation
+from fhir_norse.store.db import create_engine
+from fhir_norse.store.search.params import default_registry
+from fhir_norse.store.storage import Storage
+
+SERVER_NAME = "fhir-norse"
+
+
+def build_service(settings: Settings) -> FhirService:
+    """The server for ``settings``: one engine, one kernel, the hooks and the operations."""
+    engine = create_engine(
+        settings.database_url,
+        synchronous=settings.sqlite_synchronous,
+        busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+        pool_size=settings.db_pool_size,
+    )
+    extractor = default_extractor()
+    # Compile every FHIRPath expression and load the definitions now, not on a patient's first write.
+    extractor.prepare()
+    preload_validation()
+    instruments = InstrumentRegistry.from_content_dir(settings.content_dir)
+    adaptive = AdaptiveService(instruments)
+    intake = QuestionnaireResponseIntake(instruments, adaptive)
+    hooks: dict[str, StorageHook] = {
+        "QuestionnaireResponse": intake,
+        "ServiceRequest": ScaleOverrideHook(instruments),
+    }
+    operations: list[Operation] = [VALIDATE, extract.operation(intake)]
+    if adaptive.adaptive_mappings():
+        ops = AdaptiveOperations(adaptive, intake)
+        operations += [
+            next_question.operation(ops),
+            populate.operation(ops),
+            tailored_form.operation(ops),
+            adaptive_state.operation(ops),
+        ]
+    kernel = Kernel(
+        storage=Storage(engine),
+        registry=default_registry(),
+        extractor=extractor,
+        policy=AccessPolicy(),
+        audit=AuditRecorder(server_name=SERVER_NAME, server_address=settings.base_url),
+        hooks=hooks,
+        profiles=ProfileValidator.from_content_dir(settings.content_dir),
+        default_count=settings.default_count,
+        max_count=settings.max_count,
+    )
+    return FhirService(kernel, OperationRegistry(operations))
+
+
+def event_recorder(service: FhirService, settings: Settings) -> AuditRecorder:
+    """The recorder of events outside a FHIR interaction (token grants), each stored durably in a
+    transaction of its own."""
+    return AuditRecorder(service.record_now, server_name=SERVER_NAME, server_address=settings.base_url)
