@@ -79,8 +79,17 @@ def audit_write(app: Any, n: int) -> dict[str, Any]:
     build, write = [], []
     for i in range(n):
         t0 = time.perf_counter()
-        event = service.audit_event(
-            ctx, "read", "success", "Observation", f"obs-{i}", version=1, patients=["pat-1"]
+        # What the repository builds for a successful read (``Repository.audit``).
+        event = service.audit.event(
+            interaction="read",
+            outcome="success",
+            caller=ctx.caller,
+            resource_type="Observation",
+            resource_id=f"obs-{i}",
+            version="1",
+            patients=["pat-1"],
+            source_address=ctx.source_address,
+            request_id=ctx.request_id,
         )
         t1 = time.perf_counter()
         service.record_now(event)

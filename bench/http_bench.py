@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -338,6 +339,7 @@ def raw_part(url: str, patients: int, per_patient: int, n: int) -> dict[str, Any
     }
     raw = engine.raw_connection()
     dbapi = raw.driver_connection
+    assert dbapi is not None
     if not sqlite:
         dbapi.autocommit = True
     cur = dbapi.cursor()
@@ -413,6 +415,7 @@ def _top(profile: cProfile.Profile, limit: int = 18) -> str:
 
 def profile_part(url: str, patients: int, n: int) -> dict[str, Any]:
     from fhir_norse.server import searching
+    from fhir_norse.server.interactions import InteractionRequest, match
     from fhir_norse.server.resources import new_id, now_ms, stamp_meta
     from fhir_norse.server.search.parse import parse_search
     from fhir_norse.server.validation import validate_resource
@@ -447,7 +450,7 @@ def profile_part(url: str, patients: int, n: int) -> dict[str, Any]:
             page = search_engine.execute_search(view.conn, request)
             t3 = time.perf_counter()
             try:
-                searching._bundle(ctx, request, page)
+                searching.search_bundle(ctx, request, page)
             except Exception as exc:
                 out_errors.setdefault("bundle", repr(exc))
             t4 = time.perf_counter()
@@ -463,10 +466,16 @@ def profile_part(url: str, patients: int, n: int) -> dict[str, Any]:
         "errors": out_errors,
     }
 
+    # The search interaction as a request runs it (``GET [base]/Observation?...``): in the caller's
+    # repository session (access policy, search, AuditEvent, commit), then the searchset Bundle.
+    found = match("GET", "Observation")
+    assert found is not None
+    search_interaction = found[0]
+
     def one_search() -> None:
         params = list(hot_query(*hot_params(rng, patients)).items())
         try:
-            searching.search(service, ctx, "Observation", params)
+            service.perform(ctx, search_interaction, InteractionRequest("Observation", params=params))
         except Exception as exc:
             out_errors.setdefault("search", repr(exc))
             with service.storage.read() as view:
@@ -490,7 +499,7 @@ def profile_part(url: str, patients: int, n: int) -> dict[str, Any]:
         t1 = time.perf_counter()
         res_id, lu = new_id(), now_ms()
         stamped = stamp_meta(body, res_id, 1, lu)
-        rows = service.extractor.extract(stamped)
+        rows = service.kernel.extractor.extract(stamped)
         t2 = time.perf_counter()
         cm = service.storage.write()
         uow = cm.__enter__()
@@ -553,7 +562,7 @@ def run(
         "creates": creates,
         "transactions": transactions,
     }
-    parts = (
+    parts: tuple[tuple[str, Callable[[], dict[str, Any]]], ...] = (
         ("raw", lambda: raw_part(url, patients, per_patient, n)),
         (
             "http",

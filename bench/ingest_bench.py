@@ -73,20 +73,24 @@ from fastapi.testclient import TestClient
 
 import fhir_norse.rom.intake as intake_module
 import fhir_norse.scoring.pipeline as pipeline_module
-import fhir_norse.server.interactions as interactions_module
+import fhir_norse.server.repository as server_repository_module
 import fhir_norse.store.storage as repository_module
 from bench import common
 from fhir_norse.alerts.rules import Alert
 from fhir_norse.api.app import create_app
+from fhir_norse.auth.audit import AuditRecorder
 from fhir_norse.auth.caller import Caller
 from fhir_norse.auth.policy import AccessPolicy
 from fhir_norse.config import Settings
 from fhir_norse.instruments.registry import Instrument, InstrumentRegistry
 from fhir_norse.instruments.schema import InstrumentMapping
 from fhir_norse.rom.intake import QuestionnaireResponseIntake, derived_id
+from fhir_norse.rom.patient import AdaptiveService
 from fhir_norse.scoring.pipeline import PriorAdministration, score_administration
 from fhir_norse.server.context import RequestContext
 from fhir_norse.server.interactions import FhirService
+from fhir_norse.server.profiles import ProfileValidator
+from fhir_norse.server.repository import Repository
 from fhir_norse.store import migrate
 from fhir_norse.store.db import create_engine
 from fhir_norse.store.storage import ReadView, UnitOfWork
@@ -401,25 +405,26 @@ class Phases:
         finally:
             self.leave()
 
-    def wrap(self, owner: Any, attr: str, name: str) -> None:
+    def wrap(self, owner: Any, attr: str, name: str | Callable[..., str]) -> None:
+        """Time ``owner.attr`` as phase ``name`` (or the name ``name(*args, **kwargs)`` gives a call)."""
         original = getattr(owner, attr, None)
         if original is None:  # not in this version of the server: nothing to time
             self.missing.append(f"{getattr(owner, '__name__', type(owner).__name__)}.{attr}")
             return
         had_own = attr in vars(owner)
+        own = vars(owner).get(attr)
         phases = self
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            phases.enter(name)
+            phases.enter(name if isinstance(name, str) else name(*args, **kwargs))
             try:
                 return original(*args, **kwargs)
             finally:
                 phases.leave()
 
-        setattr(owner, attr, timed)
-        self._undo.append(
-            (lambda: setattr(owner, attr, original)) if had_own else (lambda: delattr(owner, attr))
-        )
+        # A static method stays one (else the instance would be passed to it as a first argument).
+        setattr(owner, attr, staticmethod(timed) if isinstance(own, staticmethod) else timed)
+        self._undo.append((lambda: setattr(owner, attr, own)) if had_own else (lambda: delattr(owner, attr)))
 
     def _before_sql(self, *_args: Any) -> None:
         self._sql_started = time.perf_counter()
@@ -432,33 +437,43 @@ class Phases:
     def install_server(self, service: FhirService) -> None:
         """Timers around the phases of a QuestionnaireResponse create (see the report's table)."""
         hook = QuestionnaireResponseIntake
+        # Since issue 11 every request runs in a repository session (``FhirService.perform``): the
+        # unit of work, the access policy, validation, hooks, storage and audit in ``Repository``.
         self.wrap(FhirService, "create", "server: unit of work, pool checkout, rest of create")
-        self.wrap(interactions_module, "validate_resource", "resource validation (validate_resource)")
-        self.wrap(FhirService, "reachable_patients", "authorization: compartment checks")
+        # The repository validates what callers send (the R4 definitions and the model tier) and,
+        # since issue 11, what the server derives (R4 definitions without the model tier, then the
+        # profiles it claims: ``Repository.check_derived``): two phases of their own.
+        self.wrap(server_repository_module, "validate_resource", _validation_phase)
+        self.wrap(Repository, "check_derived", DERIVED + "rest of check_derived")
+        self.wrap(ProfileValidator, "validate", DERIVED + "profiles (ProfileValidator.validate)")
+        self.wrap(Repository, "reach", "authorization: compartment checks")
         self.wrap(AccessPolicy, "require_writable", "authorization: compartment checks")
         self.wrap(AccessPolicy, "patients_of", "authorization: compartment checks")
         self.wrap(hook, "existing", "intake: identifier (retry) lookup")
         self.wrap(hook, "check", "intake: Questionnaire + subject lookup (rest of check)")
         self.wrap(intake_module, "validate_response", "intake validation (validate_response)")
-        self.wrap(hook, "after_save", "scoring run: rest of after_save")
+        self.wrap(hook, "before_commit", "scoring run: rest of after_save")
         self.wrap(hook, "plan", "scoring run: Flags, Task, Provenance, ids (rest of plan)")
+        # The history of an instrument with change statistics (NF 2.1) is read by the adaptive
+        # service (since issue 6); ``_history`` is the sum-score instruments' lookup.
         self.wrap(hook, "_history", "history search: prior Observations (search + parse)")
+        self.wrap(AdaptiveService, "history", "history search: prior Observations (search + parse)")
         self.wrap(hook, "_active_alerts", "history search: active Flags (search + parse)")
         self.wrap(hook, "_owner", "history search: responsible clinician (EpisodeOfCare)")
         self.wrap(intake_module, "score_administration", "scoring (score_administration, pure)")
         self.wrap(pipeline_module, "build_administration", "building Observations + DiagnosticReport")
         self.wrap(hook, "apply", "scoring run: write loop (rest of apply)")
-        self.wrap(FhirService, "_save", "save: stamp meta (rest of _save, save_new_many)")
-        self.wrap(FhirService, "save_new_many", "save: stamp meta (rest of _save, save_new_many)")
-        self.wrap(service.extractor, "extract", "index extraction (extractor.extract)")
+        self.wrap(Repository, "_store", "save: stamp meta (rest of _save, save_new_many)")
+        self.wrap(Repository, "save_derived", "save: stamp meta (rest of _save, save_new_many)")
+        self.wrap(service.kernel.extractor, "extract", "index extraction (extractor.extract)")
         self._count_extraction(service)
         self.wrap(UnitOfWork, "save", "SQL: INSERT resource, history, index rows")
         self.wrap(UnitOfWork, "save_new", "SQL: INSERT resource, history, index rows")
         self.wrap(UnitOfWork, "advisory_lock", "SQL: advisory locks")
         self.wrap(ReadView, "current", "SQL: point reads (current, lock)")
         self.wrap(UnitOfWork, "lock", "SQL: point reads (current, lock)")
-        self.wrap(FhirService, "audit_event", "audit: build AuditEvent")
-        self.wrap(FhirService, "record", "audit: store AuditEvent (rest)")
+        self.wrap(AuditRecorder, "event", "audit: build AuditEvent")
+        self.wrap(Repository, "_store_audit", "audit: store AuditEvent (rest)")
         engine = service.storage.engine
         self.wrap(engine.dialect, "do_commit", "SQL: COMMIT")
         self.wrap(engine.dialect, "do_ping", "SQL: pool pre-ping")
@@ -469,7 +484,8 @@ class Phases:
         self._undo.append(lambda: sa.event.remove(engine, "after_cursor_execute", after))
 
     def _count_extraction(self, service: FhirService) -> None:
-        timed = service.extractor.extract
+        extractor = service.kernel.extractor
+        timed = extractor.extract
         by_type = self.by_type
 
         def counted(resource: Json, *args: Any, **kwargs: Any) -> Any:
@@ -481,8 +497,8 @@ class Phases:
             entry[2] += len(rows)
             return rows
 
-        service.extractor.extract = counted  # type: ignore[method-assign,assignment]
-        self._undo.append(lambda: setattr(service.extractor, "extract", timed))
+        extractor.extract = counted  # type: ignore[method-assign,assignment]
+        self._undo.append(lambda: setattr(extractor, "extract", timed))
 
     def install_scoring(self) -> None:
         """Timers around the steps of ``score_administration``."""
@@ -516,6 +532,16 @@ class Phases:
         return sorted(rows, key=lambda r: -float(r["ms"]))
 
 
+DERIVED = "derived resources: "
+
+
+def _validation_phase(*_args: Any, model: bool = True, **_kwargs: Any) -> str:
+    """``validate_resource`` of what a caller sends, or (``model=False``) of what the server derives."""
+    if model:
+        return "resource validation (validate_resource)"
+    return DERIVED + "R4 definitions (validate_resource, model=False)"
+
+
 CATEGORIES = (
     ("HTTP: TestClient, ASGI, FastAPI, token check, JSON in/out", ("HTTP",)),
     ("resource validation", ("resource validation",)),
@@ -524,6 +550,7 @@ CATEGORIES = (
     ("scoring (pure)", ("scoring (",)),
     ("building resources (Observations, report, Flags, Task, Provenance)", ("building", "scoring run")),
     ("index extraction (FHIRPath)", ("index extraction",)),
+    ("derived resources checked against R4 and their profiles (since issue 11)", (DERIVED,)),
     ("SQL writes, point reads, commit", ("SQL:",)),
     ("audit (build + index + store the AuditEvent)", ("audit",)),
     ("other server code (unit of work, stamp, compartments)", ("server", "save:", "authorization")),
@@ -632,7 +659,8 @@ def history_plan(app: FastAPI, body: Json) -> dict[str, Any]:
     plan of the slowest statement (SQLite: EXPLAIN QUERY PLAN; PostgreSQL: EXPLAIN ANALYZE)."""
     service: FhirService = app.state.service
     engine: sa.Engine = service.storage.engine
-    hook: Any = service.hooks["QuestionnaireResponse"]
+    hook: Any = service.kernel.hooks["QuestionnaireResponse"]
+    ctx = RequestContext(caller=Caller.operator(), base_url=AUDIENCE)
     captured: list[list[Any]] = []  # [statement, parameters, seconds]
 
     def before(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_rest: Any) -> None:
@@ -644,9 +672,10 @@ def history_plan(app: FastAPI, body: Json) -> dict[str, Any]:
     sa.event.listen(engine, "before_cursor_execute", before)
     sa.event.listen(engine, "after_cursor_execute", after)
     try:
-        with service.storage.read() as reader:
+        # The server's own repository (as the intake runs its plan), on a transaction that writes nothing.
+        with service.storage.write() as uow:
             t0 = time.perf_counter()
-            hook.plan(service, reader, body, rescore=False)
+            hook.plan(Repository(service.kernel, uow, ctx, server=True), body, rescore=False)
             seconds = time.perf_counter() - t0
     finally:
         sa.event.remove(engine, "before_cursor_execute", before)
@@ -737,7 +766,8 @@ class CapturedIngest:
         self.indexed: list[Json] = []
         self.rows: dict[str, tuple[sa.Table, list[dict[str, Any]]]] = {}
         self.inserts = 0
-        extract = service.extractor.extract
+        extractor = service.kernel.extractor
+        extract = extractor.extract
         row_values = getattr(repository_module, "_row_values", None)
         tables: dict[type, sa.Table] = getattr(repository_module, "_INDEX_TABLE", {})
 
@@ -763,7 +793,7 @@ class CapturedIngest:
 
         engine = service.storage.engine
         patched: Any = repository_module
-        service.extractor.extract = recording  # type: ignore[method-assign,assignment]
+        extractor.extract = recording  # type: ignore[method-assign,assignment]
         if row_values is not None and tables:
             patched._row_values = mapped
         sa.event.listen(engine, "before_execute", count)
@@ -773,7 +803,7 @@ class CapturedIngest:
             sa.event.remove(engine, "before_execute", count)
             if row_values is not None and tables:
                 patched._row_values = row_values
-            del service.extractor.extract
+            del extractor.extract
 
 
 def insert_what_if(app: FastAPI, ingest_: CapturedIngest, repeats: int = 15) -> dict[str, Any]:
@@ -858,12 +888,13 @@ def extraction_what_if(app: FastAPI, ingest_: CapturedIngest, repeats: int = 5) 
     extractor has a FHIRPath fast path, fhirpathpy alone (``fast=False``) for comparison."""
     service: FhirService = app.state.service
     extractors: dict[str, Any] = {}
-    fast = getattr(service.extractor, "fast", None)
+    server_extractor = service.kernel.extractor
+    fast = getattr(server_extractor, "fast", None)
     extractors[f"server's extractor (fast={fast})" if fast is not None else "server's extractor"] = (
-        service.extractor
+        server_extractor
     )
     if fast is not None:
-        factory: Any = type(service.extractor)
+        factory: Any = type(server_extractor)
         other = factory(service.registry, fast=not fast)
         other.prepare()
         extractors[f"the same with fast={not fast}"] = other

@@ -35,7 +35,7 @@ from fhir_norse.server.search.extract import default_extractor
 from fhir_norse.server.validation import validate_resource
 from fhir_norse.store import migrate
 from fhir_norse.store.db import create_engine
-from fhir_norse.store.storage import _INDEX_TABLE, H, R, Repository, _row_values
+from fhir_norse.store.storage import _INDEX_TABLE, H, R, Storage, _row_values
 from fhir_norse.store.tables import INDEX_TABLES
 
 
@@ -89,7 +89,7 @@ def load(
     common.reset(kind)
     engine = create_engine(url)
     migrate.upgrade(engine)
-    repo = Repository(engine)
+    repo = Storage(engine)
     extractor = default_extractor()
     total = patients * (1 + per_patient)
     timings = {"validate": 0.0, "stamp_extract": 0.0, "store": 0.0}
@@ -100,7 +100,7 @@ def load(
     def prepared(
         chunk: list[tuple[str, str, dict[str, Any]]],
     ) -> list[tuple[str, str, dict[str, Any], Any, list[Any]]]:
-        out = []
+        out: list[tuple[str, str, dict[str, Any], Any, list[Any]]] = []
         for res_type, res_id, body in chunk:
             n = counts["resources"] + len(out)
             if validate == "all" or (validate == "sample" and (n < 1000 or n % 100 == 0)):

@@ -175,7 +175,7 @@ def report(label: str, run_info: dict[str, Any]) -> str:
         if h is None:
             return "not run"
         if "failed" in (h.get("http") or {}):
-            return "benchmark error: " + h["http"]["failed"][:120]
+            return "benchmark error: " + str(h["http"]["failed"])[:120]
         err = _get(h, "http", "errors", key)
         if err:
             return f"{err['count']} server errors, first: `{err['first'][:100]}`"

@@ -74,6 +74,21 @@ def build_service(settings: Settings) -> FhirService:
     return FhirService(kernel, OperationRegistry(operations))
 
 
+def build_reader(database_url: str, *, pool_size: int = 1) -> FhirService:
+    """The generic server on ``database_url`` without the outcome-monitoring layer: what a command that
+    only reads stored resources (``fhir-norse calibrate``) goes through, so its reads pass the same
+    repository (and leave the same audit trail) as any other."""
+    extractor = default_extractor()
+    kernel = Kernel(
+        storage=Storage(create_engine(database_url, pool_size=pool_size)),
+        registry=default_registry(),
+        extractor=extractor,
+        policy=AccessPolicy(),
+        audit=AuditRecorder(server_name=SERVER_NAME),
+    )
+    return FhirService(kernel, OperationRegistry([VALIDATE]))
+
+
 def event_recorder(service: FhirService, settings: Settings) -> AuditRecorder:
     """The recorder of events outside a FHIR interaction (token grants), each stored durably in a
     transaction of its own."""

@@ -202,65 +202,53 @@ def _answer_sets(
     database_url: str, targets: frozenset[tuple[str, str]], link_ids: frozenset[str]
 ) -> Iterator[dict[str, str]]:
     """The clinical-scale answers (linkId -> code) of every counted response, read in keyset pages."""
+    from urllib.parse import urlencode
+
     import sqlalchemy as sa
     from sqlalchemy.engine import make_url
 
+    from fhir_norse.auth.caller import Caller
+    from fhir_norse.compose import build_reader
+    from fhir_norse.server.context import RequestContext
+    from fhir_norse.server.search.parse import parse_search
     from fhir_norse.store import migrate
-    from fhir_norse.store.db import create_engine
-    from fhir_norse.store.tables import ReferenceIndex, ResourceRow, TokenIndex
 
     parsed = make_url(database_url)
     local = parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
     if local and not Path(str(parsed.database)).is_file():
         raise CalibrationRefused(f"no database at {parsed.database}", 2)
-    res = ResourceRow.__table__  # type: ignore[attr-defined]
-    tok = TokenIndex.__table__  # type: ignore[attr-defined]
-    ref = ReferenceIndex.__table__  # type: ignore[attr-defined]
-    qr = "QuestionnaireResponse"
-    page = (
-        sa.select(res.c.pk, sa.cast(res.c.body, sa.Text))
-        .where(
-            res.c.res_type == qr,
-            sa.not_(res.c.deleted),
-            res.c.pk > sa.bindparam("after"),
-            sa.exists().where(
-                tok.c.resource_pk == res.c.pk,
-                tok.c.res_type == qr,
-                tok.c.param == "status",
-                tok.c.code.in_(COUNTED_STATUSES),
-            ),
-            sa.exists().where(
-                ref.c.resource_pk == res.c.pk,
-                ref.c.res_type == qr,
-                ref.c.param == "questionnaire",
-                ref.c.url.in_(sorted({url for url, _ in targets})),
-            ),
-        )
-        .order_by(res.c.pk)
-        .limit(PAGE_SIZE)
-    )
-    engine = create_engine(database_url, pool_size=1)
+    service = build_reader(database_url)
     try:
         try:
-            revision = migrate.current_revision(engine)
+            revision = migrate.current_revision(service.storage.engine)
         except sa.exc.SQLAlchemyError as exc:
             raise CalibrationRefused(f"cannot open the database: {exc.__class__.__name__}: {exc}", 2) from exc
         if revision is None:
             raise CalibrationRefused("the database has no schema yet; run `fhir-norse migrate` first", 2)
-        after = 0
-        with engine.connect() as conn:
-            while True:
-                rows = conn.execute(page, {"after": after}).all()
-                for pk, text in rows:
-                    after = pk
-                    body = orjson.loads(text) if text else None
-                    if isinstance(body, dict) and counts_response(body, targets):
-                        answers = answers_from_response(body)
-                        yield {k: sys.intern(v) for k, v in answers.items() if k in link_ids}
-                if len(rows) < PAGE_SIZE:
-                    break
+        # Counted responses of the target Questionnaires, by their canonical, in keyset pages; each page
+        # is a search of the operator through the repository (and so in the audit trail).
+        ctx = RequestContext(caller=Caller.operator(), base_url="urn:fhir-norse:calibrate")
+        params = [
+            ("status", ",".join(COUNTED_STATUSES)),
+            ("questionnaire", ",".join(sorted({url for url, _ in targets}))),
+            ("_count", str(PAGE_SIZE)),
+        ]
+        cursor: str | None = None
+        while True:
+            paged = params if cursor is None else [*params, ("_cursor", cursor)]
+            request = parse_search("QuestionnaireResponse", paged, strict=True, registry=service.registry)
+            with service.session(ctx) as repo:
+                page = repo.search(request, query=f"QuestionnaireResponse?{urlencode(paged)}")
+            for row in page.matches:
+                body = orjson.loads(row.body_text) if row.body_text else None
+                if isinstance(body, dict) and counts_response(body, targets):
+                    answers = answers_from_response(body)
+                    yield {k: sys.intern(v) for k, v in answers.items() if k in link_ids}
+            cursor = page.next_cursor
+            if cursor is None:
+                break
     finally:
-        engine.dispose()
+        service.storage.engine.dispose()
 
 
 # -- the command ----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import copy
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, cast
 
 import orjson
@@ -127,17 +128,33 @@ def _same_answers(a: JsonDict, b: JsonDict) -> bool:
     return all(a.get(k) == b.get(k) for k in keys)
 
 
-@dataclass(frozen=True)
 class PatientRecord:
     """What one write needs to know of the patient, read once per write (validation and the scoring
-    plan both use it): the forms, the instrument, the episode and the other administrations of it."""
+    plan both use it): the forms, the instrument, the episode and, read when first needed, the other
+    scored administrations of the episode (adaptive instruments), oldest first."""
 
-    form: JsonDict
-    questionnaire: JsonDict
-    instrument: Instrument | None
-    episode: str | None
-    # The other scored administrations of the episode (adaptive instruments), oldest first.
-    administrations: tuple[Administration, ...] = ()
+    def __init__(
+        self,
+        form: JsonDict,
+        questionnaire: JsonDict,
+        instrument: Instrument | None,
+        episode: str | None,
+        read_administrations: Callable[[], Sequence[Administration]],
+    ) -> None:
+        self.form = form
+        self.questionnaire = questionnaire
+        self.instrument = instrument
+        self.episode = episode
+        self._read = read_administrations
+
+    @cached_property
+    def administrations(self) -> tuple[Administration, ...]:
+        return tuple(self._read())
+
+    def read_again_after_lock(self) -> None:
+        """Forget administrations read before the patient's scoring lock was taken (only when the
+        validation needed them): a concurrent run may have committed one since."""
+        self.__dict__.pop("administrations", None)
 
 
 class QuestionnaireResponseIntake(StorageHook):
@@ -244,24 +261,22 @@ class QuestionnaireResponseIntake(StorageHook):
         form, questionnaire = self.forms(server, response)
         instrument = self.instrument_of(questionnaire)
         episode = self.adaptive.episode(server, response)
-        administrations: tuple[Administration, ...] = ()
         patient = (response.get("subject") or {}).get("reference")
-        if (
-            instrument is not None
-            and isinstance(instrument.mapping, InstrumentMapping)
-            and isinstance(patient, str)
-            and reference_id(patient, "Patient") is not None
-        ):
-            administrations = tuple(
-                self.adaptive.history(
-                    server,
-                    patient,
-                    instrument.mapping,
-                    episode,
-                    exclude_response=str(response.get("id") or "") or None,
-                )
+
+        def read_administrations() -> Sequence[Administration]:
+            if (
+                instrument is None
+                or not isinstance(instrument.mapping, InstrumentMapping)
+                or not isinstance(patient, str)
+                or reference_id(patient, "Patient") is None
+            ):
+                return ()
+            exclude = str(response.get("id") or "") or None
+            return self.adaptive.history(
+                server, patient, instrument.mapping, episode, exclude_response=exclude
             )
-        record = PatientRecord(form, questionnaire, instrument, episode, administrations)
+
+        record = PatientRecord(form, questionnaire, instrument, episode, read_administrations)
         repo.memo[key] = record
         return record
 
@@ -377,6 +392,7 @@ class QuestionnaireResponseIntake(StorageHook):
             # One scoring run per patient at a time: the history and the active alerts read next must
             # include a concurrent run's writes, or two runs could both raise the same alert.
             server.serialize(f"scoring:{(body.get('subject') or {}).get('reference')}")
+            self.record(server, body).read_again_after_lock()
             # A response stored before (even if deleted since) may have derived resources already.
             plan = self.plan(server, body, rescore=previous is not None)
         elif status == "entered-in-error" and before is not None:

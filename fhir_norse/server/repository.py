@@ -67,7 +67,6 @@ from fhir_norse.server.search.extract import IndexExtractor
 from fhir_norse.server.search.parse import parse_search
 from fhir_norse.server.search.typed import Where, to_request
 from fhir_norse.server.validation import validate_resource
-from fhir_norse.store.rows import IndexRow
 from fhir_norse.store.search import engine
 from fhir_norse.store.search.params import SearchParamRegistry
 from fhir_norse.store.search.request import CompartmentCriterion, SearchRequest
@@ -647,15 +646,16 @@ class Repository:
         access: Access,
     ) -> WriteOutcome:
         """Store a validated resource: hooks, the compartment of its new content, storage, audit."""
+        patients = self.reach(access)
+        if patients is not None:
+            # Before the hooks look at the content: a write placed outside the caller's reach is 403
+            # whether or not what it names exists, so no hook's answer can tell the difference.
+            rows = self.kernel.extractor.extract({**body, "id": res_id})
+            self.kernel.policy.require_writable(res_type, res_id, rows, access, patients)
         hook = self.kernel.hooks.get(res_type)
         if hook is not None:
             hook.before_storage(self, res_id, body, previous)
-        patients = self.reach(access)
-
-        def check(rows: list[IndexRow]) -> None:
-            self.kernel.policy.require_writable(res_type, res_id, rows, access, patients)
-
-        outcome = self._store(res_type, res_id, body, previous, interaction, check)
+        outcome = self._store(res_type, res_id, body, previous, interaction)
         self.audit(
             interaction,
             res_type,

@@ -486,6 +486,7 @@ def patients(draw: st.DrawFn, max_administrations: int = 40) -> Patient:
     override_changes = st.lists(
         st.tuples(st.sampled_from(codes), st.sampled_from(OVERRIDE_CHANGES)), max_size=2
     )
+    items = [(scale.code, link_id) for scale in m.scales for link_id in scale.items]
     in_force: dict[str, Override] = {}
     answers: list[Answers | None] = []
     overrides: dict[int, dict[str, Override]] = {}
@@ -503,7 +504,6 @@ def patients(draw: st.DrawFn, max_administrations: int = 40) -> Patient:
         if draw(st.integers(1, 10)) == 10:
             answers.append(None)
             continue
-        items = [(scale.code, link_id) for scale in m.scales for link_id in scale.items]
         sheet: dict[str, int] = {}
         for (code, link_id), offset in zip(items, picks(draw, (0, -1, 1), len(items)), strict=True):
             sheet[link_id] = raw_answer(m, link_id, min(7, max(1, severity[code] + offset)))

@@ -1131,9 +1131,9 @@ def _relative(expression: str) -> bool:
 
 
 @cache
-def _absolute_and_relative(resource_type: str) -> tuple[list[str], list[str]]:
+def _absolute_and_relative(resource_type: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     expressions = _expressions(resource_type)
-    return [e for e in expressions if not _relative(e)], [e for e in expressions if _relative(e)]
+    return tuple(e for e in expressions if not _relative(e)), tuple(e for e in expressions if _relative(e))
 
 
 def _compare_expressions(resource_type: str, resource: JsonDict) -> tuple[int, int]:

@@ -62,13 +62,7 @@ def extract(
     operation = "operation:extract"
     with service.audited_session(ctx, operation, RES_TYPE, res_id) as repo:
         repo.grant(operation, RES_TYPE)
-        response = _response(repo, intake, res_id, body)
-        patient = repo.require_patient(
-            (response.get("subject") or {}).get("reference"),
-            interaction=operation,
-            res_type=RES_TYPE,
-            expression="QuestionnaireResponse.subject",
-        )
+        response, patient = _response(repo, intake, res_id, body)
         if response.get("status") not in ("completed", "amended"):
             raise Unprocessable(
                 f"Only completed or amended responses are scored (status is {response.get('status')!r})",
@@ -99,15 +93,25 @@ def _response(
     intake: QuestionnaireResponseIntake,
     res_id: str | None,
     body: dict[str, Any] | None,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], str]:
+    """The response to extract and its subject (``Patient/<id>``): a stored one within reach, or the one
+    posted, whose subject must be within reach (404 otherwise, as if absent) before it is validated."""
     if res_id is not None:
         stored = repo.get(RES_TYPE, check_id(res_id))
         if stored is None:
             raise NotFound(f"{RES_TYPE}/{res_id} is not known")
-        return loads(stored.body_text)
-    if body is None:
-        raise BadRequest("$extract at type level needs a QuestionnaireResponse in the body")
-    response = _unwrap(body)
-    validate_resource(response, expected_type=RES_TYPE)
-    intake.check(repo, response, None)
-    return response
+        response = loads(stored.body_text)
+    else:
+        if body is None:
+            raise BadRequest("$extract at type level needs a QuestionnaireResponse in the body")
+        response = _unwrap(body)
+        validate_resource(response, expected_type=RES_TYPE)
+    patient = repo.require_patient(
+        (response.get("subject") or {}).get("reference"),
+        interaction="operation:extract",
+        res_type=RES_TYPE,
+        expression="QuestionnaireResponse.subject",
+    )
+    if res_id is None:
+        intake.check(repo, response, None)
+    return response, patient
