@@ -154,7 +154,7 @@ def app(settings: Settings) -> Iterator[FastAPI]:
 
 
 @pytest.fixture
-def client(app: FastAPI) -> Iterator[TestClient]:
+def system_client(app: FastAPI) -> Iterator[TestClient]:
     """A client with a ``system/*.cruds`` token: every interaction, no compartment."""
     with TestClient(app, raise_server_exceptions=False) as test_client:
         test_client.headers.update(bearer(app))

@@ -21,7 +21,6 @@ from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode
 
-from fhir_norse.auth.audit import AuditRecorder
 from fhir_norse.outcomes import BadRequest, FhirError, Issue, MethodNotAllowed, information, operation_outcome
 from fhir_norse.server.context import RequestContext, Result
 from fhir_norse.server.operations.registry import OperationCall, OperationRegistry
@@ -32,10 +31,10 @@ from fhir_norse.server.repository import (
     Repository,
     WriteOutcome,
     loads,
-    store_audit_event,
+    record_event,
+    record_refusal,
 )
 from fhir_norse.server.resources import (
-    ID_PATTERN,
     check_type,
     dumps,
     etag,
@@ -445,21 +444,16 @@ class FhirService:
     def registry(self) -> SearchParamRegistry:
         return self.kernel.registry
 
-    @property
-    def audit(self) -> AuditRecorder:
-        return self.kernel.audit
-
     @contextmanager
     def session(self, ctx: RequestContext) -> Iterator[Repository]:
         """The caller's repository on a new transaction, committed when the block ends without error."""
-        with self.kernel.storage.write() as uow:
-            yield Repository(self.kernel, uow, ctx)
+        with Repository.open(self.kernel, ctx) as repo:
+            yield repo
 
     def record_now(self, event: JsonDict) -> None:
         """Store an AuditEvent in a transaction of its own, committed before this returns (the sink of
-        events outside a FHIR interaction: token grants, refusals)."""
-        with self.kernel.storage.write() as uow:
-            store_audit_event(self.kernel, uow, event)
+        events outside a FHIR interaction: token grants)."""
+        record_event(self.kernel, event)
 
     def record_refusal(
         self,
@@ -471,19 +465,8 @@ class FhirService:
         query: str | None,
         reason: str,
     ) -> None:
-        self.record_now(
-            self.kernel.audit.event(
-                interaction=interaction,
-                outcome=outcome,
-                caller=ctx.caller,
-                resource_type=res_type,
-                resource_id=res_id if res_id is not None and ID_PATTERN.match(res_id) else None,
-                query=query,
-                source_address=ctx.source_address,
-                request_id=ctx.request_id,
-                failure_reason=reason[:500],
-            )
-        )
+        """Record a refused or failed interaction, after its own work was rolled back."""
+        record_refusal(self.kernel, ctx, interaction, outcome, res_type, res_id, query, reason)
 
     @contextmanager
     def audited_session(

@@ -25,7 +25,8 @@ at the storage seam so that patches, transactions and derived writes are checked
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -186,6 +187,13 @@ class Repository:
         self._patients: dict[Access, frozenset[str] | None] = {}
         # What the hooks derived once and share within this transaction (such as a patient's record).
         self.memo: dict[Any, Any] = {} if memo is None else memo
+
+    @classmethod
+    @contextmanager
+    def open(cls, kernel: Kernel, ctx: RequestContext) -> Iterator[Repository]:
+        """A repository for ``ctx`` on a new transaction, committed when the block ends without error."""
+        with kernel.storage.write() as uow:
+            yield cls(kernel, uow, ctx)
 
     @property
     def caller(self) -> Caller:
@@ -789,6 +797,37 @@ def store_audit_event(kernel: Kernel, uow: UnitOfWork, event: JsonDict) -> None:
         previous=None,
         index_rows=kernel.extractor.extract(stamped),
     )
+
+
+def record_event(kernel: Kernel, event: JsonDict) -> None:
+    """Store an AuditEvent in a transaction of its own, committed before this returns."""
+    with kernel.storage.write() as uow:
+        store_audit_event(kernel, uow, event)
+
+
+def record_refusal(
+    kernel: Kernel,
+    ctx: RequestContext,
+    interaction: str,
+    outcome: str,
+    res_type: str | None,
+    res_id: str | None,
+    query: str | None,
+    reason: str,
+) -> None:
+    """Record a refused (4xx) or failed (5xx) interaction in a transaction of its own."""
+    event = kernel.audit.event(
+        interaction=interaction,
+        outcome=outcome,
+        caller=ctx.caller,
+        resource_type=res_type,
+        resource_id=res_id if res_id is not None and ID_PATTERN.match(res_id) else None,
+        query=query,
+        source_address=ctx.source_address,
+        request_id=ctx.request_id,
+        failure_reason=reason[:500],
+    )
+    record_event(kernel, event)
 
 
 def _refuse_audit_change(res_type: str) -> None:

@@ -183,6 +183,18 @@ class NewResource:
     index_rows: Sequence[IndexRow] = ()
 
 
+def _history_where(
+    query: sa.Select[Any], res_type: str | None, res_id: str | None, since: datetime | None
+) -> sa.Select[Any]:
+    if res_type is not None:
+        query = query.where(H.c.res_type == res_type)
+    if res_id is not None:
+        query = query.where(H.c.res_id == res_id)
+    if since is not None:
+        query = query.where(H.c.last_updated >= since)
+    return query
+
+
 class ReadView:
     """Queries on one connection (inside whatever transaction it has)."""
 
@@ -218,13 +230,7 @@ class ReadView:
         ``before_pk`` pages towards older entries; ``after_pk`` returns the ``count`` entries just
         newer than it, oldest first (the caller reverses them for a "previous" page).
         """
-        query = sa.select(*_HISTORY_COLS)
-        if res_type is not None:
-            query = query.where(H.c.res_type == res_type)
-        if res_id is not None:
-            query = query.where(H.c.res_id == res_id)
-        if since is not None:
-            query = query.where(H.c.last_updated >= since)
+        query = _history_where(sa.select(*_HISTORY_COLS), res_type, res_id, since)
         if before_pk is not None:
             query = query.where(H.c.pk < before_pk)
         if after_pk is not None:
@@ -237,13 +243,7 @@ class ReadView:
     def history_count(
         self, *, res_type: str | None = None, res_id: str | None = None, since: datetime | None = None
     ) -> int:
-        query = sa.select(sa.func.count()).select_from(H)
-        if res_type is not None:
-            query = query.where(H.c.res_type == res_type)
-        if res_id is not None:
-            query = query.where(H.c.res_id == res_id)
-        if since is not None:
-            query = query.where(H.c.last_updated >= since)
+        query = _history_where(sa.select(sa.func.count()).select_from(H), res_type, res_id, since)
         return int(self.conn.execute(query).scalar_one())
 
 

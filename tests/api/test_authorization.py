@@ -37,24 +37,24 @@ def obs(patient: str, code: str = "44261-6", performer: str | None = None) -> di
 
 
 @pytest.fixture
-def world(client: TestClient) -> dict[str, str]:
+def world(system_client: TestClient) -> dict[str, str]:
     """Two patients with one Observation each, a practitioner in Sonja's care team, another outside it."""
     for pid in ("sonja", "harald"):
         assert (
-            client.put(
+            system_client.put(
                 f"/fhir/Patient/{pid}", json={"resourceType": "Patient", "id": pid}, headers=FHIR
             ).status_code
             == 201
         )
     for prid in ("therapist", "stranger"):
-        client.put(
+        system_client.put(
             f"/fhir/Practitioner/{prid}", json={"resourceType": "Practitioner", "id": prid}, headers=FHIR
         )
-    sonja_obs = client.post(
+    sonja_obs = system_client.post(
         "/fhir/Observation", json=obs("sonja", performer="Practitioner/therapist"), headers=FHIR
     ).json()["id"]
-    harald_obs = client.post("/fhir/Observation", json=obs("harald"), headers=FHIR).json()["id"]
-    client.post(
+    harald_obs = system_client.post("/fhir/Observation", json=obs("harald"), headers=FHIR).json()["id"]
+    system_client.post(
         "/fhir/CareTeam",
         headers=FHIR,
         json={
@@ -64,7 +64,7 @@ def world(client: TestClient) -> dict[str, str]:
             "participant": [{"member": {"reference": "Practitioner/therapist"}}],
         },
     )
-    client.post(
+    system_client.post(
         "/fhir/Questionnaire",
         headers=FHIR,
         json={"resourceType": "Questionnaire", "status": "active", "url": "http://example.org/q"},
@@ -238,7 +238,9 @@ def test_patient_token_writes_only_into_its_compartment(sonja: TestClient, world
     )
 
 
-def test_patient_token_in_a_transaction(sonja: TestClient, world: dict[str, str], client: TestClient) -> None:
+def test_patient_token_in_a_transaction(
+    sonja: TestClient, world: dict[str, str], system_client: TestClient
+) -> None:
     bundle = {
         "resourceType": "Bundle",
         "type": "transaction",
@@ -249,7 +251,9 @@ def test_patient_token_in_a_transaction(sonja: TestClient, world: dict[str, str]
     }
     response = sonja.post("/fhir", json=bundle, headers=FHIR)
     assert response.status_code == 404
-    assert client.get("/fhir/Observation?_total=accurate&_count=0").json()["total"] == 2  # nothing stored
+    assert (
+        system_client.get("/fhir/Observation?_total=accurate&_count=0").json()["total"] == 2
+    )  # nothing stored
 
 
 # --- practitioners and care teams ------------------------------------------------------------------
@@ -267,9 +271,9 @@ def test_practitioner_reaches_only_patients_in_care(
 
 
 def test_episode_of_care_manager_reaches_the_patient(
-    app: FastAPI, client: TestClient, world: dict[str, str]
+    app: FastAPI, system_client: TestClient, world: dict[str, str]
 ) -> None:
-    client.post(
+    system_client.post(
         "/fhir/EpisodeOfCare",
         headers=FHIR,
         json={
@@ -287,18 +291,18 @@ def test_episode_of_care_manager_reaches_the_patient(
 # --- the audit trail -----------------------------------------------------------------------------
 
 
-def audit_events(client: TestClient, query: str) -> list[dict[str, Any]]:
-    bundle = client.get(f"/fhir/AuditEvent?{query}&_count=200").json()
+def audit_events(system_client: TestClient, query: str) -> list[dict[str, Any]]:
+    bundle = system_client.get(f"/fhir/AuditEvent?{query}&_count=200").json()
     return [e["resource"] for e in bundle.get("entry", []) if e["search"]["mode"] == "match"]
 
 
-def test_every_access_is_audited(sonja: TestClient, client: TestClient, world: dict[str, str]) -> None:
+def test_every_access_is_audited(sonja: TestClient, system_client: TestClient, world: dict[str, str]) -> None:
     sonja.get(f"/fhir/Observation/{world['sonja_obs']}")
     sonja.get(f"/fhir/Observation/{world['harald_obs']}")  # refused
-    events = audit_events(client, "patient=Patient/sonja")
+    events = audit_events(system_client, "patient=Patient/sonja")
     reads = [e for e in events if e["subtype"][0]["code"] == "read"]
     assert any(e["outcome"] == "0" and e["agent"][0] for e in reads)
-    refused = audit_events(client, "outcome=4")
+    refused = audit_events(system_client, "outcome=4")
     assert any(
         any(
             ent.get("what", {}).get("reference", "").startswith("Observation/" + world["harald_obs"])
@@ -307,21 +311,21 @@ def test_every_access_is_audited(sonja: TestClient, client: TestClient, world: d
         for e in refused
     )
     # The privacy officer's questions: who saw Sonja's data, by agent and by date.
-    assert audit_events(client, "agent=Patient/sonja")
-    assert audit_events(client, "patient=Patient/sonja&date=ge2000-01-01")
-    assert audit_events(client, "agent:identifier=urn:fhir-norse:client|test-operator")
+    assert audit_events(system_client, "agent=Patient/sonja")
+    assert audit_events(system_client, "patient=Patient/sonja&date=ge2000-01-01")
+    assert audit_events(system_client, "agent:identifier=urn:fhir-norse:client|test-operator")
 
 
-def test_writes_are_audited_in_the_same_transaction(client: TestClient) -> None:
-    before = len(audit_events(client, "action=C&outcome=0"))
-    refused_before = len(audit_events(client, "action=C&outcome=4"))
+def test_writes_are_audited_in_the_same_transaction(system_client: TestClient) -> None:
+    before = len(audit_events(system_client, "action=C&outcome=0"))
+    refused_before = len(audit_events(system_client, "action=C&outcome=4"))
     bad = {"resourceType": "Observation", "status": "nonsense", "code": {"text": "x"}}
-    assert client.post("/fhir/Observation", json=bad, headers=FHIR).status_code == 400
-    created = client.post("/fhir/Observation", json=obs("sonja"), headers=FHIR).json()
-    creates = audit_events(client, "action=C&outcome=0")
+    assert system_client.post("/fhir/Observation", json=bad, headers=FHIR).status_code == 400
+    created = system_client.post("/fhir/Observation", json=obs("sonja"), headers=FHIR).json()
+    creates = audit_events(system_client, "action=C&outcome=0")
     assert len(creates) == before + 1
     # The refused create stored nothing but its own record.
-    assert len(audit_events(client, "action=C&outcome=4")) == refused_before + 1
+    assert len(audit_events(system_client, "action=C&outcome=4")) == refused_before + 1
     assert any(
         ent.get("what", {}).get("reference", "").startswith(f"Observation/{created['id']}")
         for e in creates
@@ -329,14 +333,14 @@ def test_writes_are_audited_in_the_same_transaction(client: TestClient) -> None:
     )
 
 
-def test_audit_events_cannot_be_changed(client: TestClient) -> None:
-    client.get("/fhir/Patient")
-    event = audit_events(client, "subtype=search-type")[0]
-    assert client.put(f"/fhir/AuditEvent/{event['id']}", json=event, headers=FHIR).status_code == 405
-    assert client.delete(f"/fhir/AuditEvent/{event['id']}").status_code == 405
+def test_audit_events_cannot_be_changed(system_client: TestClient) -> None:
+    system_client.get("/fhir/Patient")
+    event = audit_events(system_client, "subtype=search-type")[0]
+    assert system_client.put(f"/fhir/AuditEvent/{event['id']}", json=event, headers=FHIR).status_code == 405
+    assert system_client.delete(f"/fhir/AuditEvent/{event['id']}").status_code == 405
     patch = [{"op": "replace", "path": "/outcome", "value": "0"}]
     assert (
-        client.patch(
+        system_client.patch(
             f"/fhir/AuditEvent/{event['id']}",
             json=patch,
             headers={"Content-Type": "application/json-patch+json"},
@@ -345,7 +349,7 @@ def test_audit_events_cannot_be_changed(client: TestClient) -> None:
     )
 
 
-def test_token_grants_are_audited(app: FastAPI, client: TestClient) -> None:
+def test_token_grants_are_audited(app: FastAPI, system_client: TestClient) -> None:
     with TestClient(app) as anonymous:
         refused = anonymous.post(
             "/auth/token",
@@ -357,13 +361,13 @@ def test_token_grants_are_audited(app: FastAPI, client: TestClient) -> None:
             },
         )
     assert refused.status_code in (400, 401)
-    grants = audit_events(client, "type=http://dicom.nema.org/resources/ontology/DCM|110114")
+    grants = audit_events(system_client, "type=http://dicom.nema.org/resources/ontology/DCM|110114")
     assert grants and grants[0]["outcome"] != "0"
     assert "not.a.jwt" not in orjson.dumps(grants).decode()
 
 
-def test_cors_is_off_by_default(client: TestClient) -> None:
-    response = client.options(
+def test_cors_is_off_by_default(system_client: TestClient) -> None:
+    response = system_client.options(
         "/fhir/Patient", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"}
     )
     assert "access-control-allow-origin" not in response.headers

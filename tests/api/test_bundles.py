@@ -22,12 +22,12 @@ def observation(subject: str, code: str = "8867-4", **extra: Any) -> dict[str, A
     }
 
 
-def total(client: TestClient, res_type: str) -> int:
-    value: int = client.get(f"/fhir/{res_type}?_total=accurate&_count=0").json()["total"]
+def total(system_client: TestClient, res_type: str) -> int:
+    value: int = system_client.get(f"/fhir/{res_type}?_total=accurate&_count=0").json()["total"]
     return value
 
 
-def test_transaction_resolves_urn_uuid_references(client: TestClient) -> None:
+def test_transaction_resolves_urn_uuid_references(system_client: TestClient) -> None:
     bundle = {
         "resourceType": "Bundle",
         "type": "transaction",
@@ -44,7 +44,7 @@ def test_transaction_resolves_urn_uuid_references(client: TestClient) -> None:
             },
         ],
     }
-    response = client.post("/fhir", json=bundle, headers=FHIR)
+    response = system_client.post("/fhir", json=bundle, headers=FHIR)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["type"] == "transaction-response"
@@ -52,11 +52,11 @@ def test_transaction_resolves_urn_uuid_references(client: TestClient) -> None:
     assert obs_entry["response"]["status"].startswith("201")
     patient_id = patient_entry["response"]["location"].split("/")[1]
     obs_location = obs_entry["response"]["location"]
-    stored = client.get(f"/fhir/{obs_location.rsplit('/_history', 1)[0]}").json()
+    stored = system_client.get(f"/fhir/{obs_location.rsplit('/_history', 1)[0]}").json()
     assert stored["subject"]["reference"] == f"Patient/{patient_id}"
 
 
-def test_transaction_is_atomic_when_50th_entry_is_invalid(client: TestClient) -> None:
+def test_transaction_is_atomic_when_50th_entry_is_invalid(system_client: TestClient) -> None:
     entries: list[dict[str, Any]] = [
         {
             "resource": {"resourceType": "Patient", "name": [{"family": f"P{i}"}]},
@@ -70,20 +70,20 @@ def test_transaction_is_atomic_when_50th_entry_is_invalid(client: TestClient) ->
             "request": {"method": "POST", "url": "Observation"},
         }
     )
-    response = client.post(
+    response = system_client.post(
         "/fhir", json={"resourceType": "Bundle", "type": "transaction", "entry": entries}, headers=FHIR
     )
     assert response.status_code == 400
     outcome = response.json()
     assert outcome["resourceType"] == "OperationOutcome"
     assert any("Bundle.entry[49]" in e for i in outcome["issue"] for e in i.get("expression", []))
-    assert total(client, "Patient") == 0
-    stored = [e["fullUrl"] for e in client.get("/fhir/_history").json().get("entry", [])]
+    assert total(system_client, "Patient") == 0
+    stored = [e["fullUrl"] for e in system_client.get("/fhir/_history").json().get("entry", [])]
     assert [url for url in stored if "/AuditEvent/" not in url] == []
 
 
-def test_transaction_conditional_reference_and_if_none_exist(client: TestClient) -> None:
-    client.post(
+def test_transaction_conditional_reference_and_if_none_exist(system_client: TestClient) -> None:
+    system_client.post(
         "/fhir/Patient",
         json={
             "resourceType": "Patient",
@@ -112,16 +112,16 @@ def test_transaction_conditional_reference_and_if_none_exist(client: TestClient)
             },
         ],
     }
-    response = client.post("/fhir", json=bundle, headers=FHIR)
+    response = system_client.post("/fhir", json=bundle, headers=FHIR)
     assert response.status_code == 200, response.text
     assert response.json()["entry"][1]["response"]["status"].startswith("200")
-    assert total(client, "Patient") == 1
-    obs = client.get("/fhir/Observation").json()["entry"][0]["resource"]
-    patient_id = client.get("/fhir/Patient").json()["entry"][0]["resource"]["id"]
+    assert total(system_client, "Patient") == 1
+    obs = system_client.get("/fhir/Observation").json()["entry"][0]["resource"]
+    patient_id = system_client.get("/fhir/Patient").json()["entry"][0]["resource"]["id"]
     assert obs["subject"]["reference"] == f"Patient/{patient_id}"
 
 
-def test_transaction_unresolvable_conditional_reference_stores_nothing(client: TestClient) -> None:
+def test_transaction_unresolvable_conditional_reference_stores_nothing(system_client: TestClient) -> None:
     bundle = {
         "resourceType": "Bundle",
         "type": "transaction",
@@ -133,16 +133,16 @@ def test_transaction_unresolvable_conditional_reference_stores_nothing(client: T
             },
         ],
     }
-    response = client.post("/fhir", json=bundle, headers=FHIR)
+    response = system_client.post("/fhir", json=bundle, headers=FHIR)
     assert response.status_code == 412
-    assert total(client, "Patient") == 0
+    assert total(system_client, "Patient") == 0
 
 
-def test_transaction_put_delete_patch_and_get(client: TestClient) -> None:
-    client.put(
+def test_transaction_put_delete_patch_and_get(system_client: TestClient) -> None:
+    system_client.put(
         "/fhir/Patient/keep", json={"resourceType": "Patient", "id": "keep", "gender": "female"}, headers=FHIR
     )
-    client.put("/fhir/Patient/drop", json={"resourceType": "Patient", "id": "drop"}, headers=FHIR)
+    system_client.put("/fhir/Patient/drop", json={"resourceType": "Patient", "id": "drop"}, headers=FHIR)
     patch = base64.b64encode(orjson.dumps([{"op": "replace", "path": "/gender", "value": "male"}])).decode()
     bundle = {
         "resourceType": "Bundle",
@@ -164,7 +164,7 @@ def test_transaction_put_delete_patch_and_get(client: TestClient) -> None:
             },
         ],
     }
-    response = client.post("/fhir", json=bundle, headers=FHIR)
+    response = system_client.post("/fhir", json=bundle, headers=FHIR)
     assert response.status_code == 200, response.text
     entries = response.json()["entry"]
     # GET runs after the writes, so it sees the patched resource.
@@ -172,10 +172,10 @@ def test_transaction_put_delete_patch_and_get(client: TestClient) -> None:
     assert entries[1]["response"]["status"].startswith("200")
     assert entries[2]["response"]["status"].startswith("204")
     assert entries[3]["response"]["status"].startswith("201")
-    assert client.get("/fhir/Patient/drop").status_code == 410
+    assert system_client.get("/fhir/Patient/drop").status_code == 410
 
 
-def test_batch_entries_succeed_or_fail_independently(client: TestClient) -> None:
+def test_batch_entries_succeed_or_fail_independently(system_client: TestClient) -> None:
     bundle = {
         "resourceType": "Bundle",
         "type": "batch",
@@ -188,20 +188,22 @@ def test_batch_entries_succeed_or_fail_independently(client: TestClient) -> None
             {"request": {"method": "GET", "url": "Patient/missing"}},
         ],
     }
-    response = client.post("/fhir", json=bundle, headers=FHIR)
+    response = system_client.post("/fhir", json=bundle, headers=FHIR)
     assert response.status_code == 200
     body = response.json()
     assert body["type"] == "batch-response"
     statuses = [e["response"]["status"][:3] for e in body["entry"]]
     assert statuses == ["201", "400", "404"]
     assert body["entry"][1]["response"]["outcome"]["resourceType"] == "OperationOutcome"
-    assert total(client, "Patient") == 1
+    assert total(system_client, "Patient") == 1
 
 
-def test_bundle_of_wrong_type_is_400(client: TestClient) -> None:
-    response = client.post("/fhir", json={"resourceType": "Bundle", "type": "collection"}, headers=FHIR)
+def test_bundle_of_wrong_type_is_400(system_client: TestClient) -> None:
+    response = system_client.post(
+        "/fhir", json={"resourceType": "Bundle", "type": "collection"}, headers=FHIR
+    )
     assert response.status_code == 400
-    response = client.post(
+    response = system_client.post(
         "/fhir",
         json={
             "resourceType": "Bundle",

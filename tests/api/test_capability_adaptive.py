@@ -42,8 +42,8 @@ EXPECTED = {
 ADAPTIVE_NAMES = {name for by_name in EXPECTED.values() for name in by_name}
 
 
-def by_type(client: TestClient) -> dict[str, dict[str, Any]]:
-    response = client.get("/fhir/metadata")
+def by_type(system_client: TestClient) -> dict[str, dict[str, Any]]:
+    response = system_client.get("/fhir/metadata")
     assert response.status_code == 200, response.text
     return {r["type"]: r for r in response.json()["rest"][0]["resource"]}
 
@@ -54,8 +54,8 @@ def operations(resource: dict[str, Any]) -> dict[str, str]:
     return {op["name"]: op["definition"] for op in resource["operation"]}
 
 
-def test_adaptive_operations_are_listed_on_their_types(client: TestClient) -> None:
-    resources = by_type(client)
+def test_adaptive_operations_are_listed_on_their_types(system_client: TestClient) -> None:
+    resources = by_type(system_client)
     for res_type, expected in EXPECTED.items():
         listed = operations(resources[res_type])
         assert {name: listed.get(name) for name in expected} == expected
@@ -71,8 +71,8 @@ def test_adaptive_operations_are_listed_on_their_types(client: TestClient) -> No
     assert "extract" in operations(resources["QuestionnaireResponse"])
 
 
-def test_service_request_supports_the_scale_override_profile(client: TestClient) -> None:
-    service_request = by_type(client)["ServiceRequest"]
+def test_service_request_supports_the_scale_override_profile(system_client: TestClient) -> None:
+    service_request = by_type(system_client)["ServiceRequest"]
     assert service_request["supportedProfile"] == [OVERRIDE]
     assert service_request["profile"] == "http://hl7.org/fhir/StructureDefinition/ServiceRequest"
     assert {"create", "update", "read", "search-type"} <= {i["code"] for i in service_request["interaction"]}
@@ -80,8 +80,8 @@ def test_service_request_supports_the_scale_override_profile(client: TestClient)
     assert {"subject", "patient", "status", "code", "category"} <= params
 
 
-def test_the_supported_profile_is_enforced_by_validate(client: TestClient) -> None:
-    patient = create_patient(client)
+def test_the_supported_profile_is_enforced_by_validate(system_client: TestClient) -> None:
+    patient = create_patient(system_client)
     body: dict[str, Any] = {
         "resourceType": "ServiceRequest",
         "meta": {"profile": [OVERRIDE]},
@@ -101,29 +101,29 @@ def test_the_supported_profile_is_enforced_by_validate(client: TestClient) -> No
         "requester": {"reference": "Practitioner/dr-hansen"},
         "reasonCode": [{"text": "Sadness is the focus of treatment"}],
     }
-    ok = client.post("/fhir/ServiceRequest/$validate", json=body, headers=FHIR)
+    ok = system_client.post("/fhir/ServiceRequest/$validate", json=body, headers=FHIR)
     assert ok.status_code == 200
     assert [i["severity"] for i in ok.json()["issue"]] == ["information"]
     del body["requester"]
-    bad = client.post("/fhir/ServiceRequest/$validate", json=body, headers=FHIR)
+    bad = system_client.post("/fhir/ServiceRequest/$validate", json=body, headers=FHIR)
     errors = [i for i in bad.json()["issue"] if i["severity"] == "error"]
     assert [i["expression"] for i in errors] == [["ServiceRequest.requester"]]
     assert "rom-scale-override" in errors[0]["diagnostics"]
 
 
-def test_every_listed_adaptive_operation_answers(app: FastAPI, client: TestClient) -> None:
+def test_every_listed_adaptive_operation_answers(app: FastAPI, system_client: TestClient) -> None:
     publish_questionnaires(app.state.service)
-    patient = create_patient(client)
-    state = client.get(f"/fhir/Patient/{patient}/$adaptive-state")
+    patient = create_patient(system_client)
+    state = system_client.get(f"/fhir/Patient/{patient}/$adaptive-state")
     assert state.status_code == 200, state.text
     assert state.json()["resourceType"] == "Parameters"
-    form = client.post(f"/fhir/Patient/{patient}/$tailored-form", json={"resourceType": "Parameters"})
+    form = system_client.post(f"/fhir/Patient/{patient}/$tailored-form", json={"resourceType": "Parameters"})
     assert form.status_code == 200, form.text
     assert form.json()["resourceType"] == "Questionnaire"
-    populated = client.get(f"/fhir/Questionnaire/$populate?subject=Patient/{patient}")
+    populated = system_client.get(f"/fhir/Questionnaire/$populate?subject=Patient/{patient}")
     assert populated.status_code == 200, populated.text
     assert populated.json()["parameter"][0]["name"] == "response"
-    first = client.post(
+    first = system_client.post(
         "/fhir/Questionnaire/$next-question",
         json={
             "resourceType": "QuestionnaireResponse",
@@ -155,15 +155,15 @@ def test_without_an_adaptive_instrument_nothing_adaptive_is_listed(
     (pack / "mappings").mkdir()
     shutil.copy(ROOT / "mappings" / "phq9-1.0.0.yaml", pack / "mappings")
     local = settings.model_copy(update={"content_dir": pack})
-    for client in _app_with(local, build_service(local)):
-        resources = by_type(client)
+    for system_client in _app_with(local, build_service(local)):
+        resources = by_type(system_client)
         for res_type in EXPECTED:
             assert not ADAPTIVE_NAMES & set(operations(resources[res_type])), res_type
         assert "extract" in operations(resources["QuestionnaireResponse"])
         # The profile is the content pack's, not the instrument's: still listed.
         assert resources["ServiceRequest"]["supportedProfile"] == [OVERRIDE]
         # And what is not listed does not answer.
-        answer = client.get("/fhir/Patient/p/$adaptive-state")
+        answer = system_client.get("/fhir/Patient/p/$adaptive-state")
         assert answer.status_code == 400 and "not supported" in answer.text
 
 
@@ -172,8 +172,8 @@ def test_without_scoring_nothing_adaptive_is_listed(settings: Settings) -> None:
     (only the generic ``$validate``) lists neither ``$extract`` nor the adaptive operations."""
     full = build_service(settings)
     bare = FhirService(replace(full.kernel, hooks={}), OperationRegistry([VALIDATE]))
-    for client in _app_with(settings, bare):
-        resources = by_type(client)
+    for system_client in _app_with(settings, bare):
+        resources = by_type(system_client)
         for resource in resources.values():
             assert not ADAPTIVE_NAMES & set(operations(resource))
             assert "extract" not in operations(resource)

@@ -9,8 +9,8 @@ from fhir_norse.store.resource_types import SUPPORTED_TYPES
 FHIR = {"Content-Type": "application/fhir+json"}
 
 
-def test_capability_statement_describes_the_server(client: TestClient) -> None:
-    response = client.get("/fhir/metadata")
+def test_capability_statement_describes_the_server(system_client: TestClient) -> None:
+    response = system_client.get("/fhir/metadata")
     assert response.status_code == 200
     statement = response.json()
     assert statement["resourceType"] == "CapabilityStatement"
@@ -36,19 +36,19 @@ def test_capability_statement_describes_the_server(client: TestClient) -> None:
     assert {i["code"] for i in rest["interaction"]} == {"transaction", "batch", "history-system"}
 
 
-def test_validate_type_level(client: TestClient) -> None:
-    good = client.post(
+def test_validate_type_level(system_client: TestClient) -> None:
+    good = system_client.post(
         "/fhir/Patient/$validate", json={"resourceType": "Patient", "gender": "female"}, headers=FHIR
     )
     assert good.status_code == 200
     assert good.json()["issue"][0]["severity"] == "information"
-    bad = client.post(
+    bad = system_client.post(
         "/fhir/Patient/$validate", json={"resourceType": "Patient", "gender": "robot"}, headers=FHIR
     )
     assert bad.status_code == 200
     assert bad.json()["issue"][0]["severity"] == "error"
     assert "Patient.gender" in bad.json()["issue"][0]["expression"]
-    wrapped = client.post(
+    wrapped = system_client.post(
         "/fhir/Patient/$validate",
         headers=FHIR,
         json={
@@ -58,19 +58,21 @@ def test_validate_type_level(client: TestClient) -> None:
     )
     assert wrapped.json()["issue"][0]["severity"] == "information"
     # Nothing was stored.
-    assert client.get("/fhir/Patient?_total=accurate").json()["total"] == 0
+    assert system_client.get("/fhir/Patient?_total=accurate").json()["total"] == 0
 
 
-def test_validate_instance_level(client: TestClient) -> None:
-    client.put("/fhir/Patient/p1", json={"resourceType": "Patient", "id": "p1"}, headers=FHIR)
-    ok = client.post("/fhir/Patient/p1/$validate", json={"resourceType": "Patient", "id": "p1"}, headers=FHIR)
+def test_validate_instance_level(system_client: TestClient) -> None:
+    system_client.put("/fhir/Patient/p1", json={"resourceType": "Patient", "id": "p1"}, headers=FHIR)
+    ok = system_client.post(
+        "/fhir/Patient/p1/$validate", json={"resourceType": "Patient", "id": "p1"}, headers=FHIR
+    )
     assert ok.json()["issue"][0]["severity"] == "information"
-    mismatch = client.post(
+    mismatch = system_client.post(
         "/fhir/Patient/p1/$validate", json={"resourceType": "Patient", "id": "p2"}, headers=FHIR
     )
     assert mismatch.json()["issue"][0]["severity"] == "error"
     assert (
-        client.post(
+        system_client.post(
             "/fhir/Patient/nope/$validate", json={"resourceType": "Patient"}, headers=FHIR
         ).status_code
         == 404

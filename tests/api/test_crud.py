@@ -21,8 +21,8 @@ def patient(**extra: Any) -> dict[str, Any]:
     }
 
 
-def create(client: TestClient, body: dict[str, Any]) -> dict[str, Any]:
-    response = client.post(f"/fhir/{body['resourceType']}", json=body, headers=FHIR)
+def create(system_client: TestClient, body: dict[str, Any]) -> dict[str, Any]:
+    response = system_client.post(f"/fhir/{body['resourceType']}", json=body, headers=FHIR)
     assert response.status_code == 201, response.text
     result: dict[str, Any] = response.json()
     return result
@@ -34,8 +34,8 @@ def issue_codes(response: Any) -> list[str]:
     return [i["code"] for i in body["issue"]]
 
 
-def test_create_assigns_id_version_and_headers(client: TestClient) -> None:
-    response = client.post(
+def test_create_assigns_id_version_and_headers(system_client: TestClient) -> None:
+    response = system_client.post(
         "/fhir/Patient", json=patient(id="client-chosen", meta={"versionId": "99"}), headers=FHIR
     )
     assert response.status_code == 201
@@ -49,106 +49,120 @@ def test_create_assigns_id_version_and_headers(client: TestClient) -> None:
     assert response.headers["content-type"].startswith("application/fhir+json")
 
 
-def test_read_returns_stored_resource(client: TestClient) -> None:
-    created = create(client, patient())
-    response = client.get(f"/fhir/Patient/{created['id']}")
+def test_read_returns_stored_resource(system_client: TestClient) -> None:
+    created = create(system_client, patient())
+    response = system_client.get(f"/fhir/Patient/{created['id']}")
     assert response.status_code == 200
     assert response.json() == created
     assert response.headers["ETag"] == 'W/"1"'
 
 
-def test_read_accepts_plain_json_and_format(client: TestClient) -> None:
-    created = create(client, patient())
-    assert client.get(f"/fhir/Patient/{created['id']}?_format=json").status_code == 200
+def test_read_accepts_plain_json_and_format(system_client: TestClient) -> None:
+    created = create(system_client, patient())
+    assert system_client.get(f"/fhir/Patient/{created['id']}?_format=json").status_code == 200
     assert (
-        client.get(f"/fhir/Patient/{created['id']}", headers={"Accept": "application/json"}).status_code
+        system_client.get(
+            f"/fhir/Patient/{created['id']}", headers={"Accept": "application/json"}
+        ).status_code
         == 200
     )
-    assert client.get(f"/fhir/Patient/{created['id']}?_format=xml").status_code == 406
+    assert system_client.get(f"/fhir/Patient/{created['id']}?_format=xml").status_code == 406
 
 
-def test_create_with_application_json_is_accepted(client: TestClient) -> None:
-    response = client.post("/fhir/Patient", json=patient(), headers={"Content-Type": "application/json"})
+def test_create_with_application_json_is_accepted(system_client: TestClient) -> None:
+    response = system_client.post(
+        "/fhir/Patient", json=patient(), headers={"Content-Type": "application/json"}
+    )
     assert response.status_code == 201
 
 
-def test_unknown_id_is_404_and_unknown_type_is_404(client: TestClient) -> None:
-    response = client.get("/fhir/Patient/does-not-exist")
+def test_unknown_id_is_404_and_unknown_type_is_404(system_client: TestClient) -> None:
+    response = system_client.get("/fhir/Patient/does-not-exist")
     assert response.status_code == 404
     assert issue_codes(response) == ["not-found"]
-    response = client.get("/fhir/Medication/1")
+    response = system_client.get("/fhir/Medication/1")
     assert response.status_code == 404
     assert response.json()["resourceType"] == "OperationOutcome"
     assert (
-        client.post("/fhir/Medication", json={"resourceType": "Medication"}, headers=FHIR).status_code == 404
+        system_client.post("/fhir/Medication", json={"resourceType": "Medication"}, headers=FHIR).status_code
+        == 404
     )
 
 
-def test_update_creates_with_client_id_then_versions(client: TestClient) -> None:
-    response = client.put("/fhir/Patient/kari-1", json=patient(id="kari-1"), headers=FHIR)
+def test_update_creates_with_client_id_then_versions(system_client: TestClient) -> None:
+    response = system_client.put("/fhir/Patient/kari-1", json=patient(id="kari-1"), headers=FHIR)
     assert response.status_code == 201
     assert response.json()["meta"]["versionId"] == "1"
-    response = client.put("/fhir/Patient/kari-1", json=patient(id="kari-1", gender="other"), headers=FHIR)
+    response = system_client.put(
+        "/fhir/Patient/kari-1", json=patient(id="kari-1", gender="other"), headers=FHIR
+    )
     assert response.status_code == 200
     assert response.json()["meta"]["versionId"] == "2"
     assert response.headers["Location"].endswith("/Patient/kari-1/_history/2")
-    assert client.get("/fhir/Patient/kari-1").json()["gender"] == "other"
+    assert system_client.get("/fhir/Patient/kari-1").json()["gender"] == "other"
 
 
-def test_update_id_mismatch_and_missing_id_are_400(client: TestClient) -> None:
-    assert client.put("/fhir/Patient/a", json=patient(id="b"), headers=FHIR).status_code == 400
-    assert client.put("/fhir/Patient/a", json=patient(), headers=FHIR).status_code == 400
+def test_update_id_mismatch_and_missing_id_are_400(system_client: TestClient) -> None:
+    assert system_client.put("/fhir/Patient/a", json=patient(id="b"), headers=FHIR).status_code == 400
+    assert system_client.put("/fhir/Patient/a", json=patient(), headers=FHIR).status_code == 400
 
 
-def test_vread_returns_each_version(client: TestClient) -> None:
-    client.put("/fhir/Patient/v", json=patient(id="v"), headers=FHIR)
-    client.put("/fhir/Patient/v", json=patient(id="v", gender="male"), headers=FHIR)
-    first = client.get("/fhir/Patient/v/_history/1")
-    second = client.get("/fhir/Patient/v/_history/2")
+def test_vread_returns_each_version(system_client: TestClient) -> None:
+    system_client.put("/fhir/Patient/v", json=patient(id="v"), headers=FHIR)
+    system_client.put("/fhir/Patient/v", json=patient(id="v", gender="male"), headers=FHIR)
+    first = system_client.get("/fhir/Patient/v/_history/1")
+    second = system_client.get("/fhir/Patient/v/_history/2")
     assert first.json()["gender"] == "female" and first.headers["ETag"] == 'W/"1"'
     assert second.json()["gender"] == "male"
-    assert client.get("/fhir/Patient/v/_history/3").status_code == 404
-    assert client.get("/fhir/Patient/v/_history/x").status_code == 404
+    assert system_client.get("/fhir/Patient/v/_history/3").status_code == 404
+    assert system_client.get("/fhir/Patient/v/_history/x").status_code == 404
 
 
-def test_if_match_precondition(client: TestClient) -> None:
-    client.put("/fhir/Patient/m", json=patient(id="m"), headers=FHIR)
-    stale = client.put(
+def test_if_match_precondition(system_client: TestClient) -> None:
+    system_client.put("/fhir/Patient/m", json=patient(id="m"), headers=FHIR)
+    stale = system_client.put(
         "/fhir/Patient/m", json=patient(id="m", gender="male"), headers={**FHIR, "If-Match": 'W/"7"'}
     )
     assert stale.status_code == 412
     assert issue_codes(stale) == ["conflict"]
-    fresh = client.put(
+    fresh = system_client.put(
         "/fhir/Patient/m", json=patient(id="m", gender="male"), headers={**FHIR, "If-Match": 'W/"1"'}
     )
     assert fresh.status_code == 200
-    assert client.get("/fhir/Patient/m").json()["meta"]["versionId"] == "2"
+    assert system_client.get("/fhir/Patient/m").json()["meta"]["versionId"] == "2"
 
 
-def test_if_none_match_and_if_modified_since_give_304(client: TestClient) -> None:
-    created = create(client, patient())
+def test_if_none_match_and_if_modified_since_give_304(system_client: TestClient) -> None:
+    created = create(system_client, patient())
     url = f"/fhir/Patient/{created['id']}"
-    assert client.get(url, headers={"If-None-Match": 'W/"1"'}).status_code == 304
-    assert client.get(url, headers={"If-None-Match": 'W/"2"'}).status_code == 200
-    last_modified = client.get(url).headers["Last-Modified"]
-    assert client.get(url, headers={"If-Modified-Since": last_modified}).status_code == 304
-    assert client.get(url, headers={"If-Modified-Since": "Mon, 01 Jan 2001 00:00:00 GMT"}).status_code == 200
+    assert system_client.get(url, headers={"If-None-Match": 'W/"1"'}).status_code == 304
+    assert system_client.get(url, headers={"If-None-Match": 'W/"2"'}).status_code == 200
+    last_modified = system_client.get(url).headers["Last-Modified"]
+    assert system_client.get(url, headers={"If-Modified-Since": last_modified}).status_code == 304
+    assert (
+        system_client.get(url, headers={"If-Modified-Since": "Mon, 01 Jan 2001 00:00:00 GMT"}).status_code
+        == 200
+    )
 
 
-def test_prefer_return(client: TestClient) -> None:
-    minimal = client.post("/fhir/Patient", json=patient(), headers={**FHIR, "Prefer": "return=minimal"})
+def test_prefer_return(system_client: TestClient) -> None:
+    minimal = system_client.post(
+        "/fhir/Patient", json=patient(), headers={**FHIR, "Prefer": "return=minimal"}
+    )
     assert minimal.status_code == 201 and minimal.content == b""
     assert minimal.headers["Location"]
-    outcome = client.post(
+    outcome = system_client.post(
         "/fhir/Patient", json=patient(), headers={**FHIR, "Prefer": "return=OperationOutcome"}
     )
     assert outcome.status_code == 201
     assert outcome.json()["resourceType"] == "OperationOutcome"
-    full = client.post("/fhir/Patient", json=patient(), headers={**FHIR, "Prefer": "return=representation"})
+    full = system_client.post(
+        "/fhir/Patient", json=patient(), headers={**FHIR, "Prefer": "return=representation"}
+    )
     assert full.json()["resourceType"] == "Patient"
 
 
-def test_server_owns_meta_on_update(client: TestClient) -> None:
+def test_server_owns_meta_on_update(system_client: TestClient) -> None:
     body = patient(
         id="owned",
         meta={
@@ -157,34 +171,34 @@ def test_server_owns_meta_on_update(client: TestClient) -> None:
             "tag": [{"system": "http://example.org/tags", "code": "keep"}],
         },
     )
-    stored = client.put("/fhir/Patient/owned", json=body, headers=FHIR).json()
+    stored = system_client.put("/fhir/Patient/owned", json=body, headers=FHIR).json()
     assert stored["meta"]["versionId"] == "1"
     assert stored["meta"]["lastUpdated"] != "2001-01-01T00:00:00Z"
     assert stored["meta"]["tag"] == [{"system": "http://example.org/tags", "code": "keep"}]
 
 
-def test_conditional_create(client: TestClient) -> None:
+def test_conditional_create(system_client: TestClient) -> None:
     body = patient(identifier=[{"system": "urn:oid:2.16.578.1.12.4.1.4.1", "value": "01017012345"}])
     headers = {**FHIR, "If-None-Exist": "identifier=urn:oid:2.16.578.1.12.4.1.4.1|01017012345"}
-    first = client.post("/fhir/Patient", json=body, headers=headers)
+    first = system_client.post("/fhir/Patient", json=body, headers=headers)
     assert first.status_code == 201
-    second = client.post("/fhir/Patient", json=body, headers=headers)
+    second = system_client.post("/fhir/Patient", json=body, headers=headers)
     assert second.status_code == 200
     assert second.json()["id"] == first.json()["id"]
-    create(client, body)  # a plain create makes a duplicate ...
-    third = client.post("/fhir/Patient", json=body, headers=headers)
+    create(system_client, body)  # a plain create makes a duplicate ...
+    third = system_client.post("/fhir/Patient", json=body, headers=headers)
     assert third.status_code == 412  # ... and now the condition is ambiguous
 
 
-def test_conditional_update(client: TestClient) -> None:
+def test_conditional_update(system_client: TestClient) -> None:
     ident = {"system": "http://hospital.example/mrn", "value": "A-1"}
-    created = client.put(
+    created = system_client.put(
         "/fhir/Patient?identifier=http://hospital.example/mrn|A-1",
         json=patient(identifier=[ident]),
         headers=FHIR,
     )
     assert created.status_code == 201
-    updated = client.put(
+    updated = system_client.put(
         "/fhir/Patient?identifier=http://hospital.example/mrn|A-1",
         json=patient(identifier=[ident], gender="male"),
         headers=FHIR,
@@ -192,8 +206,8 @@ def test_conditional_update(client: TestClient) -> None:
     assert updated.status_code == 200
     assert updated.json()["id"] == created.json()["id"]
     assert updated.json()["meta"]["versionId"] == "2"
-    create(client, patient(identifier=[ident]))
-    ambiguous = client.put(
+    create(system_client, patient(identifier=[ident]))
+    ambiguous = system_client.put(
         "/fhir/Patient?identifier=http://hospital.example/mrn|A-1",
         json=patient(identifier=[ident]),
         headers=FHIR,
@@ -201,59 +215,59 @@ def test_conditional_update(client: TestClient) -> None:
     assert ambiguous.status_code == 412
 
 
-def test_json_patch(client: TestClient) -> None:
-    created = create(client, patient())
+def test_json_patch(system_client: TestClient) -> None:
+    created = create(system_client, patient())
     url = f"/fhir/Patient/{created['id']}"
     ops = [
         {"op": "replace", "path": "/gender", "value": "male"},
         {"op": "add", "path": "/birthDate", "value": "1970-01-01"},
     ]
-    response = client.patch(url, json=ops, headers={"Content-Type": "application/json-patch+json"})
+    response = system_client.patch(url, json=ops, headers={"Content-Type": "application/json-patch+json"})
     assert response.status_code == 200, response.text
     assert response.json()["gender"] == "male"
     assert response.json()["birthDate"] == "1970-01-01"
     assert response.json()["meta"]["versionId"] == "2"
-    bad_code = client.patch(
+    bad_code = system_client.patch(
         url,
         json=[{"op": "replace", "path": "/gender", "value": "robot"}],
         headers={"Content-Type": "application/json-patch+json"},
     )
     assert bad_code.status_code == 400
-    not_applicable = client.patch(
+    not_applicable = system_client.patch(
         url,
         json=[{"op": "remove", "path": "/nothing"}],
         headers={"Content-Type": "application/json-patch+json"},
     )
     assert not_applicable.status_code == 422
-    stale = client.patch(
+    stale = system_client.patch(
         url, json=ops, headers={"Content-Type": "application/json-patch+json", "If-Match": 'W/"1"'}
     )
     assert stale.status_code == 412
-    assert client.get(url).json()["meta"]["versionId"] == "2"
+    assert system_client.get(url).json()["meta"]["versionId"] == "2"
 
 
-def test_delete_is_soft_and_read_answers_410(client: TestClient) -> None:
-    created = create(client, patient())
+def test_delete_is_soft_and_read_answers_410(system_client: TestClient) -> None:
+    created = create(system_client, patient())
     url = f"/fhir/Patient/{created['id']}"
-    response = client.delete(url)
+    response = system_client.delete(url)
     assert response.status_code == 204
-    gone = client.get(url)
+    gone = system_client.get(url)
     assert gone.status_code == 410
     assert issue_codes(gone) == ["deleted"]
-    assert client.get(f"{url}/_history/1").status_code == 200
-    assert client.get(f"{url}/_history/2").status_code == 410
-    assert client.delete(url).status_code == 204  # idempotent
-    assert client.delete("/fhir/Patient/never-was").status_code == 404
+    assert system_client.get(f"{url}/_history/1").status_code == 200
+    assert system_client.get(f"{url}/_history/2").status_code == 410
+    assert system_client.delete(url).status_code == 204  # idempotent
+    assert system_client.delete("/fhir/Patient/never-was").status_code == 404
     # Updating a deleted resource brings it back as a new version.
-    revived = client.put(url, json={**patient(), "id": created["id"]}, headers=FHIR)
+    revived = system_client.put(url, json={**patient(), "id": created["id"]}, headers=FHIR)
     assert revived.status_code == 201
     assert revived.json()["meta"]["versionId"] == "3"
 
 
-def test_conditional_delete(client: TestClient) -> None:
-    create(client, patient(identifier=[{"system": "http://x", "value": "d1"}]))
-    assert client.delete("/fhir/Patient?identifier=http://x|d1").status_code == 204
-    assert client.delete("/fhir/Patient?identifier=http://x|nothing").status_code == 204
-    create(client, patient(identifier=[{"system": "http://x", "value": "d2"}]))
-    create(client, patient(identifier=[{"system": "http://x", "value": "d2"}]))
-    assert client.delete("/fhir/Patient?identifier=http://x|d2").status_code == 412
+def test_conditional_delete(system_client: TestClient) -> None:
+    create(system_client, patient(identifier=[{"system": "http://x", "value": "d1"}]))
+    assert system_client.delete("/fhir/Patient?identifier=http://x|d1").status_code == 204
+    assert system_client.delete("/fhir/Patient?identifier=http://x|nothing").status_code == 204
+    create(system_client, patient(identifier=[{"system": "http://x", "value": "d2"}]))
+    create(system_client, patient(identifier=[{"system": "http://x", "value": "d2"}]))
+    assert system_client.delete("/fhir/Patient?identifier=http://x|d2").status_code == 412

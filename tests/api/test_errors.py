@@ -16,19 +16,19 @@ def outcome(response: object) -> dict[str, object]:
     return body  # type: ignore[no-any-return]
 
 
-def test_malformed_json_is_400(client: TestClient) -> None:
-    response = client.post("/fhir/Patient", content=b'{"resourceType": "Patient",', headers=FHIR)
+def test_malformed_json_is_400(system_client: TestClient) -> None:
+    response = system_client.post("/fhir/Patient", content=b'{"resourceType": "Patient",', headers=FHIR)
     assert response.status_code == 400
     assert outcome(response)["issue"][0]["code"] == "structure"  # type: ignore[index]
 
 
-def test_non_object_body_is_400(client: TestClient) -> None:
-    assert client.post("/fhir/Patient", content=b"[1, 2]", headers=FHIR).status_code == 400
-    assert client.post("/fhir/Patient", content=b"", headers=FHIR).status_code == 400
+def test_non_object_body_is_400(system_client: TestClient) -> None:
+    assert system_client.post("/fhir/Patient", content=b"[1, 2]", headers=FHIR).status_code == 400
+    assert system_client.post("/fhir/Patient", content=b"", headers=FHIR).status_code == 400
 
 
-def test_invalid_resource_points_at_element(client: TestClient) -> None:
-    response = client.post(
+def test_invalid_resource_points_at_element(system_client: TestClient) -> None:
+    response = system_client.post(
         "/fhir/Observation",
         json={"resourceType": "Observation", "status": "bogus", "code": {"text": "x"}},
         headers=FHIR,
@@ -36,16 +36,18 @@ def test_invalid_resource_points_at_element(client: TestClient) -> None:
     assert response.status_code == 400
     expressions = [e for i in outcome(response)["issue"] for e in i.get("expression", [])]  # type: ignore[attr-defined]
     assert "Observation.status" in expressions
-    response = client.post("/fhir/Patient", json={"resourceType": "Patient", "birthDate": 1970}, headers=FHIR)
+    response = system_client.post(
+        "/fhir/Patient", json={"resourceType": "Patient", "birthDate": 1970}, headers=FHIR
+    )
     assert response.status_code == 400
-    response = client.post(
+    response = system_client.post(
         "/fhir/Patient", json={"resourceType": "Patient", "unknownThing": True}, headers=FHIR
     )
     assert response.status_code == 400
 
 
-def test_type_mismatch_between_url_and_body_is_400(client: TestClient) -> None:
-    response = client.post(
+def test_type_mismatch_between_url_and_body_is_400(system_client: TestClient) -> None:
+    response = system_client.post(
         "/fhir/Patient",
         json={"resourceType": "Observation", "status": "final", "code": {"text": "x"}},
         headers=FHIR,
@@ -53,8 +55,8 @@ def test_type_mismatch_between_url_and_body_is_400(client: TestClient) -> None:
     assert response.status_code == 400
 
 
-def test_unsupported_content_type_is_415(client: TestClient) -> None:
-    response = client.post(
+def test_unsupported_content_type_is_415(system_client: TestClient) -> None:
+    response = system_client.post(
         "/fhir/Patient", content=b"<Patient/>", headers={"Content-Type": "application/xml"}
     )
     assert response.status_code == 415
@@ -66,24 +68,26 @@ def test_body_over_limit_is_413(settings: Settings) -> None:
 
     small = settings.model_copy(update={"max_body_bytes": 200})
     app = create_app(small)
-    with TestClient(app, headers=bearer(app)) as client:
+    with TestClient(app, headers=bearer(app)) as system_client:
         big = {"resourceType": "Patient", "name": [{"text": "x" * 500}]}
-        response = client.post("/fhir/Patient", json=big, headers=FHIR)
+        response = system_client.post("/fhir/Patient", json=big, headers=FHIR)
         assert response.status_code == 413
         outcome(response)
-        assert client.get("/fhir/Patient?_total=accurate").json()["total"] == 0
+        assert system_client.get("/fhir/Patient?_total=accurate").json()["total"] == 0
     app.state.service.storage.engine.dispose()
 
 
-def test_method_not_allowed_is_405(client: TestClient) -> None:
-    response = client.post("/fhir/Patient/123", json={"resourceType": "Patient"}, headers=FHIR)
+def test_method_not_allowed_is_405(system_client: TestClient) -> None:
+    response = system_client.post("/fhir/Patient/123", json={"resourceType": "Patient"}, headers=FHIR)
     assert response.status_code == 405
     outcome(response)
-    assert client.put("/fhir/Patient", json={"resourceType": "Patient"}, headers=FHIR).status_code == 405
+    assert (
+        system_client.put("/fhir/Patient", json={"resourceType": "Patient"}, headers=FHIR).status_code == 405
+    )
 
 
-def test_unknown_path_is_404_outcome(client: TestClient) -> None:
-    response = client.get("/fhir/Patient/1/2/3/4/5")
+def test_unknown_path_is_404_outcome(system_client: TestClient) -> None:
+    response = system_client.get("/fhir/Patient/1/2/3/4/5")
     assert response.status_code == 404
     outcome(response)
 
@@ -97,8 +101,8 @@ def test_internal_error_is_500_without_internals(settings: Settings) -> None:
         raise RuntimeError("secret database password in message")
 
     app.state.service.perform = broken
-    with TestClient(app, raise_server_exceptions=False, headers=bearer(app)) as client:
-        response = client.get("/fhir/Patient/1")
+    with TestClient(app, raise_server_exceptions=False, headers=bearer(app)) as system_client:
+        response = system_client.get("/fhir/Patient/1")
     assert response.status_code == 500
     text = response.text
     assert "secret" not in text and "RuntimeError" not in text

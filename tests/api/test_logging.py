@@ -12,10 +12,10 @@ from fhir_norse.config import Settings
 from tests.tokens import bearer
 
 
-def test_request_id_is_echoed_and_generated(client: TestClient) -> None:
-    given = client.get("/fhir/metadata", headers={"X-Request-ID": "abc-123"})
+def test_request_id_is_echoed_and_generated(system_client: TestClient) -> None:
+    given = system_client.get("/fhir/metadata", headers={"X-Request-ID": "abc-123"})
     assert given.headers["X-Request-ID"] == "abc-123"
-    generated = client.get("/fhir/metadata").headers["X-Request-ID"]
+    generated = system_client.get("/fhir/metadata").headers["X-Request-ID"]
     assert len(generated) == 32
 
 
@@ -31,9 +31,9 @@ def test_error_log_has_request_id_but_no_resource_content(
     caplog.handler.addFilter(RequestIdFilter())
     with (
         caplog.at_level(logging.INFO, logger="fhir_norse"),
-        TestClient(app, raise_server_exceptions=False, headers=bearer(app)) as client,
+        TestClient(app, raise_server_exceptions=False, headers=bearer(app)) as system_client,
     ):
-        response = client.post(
+        response = system_client.post(
             "/fhir/Patient",
             json={"resourceType": "Patient", "name": [{"family": "Confidential-Surname"}]},
             headers={"Content-Type": "application/fhir+json", "X-Request-ID": "req-42"},

@@ -39,9 +39,9 @@ def published(settings: Settings) -> Iterator[FastAPI]:
     app.state.service.storage.engine.dispose()
 
 
-def own_operations(client: TestClient) -> list[tuple[str, dict[str, Any]]]:
+def own_operations(system_client: TestClient) -> list[tuple[str, dict[str, Any]]]:
     """(resource type, operation) for every listed operation whose definition is ours."""
-    response = client.get("/fhir/metadata")
+    response = system_client.get("/fhir/metadata")
     assert response.status_code == 200, response.text
     return [
         (resource["type"], operation)
@@ -52,13 +52,13 @@ def own_operations(client: TestClient) -> list[tuple[str, dict[str, Any]]]:
 
 
 def test_every_own_operation_in_the_capability_statement_resolves(published: FastAPI) -> None:
-    with TestClient(published, headers=bearer(published), raise_server_exceptions=False) as client:
-        client.event_hooks["response"] = [check_response]
-        listed = own_operations(client)
+    with TestClient(published, headers=bearer(published), raise_server_exceptions=False) as system_client:
+        system_client.event_hooks["response"] = [check_response]
+        listed = own_operations(system_client)
         assert {operation["definition"] for _, operation in listed} == EXPECTED
         for res_type, operation in listed:
             canonical = operation["definition"]
-            found = client.get("/fhir/OperationDefinition", params={"url": canonical})
+            found = system_client.get("/fhir/OperationDefinition", params={"url": canonical})
             assert found.status_code == 200, found.text
             entries = found.json().get("entry") or []
             assert len(entries) == 1, f"{canonical}: {len(entries)} OperationDefinitions"
@@ -72,12 +72,14 @@ def test_every_own_operation_in_the_capability_statement_resolves(published: Fas
 
 
 def test_published_operation_definitions_are_read_only(published: FastAPI) -> None:
-    with TestClient(published, headers=bearer(published), raise_server_exceptions=False) as client:
+    with TestClient(published, headers=bearer(published), raise_server_exceptions=False) as system_client:
         for canonical in sorted(EXPECTED):
-            entries = client.get("/fhir/OperationDefinition", params={"url": canonical}).json().get("entry")
+            entries = (
+                system_client.get("/fhir/OperationDefinition", params={"url": canonical}).json().get("entry")
+            )
             assert entries, canonical
             stored = entries[0]["resource"]
             path = f"/fhir/OperationDefinition/{stored['id']}"
             changed = {**stored, "title": "changed"}
-            assert client.put(path, json=changed, headers=FHIR).status_code == 405
-            assert client.delete(path).status_code == 405
+            assert system_client.put(path, json=changed, headers=FHIR).status_code == 405
+            assert system_client.delete(path).status_code == 405

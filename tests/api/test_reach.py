@@ -38,13 +38,13 @@ def app(settings: Settings) -> Iterator[FastAPI]:
 
 
 @pytest.fixture
-def world(app: FastAPI, client: TestClient) -> dict[str, str]:
+def world(app: FastAPI, system_client: TestClient) -> dict[str, str]:
     """Two patients, each with a scored response (and so Observations) stored by the system."""
-    mine = create_patient(client)
-    other = create_patient(client, family="Hansen")
+    mine = create_patient(system_client)
+    other = create_patient(system_client, family="Hansen")
     ids = {"mine": mine, "other": other}
     for who in ("mine", "other"):
-        stored = post_response(client, response(NF21_STATIC, nf21_answers(), patient=ids[who]))
+        stored = post_response(system_client, response(NF21_STATIC, nf21_answers(), patient=ids[who]))
         assert stored.status_code == 201, stored.text
         ids[f"{who}_qr"] = stored.json()["id"]
     return ids
@@ -100,38 +100,40 @@ def test_every_registered_operation_is_covered(app: FastAPI) -> None:
 
 @pytest.mark.parametrize("name", [*INTERACTIONS, *OPERATIONS])
 def test_out_of_reach_answers_as_absent(
-    app: FastAPI, client: TestClient, world: dict[str, str], name: str
+    app: FastAPI, system_client: TestClient, world: dict[str, str], name: str
 ) -> None:
     call = INTERACTIONS.get(name) or OPERATIONS[name]
     token = bearer(app, "patient/*.cruds", patient=world["mine"])
-    mine = call(client, world["mine"], world["mine_qr"], token)
+    mine = call(system_client, world["mine"], world["mine_qr"], token)
     assert mine.status_code < 400, (name, mine.status_code, mine.text)
-    other = call(client, world["other"], world["other_qr"], token)
-    absent = call(client, "no-such-patient", "no-such-response", token)
+    other = call(system_client, world["other"], world["other_qr"], token)
+    absent = call(system_client, "no-such-patient", "no-such-response", token)
     assert other.status_code == 404, (name, other.status_code, other.text)
     assert absent.status_code == 404, (name, absent.status_code, absent.text)
     assert other.json()["resourceType"] == absent.json()["resourceType"] == "OperationOutcome"
     assert other.json()["issue"][0]["code"] == absent.json()["issue"][0]["code"]
     # The system can reach both: the 404 was the compartment, not the resource.
-    assert call(client, world["other"], world["other_qr"], {}).status_code < 400
+    assert call(system_client, world["other"], world["other_qr"], {}).status_code < 400
 
 
 def test_scopes_that_do_not_allow_an_interaction_answer_403(
-    app: FastAPI, client: TestClient, world: dict[str, str]
+    app: FastAPI, system_client: TestClient, world: dict[str, str]
 ) -> None:
     reader = bearer(app, "patient/Observation.rs", patient=world["mine"])
-    assert client.get(f"/fhir/Patient/{world['mine']}", headers=reader).status_code == 403
-    assert client.get(f"/fhir/Patient/{world['mine']}/$adaptive-state", headers=reader).status_code == 403
+    assert system_client.get(f"/fhir/Patient/{world['mine']}", headers=reader).status_code == 403
+    assert (
+        system_client.get(f"/fhir/Patient/{world['mine']}/$adaptive-state", headers=reader).status_code == 403
+    )
 
 
 def test_a_write_placed_out_of_reach_is_403_whether_or_not_its_target_exists(
-    app: FastAPI, client: TestClient, world: dict[str, str]
+    app: FastAPI, system_client: TestClient, world: dict[str, str]
 ) -> None:
     """New content naming another patient is refused before any hook looks at it, so the answer for an
     existing patient equals the answer for one that does not exist (intake would otherwise answer 422
     'not known' for the second and tell them apart)."""
     token = {**bearer(app, "patient/*.cruds", patient=world["mine"]), **FHIR}
-    other = client.post("/fhir/QuestionnaireResponse", json=_qr_for(world["other"]), headers=token)
-    absent = client.post("/fhir/QuestionnaireResponse", json=_qr_for("no-such-patient"), headers=token)
+    other = system_client.post("/fhir/QuestionnaireResponse", json=_qr_for(world["other"]), headers=token)
+    absent = system_client.post("/fhir/QuestionnaireResponse", json=_qr_for("no-such-patient"), headers=token)
     assert other.status_code == absent.status_code == 403, (other.text, absent.text)
     assert other.json()["issue"][0]["diagnostics"] == absent.json()["issue"][0]["diagnostics"]

@@ -86,30 +86,32 @@ def issues(response: Any) -> list[tuple[str, str, list[str]]]:
     return [(i["severity"], i["code"], i.get("expression", [])) for i in body["issue"]]
 
 
-def test_profile_in_the_query_string(client: TestClient) -> None:
-    good = client.post(f"/fhir/Observation/$validate?profile={SCALE_SCORE}", json=scale_score(), headers=FHIR)
+def test_profile_in_the_query_string(system_client: TestClient) -> None:
+    good = system_client.post(
+        f"/fhir/Observation/$validate?profile={SCALE_SCORE}", json=scale_score(), headers=FHIR
+    )
     assert issues(good) == [("information", "informational", [])]
     broken = scale_score()
     broken["valueQuantity"]["code"] = "{points}"
     broken["subject"] = {"reference": "Group/g1"}
-    bad = client.post(f"/fhir/Observation/$validate?profile={SCALE_SCORE}", json=broken, headers=FHIR)
+    bad = system_client.post(f"/fhir/Observation/$validate?profile={SCALE_SCORE}", json=broken, headers=FHIR)
     assert issues(bad) == [
         ("error", "structure", ["Observation.subject"]),
         ("error", "value", ["Observation.valueQuantity.code"]),
     ]
     assert "rom-scale-score" in bad.json()["issue"][0]["diagnostics"]
     # Without a profile the same resource is plain valid R4.
-    plain = client.post("/fhir/Observation/$validate", json=broken, headers=FHIR)
+    plain = system_client.post("/fhir/Observation/$validate", json=broken, headers=FHIR)
     assert issues(plain) == [("information", "informational", [])]
     # Nothing was stored.
-    assert client.get("/fhir/Observation?_total=accurate").json()["total"] == 0
+    assert system_client.get("/fhir/Observation?_total=accurate").json()["total"] == 0
 
 
-def test_versioned_profile_and_instance_level(client: TestClient) -> None:
-    created = client.put("/fhir/Observation/o1", json={**scale_score(), "id": "o1"}, headers=FHIR)
+def test_versioned_profile_and_instance_level(system_client: TestClient) -> None:
+    created = system_client.put("/fhir/Observation/o1", json={**scale_score(), "id": "o1"}, headers=FHIR)
     assert created.status_code in (200, 201), created.text
     broken = {**scale_score(), "id": "o1", "status": "preliminary"}
-    response = client.post(
+    response = system_client.post(
         f"/fhir/Observation/o1/$validate?profile={SCALE_SCORE}|0.2.0", json=broken, headers=FHIR
     )
     found = issues(response)
@@ -117,13 +119,15 @@ def test_versioned_profile_and_instance_level(client: TestClient) -> None:
     assert "rom-status-1" in response.json()["issue"][0]["diagnostics"]
 
 
-def test_profile_as_a_parameter(client: TestClient) -> None:
+def test_profile_as_a_parameter(system_client: TestClient) -> None:
     flag = alert_flag()
-    ok = client.post("/fhir/Flag/$validate", json=parameters(flag, {"valueUri": ALERT_FLAG}), headers=FHIR)
+    ok = system_client.post(
+        "/fhir/Flag/$validate", json=parameters(flag, {"valueUri": ALERT_FLAG}), headers=FHIR
+    )
     assert issues(ok) == [("information", "informational", [])]
     del flag["period"]["end"]
     flag["code"]["coding"][0]["code"] = "bad-weather"
-    bad = client.post(
+    bad = system_client.post(
         "/fhir/Flag/$validate", json=parameters(flag, {"valueCanonical": ALERT_FLAG}), headers=FHIR
     )
     assert issues(bad) == [
@@ -132,51 +136,59 @@ def test_profile_as_a_parameter(client: TestClient) -> None:
     ]
     assert "rom-flag-1" in bad.json()["issue"][0]["diagnostics"]
     # A profile parameter without a value is a malformed request.
-    empty = client.post("/fhir/Flag/$validate", json=parameters(flag, {"valueString": ""}), headers=FHIR)
+    empty = system_client.post(
+        "/fhir/Flag/$validate", json=parameters(flag, {"valueString": ""}), headers=FHIR
+    )
     assert empty.status_code == 400
 
 
-def test_meta_profile_is_validated(client: TestClient) -> None:
+def test_meta_profile_is_validated(system_client: TestClient) -> None:
     obs = scale_score()
     obs["meta"] = {"profile": [SCALE_SCORE]}
-    assert issues(client.post("/fhir/Observation/$validate", json=obs, headers=FHIR)) == [
+    assert issues(system_client.post("/fhir/Observation/$validate", json=obs, headers=FHIR)) == [
         ("information", "informational", [])
     ]
     obs["hasMember"] = [{"reference": "Observation/o2"}]
-    found = issues(client.post("/fhir/Observation/$validate", json=obs, headers=FHIR))
+    found = issues(system_client.post("/fhir/Observation/$validate", json=obs, headers=FHIR))
     assert found == [("error", "structure", ["Observation.hasMember"])]
     # Named twice (meta and parameter, with and without version), checked once.
-    twice = client.post(f"/fhir/Observation/$validate?profile={SCALE_SCORE}|0.2.0", json=obs, headers=FHIR)
+    twice = system_client.post(
+        f"/fhir/Observation/$validate?profile={SCALE_SCORE}|0.2.0", json=obs, headers=FHIR
+    )
     assert issues(twice) == found
 
 
-def test_unknown_profiles(client: TestClient) -> None:
+def test_unknown_profiles(system_client: TestClient) -> None:
     obs = scale_score()
     obs["meta"] = {"profile": [UNKNOWN]}
-    claimed = client.post("/fhir/Observation/$validate", json=obs, headers=FHIR)
+    claimed = system_client.post("/fhir/Observation/$validate", json=obs, headers=FHIR)
     assert issues(claimed) == [("information", "not-supported", ["Observation.meta.profile[0]"])]
-    asked = client.post(f"/fhir/Observation/$validate?profile={UNKNOWN}", json=scale_score(), headers=FHIR)
+    asked = system_client.post(
+        f"/fhir/Observation/$validate?profile={UNKNOWN}", json=scale_score(), headers=FHIR
+    )
     assert issues(asked) == [("error", "not-supported", ["Observation"])]
     assert asked.json()["issue"][0]["diagnostics"] == f"profile {UNKNOWN} is not known to this server"
-    in_body = client.post(
+    in_body = system_client.post(
         "/fhir/Observation/$validate", json=parameters(scale_score(), {"valueUri": UNKNOWN}), headers=FHIR
     )
     assert issues(in_body) == [("error", "not-supported", ["Observation"])]
 
 
-def test_a_profile_for_another_type(client: TestClient) -> None:
-    response = client.post(
+def test_a_profile_for_another_type(system_client: TestClient) -> None:
+    response = system_client.post(
         f"/fhir/Observation/$validate?profile={ALERT_FLAG}", json=scale_score(), headers=FHIR
     )
     assert issues(response) == [("error", "structure", ["Observation"])]
     assert "constrains Flag, not Observation" in response.json()["issue"][0]["diagnostics"]
 
 
-def test_structural_errors_come_first(client: TestClient) -> None:
+def test_structural_errors_come_first(system_client: TestClient) -> None:
     broken = copy.deepcopy(scale_score())
     broken["status"] = "done"  # not an R4 observation-status
     del broken["valueQuantity"]  # would break the profile too
-    response = client.post(f"/fhir/Observation/$validate?profile={SCALE_SCORE}", json=broken, headers=FHIR)
+    response = system_client.post(
+        f"/fhir/Observation/$validate?profile={SCALE_SCORE}", json=broken, headers=FHIR
+    )
     found = issues(response)
     assert [severity for severity, _, _ in found] == ["error"]
     assert found[0][2] == ["Observation.status"]

@@ -69,7 +69,7 @@ def start(patient: str, **extra: Any) -> dict[str, Any]:
 
 
 def session(
-    client: TestClient,
+    system_client: TestClient,
     patient: str,
     answers: Mapping[str, str],
     *,
@@ -83,7 +83,7 @@ def session(
         body["extension"] = [{"url": CONTEXT_URL, "valueCoding": {"system": CONTEXT_CS, "code": context}}]
     pages: dict[str, list[str]] = {}
     for _ in range(5):
-        got = client.post("/fhir/Questionnaire/$next-question", json=body, headers=dict(headers or {}))
+        got = system_client.post("/fhir/Questionnaire/$next-question", json=body, headers=dict(headers or {}))
         assert got.status_code == 200, got.text
         body = got.json()
         if body["status"] == "completed":
@@ -95,11 +95,11 @@ def session(
 
 
 def administer(
-    client: TestClient, patient: str, levels: Mapping[str, int], week: int, **kw: Any
+    system_client: TestClient, patient: str, levels: Mapping[str, int], week: int, **kw: Any
 ) -> list[str]:
     """One administration through $next-question, stored; returns the scales asked in full."""
-    pages, done = session(client, patient, levels_to_answers(levels), authored=_week(week), **kw)
-    stored = post_response(client, done)
+    pages, done = session(system_client, patient, levels_to_answers(levels), authored=_week(week), **kw)
+    stored = post_response(system_client, done)
     assert stored.status_code == 201, stored.text
     m = nf21()
     asked = set(pages.get("page-scales", []))
@@ -133,21 +133,21 @@ def override_body(patient: str, scale: str, direction: str) -> dict[str, Any]:
     }
 
 
-def override(client: TestClient, patient: str, scale: str, direction: str) -> dict[str, Any]:
+def override(system_client: TestClient, patient: str, scale: str, direction: str) -> dict[str, Any]:
     body = override_body(patient, scale, direction)
-    got = client.post("/fhir/ServiceRequest", json=body)
+    got = system_client.post("/fhir/ServiceRequest", json=body)
     assert got.status_code == 201, got.text
     return dict(got.json())
 
 
-def lift(client: TestClient, request: dict[str, Any]) -> None:
+def lift(system_client: TestClient, request: dict[str, Any]) -> None:
     request = {**request, "status": "revoked"}
-    got = client.put(f"/fhir/ServiceRequest/{request['id']}", json=request)
+    got = system_client.put(f"/fhir/ServiceRequest/{request['id']}", json=request)
     assert got.status_code == 200, got.text
 
 
-def state_of(client: TestClient, patient: str) -> dict[str, dict[str, Any]]:
-    got = client.get(f"/fhir/Patient/{patient}/$adaptive-state")
+def state_of(system_client: TestClient, patient: str) -> dict[str, dict[str, Any]]:
+    got = system_client.get(f"/fhir/Patient/{patient}/$adaptive-state")
     assert got.status_code == 200, got.text
     out: dict[str, dict[str, Any]] = {}
     for param in got.json()["parameter"]:
@@ -166,15 +166,15 @@ def state_of(client: TestClient, patient: str) -> dict[str, dict[str, Any]]:
 # --- the session ------------------------------------------------------------------------------------
 
 
-def test_intake_session_pages_the_full_bank_then_weekly_only_what_is_open(client: TestClient) -> None:
+def test_intake_session_pages_the_full_bank_then_weekly_only_what_is_open(system_client: TestClient) -> None:
     m = nf21()
-    patient = create_patient(client)
+    patient = create_patient(system_client)
     triggers = [m.scale(c).trigger for c in m.display_order if m.scale(c).trigger]
     others = [i for c in m.display_order for i in m.scale(c).items if i != m.scale(c).trigger]
     closing = [*m.alliance.items, *(p.link_id for p in m.preferences), *(s.link_id for s in m.single)]
     closing += [s.link_id for s in m.medication]
 
-    pages, done = session(client, patient, levels_to_answers({"worry": 6}), authored=_week(0))
+    pages, done = session(system_client, patient, levels_to_answers({"worry": 6}), authored=_week(0))
     assert pages == {"page-triggers": triggers, "page-scales": others, "page-closing": closing}
     assert done["status"] == "completed" and done["questionnaire"] == "#q"
     contained = done["contained"][0]
@@ -182,98 +182,104 @@ def test_intake_session_pages_the_full_bank_then_weekly_only_what_is_open(client
     assert [p["linkId"] for p in contained["item"]] == ["page-triggers", "page-scales", "page-closing"]
     context = [e for e in done["extension"] if e["url"] == CONTEXT_URL]
     assert context[0]["valueCoding"]["code"] == "intake"
-    stored = post_response(client, done)
+    stored = post_response(system_client, done)
     assert stored.status_code == 201, stored.text
     # The context travels to every derived resource.
-    for obs in search(client, f"Observation?subject=Patient/{patient}"):
+    for obs in search(system_client, f"Observation?subject=Patient/{patient}"):
         assert {
             "url": CONTEXT_URL,
             "valueCoding": {"system": CONTEXT_CS, "code": "intake", "display": "Intake"},
         } in obs["extension"]
     # Found by the adaptive canonical, like a response that names it directly.
-    by_questionnaire = search(client, f"QuestionnaireResponse?questionnaire={ADAPTIVE.split('|')[0]}")
+    by_questionnaire = search(system_client, f"QuestionnaireResponse?questionnaire={ADAPTIVE.split('|')[0]}")
     assert [r["id"] for r in by_questionnaire] == [stored.json()["id"]]
-    report = search(client, f"DiagnosticReport?subject=Patient/{patient}")[0]
+    report = search(system_client, f"DiagnosticReport?subject=Patient/{patient}")[0]
     assert any(e["url"] == CONTEXT_URL for e in report["extension"])
 
     # Week 2: worry stays open from intake; sad's trigger opens sad now; nothing else is asked in full.
-    pages, done = session(client, patient, levels_to_answers({"worry": 3, "sad": 6}), authored=_week(1))
+    pages, done = session(
+        system_client, patient, levels_to_answers({"worry": 3, "sad": 6}), authored=_week(1)
+    )
     assert pages["page-triggers"] == triggers
     assert pages["page-scales"] == [i for c in ("sad", "worry") for i in m.scale(c).items[1:]]
     assert [e["valueCoding"]["code"] for e in done["extension"] if e["url"] == CONTEXT_URL] == ["weekly"]
 
 
-def test_nothing_left_to_ask_skips_the_scale_page(client: TestClient) -> None:
-    patient = create_patient(client)
-    administer(client, patient, {}, 0)  # intake, every scale low
-    pages, _ = session(client, patient, levels_to_answers({}), authored=_week(1))
+def test_nothing_left_to_ask_skips_the_scale_page(system_client: TestClient) -> None:
+    patient = create_patient(system_client)
+    administer(system_client, patient, {}, 0)  # intake, every scale low
+    pages, _ = session(system_client, patient, levels_to_answers({}), authored=_week(1))
     assert list(pages) == ["page-triggers", "page-closing"]
 
 
-def test_next_question_refuses_bad_input_with_an_operation_outcome(client: TestClient) -> None:
-    patient = create_patient(client)
+def test_next_question_refuses_bad_input_with_an_operation_outcome(system_client: TestClient) -> None:
+    patient = create_patient(system_client)
     url = "/fhir/Questionnaire/$next-question"
     # An unknown subject answers as a patient out of reach does: 404, as if absent.
-    unknown = client.post(url, json=start("nobody"))
+    unknown = system_client.post(url, json=start("nobody"))
     assert unknown.status_code == 404 and unknown.json()["resourceType"] == "OperationOutcome"
-    static = client.post(url, json=start(patient, questionnaire=NF21_STATIC))
+    static = system_client.post(url, json=start(patient, questionnaire=NF21_STATIC))
     assert static.status_code == 422 and "static" in static.json()["issue"][0]["diagnostics"]
-    done = client.post(url, json={**start(patient), "status": "completed"})
+    done = system_client.post(url, json={**start(patient), "status": "completed"})
     assert done.status_code == 422
-    first = client.post(url, json=start(patient)).json()
+    first = system_client.post(url, json=start(patient)).json()
     # A page the server did not deliver, or an item redefined, is refused.
     forged = {
         **first,
         "contained": [{**first["contained"][0], "item": [{"linkId": "page-x", "type": "group"}]}],
     }
-    assert client.post(url, json=forged).status_code == 422
+    assert system_client.post(url, json=forged).status_code == 422
     tampered = first["contained"][0]["item"][0]["item"][0]
     tampered["type"] = "string"
-    assert client.post(url, json=first).status_code == 422
+    assert system_client.post(url, json=first).status_code == 422
     # An answer code outside the item's value set.
-    first = client.post(url, json=start(patient)).json()
+    first = system_client.post(url, json=start(patient)).json()
     first["item"] = [
         {
             "linkId": "page-triggers",
             "item": [{"linkId": "sad-1", "answer": [{"valueCoding": {"system": ANSWERS, "code": "99"}}]}],
         }
     ]
-    bad = client.post(url, json=first)
+    bad = system_client.post(url, json=first)
     assert bad.status_code == 422 and "sad-1" in bad.text
     assert (
-        client.post(url, content=b"{not json", headers={"content-type": "application/fhir+json"}).status_code
+        system_client.post(
+            url, content=b"{not json", headers={"content-type": "application/fhir+json"}
+        ).status_code
         == 400
     )
 
 
-def test_a_patient_token_works_only_for_that_patient(app: Any, client: TestClient) -> None:
-    mine = create_patient(client)
-    other = create_patient(client, family="Hansen")
+def test_a_patient_token_works_only_for_that_patient(app: Any, system_client: TestClient) -> None:
+    mine = create_patient(system_client)
+    other = create_patient(system_client, family="Hansen")
     token = bearer(app, "patient/*.cruds", patient=mine)
     url = "/fhir/Questionnaire/$next-question"
-    assert client.post(url, json=start(mine), headers=token).status_code == 200
+    assert system_client.post(url, json=start(mine), headers=token).status_code == 200
     # Another patient is out of reach: the same answer as a patient that does not exist (404), so
     # nothing is revealed, as for a read of that patient.
-    refused = client.post(url, json=start(other), headers=token)
-    absent = client.post(url, json=start("no-such-patient"), headers=token)
+    refused = system_client.post(url, json=start(other), headers=token)
+    absent = system_client.post(url, json=start("no-such-patient"), headers=token)
     assert refused.status_code == absent.status_code == 404
     assert refused.json()["issue"][0]["code"] == absent.json()["issue"][0]["code"] == "not-found"
-    assert client.get(f"/fhir/Patient/{other}", headers=token).status_code == 404
+    assert system_client.get(f"/fhir/Patient/{other}", headers=token).status_code == 404
     for operation in ("$tailored-form", "$adaptive-state"):
-        assert client.get(f"/fhir/Patient/{other}/{operation}", headers=token).status_code == 404
-        assert client.get(f"/fhir/Patient/no-such-patient/{operation}", headers=token).status_code == 404
+        assert system_client.get(f"/fhir/Patient/{other}/{operation}", headers=token).status_code == 404
+        assert (
+            system_client.get(f"/fhir/Patient/no-such-patient/{operation}", headers=token).status_code == 404
+        )
     # A whole session and its storage with the patient's own token.
-    _pages, done = session(client, mine, levels_to_answers({}), authored=_week(0), headers=token)
-    assert post_response(client, done, **token).status_code == 201
+    _pages, done = session(system_client, mine, levels_to_answers({}), authored=_week(0), headers=token)
+    assert post_response(system_client, done, **token).status_code == 201
 
 
 # --- overrides --------------------------------------------------------------------------------------
 
 
-def test_overrides_are_validated_audited_and_honoured(client: TestClient) -> None:
-    patient = create_patient(client)
-    administer(client, patient, {"sad": 6}, 0)  # sad open after intake
-    bad = client.post(
+def test_overrides_are_validated_audited_and_honoured(system_client: TestClient) -> None:
+    patient = create_patient(system_client)
+    administer(system_client, patient, {"sad": 6}, 0)  # sad open after intake
+    bad = system_client.post(
         "/fhir/ServiceRequest",
         json={
             k: v
@@ -285,27 +291,27 @@ def test_overrides_are_validated_audited_and_honoured(client: TestClient) -> Non
     problems = " ".join(i["diagnostics"] for i in bad.json()["issue"])
     assert "scale" in problems and "requester" in problems
 
-    closed = override(client, patient, "sad", "closed")
-    forced = override(client, patient, "worry", "open")
-    state = state_of(client, patient)
+    closed = override(system_client, patient, "sad", "closed")
+    forced = override(system_client, patient, "worry", "open")
+    state = state_of(system_client, patient)
     assert state["sad"]["open"] is True and state["sad"]["askedInFull"] is False
     assert state["sad"]["override"]["direction"]["valueCode"] == "closed"
     assert state["sad"]["override"]["requester"]["valueReference"]["reference"] == "Practitioner/dr-hansen"
     assert state["worry"]["askedInFull"] is True
-    assert administer(client, patient, {"sad": 7}, 1) == ["worry"]
+    assert administer(system_client, patient, {"sad": 7}, 1) == ["worry"]
     # The tailored form drops the closed scale's items and opens the forced one without enableWhen.
-    form = client.get(f"/fhir/Patient/{patient}/$tailored-form").json()
+    form = system_client.get(f"/fhir/Patient/{patient}/$tailored-form").json()
     groups = {g["linkId"]: g for g in form["item"]}
     assert "group-sad" not in groups and "enableWhen" not in groups["group-worry"]
     assert "enableWhen" in groups["group-somAnx"]
-    lift(client, closed)
-    lift(client, forced)
+    lift(system_client, closed)
+    lift(system_client, forced)
     # sad's trigger (7) kept the rules' state open underneath the override.
-    assert administer(client, patient, {"sad": 6}, 2) == ["sad"]
+    assert administer(system_client, patient, {"sad": 6}, 2) == ["sad"]
     # Every write of an override left an AuditEvent naming it.
-    events = search(client, f"AuditEvent?entity=ServiceRequest/{closed['id']}")
+    events = search(system_client, f"AuditEvent?entity=ServiceRequest/{closed['id']}")
     assert {e["action"] for e in events} >= {"C", "U"}
-    assert len(search(client, f"ServiceRequest/{closed['id']}/_history")) == 2
+    assert len(search(system_client, f"ServiceRequest/{closed['id']}/_history")) == 2
 
 
 # --- static forms and equivalence -------------------------------------------------------------------
@@ -329,42 +335,42 @@ def _static_answer(form: dict[str, Any], answers: Mapping[str, str]) -> list[dic
     return out
 
 
-def _scores(client: TestClient, patient: str, week: int) -> dict[str, float]:
+def _scores(system_client: TestClient, patient: str, week: int) -> dict[str, float]:
     when = _week(week)[:10]
     return {
         o["code"]["coding"][0]["code"]: o["valueQuantity"]["value"]
-        for o in search(client, f"Observation?subject=Patient/{patient}&date={when}")
+        for o in search(system_client, f"Observation?subject=Patient/{patient}&date={when}")
         if "valueQuantity" in o
     }
 
 
-def test_adaptive_and_tailored_static_paths_score_identically(client: TestClient) -> None:
+def test_adaptive_and_tailored_static_paths_score_identically(system_client: TestClient) -> None:
     levels = {"sad": 6, "worry": 5, "internal": 6, "control": 3}
     later = {"sad": 3, "worry": 6, "internal": 6, "control": 6, "avoidSoc": 7}
-    adaptive, static = create_patient(client), create_patient(client, family="Berg")
+    adaptive, static = create_patient(system_client), create_patient(system_client, family="Berg")
     for patient in (adaptive, static):
-        administer(client, patient, levels, 0)
-    administer(client, adaptive, later, 1)
+        administer(system_client, patient, levels, 0)
+    administer(system_client, adaptive, later, 1)
 
-    populated = client.get(f"/fhir/Questionnaire/$populate?subject=Patient/{static}")
+    populated = system_client.get(f"/fhir/Questionnaire/$populate?subject=Patient/{static}")
     assert populated.status_code == 200, populated.text
     qr = populated.json()["parameter"][0]["resource"]
     form = qr["contained"][0]
     assert qr["questionnaire"] == "#tailored" and form["derivedFrom"] == [NF21_STATIC]
     qr["item"] = _static_answer(form, levels_to_answers(later))
     qr["status"], qr["authored"] = "completed", _week(1)
-    stored = post_response(client, qr)
+    stored = post_response(system_client, qr)
     assert stored.status_code == 201, stored.text
-    assert _scores(client, adaptive, 1) == _scores(client, static, 1)
-    assert len(_scores(client, adaptive, 1)) > 10
+    assert _scores(system_client, adaptive, 1) == _scores(system_client, static, 1)
+    assert len(_scores(system_client, adaptive, 1)) > 10
 
 
-def test_items_of_closed_scales_are_not_required(client: TestClient) -> None:
+def test_items_of_closed_scales_are_not_required(system_client: TestClient) -> None:
     """A form that marks every item required: a weekly response without the items of the scales that
     were not asked is complete; leaving out an item of a scale that was asked is not."""
-    patient = create_patient(client)
-    administer(client, patient, {"sad": 6}, 0)
-    form = client.get(f"/fhir/Patient/{patient}/$tailored-form").json()
+    patient = create_patient(system_client)
+    administer(system_client, patient, {"sad": 6}, 0)
+    form = system_client.get(f"/fhir/Patient/{patient}/$tailored-form").json()
 
     def require(items: list[dict[str, Any]]) -> None:
         for item in items:
@@ -383,15 +389,15 @@ def test_items_of_closed_scales_are_not_required(client: TestClient) -> None:
         "authored": _week(1),
         "item": _static_answer(form, answers),
     }
-    assert post_response(client, body).status_code == 201
+    assert post_response(system_client, body).status_code == 201
     missing = {**body, "authored": _week(2), "item": _static_answer(form, {**answers, "sad-2": "x"})}
-    refused = post_response(client, missing)
+    refused = post_response(system_client, missing)
     assert refused.status_code == 422 and "sad-2" in refused.text
 
 
-def test_episodes_keep_separate_histories(client: TestClient) -> None:
-    patient = create_patient(client)
-    first = client.post(
+def test_episodes_keep_separate_histories(system_client: TestClient) -> None:
+    patient = create_patient(system_client)
+    first = system_client.post(
         "/fhir/EpisodeOfCare",
         json={
             "resourceType": "EpisodeOfCare",
@@ -399,15 +405,15 @@ def test_episodes_keep_separate_histories(client: TestClient) -> None:
             "patient": {"reference": f"Patient/{patient}"},
         },
     ).json()
-    administer(client, patient, {"sad": 6}, 0)
-    obs = search(client, f"Observation?subject=Patient/{patient}")
+    administer(system_client, patient, {"sad": 6}, 0)
+    obs = search(system_client, f"Observation?subject=Patient/{patient}")
     assert all(
         {"url": EPISODE_URL, "valueReference": {"reference": f"EpisodeOfCare/{first['id']}"}}
         in o["extension"]
         for o in obs
     )
-    client.put(f"/fhir/EpisodeOfCare/{first['id']}", json={**first, "status": "finished"})
-    second = client.post(
+    system_client.put(f"/fhir/EpisodeOfCare/{first['id']}", json={**first, "status": "finished"})
+    second = system_client.post(
         "/fhir/EpisodeOfCare",
         json={
             "resourceType": "EpisodeOfCare",
@@ -416,7 +422,7 @@ def test_episodes_keep_separate_histories(client: TestClient) -> None:
         },
     ).json()
     # The new episode starts with an intake: the full bank again.
-    pages, done = session(client, patient, levels_to_answers({}), authored=_week(1))
+    pages, done = session(system_client, patient, levels_to_answers({}), authored=_week(1))
     assert [e["valueCoding"]["code"] for e in done["extension"] if e["url"] == CONTEXT_URL] == ["intake"]
     assert {"url": EPISODE_URL, "valueReference": {"reference": f"EpisodeOfCare/{second['id']}"}} in done[
         "extension"
@@ -440,59 +446,63 @@ OVERRIDES = {10: "open", 11: "open", 13: "closed"}
 EXPECTED = "FFFF.FF...FF..F.-FFFF"
 
 
-def test_a_simulated_patient_over_21_administrations(client: TestClient) -> None:
+def test_a_simulated_patient_over_21_administrations(system_client: TestClient) -> None:
     every = [s.code for s in nf21().scales]
-    patient = create_patient(client)
+    patient = create_patient(system_client)
     active: dict[str, Any] | None = None
     seen = ""
     for week, level in enumerate(SAD):
         wanted = OVERRIDES.get(week)
         if active is not None and wanted != ("closed" if active["doNotPerform"] else "open"):
-            lift(client, active)
+            lift(system_client, active)
             active = None
         if wanted is not None and active is None:
-            active = override(client, patient, "sad", wanted)
+            active = override(system_client, patient, "sad", wanted)
         if level is None:
             seen += "-"
             continue
-        asked = administer(client, patient, {"sad": level}, week)
+        asked = administer(system_client, patient, {"sad": level}, week)
         if week == 0:
             assert asked == every  # the intake asks the full bank
         else:
             assert set(asked) <= {"sad"}, (week, asked)  # every other scale stays closed
         seen += "F" if "sad" in asked else "."
     assert seen == EXPECTED
-    state = state_of(client, patient)
+    state = state_of(system_client, patient)
     assert state["sad"]["open"] is True and all(not state[c]["open"] for c in every if c != "sad")
 
 
-def test_operation_parameters_and_their_errors(client: TestClient) -> None:
-    patient = create_patient(client)
+def test_operation_parameters_and_their_errors(system_client: TestClient) -> None:
+    patient = create_patient(system_client)
     wrapped = {
         "resourceType": "Parameters",
         "parameter": [{"name": "questionnaire-response", "resource": start(patient)}],
     }
-    got = client.post("/fhir/Questionnaire/$next-question", json=wrapped)
+    got = system_client.post("/fhir/Questionnaire/$next-question", json=wrapped)
     assert got.status_code == 200 and got.json()["contained"][0]["item"][0]["linkId"] == "page-triggers"
     assert (
-        client.post("/fhir/Questionnaire/$next-question", json={"resourceType": "Parameters"}).status_code
+        system_client.post(
+            "/fhir/Questionnaire/$next-question", json={"resourceType": "Parameters"}
+        ).status_code
         == 400
     )
     # $tailored-form: a context outside intake | weekly | termination, an unknown parameter.
-    bad = client.get(f"/fhir/Patient/{patient}/$tailored-form?context=monthly")
+    bad = system_client.get(f"/fhir/Patient/{patient}/$tailored-form?context=monthly")
     assert bad.status_code == 422 and "monthly" in bad.json()["issue"][0]["diagnostics"]
-    assert client.get(f"/fhir/Patient/{patient}/$tailored-form?colour=red").status_code == 400
-    assert client.get("/fhir/Patient/nobody/$adaptive-state").status_code == 404
+    assert system_client.get(f"/fhir/Patient/{patient}/$tailored-form?colour=red").status_code == 400
+    assert system_client.get("/fhir/Patient/nobody/$adaptive-state").status_code == 404
     # The same as a POST with a Parameters body; the intake context asks every scale in full.
-    posted = client.post(
+    posted = system_client.post(
         f"/fhir/Patient/{patient}/$tailored-form",
         json={"resourceType": "Parameters", "parameter": [{"name": "context", "valueCode": "intake"}]},
     )
     assert posted.status_code == 200
     assert all("enableWhen" not in g for g in posted.json()["item"])
     # Instance-level $populate on the stored static Questionnaire.
-    stored = search(client, "Questionnaire?url=http://fhir-norse.org/fhir/Questionnaire/nf21-static")[0]
-    populated = client.post(
+    stored = search(system_client, "Questionnaire?url=http://fhir-norse.org/fhir/Questionnaire/nf21-static")[
+        0
+    ]
+    populated = system_client.post(
         f"/fhir/Questionnaire/{stored['id']}/$populate",
         json={
             "resourceType": "Parameters",
@@ -502,4 +512,4 @@ def test_operation_parameters_and_their_errors(client: TestClient) -> None:
     assert populated.status_code == 200, populated.text
     response = populated.json()["parameter"][0]["resource"]
     assert response["subject"] == {"reference": f"Patient/{patient}"} and response["status"] == "in-progress"
-    assert client.get("/fhir/Questionnaire/$populate").status_code == 400  # no subject
+    assert system_client.get("/fhir/Questionnaire/$populate").status_code == 400  # no subject

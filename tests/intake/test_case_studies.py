@@ -344,23 +344,25 @@ def alert_key(flag: Json) -> str:
     return str(keys[0])
 
 
-def flags_by_key(client: TestClient, patient: str) -> dict[str, list[Json]]:
+def flags_by_key(system_client: TestClient, patient: str) -> dict[str, list[Json]]:
     out: dict[str, list[Json]] = {}
-    for flag in search(client, f"Flag?subject=Patient/{patient}"):
+    for flag in search(system_client, f"Flag?subject=Patient/{patient}"):
         out.setdefault(alert_key(flag), []).append(flag)
     for flags in out.values():
         flags.sort(key=lambda f: str(f["period"]["start"]))
     return out
 
 
-def counts(client: TestClient, patient: str) -> dict[str, int]:
+def counts(system_client: TestClient, patient: str) -> dict[str, int]:
     return {
-        "Observation": len(search(client, f"Observation?subject=Patient/{patient}")),
-        "Flag": len(search(client, f"Flag?subject=Patient/{patient}")),
-        "Task": len(search(client, f"Task?patient=Patient/{patient}")),
-        "DiagnosticReport": len(search(client, f"DiagnosticReport?subject=Patient/{patient}")),
-        "QuestionnaireResponse": len(search(client, f"QuestionnaireResponse?subject=Patient/{patient}")),
-        "Provenance": len(search(client, "Provenance")),
+        "Observation": len(search(system_client, f"Observation?subject=Patient/{patient}")),
+        "Flag": len(search(system_client, f"Flag?subject=Patient/{patient}")),
+        "Task": len(search(system_client, f"Task?patient=Patient/{patient}")),
+        "DiagnosticReport": len(search(system_client, f"DiagnosticReport?subject=Patient/{patient}")),
+        "QuestionnaireResponse": len(
+            search(system_client, f"QuestionnaireResponse?subject=Patient/{patient}")
+        ),
+        "Provenance": len(search(system_client, "Provenance")),
     }
 
 
@@ -389,18 +391,18 @@ def server(settings: Settings) -> Iterator[TestClient]:
     app = create_app(settings)
     publish_questionnaires(app.state.service)
     try:
-        with TestClient(app, headers=bearer(app)) as client:
-            yield client
+        with TestClient(app, headers=bearer(app)) as system_client:
+            yield system_client
     finally:
         app.state.service.storage.engine.dispose()
 
 
-def run(client: TestClient, name: str, reports: Sequence[Report], start: date, days: int) -> Run:
+def run(system_client: TestClient, name: str, reports: Sequence[Report], start: date, days: int) -> Run:
     """POST one completed response per report (report k authored ``start + (k - 1) * days``)."""
     mapping = nf21()
     numbers = [rep.number for rep in reports]
     assert numbers == sorted(set(numbers)), "reports in increasing order"
-    patient = create_patient(client, name)
+    patient = create_patient(system_client, name)
     out = Run(patient, list(reports), [], [], [], [])
     for rep in reports:
         when = (start + timedelta(days=days * (rep.number - 1))).isoformat() + "T08:30:00+01:00"
@@ -411,13 +413,13 @@ def run(client: TestClient, name: str, reports: Sequence[Report], start: date, d
             authored=when,
             identifier=f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'case-study/{name}/{rep.number}')}",
         )
-        answer = post_response(client, body)
+        answer = post_response(system_client, body)
         assert answer.status_code == 201, answer.text
         out.authored.append(when)
         out.bodies.append(body)
         out.response_ids.append(str(answer.json()["id"]))
         states: dict[str, list[tuple[str, str]]] = {}
-        for key, flags in flags_by_key(client, patient).items():
+        for key, flags in flags_by_key(system_client, patient).items():
             states[key] = [(str(f["id"]), str(f["status"])) for f in flags]
         out.flag_states.append(states)
     return out
@@ -426,11 +428,11 @@ def run(client: TestClient, name: str, reports: Sequence[Report], start: date, d
 # --- shared assertions ---------------------------------------------------------------------------------
 
 
-def check_scale_observations(client: TestClient, run_: Run, code: str) -> list[Json]:
+def check_scale_observations(system_client: TestClient, run_: Run, code: str) -> list[Json]:
     """Score, RC/RTI components and interpretations of every administration of scale ``code``."""
     mapping = nf21()
     observations = by_effective(
-        search(client, f"Observation?subject=Patient/{run_.patient}&code={CS_SCALES}|{code}")
+        search(system_client, f"Observation?subject=Patient/{run_.patient}&code={CS_SCALES}|{code}")
     )
     assert sorted(observations) == sorted(run_.authored), code
     expected = expected_scale(run_.reports, code, mapping)
@@ -451,12 +453,12 @@ def check_scale_observations(client: TestClient, run_: Run, code: str) -> list[J
     return out
 
 
-def check_alliance_observations(client: TestClient, run_: Run) -> dict[str, dict[str, Json]]:
+def check_alliance_observations(system_client: TestClient, run_: Run) -> dict[str, dict[str, Json]]:
     mapping = nf21()
     out: dict[str, dict[str, Json]] = {}
     for code in ALLIANCE_PARTS:
         found = by_effective(
-            search(client, f"Observation?subject=Patient/{run_.patient}&code={CS_ALLIANCE}|{code}")
+            search(system_client, f"Observation?subject=Patient/{run_.patient}&code={CS_ALLIANCE}|{code}")
         )
         assert sorted(found) == sorted(run_.authored), code
         for rep, when, e in zip(
@@ -474,7 +476,7 @@ def check_alliance_observations(client: TestClient, run_: Run) -> dict[str, dict
     return out
 
 
-def check_flags(client: TestClient, run_: Run) -> dict[str, list[Json]]:
+def check_flags(system_client: TestClient, run_: Run) -> dict[str, list[Json]]:
     """Flags after the run and after every POST follow the holding sequence of the oracle."""
     mapping = nf21()
     holding = expected_holding(run_.reports, mapping)
@@ -496,7 +498,7 @@ def check_flags(client: TestClient, run_: Run) -> dict[str, list[Json]]:
             }
             assert len(ids) == 1, f"{key}: one Flag per episode, got {ids}"
     # at the end: one Flag per episode, with its period
-    flags = flags_by_key(client, run_.patient)
+    flags = flags_by_key(system_client, run_.patient)
     assert set(flags) == {k for keys in holding for k in keys}
     for key, found in flags.items():
         wanted = episodes(holding, key)
@@ -515,12 +517,12 @@ def check_flags(client: TestClient, run_: Run) -> dict[str, list[Json]]:
 ALERT_NAMES = {RUPTURE: "alliance rupture", "deterioration": "reliable deterioration since last time"}
 
 
-def check_reports(client: TestClient, run_: Run, stagnating: Sequence[str]) -> dict[str, Json]:
+def check_reports(system_client: TestClient, run_: Run, stagnating: Sequence[str]) -> dict[str, Json]:
     """One DiagnosticReport per administration; its conclusion leads with the alerts that hold and
     names the stagnating scales."""
     mapping = nf21()
     holding = expected_holding(run_.reports, mapping)
-    reports = by_effective(search(client, f"DiagnosticReport?subject=Patient/{run_.patient}"))
+    reports = by_effective(search(system_client, f"DiagnosticReport?subject=Patient/{run_.patient}"))
     assert sorted(reports) == sorted(run_.authored)
     stagnation = {code: expected_scale(run_.reports, code, mapping) for code in stagnating}
     for i, (rep, when) in enumerate(zip(run_.reports, run_.authored, strict=True)):
@@ -556,17 +558,17 @@ def stagnation_reports(obs: Sequence[Json], run_: Run) -> list[int]:
     ]
 
 
-def check_retry(client: TestClient, run_: Run, numbers: Sequence[int]) -> None:
+def check_retry(system_client: TestClient, run_: Run, numbers: Sequence[int]) -> None:
     """POSTing a stored response again with its identifier answers 200 and creates nothing."""
-    before = counts(client, run_.patient)
-    flags_before = flags_by_key(client, run_.patient)
+    before = counts(system_client, run_.patient)
+    flags_before = flags_by_key(system_client, run_.patient)
     for number in numbers:
         i = run_.index(number)
-        again = post_response(client, run_.bodies[i])
+        again = post_response(system_client, run_.bodies[i])
         assert again.status_code == 200, again.text
         assert again.json()["id"] == run_.response_ids[i]
-    assert counts(client, run_.patient) == before
-    assert flags_by_key(client, run_.patient) == flags_before
+    assert counts(system_client, run_.patient) == before
+    assert flags_by_key(system_client, run_.patient) == flags_before
 
 
 # --- Sonja -------------------------------------------------------------------------------------------------
@@ -674,22 +676,22 @@ SONJA = _sonja()
 
 
 def test_sonja(server: TestClient) -> None:
-    client = server
-    sonja = run(client, "Sonja", SONJA, date(2025, 1, 6), 18)
+    system_client = server
+    sonja = run(system_client, "Sonja", SONJA, date(2025, 1, 6), 18)
     at = sonja.at
 
     # Stagnation of the elevated scales, exactly where the rule holds (oracle inside) ...
-    internal = check_scale_observations(client, sonja, "internal")
-    worry = check_scale_observations(client, sonja, "worry")
-    control = check_scale_observations(client, sonja, "control")
+    internal = check_scale_observations(system_client, sonja, "internal")
+    worry = check_scale_observations(system_client, sonja, "worry")
+    control = check_scale_observations(system_client, sonja, "control")
     # ... and where the story puts it
     assert stagnation_reports(internal, sonja) == list(range(4, 14))
     assert stagnation_reports(worry, sonja) == list(range(5, 14))
     assert stagnation_reports(control, sonja) == [6, 7, 8, 13]
 
     # Worsening at the end: reliable deterioration since the previous and the first report
-    sad = check_scale_observations(client, sonja, "sad")
-    hopeless = check_scale_observations(client, sonja, "hopeless")
+    sad = check_scale_observations(system_client, sonja, "sad")
+    hopeless = check_scale_observations(system_client, sonja, "hopeless")
     for observations in (sad, hopeless):
         last = interpretations(observations[-1])
         assert {("reliable-deterioration", "previous"), ("reliable-deterioration", "first")} <= last
@@ -700,7 +702,7 @@ def test_sonja(server: TestClient) -> None:
     assert quantity(sad[-1], "rc-previous") == pytest.approx(2.8235, abs=1e-4)
 
     # Alliance: percent of the maximum per dimension, low at 3, near the ceiling at 10
-    alliance = check_alliance_observations(client, sonja)
+    alliance = check_alliance_observations(system_client, sonja)
     percent = {code: quantity(alliance[code][at(3)], "percent-of-max") for code in ALLIANCE_PARTS}
     assert percent == pytest.approx({"goal": 300 / 7, "bond": 50.0, "task": 200 / 7, "total": 300 / 7})
     assert quantity(alliance["total"][at(2)], "percent-of-max") == pytest.approx(75.0)
@@ -711,7 +713,7 @@ def test_sonja(server: TestClient) -> None:
 
     # Flags: alliance rupture from report 3 to 9 (75 % at report 2 is not below the floor);
     # deterioration of sad affect and hopelessness at report 13
-    flags = check_flags(client, sonja)
+    flags = check_flags(system_client, sonja)
     assert set(flags) == {RUPTURE, "deterioration/sad", "deterioration/hopeless"}
     (rupture,) = flags[RUPTURE]
     assert rupture["status"] == "inactive"
@@ -722,10 +724,10 @@ def test_sonja(server: TestClient) -> None:
         (flag,) = flags[f"deterioration/{scale}"]
         assert flag["status"] == "active"
         assert flag["period"] == {"start": at(13)}
-    assert search(client, f"Task?patient=Patient/{sonja.patient}") == []  # nothing urgent
+    assert search(system_client, f"Task?patient=Patient/{sonja.patient}") == []  # nothing urgent
 
     # The report per administration names the alerts and the stagnating scales
-    reports = check_reports(client, sonja, ["internal", "worry", "control", "sad", "hopeless"])
+    reports = check_reports(system_client, sonja, ["internal", "worry", "control", "sad", "hopeless"])
     assert reports[at(3)]["conclusion"].startswith("Alert: alliance rupture")
     assert "Stagnation: Worry, Internal Avoidance, Need for Control." in reports[at(13)]["conclusion"]
     assert (
@@ -736,7 +738,7 @@ def test_sonja(server: TestClient) -> None:
 
     # Preferences: more focus on feelings at 6 (and 7), as it is now two reports later
     prefs = by_effective(
-        search(client, f"Observation?subject=Patient/{sonja.patient}&code={CS_ITEMS}|pref-feelings")
+        search(system_client, f"Observation?subject=Patient/{sonja.patient}&code={CS_ITEMS}|pref-feelings")
     )
     assert sorted(prefs) == sorted(sonja.authored)
     wanted = {6: "more", 7: "more", 8: "as-now"}
@@ -746,7 +748,7 @@ def test_sonja(server: TestClient) -> None:
     assert set(others) == {"as-now"}
 
     # Retries: the same response again (same identifier and content) is 200 and creates nothing
-    check_retry(client, sonja, [3, 13])
+    check_retry(system_client, sonja, [3, 13])
 
 
 # --- Harald -------------------------------------------------------------------------------------------------
@@ -803,13 +805,13 @@ HARALD = _harald()
 
 
 def test_harald(server: TestClient) -> None:
-    client = server
-    harald = run(client, "Harald", HARALD, date(2024, 2, 5), 17)
+    system_client = server
+    harald = run(system_client, "Harald", HARALD, date(2024, 2, 5), 17)
     at = harald.at
 
     # Inner pain stable (stagnation) until the sudden improvement, then reliably better than at first
-    sad = check_scale_observations(client, harald, "sad")
-    self_crit = check_scale_observations(client, harald, "selfCrit")
+    sad = check_scale_observations(system_client, harald, "sad")
+    self_crit = check_scale_observations(system_client, harald, "selfCrit")
     assert stagnation_reports(sad, harald) == [17, 18, 20, 21, 24]
     assert stagnation_reports(self_crit, harald) == [17, 18, 20, 21, 24, 26]
     assert ("reliable-improvement", "previous") in interpretations(sad[harald.index(26)])
@@ -818,7 +820,7 @@ def test_harald(server: TestClient) -> None:
     assert sad[-1]["valueQuantity"]["value"] == 2
 
     # Social avoidance after the trauma reminder: elevated at 30 and 31, settled at 32
-    avoid = check_scale_observations(client, harald, "avoidSoc")
+    avoid = check_scale_observations(system_client, harald, "avoidSoc")
     assert ("reliable-deterioration", "previous") in interpretations(avoid[harald.index(30)])
     assert ("elevated", None) in interpretations(avoid[harald.index(31)])
     assert {("within-range", None), ("reliable-improvement", "previous")} <= interpretations(
@@ -826,7 +828,7 @@ def test_harald(server: TestClient) -> None:
     )
 
     # Alliance weak at 9, 11 and 17 (under 60 %), acceptable at 18-20, low again at 21
-    alliance = check_alliance_observations(client, harald)
+    alliance = check_alliance_observations(system_client, harald)
     for number in (9, 11, 17):
         value = quantity(alliance["total"][at(number)], "percent-of-max")
         assert value is not None and value < 60, number
@@ -836,7 +838,7 @@ def test_harald(server: TestClient) -> None:
     assert ("reliable-deterioration", "previous") in interpretations(alliance["total"][at(21)])
 
     # The rupture Flag: raised at 1, the same Flag through 17, cleared at 18, a new one from 21
-    flags = check_flags(client, harald)
+    flags = check_flags(system_client, harald)
     assert set(flags) == {RUPTURE, "deterioration/avoidSoc"}
     first, second = flags[RUPTURE]
     assert first["id"] != second["id"]
@@ -851,7 +853,7 @@ def test_harald(server: TestClient) -> None:
     assert avoid_flag["period"] == {"start": at(30), "end": at(31)}
     assert avoid_flag["status"] == "inactive"
 
-    reports = check_reports(client, harald, ["sad", "selfCrit", "avoidSoc"])
+    reports = check_reports(system_client, harald, ["sad", "selfCrit", "avoidSoc"])
     for number in (9, 11, 17, 21, 33):
         assert "alliance rupture" in reports[at(number)]["conclusion"], number
     for number in (18, 20):
@@ -861,7 +863,7 @@ def test_harald(server: TestClient) -> None:
 
     # First preferences at report 18, none before (nor after: he did not answer them again)
     prefs = search(
-        client,
+        system_client,
         f"Observation?subject=Patient/{harald.patient}&_profile={BASE}/StructureDefinition/rom-preference",
     )
     assert {o["effectiveDateTime"] for o in prefs} == {at(18)}
@@ -874,4 +876,4 @@ def test_harald(server: TestClient) -> None:
         "pref-relationship": (CS_PREFERENCE, "more"),
     }
 
-    check_retry(client, harald, [1, 21])
+    check_retry(system_client, harald, [1, 21])

@@ -34,10 +34,10 @@ def run_together(*jobs: Any) -> list[Any]:
     return results
 
 
-def test_two_scoring_runs_for_one_patient_raise_one_alert(app: FastAPI, client: TestClient) -> None:
+def test_two_scoring_runs_for_one_patient_raise_one_alert(app: FastAPI, system_client: TestClient) -> None:
     service = app.state.service
     ctx = RequestContext(caller=Caller.operator(), base_url="http://testserver/fhir")
-    patient = create_patient(client)
+    patient = create_patient(system_client)
     bodies = [
         response(
             NF21_STATIC, nf21_answers({"suicide": 7}), patient=patient, authored=f"2026-03-0{d}T09:00:00Z"
@@ -46,7 +46,7 @@ def test_two_scoring_runs_for_one_patient_raise_one_alert(app: FastAPI, client: 
     ]
     results = run_together(*(lambda b=b: service.create(ctx, "QuestionnaireResponse", b) for b in bodies))
     assert [r.status for r in results] == [201, 201]
-    flags = search(client, f"Flag?subject=Patient/{patient}")
+    flags = search(system_client, f"Flag?subject=Patient/{patient}")
     assert [f["status"] for f in flags] == ["active"]
-    assert len(search(client, f"Task?patient=Patient/{patient}")) == 1
-    assert len(search(client, f"DiagnosticReport?subject=Patient/{patient}")) == 2
+    assert len(search(system_client, f"Task?patient=Patient/{patient}")) == 1
+    assert len(search(system_client, f"DiagnosticReport?subject=Patient/{patient}")) == 2

@@ -31,41 +31,41 @@ def _break_first_scale_score(
     monkeypatch.setattr(AdministrationResources, "resources", broken)
 
 
-def _nothing_stored(client: TestClient, patient: str) -> None:
-    assert search(client, f"QuestionnaireResponse?subject=Patient/{patient}") == []
-    assert search(client, f"Observation?subject=Patient/{patient}") == []
-    assert search(client, f"DiagnosticReport?subject=Patient/{patient}") == []
+def _nothing_stored(system_client: TestClient, patient: str) -> None:
+    assert search(system_client, f"QuestionnaireResponse?subject=Patient/{patient}") == []
+    assert search(system_client, f"Observation?subject=Patient/{patient}") == []
+    assert search(system_client, f"DiagnosticReport?subject=Patient/{patient}") == []
 
 
 def test_a_builder_that_breaks_the_profile_is_refused(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch
+    system_client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    patient = create_patient(client)
+    patient = create_patient(system_client)
     # R4 allows an Observation without a subject; the rom-scale-score profile requires one.
     _break_first_scale_score(monkeypatch, lambda obs: obs.pop("subject"))
-    refused = post_response(client, response(NF21_STATIC, nf21_answers(), patient=patient))
+    refused = post_response(system_client, response(NF21_STATIC, nf21_answers(), patient=patient))
     assert refused.status_code == 422, refused.text
     outcome = refused.json()
     assert outcome["resourceType"] == "OperationOutcome"
     assert "rom-scale-score" in outcome["issue"][0]["diagnostics"]
     assert any("subject" in e for i in outcome["issue"] for e in i.get("expression", []))
-    _nothing_stored(client, patient)
+    _nothing_stored(system_client, patient)
 
 
 def test_a_builder_that_breaks_r4_structure_is_refused(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch
+    system_client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    patient = create_patient(client)
+    patient = create_patient(system_client)
     _break_first_scale_score(monkeypatch, lambda obs: obs["valueQuantity"].update(value="high"))
-    refused = post_response(client, response(NF21_STATIC, nf21_answers(), patient=patient))
+    refused = post_response(system_client, response(NF21_STATIC, nf21_answers(), patient=patient))
     assert refused.status_code == 422, refused.text
     assert refused.json()["issue"][0]["expression"] == ["Observation.valueQuantity.value"]
-    _nothing_stored(client, patient)
+    _nothing_stored(system_client, patient)
 
 
-def test_the_unbroken_builder_is_accepted(client: TestClient) -> None:
+def test_the_unbroken_builder_is_accepted(system_client: TestClient) -> None:
     """The control: the same response with the real builder is stored and scored."""
-    patient = create_patient(client)
-    stored = post_response(client, response(NF21_STATIC, nf21_answers(), patient=patient))
+    patient = create_patient(system_client)
+    stored = post_response(system_client, response(NF21_STATIC, nf21_answers(), patient=patient))
     assert stored.status_code == 201, stored.text
-    assert search(client, f"Observation?subject=Patient/{patient}&_count=200")
+    assert search(system_client, f"Observation?subject=Patient/{patient}&_count=200")
