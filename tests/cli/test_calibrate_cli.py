@@ -39,7 +39,7 @@ from fhir_norse.server.interactions import FhirService
 from fhir_norse.store.tables import INDEX_TABLES, HistoryRow, ResourceRow
 from tools.content_check import main as content_check
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "mappings" / "nf21-2.1.0.yaml"
 STATIC = "http://fhir-norse.org/fhir/Questionnaire/nf21-static"
 ADAPTIVE = "http://fhir-norse.org/fhir/Questionnaire/nf21-adaptive"

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from fhir_norse.store import migrate
 
 CLI = [sys.executable, "-m", "fhir_norse.cli"]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONTENT_CHECK = [sys.executable, "-m", "tools.content_check"]
 DEV_ENV = {**os.environ, "FHIR_NORSE_MODE": "development", "FHIR_NORSE_LOG_LEVEL": "WARNING"}
 

@@ -31,7 +31,7 @@ from fhir_norse.store.rows import (
 from fhir_norse.store.search import engine as search_engine
 from fhir_norse.store.search.engine import execute_search, find_matching
 from fhir_norse.store.search.values import date_range, decimal_range, normalize_string
-from tests.fhir.search.search_helpers import (
+from tests.server.search.search_helpers import (
     PG_URL,
     Seeder,
     body,

@@ -77,7 +77,7 @@ def test_not_json_and_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_a_response_to_a_contained_adaptive_form(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A completed $next-question response names its contained form; the form's source scores it."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     adaptive = json.loads((root / "questionnaires/nf21/Questionnaire-nf21-adaptive.json").read_text())
     sad_1 = next(i for i in adaptive["item"] if i["linkId"] == "sad-1")
     contained = {
