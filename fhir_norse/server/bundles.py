@@ -31,7 +31,7 @@ from fhir_norse.server.interactions import (
     match,
     write_entry,
 )
-from fhir_norse.server.repository import Repository, WriteOutcome, loads
+from fhir_norse.server.repository import Repository, WriteOutcome, loads, record_refusal
 from fhir_norse.server.resources import check_type, new_id
 from fhir_norse.store.resource_types import SUPPORTED_TYPE_SET
 
@@ -292,7 +292,8 @@ class BundleProcessor:
                         entry.resource = self._rewrite_references(repo, entry.resource, ids, entry.index)
                     responses[entry.index] = self._run(repo, ctx, entry)
             except FhirError as error:
-                self.service.record_refusal(
+                record_refusal(
+                    self.service.kernel,
                     ctx,
                     _ENTRY_INTERACTION[entry.method],
                     "failed" if error.status >= 500 else "refused",

@@ -455,19 +455,6 @@ class FhirService:
         events outside a FHIR interaction: token grants)."""
         record_event(self.kernel, event)
 
-    def record_refusal(
-        self,
-        ctx: RequestContext,
-        interaction: str,
-        outcome: str,
-        res_type: str | None,
-        res_id: str | None,
-        query: str | None,
-        reason: str,
-    ) -> None:
-        """Record a refused or failed interaction, after its own work was rolled back."""
-        record_refusal(self.kernel, ctx, interaction, outcome, res_type, res_id, query, reason)
-
     @contextmanager
     def audited_session(
         self,
@@ -485,10 +472,12 @@ class FhirService:
         except FhirError as error:
             outcome = "failed" if error.status >= 500 else "refused"
             reason = f"{error.status}: {error.message}"
-            self.record_refusal(ctx, interaction, outcome, res_type, res_id, query, reason)
+            record_refusal(self.kernel, ctx, interaction, outcome, res_type, res_id, query, reason)
             raise
         except Exception:
-            self.record_refusal(ctx, interaction, "failed", res_type, res_id, query, "500: internal error")
+            record_refusal(
+                self.kernel, ctx, interaction, "failed", res_type, res_id, query, "500: internal error"
+            )
             raise
 
     def perform(self, ctx: RequestContext, interaction: Interaction, req: InteractionRequest) -> Result:
