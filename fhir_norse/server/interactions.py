@@ -108,11 +108,8 @@ class Interaction:
     # Conditional variants (PUT/DELETE on a type) need search parameters.
     needs_query: bool = False
 
-    @property
-    def audit_code(self) -> str:
-        return self.code
-
     def pattern(self) -> re.Pattern[str]:
+        """The path as a regular expression with named groups (compiled once, cached by ``re``)."""
         regex = re.sub(r"\{(\w+)\}", lambda m: f"(?P<{m.group(1)}>[^/]+)", self.path)
         return re.compile(f"^{regex}$")
 
