@@ -137,3 +137,40 @@ def test_a_write_placed_out_of_reach_is_403_whether_or_not_its_target_exists(
     absent = system_client.post("/fhir/QuestionnaireResponse", json=_qr_for("no-such-patient"), headers=token)
     assert other.status_code == absent.status_code == 403, (other.text, absent.text)
     assert other.json()["issue"][0]["diagnostics"] == absent.json()["issue"][0]["diagnostics"]
+
+
+def test_conditional_matches_in_a_transaction_see_only_what_is_in_reach(
+    app: FastAPI, system_client: TestClient, world: dict[str, str]
+) -> None:
+    """A conditional reference (``Patient?identifier=...``) in a patient's transaction resolves only
+    within reach: another patient's identifier matches nothing, exactly like an unknown one."""
+    system_client.put(
+        f"/fhir/Patient/{world['other']}",
+        json={
+            "resourceType": "Patient",
+            "id": world["other"],
+            "identifier": [{"system": "urn:mrn", "value": "other-1"}],
+        },
+        headers=FHIR,
+    ).raise_for_status()
+    token = {**bearer(app, "patient/*.cruds", patient=world["mine"]), **FHIR}
+
+    def transaction(identifier: str) -> dict[str, Any]:
+        observation = {
+            "resourceType": "Observation",
+            "status": "final",
+            "code": {"text": "note"},
+            "subject": {"reference": f"Patient?identifier=urn:mrn|{identifier}"},
+        }
+        return {
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [{"resource": observation, "request": {"method": "POST", "url": "Observation"}}],
+        }
+
+    other = system_client.post("/fhir", json=transaction("other-1"), headers=token)
+    absent = system_client.post("/fhir", json=transaction("no-such-identifier"), headers=token)
+    assert other.status_code == absent.status_code == 412, (other.text, absent.text)
+    # The system reaches that patient: the same reference resolves.
+    resolved = system_client.post("/fhir", json=transaction("other-1"), headers=FHIR)
+    assert resolved.status_code == 200, resolved.text
