@@ -628,9 +628,9 @@ def _scalar_equal(a: Any, b: Any) -> bool:
 
 def _equal(actual: Any, fixed: Any) -> bool:
     """fixed[x]: the instance is exactly the value (https://hl7.org/fhir/R4/elementdefinition.html)."""
-    if isinstance(fixed, Mapping):
+    if isinstance(fixed, dict):
         return (
-            isinstance(actual, Mapping)
+            isinstance(actual, dict)
             and set(actual) == set(fixed)
             and all(_equal(actual[k], v) for k, v in fixed.items())
         )
@@ -640,18 +640,18 @@ def _equal(actual: Any, fixed: Any) -> bool:
             and len(actual) == len(fixed)
             and all(_equal(a, f) for a, f in zip(actual, fixed, strict=True))
         )
-    return not isinstance(actual, Mapping | list) and _scalar_equal(actual, fixed)
+    return not isinstance(actual, dict | list) and _scalar_equal(actual, fixed)
 
 
 def _contains(actual: Any, pattern: Any) -> bool:
     """pattern[x]: every property of the pattern is in the instance, every array item matched."""
-    if isinstance(pattern, Mapping):
-        return isinstance(actual, Mapping) and all(
+    if isinstance(pattern, dict):
+        return isinstance(actual, dict) and all(
             k in actual and _contains(actual[k], v) for k, v in pattern.items()
         )
     if isinstance(pattern, list):
         return isinstance(actual, list) and all(any(_contains(a, p) for a in actual) for p in pattern)
-    return not isinstance(actual, Mapping | list) and _scalar_equal(actual, pattern)
+    return not isinstance(actual, dict | list) and _scalar_equal(actual, pattern)
 
 
 def _at_path(value: Any, path: tuple[str, ...]) -> list[Any]:
@@ -660,11 +660,43 @@ def _at_path(value: Any, path: tuple[str, ...]) -> list[Any]:
     for step in path:
         nxt: list[Any] = []
         for item in current:
-            if isinstance(item, Mapping) and step in item:
+            if isinstance(item, dict) and step in item:
                 found = item[step]
                 nxt.extend(found if isinstance(found, list) else [found])
         current = nxt
     return current
+
+
+def _slice_index(slices: Sequence[_Rule]) -> dict[tuple[str, str], list[int]] | None:
+    """For slices told apart by one CodeableConcept pattern on the same path (the usual
+    ``component.code`` slicing), the slices each (system, code) may select: a lookup instead of
+    testing every slice's pattern against every value. None when the slicing has another shape."""
+    if not slices:
+        return None
+    paths = {s.matchers[0].path for s in slices if len(s.matchers) == 1}
+    if len(paths) != 1 or any(len(s.matchers) != 1 or s.matchers[0].exact for s in slices):
+        return None
+    index: dict[tuple[str, str], list[int]] = {}
+    for i, s in enumerate(slices):
+        pattern = s.matchers[0].value
+        codings = pattern.get("coding") if isinstance(pattern, dict) and set(pattern) == {"coding"} else None
+        if not isinstance(codings, list) or not codings or not isinstance(codings[0], dict):
+            return None
+        system, code = codings[0].get("system"), codings[0].get("code")
+        if not isinstance(system, str) or not isinstance(code, str):
+            return None
+        index.setdefault((system, code), []).append(i)
+    return index
+
+
+def _candidates(value: Any, path: tuple[str, ...], index: dict[tuple[str, str], list[int]]) -> list[int]:
+    """The slices whose pattern may match ``value``: those keyed by one of its codings at ``path``."""
+    found: set[int] = set()
+    for concept in _at_path(value, path):
+        for coding in concept.get("coding") or [] if isinstance(concept, dict) else []:
+            if isinstance(coding, dict):
+                found.update(index.get((coding.get("system"), coding.get("code")), ()))  # type: ignore[arg-type]
+    return sorted(found)
 
 
 def _matches(value: Any, matchers: Sequence[_Matcher]) -> bool:
@@ -769,13 +801,13 @@ class _Run:
             self.add(rule, v.expr, message, VALUE)
         if rule.binding is not None and v.value is not None:
             self._binding(rule, rule.binding, v)
-        if rule.targets is not None and v.type == "Reference" and isinstance(v.value, Mapping):
+        if rule.targets is not None and v.type == "Reference" and isinstance(v.value, dict):
             self._reference(rule, rule.targets, v)
-        if rule.extension_profiles and isinstance(v.value, Mapping):
+        if rule.extension_profiles and isinstance(v.value, dict):
             self._extension(rule.extension_profiles, v)
         for constraint in rule.constraints:
             self._constraint(rule, constraint, v)
-        if isinstance(v.value, Mapping):
+        if isinstance(v.value, dict):
             for child in rule.children:
                 self.rule(child, v.value, v.expr)
 
@@ -788,8 +820,15 @@ class _Run:
             self.add(rule, element_expr, message, NOT_SUPPORTED, "information")
             return
         assigned: list[int | None] = []
+        lookup = self.validator.slice_index(rule)
         for v in values:
-            index = next((i for i, s in enumerate(rule.slices) if _matches(v.value, s.matchers)), None)
+            if lookup is not None:
+                candidates = _candidates(v.value, rule.slices[0].matchers[0].path, lookup)
+                order = (rule.slices[i] for i in candidates)
+                found = next((s for s in order if _matches(v.value, s.matchers)), None)
+                index = None if found is None else rule.slices.index(found)
+            else:
+                index = next((i for i, s in enumerate(rule.slices) if _matches(v.value, s.matchers)), None)
             assigned.append(index)
         for i, s in enumerate(rule.slices):
             members = [v for v, a in zip(values, assigned, strict=True) if a == i]
@@ -916,6 +955,15 @@ class ProfileValidator:
         by_url = {str(sd["url"]): sd for sd in structure_definitions}
         compiler = _Compiler(self.core, by_url)
         self.profiles: dict[str, _Profile] = {url: compiler.compile(sd) for url, sd in by_url.items()}
+        # Slice lookups by rule, built on first use (the same for every thread that builds one).
+        self._slice_indexes: dict[int, dict[tuple[str, str], list[int]] | None] = {}
+
+    def slice_index(self, rule: _Rule) -> dict[tuple[str, str], list[int]] | None:
+        """The (system, code) lookup of a sliced element's slices (:func:`_slice_index`), cached."""
+        key = id(rule)
+        if key not in self._slice_indexes:
+            self._slice_indexes[key] = _slice_index(rule.slices)
+        return self._slice_indexes[key]
 
     @classmethod
     def from_content_dir(cls, root: Path) -> ProfileValidator:
