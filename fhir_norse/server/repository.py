@@ -50,6 +50,7 @@ from fhir_norse.outcomes import (
     PreconditionFailed,
     Unprocessable,
 )
+from fhir_norse.server.conformance_memo import ConformanceMemo, shape
 from fhir_norse.server.context import RequestContext
 from fhir_norse.server.published import refuse_change_to_published
 from fhir_norse.server.resources import (
@@ -165,6 +166,8 @@ class Kernel:
     # Search and history page sizes.
     default_count: int = 50
     max_count: int = 1000
+    # Shapes of derived resources already found conformant (:mod:`fhir_norse.server.conformance_memo`).
+    conformance: ConformanceMemo = field(default_factory=ConformanceMemo)
 
 
 class Repository:
@@ -760,7 +763,16 @@ class Repository:
         return stored_in_order
 
     def check_derived(self, res_type: str, body: JsonDict) -> None:
-        """The structural (R4 definitions) and profile checks of a derived resource (422 if it fails)."""
+        """The structural (R4 definitions) and profile checks of a derived resource (422 if it fails).
+        A resource of a shape already found conformant passes without walking it again: its verdict
+        depends only on its shape (:mod:`fhir_norse.server.conformance_memo`)."""
+        key = shape(res_type, body)
+        if key in self.kernel.conformance:
+            return
+        self._check_derived(res_type, body)
+        self.kernel.conformance.remember(key)
+
+    def _check_derived(self, res_type: str, body: JsonDict) -> None:
         try:
             validate_resource(body, expected_type=res_type, model=False)
         except FhirError as error:

@@ -291,6 +291,11 @@ def _definitions() -> _Definitions:
     return _Definitions(structures, value_sets)
 
 
+def primitive_problem(code: str, value: Any) -> str | None:
+    """What is wrong with ``value`` as an R4 primitive of type ``code`` (None: nothing)."""
+    return _definitions().check(code)(value)
+
+
 # --- tier 1: the walk -----------------------------------------------------------------------------
 
 

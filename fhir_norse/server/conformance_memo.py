@@ -1,0 +1,86 @@
+"""Remembering which shapes of derived resources were found conformant, so that checking them costs
+little on every write.
+
+The server checks every resource it derives (scores, reports, alerts) against R4 and against the
+profiles it claims (:meth:`fhir_norse.server.repository.Repository.check_derived`). Those resources
+come from a few builders and differ mostly in values no check depends on: their ids, the ids their
+references point to, their instants, their decimal scores. :func:`shape` replaces exactly those values
+by what the checks see of them, so two resources with the same shape get the same verdict:
+
+* a JSON float (a FHIR ``decimal``: its validity depends only on being a finite number; integers are
+  kept, since ``positiveInt`` and ``unsignedInt`` have ranges);
+* an ``id`` matching the R4 id type;
+* the id part of a ``reference`` (``Type/id`` or ``Type/id/_history/n``; the type, which profiles
+  check as the target, is kept);
+* an instant, date or dateTime at the elements that carry them here, as the set of those types its
+  text is valid for (so a malformed one has a shape of its own and is checked in full).
+
+Everything else (codes, systems, statuses, text, presence of elements, JSON types) is kept verbatim.
+Only verdicts of success are remembered, and at most :data:`LIMIT` shapes.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import Any
+
+import orjson
+
+from fhir_norse.server.validation import primitive_problem
+
+LIMIT = 20_000
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_REFERENCE_TAIL = re.compile(r"[A-Za-z0-9\-.]{1,64}(/_history/[A-Za-z0-9\-.]{1,64})?")
+# The elements of derived resources that carry an instant, date or dateTime.
+_MOMENTS = frozenset(
+    {"effectiveDateTime", "issued", "authored", "recorded", "start", "end", "occurredDateTime", "date"}
+)
+_MOMENT_TYPES = ("date", "dateTime", "instant")
+
+
+def _moment(text: str) -> str:
+    valid = [code for code in _MOMENT_TYPES if primitive_problem(code, text) is None]
+    return "\x00moment:" + ",".join(valid) if valid else text
+
+
+def _shape(value: Any, key: str | None) -> Any:
+    if isinstance(value, dict):
+        return {k: _shape(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shape(v, key) for v in value]
+    if isinstance(value, float):
+        return "\x00decimal"
+    if isinstance(value, str):
+        if key == "id" and _ID.fullmatch(value):
+            return "\x00id"
+        if key == "reference":
+            res_type, slash, tail = value.partition("/")
+            if slash and _REFERENCE_TAIL.fullmatch(tail):
+                return f"{res_type}/\x00id"
+        elif key in _MOMENTS:
+            return _moment(value)
+    return value
+
+
+def shape(res_type: str, body: dict[str, Any]) -> bytes:
+    """The shape of a resource (module doc), as a key."""
+    return res_type.encode() + b"\x00" + orjson.dumps(_shape(body, None))
+
+
+class ConformanceMemo:
+    """The shapes found conformant (thread-safe; bounded)."""
+
+    def __init__(self, limit: int = LIMIT) -> None:
+        self._limit = limit
+        self._known: set[bytes] = set()
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._known
+
+    def remember(self, key: bytes) -> None:
+        with self._lock:
+            if len(self._known) >= self._limit:
+                self._known.clear()
+            self._known.add(key)
