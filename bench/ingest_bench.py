@@ -440,6 +440,8 @@ class Phases:
         # Since issue 11 every request runs in a repository session (``FhirService.perform``): the
         # unit of work, the access policy, validation, hooks, storage and audit in ``Repository``.
         self.wrap(FhirService, "create", "server: unit of work, pool checkout, rest of create")
+        # The route of every interaction (a create included) since issue 11.
+        self.wrap(FhirService, "perform", "server: unit of work, pool checkout, rest of create")
         # The repository validates what callers send (the R4 definitions and the model tier) and,
         # since issue 11, what the server derives (R4 definitions without the model tier, then the
         # profiles it claims: ``Repository.check_derived``): two phases of their own.
