@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import threading
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -39,19 +40,22 @@ _MOMENTS = frozenset(
 _MOMENT_TYPES = ("date", "dateTime", "instant")
 
 
+@lru_cache(maxsize=4096)
 def _moment(text: str) -> str:
+    # Cached: the Observations of one administration share their instants.
     valid = [code for code in _MOMENT_TYPES if primitive_problem(code, text) is None]
     return "\x00moment:" + ",".join(valid) if valid else text
 
 
 def _shape(value: Any, key: str | None) -> Any:
-    if isinstance(value, dict):
+    kind = type(value)
+    if kind is dict:
         return {k: _shape(v, k) for k, v in value.items()}
-    if isinstance(value, list):
+    if kind is list:
         return [_shape(v, key) for v in value]
-    if isinstance(value, float):
+    if kind is float:
         return "\x00decimal"
-    if isinstance(value, str):
+    if kind is str:
         if key == "id" and _ID.fullmatch(value):
             return "\x00id"
         if key == "reference":
