@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test migrate lint typecheck check bench clean
+.PHONY: serve test migrate lint typecheck check content-check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ check: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy fhir_norse tests tools
 	$(BIN)/lint-imports
+
+content-check: $(STAMP)
+	$(BIN)/python -m tools.content_check $(if $(CONTENT_DIR),--content-dir $(CONTENT_DIR))
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
