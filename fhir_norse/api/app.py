@@ -72,8 +72,14 @@ def freeze_startup_objects() -> None:
 
 
 def create_app(settings: Settings, service: FhirService | None = None) -> FastAPI:
+    development = settings.mode == "development"
     app = FastAPI(
-        title="fhir-norse", version="0.1.0", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json"
+        title="fhir-norse",
+        version="0.1.0",
+        # The interactive API documentation is a development aid: off in production.
+        docs_url="/docs" if development else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if development else None,
     )
     app.state.settings = settings
     app.state.service = service or build_service(settings)

@@ -93,13 +93,16 @@ def fhir_router() -> APIRouter:
         return render(await run_in_threadpool(BundleProcessor(service).process, ctx, bundle))
 
     # Operations before the interactions, so that ``Type/$op`` is never taken for a read of id "$op".
-    @router.api_route("/{res_type}/${operation}", methods=["GET", "POST"])
+    # One route per method, so that every operation of the OpenAPI document has its own id.
+    @router.get("/{res_type}/${operation}")
+    @router.post("/{res_type}/${operation}")
     async def type_operation(
         request: Request, res_type: str, operation: str, ctx: Context, service: Service
     ) -> Response:
         return await _operation(request, ctx, service, res_type, operation, None)
 
-    @router.api_route("/{res_type}/{res_id}/${operation}", methods=["GET", "POST"])
+    @router.get("/{res_type}/{res_id}/${operation}")
+    @router.post("/{res_type}/{res_id}/${operation}")
     async def instance_operation(
         request: Request, res_type: str, res_id: str, operation: str, ctx: Context, service: Service
     ) -> Response:

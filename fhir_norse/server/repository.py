@@ -309,7 +309,10 @@ class Repository:
         if version is None:
             stored = self.uow.current(res_type, res_id)
         else:
-            stored = self.uow.version(res_type, res_id, int(version)) if version.isdigit() else None
+            # A version is a positive 32-bit integer; anything else names no version (not a 500 from
+            # the database for a number it cannot hold).
+            number = int(version) if version.isdigit() and len(version) <= 10 else 0
+            stored = self.uow.version(res_type, res_id, number) if 0 < number < 2**31 else None
         if stored is None:
             raise NotFound(f"{label} is not known")
         if stored.deleted:
@@ -493,7 +496,13 @@ class Repository:
     ) -> WriteOutcome:
         """Create (https://hl7.org/fhir/R4/http.html#create), conditional with ``if_none_exist``."""
         check_type(res_type)
+        if res_type == "AuditEvent":
+            raise MethodNotAllowed(
+                "AuditEvents are written by this server only; they cannot be created over the API"
+            )
         access = self.grant("create", res_type)
+        if res_type == "Patient" and access.patient is not None:
+            raise Forbidden("A patient/ token cannot create Patient resources")
         validate_resource(body, expected_type=res_type)
         if if_none_exist:
             self.serialize(f"create:{res_type}?{if_none_exist}")

@@ -86,6 +86,11 @@ def date_range(value: str) -> tuple[datetime, datetime]:
             return _to_naive_utc(low), _to_naive_utc(_minus_tick(low + step))
         low = datetime(year, month, day, hour, minute, second, tzinfo=tzinfo)
         return _to_naive_utc(low), _to_naive_utc(_minus_tick(low + timedelta(seconds=1)))
+    except OverflowError:
+        # A valid dateTime whose zone shifts it past the years Python represents (9999-12-31T23:59:59-14:00,
+        # 0001-01-01T00:00:00+14:00): it lies beyond every stored moment, so it is pinned to that end.
+        edge = datetime.max if int(m["year"]) > 5000 else datetime.min
+        return edge, edge
     except ValueError as exc:
         raise BadRequest(f"'{value}' is not a valid FHIR date, dateTime or instant: {exc}") from exc
 
