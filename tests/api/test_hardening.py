@@ -103,3 +103,17 @@ def test_the_api_documentation_is_off_in_production(production: FastAPI, app: Fa
         assert client.get("/openapi.json").status_code == 404
     with TestClient(app) as client:
         assert client.get("/openapi.json").status_code == 200
+
+
+@pytest.mark.parametrize("query", ["name=a%00b", "name%00x=a", "identifier=urn:x%7C%01"])
+def test_a_control_character_in_a_search_is_a_400(system_client: TestClient, query: str) -> None:
+    """Item 15: a NUL (or another control character) in a search answers 400, not a PostgreSQL 500."""
+    answer = system_client.get(f"/fhir/Patient?{query}")
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["resourceType"] == "OperationOutcome"
+    posted = system_client.post(
+        "/fhir/Patient/_search",
+        content=query.encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert posted.status_code == 400, posted.text

@@ -81,6 +81,7 @@ _MODIFIERS_BY_TYPE: dict[str, frozenset[str]] = {
     "uri": frozenset({"missing", "below", "above"}),
     "composite": frozenset({"missing"}),
 }
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 _RESOURCE_TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _RESOURCE_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 # ``.../Type/id`` or ``.../Type/id/_history/vid`` at the end of an absolute reference.
@@ -545,6 +546,11 @@ def parse_search(
     cursor_token: str | None = None
 
     for name, value in params:
+        if _CONTROL.search(name) or _CONTROL.search(value):
+            # No FHIR value holds a control character, and PostgreSQL refuses a NUL in any text.
+            raise BadRequest(
+                f"Search parameter '{name.encode('unicode_escape').decode()}' holds a control character"
+            )
         if value == "":
             continue  # an empty parameter carries no criterion
         base = name.partition(":")[0]
