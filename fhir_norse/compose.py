@@ -18,15 +18,17 @@ from fhir_norse.rom.intake import QuestionnaireResponseIntake
 from fhir_norse.rom.operations import adaptive_state, extract, next_question, populate, tailored_form
 from fhir_norse.rom.overrides import ScaleOverrideHook
 from fhir_norse.rom.patient import AdaptiveService
+from fhir_norse.server.content import search_registry
 from fhir_norse.server.interactions import FhirService
 from fhir_norse.server.operations.registry import Operation, OperationRegistry
 from fhir_norse.server.operations.validate import VALIDATE
 from fhir_norse.server.profiles import ProfileValidator
 from fhir_norse.server.repository import Kernel, StorageHook
-from fhir_norse.server.search.extract import default_extractor
+from fhir_norse.server.search.extract import default_extractor, extractor_for
 from fhir_norse.server.validation import preload as preload_validation
 from fhir_norse.store.db import create_engine
 from fhir_norse.store.search.params import default_registry
+from fhir_norse.store.search.request import SearchLimits
 from fhir_norse.store.storage import Storage
 
 SERVER_NAME = "fhir-norse"
@@ -40,7 +42,9 @@ def build_service(settings: Settings) -> FhirService:
         busy_timeout_ms=settings.sqlite_busy_timeout_ms,
         pool_size=settings.db_pool_size,
     )
-    extractor = default_extractor()
+    # The R4 search parameters and the content pack's (Flag?status=...).
+    registry = search_registry(settings.content_dir)
+    extractor = extractor_for(registry)
     # Compile every FHIRPath expression and load the definitions now, not on a patient's first write.
     extractor.prepare()
     preload_validation()
@@ -62,14 +66,20 @@ def build_service(settings: Settings) -> FhirService:
         ]
     kernel = Kernel(
         storage=Storage(engine),
-        registry=default_registry(),
+        registry=registry,
         extractor=extractor,
         policy=AccessPolicy(),
         audit=AuditRecorder(server_name=SERVER_NAME, server_address=settings.base_url),
         hooks=hooks,
         profiles=ProfileValidator.from_content_dir(settings.content_dir),
+        max_resource_bytes=settings.max_body_bytes,
         default_count=settings.default_count,
         max_count=settings.max_count,
+        search_limits=SearchLimits(
+            max_parameters=settings.search_max_parameters,
+            max_values=settings.search_max_values,
+            timeout_seconds=settings.search_timeout_seconds,
+        ),
     )
     return FhirService(kernel, OperationRegistry(operations))
 

@@ -6,10 +6,11 @@ each make their own.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SQLITE_PATH = Path("var") / "fhir-norse.sqlite3"
@@ -25,12 +26,21 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = 8080
-    # The absolute base URL clients use, for fullUrl, Location and links. Derived from the
-    # request when unset (set it behind a reverse proxy).
+    # The absolute base URL clients use, for fullUrl, Location and links, and the audience every
+    # access token must name. When unset: http://<host>:<port>/fhir in production, never the request's
+    # Host header; derived from the request in development mode only. Set it behind a reverse proxy.
     base_url: str | None = None
     max_body_bytes: int = 10 * 1024 * 1024
+    # The longest request target (path and query) answered; longer ones get 414. httptools, the HTTP
+    # parser uvicorn uses, refuses request lines past 64 KiB itself, hence the upper bound.
+    max_url_length: int = Field(default=16 * 1024, ge=1024, le=60 * 1024)
     default_count: int = 50
     max_count: int = 1000
+    # Bounds on one search (README, "Limits"): name=value pairs, values of all criteria together
+    # (comma-separated alternatives count one each), and the database time a search may take.
+    search_max_parameters: int = Field(default=50, gt=0)
+    search_max_values: int = Field(default=200, gt=0)
+    search_timeout_seconds: float = Field(default=10.0, gt=0)
     # SQLite durability: FULL syncs the WAL on every commit, so a committed write survives a
     # power cut; NORMAL is faster but may lose the last commits on power loss.
     sqlite_synchronous: Literal["FULL", "NORMAL", "EXTRA"] = "FULL"
@@ -53,8 +63,15 @@ class Settings(BaseSettings):
     mint_max_ttl_seconds: int = Field(default=24 * 3600, gt=0)
     # Token requests per client address and minute (POST /auth/token).
     token_rate_per_minute: int = 30
-    # Failed FHIR authentications per address and minute before the address is refused for a while.
+    # Failed FHIR authentications per minute, per address and per presented token, before further
+    # failing attempts get 429 for a while (a valid token is always accepted).
     auth_failure_limit_per_minute: int = 20
+    # Refused requests without a verified credential (401, 429, refused token requests) are audited
+    # once per address, kind and window: the first in full, the rest as one event with a count.
+    refusal_audit_window_seconds: float = Field(default=60.0, gt=0)
+    # Reverse proxies (IP addresses or CIDR networks) whose X-Forwarded-For and X-Forwarded-Proto
+    # are believed; empty (the default): none, the peer address is the client's.
+    trusted_proxies: list[str] = Field(default_factory=list)
     # How stale the in-memory signing key set and revoked-client set may get (seconds).
     auth_cache_seconds: float = Field(default=30.0, ge=0)
     # A hospital identity provider whose tokens are accepted too (JWKS from a file; no network).
@@ -67,6 +84,20 @@ class Settings(BaseSettings):
     publish_content: bool = True
     # Browser origins allowed by CORS; empty (the default) turns CORS off.
     cors_origins: list[str] = Field(default_factory=list)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_networks(cls, value: list[str]) -> list[str]:
+        """Addresses or networks only (a host name or ``*`` would trust what anyone can claim),
+        written as networks: ``10.0.0.1`` is ``10.0.0.1/32``."""
+        try:
+            return [str(ipaddress.ip_network(entry.strip(), strict=False)) for entry in value]
+        except ValueError as exc:
+            raise ValueError(f"trusted_proxies: not an IP address or network ({exc})") from None
+
+    def fhir_base_url(self) -> str:
+        """The FHIR base URL from configuration alone: ``base_url``, else this server's own address."""
+        return (self.base_url or f"http://{self.host}:{self.port}/fhir").rstrip("/")
 
     @model_validator(mode="after")
     def _refuse_weak_secrets(self) -> Settings:

@@ -106,6 +106,12 @@ def _items(items: list[dict[str, Any]], answers: Mapping[str, Any]) -> list[dict
     return out
 
 
+def answers_to(form: Mapping[str, Any], answers: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The items of a response to ``form``, any Questionnaire (one an operation returned), as
+    :func:`response` builds them for a published one."""
+    return _items(form["item"], answers)
+
+
 def response(
     canonical: str,
     answers: Mapping[str, Any],

@@ -10,7 +10,13 @@ JSON, byte-identical on every run):
   administer (https://hl7.org/fhir/R4/questionnaire.html): the triggers first, then one group per scale
   enabled by ``enableWhen`` on its trigger, then alliance, preferences, single and medication items;
 * ``questionnaires/nf21/Questionnaire-nf21-adaptive.json``: the same items as an SDC adaptive
-  Questionnaire (https://hl7.org/fhir/uv/sdc/adaptive.html) for ``$next-question``.
+  Questionnaire (https://hl7.org/fhir/uv/sdc/adaptive.html) for ``$next-question``;
+* ``questionnaires/nf21/Questionnaire-nf21-static-en.json`` and ``...-nf21-adaptive-en.json``: the same two
+  forms in English, each its own Questionnaire (``language`` en, canonical ``<form>-en``, ``derivedFrom``
+  the bokmål form's ``url|version``, same items, codes and answer options). Form fillers show ``text``
+  and ignore the translation extension, so a form in another language has to be a form of its own; the
+  server scores a response to it with the bokmål form's mapping
+  (:class:`fhir_norse.instruments.registry.InstrumentRegistry`).
 
 Decisions:
 
@@ -804,6 +810,61 @@ class _Builder:
         return q
 
 
+def in_language(value: Any, language: str) -> Any:
+    """``value`` with every translated ``text``, ``display`` and ``title`` replaced by its translation
+    into ``language`` (the translation extension dropped): a form in another language."""
+    if isinstance(value, list):
+        return [in_language(v, language) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if key.startswith("_") and key[1:] in ("text", "display", "title"):
+            continue
+        translated = (
+            _translated(value.get(f"_{key}"), language) if key in ("text", "display", "title") else None
+        )
+        out[key] = translated if translated is not None else in_language(item, language)
+    return out
+
+
+def _translated(element: Any, language: str) -> str | None:
+    for ext in (element or {}).get("extension", []) if isinstance(element, dict) else ():
+        if ext.get("url") != TRANSLATION:
+            continue
+        subs = {e.get("url"): e for e in ext.get("extension", [])}
+        if subs.get("lang", {}).get("valueCode") == language:
+            content = subs.get("content", {}).get("valueString")
+            return content if isinstance(content, str) else None
+    return None
+
+
+def english_form(form: dict[str, Any]) -> dict[str, Any]:
+    """The English Questionnaire of bokmål ``form`` (module doc): its own id, canonical and name, the
+    items and codes of ``form``."""
+    english = in_language(form, "en")
+    q_id, url = f"{form['id']}-en", f"{form['url']}-en"
+    out: dict[str, Any] = {}
+    for key, value in english.items():
+        if key == "id":
+            value = q_id
+        elif key == "language":
+            value = "en"
+        elif key == "url":
+            value = url
+        elif key == "name":
+            value = f"{value}En"
+        elif key == "description":
+            value = (
+                f"English wording of {form['url']}|{form['version']}: the same items, codes and answer "
+                "options, scored by the same mapping. " + str(value)
+            )
+        out[key] = value
+        if key == "title":
+            out["derivedFrom"] = [f"{form['url']}|{form['version']}"]
+    return out
+
+
 def build(
     root: Path,
     *,
@@ -811,7 +872,8 @@ def build(
     mapping_path: Path | None = None,
     out_root: Path | None = None,
 ) -> list[Path]:
-    """Write the terminology and the two Questionnaires; return the written paths (sorted)."""
+    """Write the terminology and the Questionnaires (bokmål and English); return the written paths
+    (sorted)."""
     source = load_item_source(items_path or root / ITEMS_SOURCE)
     mapping = load_mapping(mapping_path or root / MAPPING)
     missing = [i for i in mapping.all_link_ids() if i not in source.items_by_id()]
@@ -825,7 +887,8 @@ def build(
             path = out / TERMINOLOGY_DIR / f"{resource['resourceType']}-{resource['id']}.json"
             write_json(path, resource)
             written.append(path)
-    for q in (b.static_questionnaire(), b.adaptive_questionnaire()):
+    bokmal = [b.static_questionnaire(), b.adaptive_questionnaire()]
+    for q in [*bokmal, *(english_form(f) for f in bokmal)]:
         path = out / NF21_DIR / f"Questionnaire-{q['id']}.json"
         write_json(path, q)
         written.append(path)

@@ -11,7 +11,12 @@ Checks, per file:
   ``translation`` (https://hl7.org/fhir/R4/extension-translation.html);
 * mappings (``mappings/*.yaml``) load through their schema, match their Questionnaires' url and
   version, place every item in exactly one scale or group, and (for the static form) open every
-  scale exactly on the answers above its threshold; sum-score mappings score every answer option.
+  scale exactly on the answers above its threshold; sum-score mappings score every answer option;
+* a Questionnaire derived from one of the pack (``derivedFrom``, such as the English forms) has its
+  items and codes, only the wording may differ, since the same mapping scores it;
+* every profile carries the snapshot :mod:`tools.snapshots` generates from its differential;
+* every SearchParameter has a canonical under the project base, an expression the server indexes, and
+  defines no parameter R4 defines already (:func:`fhir_norse.store.search.params.custom_problems`).
 """
 
 from __future__ import annotations
@@ -31,14 +36,19 @@ from fhir_norse.instruments.schema import (
     load_any_mapping,
 )
 from fhir_norse.outcomes import BadRequest
+from fhir_norse.server.search.extract import UnsupportedExpression, compile_expression, rewrite_expression
 from fhir_norse.server.validation import validate_resource
+from fhir_norse.store.search.params import custom_problems, restrict_expression
 from tools.content_build import ORDINAL_VALUE, TRANSLATION, trigger_codes_above
+from tools.snapshots import SnapshotError, differential_problems, generate_snapshot
 
 __all__ = ["Problem", "check_content", "main"]
 
 CONTENT_DIRS = ("questionnaires", "profiles")
 NOT_RESOURCES = {"package.json", ".index.json"}
 NF_ITEM_EXTENSION = "StructureDefinition/nf21-item"
+# What a derived form may word differently from the form it derives from.
+_WORDING = frozenset({"text", "_text", "display", "_display", "prefix", "_prefix"})
 
 _ANSWER_TYPES = {
     "choice",
@@ -435,14 +445,93 @@ class _Checker:
             if isinstance(alert, dict) and "item" in alert and alert["item"] not in items:
                 self.add(rel, f"alerts[{n}].item", f"{alert['item']!r} is not an item of {res.file}")
 
+    # derived forms, profiles, search parameters ------------------------------------------------
+
+    def check_derived_form(self, res: _Resource) -> None:
+        """A form derived from a form of the pack has its items, codes and answer options (module doc)."""
+        for canonical in (res.body.get("derivedFrom") or [])[:1]:
+            url, _, version = str(canonical).partition("|")
+            source = self.questionnaires.get(url)
+            if source is None:
+                continue
+            if version and source.body.get("version") != version:
+                self.add(
+                    res.file,
+                    "derivedFrom",
+                    f"{canonical}: {source.file} has version {source.body.get('version')!r}",
+                )
+            mine = [_structure(i) for i, _ in _walk(res.body.get("item", []))]
+            theirs = [_structure(i) for i, _ in _walk(source.body.get("item", []))]
+            for n, (a, b) in enumerate(zip(mine, theirs, strict=False)):
+                if a != b:
+                    self.add(
+                        res.file,
+                        f"item[{a.get('linkId')}]",
+                        f"differs from item {n} of {source.file} (not only in wording)",
+                    )
+                    return
+            if len(mine) != len(theirs):
+                self.add(res.file, "item", f"has {len(mine)} items, {source.file} {len(theirs)}")
+
+    def check_profile(self, res: _Resource) -> None:
+        for problem in differential_problems(res.body):
+            self.add(res.file, "snapshot", problem)
+        try:
+            fresh = generate_snapshot(res.body)
+        except SnapshotError as exc:
+            self.add(res.file, "snapshot", str(exc))
+            return
+        if res.body.get("snapshot") != fresh:
+            self.add(res.file, "snapshot", "is not the generated one: run `python -m tools.snapshots`")
+
+    def check_search_parameter(self, res: _Resource) -> None:
+        sp, f = res.body, res.file
+        url = sp.get("url")
+        if (
+            isinstance(url, str)
+            and url.startswith(self.base)
+            and url != f"{self.base}/SearchParameter/{sp.get('id')}"
+        ):
+            self.add(f, "url", f"should be {self.base}/SearchParameter/{sp.get('id')}")
+        for problem in custom_problems(sp):
+            self.add(f, "", problem)
+        expression = sp.get("expression")
+        if not isinstance(expression, str):
+            return
+        for base in sp.get("base") or []:
+            if restrict_expression(expression, str(base)) is None:
+                self.add(f, "expression", f"has no branch for base {base}")
+        try:
+            compile_expression(rewrite_expression(expression))
+        except UnsupportedExpression as exc:
+            self.add(f, "expression", f"cannot be indexed: {exc}")
+
     def run(self) -> list[Problem]:
         self.load()
         self.check_terminology()
+        checks = {
+            "Questionnaire": [self.check_questionnaire, self.check_derived_form],
+            "StructureDefinition": [self.check_profile],
+            "SearchParameter": [self.check_search_parameter],
+        }
         for res in self.resources:
-            if res.body.get("resourceType") == "Questionnaire":
-                self.check_questionnaire(res)
+            for check in checks.get(str(res.body.get("resourceType")), []):
+                check(res)
         self.check_mappings()
         return self.problems
+
+
+def _structure(item: dict[str, Any]) -> Any:
+    """An item without its wording and without its children (they are walked one by one)."""
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in _WORDING}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return strip({k: v for k, v in item.items() if k != "item"})
 
 
 def check_content(root: Path) -> list[Problem]:

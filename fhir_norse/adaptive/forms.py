@@ -11,12 +11,15 @@ Two shapes of the same decision (:class:`AdministrationPlan`):
 * **A tailored static form** for fillers that cannot page: the static canonical with the groups of scales
   asked in full whatever the trigger stripped of their ``enableWhen``, the groups of scales a clinician
   closed removed (their triggers stay), and every other group kept with its ``enableWhen`` on the
-  trigger, so a scale still opens within the administration.
+  trigger, so a scale still opens within the administration. As a Questionnaire of its own
+  (:func:`tailored_form`) it has a canonical of its own, computed from its items: a form filler that
+  fetches forms by canonical can resolve it, and the same tailoring always gives the same canonical.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +36,7 @@ __all__ = [
     "PAGE_TRIGGERS",
     "AdministrationPlan",
     "next_page",
+    "tailored_form",
     "tailored_questionnaire",
 ]
 
@@ -202,3 +206,32 @@ def tailored_questionnaire(
         items.append(group)
     out["item"] = items
     return out
+
+
+def tailored_form(static: Mapping[str, Any], plan: AdministrationPlan) -> dict[str, Any]:
+    """The static canonical tailored to ``plan`` as a Questionnaire of its own, without ``id``: canonical
+    ``<static url>-tailored-<digest of its content>`` with the static form's version, ``derivedFrom`` the
+    static ``url|version``, and nothing patient-specific, so every patient whose plan asks the same items
+    shares it (and the same content always has the same canonical)."""
+    source = f"{static['url']}|{static.get('version')}"
+    asked = ", ".join(plan.in_full_regardless()) or "none"
+    closed = ", ".join(sorted(plan.forced_closed())) or "none"
+    note = f"Tailored: scales asked in full whatever the trigger: {asked}; closed by a clinician: {closed}."
+    form: dict[str, Any] = {}
+    for key, value in tailored_questionnaire(static, plan).items():
+        if key in ("id", "meta", "text", "identifier", "date", "derivedFrom"):
+            continue
+        if key == "name" and isinstance(value, str):
+            value = f"{value}Tailored"
+        elif key == "description":
+            value = f"{value} {note}"
+        form[key] = value
+        if key == "title":
+            form["derivedFrom"] = [source]
+    form.setdefault("derivedFrom", [source])
+    form.setdefault("description", note)
+    form["status"] = "active"
+    content = {k: v for k, v in form.items() if k != "url"}
+    digest = hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    form["url"] = f"{static['url']}-tailored-{digest[:16]}"
+    return form

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import ClassVar
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from fhir_norse.api.auth_setup import install_auth
 from fhir_norse.api.rendering import render_error
 from fhir_norse.api.routes import fhir_router
+from fhir_norse.auth.refusals import RefusalAudit
 from fhir_norse.compose import build_service, event_recorder
 from fhir_norse.config import Settings
 from fhir_norse.logs import request_id
@@ -71,6 +77,21 @@ def freeze_startup_objects() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+class UriTooLong(FhirError):
+    """414: the request target is longer than ``max_url_length``."""
+
+    status: ClassVar[int] = 414
+    default_code: ClassVar[str] = "too-costly"
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """At shutdown, record the refusal counts not written yet (:mod:`fhir_norse.auth.refusals`)."""
+    yield
+    refusals: RefusalAudit = app.state.refusal_audit
+    await run_in_threadpool(lambda: refusals.write(refusals.flush()))
+
+
 def create_app(settings: Settings, service: FhirService | None = None) -> FastAPI:
     development = settings.mode == "development"
     app = FastAPI(
@@ -80,10 +101,12 @@ def create_app(settings: Settings, service: FhirService | None = None) -> FastAP
         docs_url="/docs" if development else None,
         redoc_url=None,
         openapi_url="/openapi.json" if development else None,
+        lifespan=_lifespan,
     )
     app.state.settings = settings
     app.state.service = service or build_service(settings)
     app.state.audit = event_recorder(app.state.service, settings)
+    app.state.refusal_audit = RefusalAudit(app.state.audit, window=settings.refusal_audit_window_seconds)
 
     @app.exception_handler(FhirError)
     async def fhir_error(_request: Request, error: FhirError) -> Response:
@@ -137,19 +160,27 @@ def create_app(settings: Settings, service: FhirService | None = None) -> FastAP
             ],
             expose_headers=["ETag", "Location", "Last-Modified", "X-Request-ID"],
         )
-    app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(RequestContextMiddleware, max_url_length=settings.max_url_length)
+    if settings.trusted_proxies:
+        # Outermost: the client address every later step sees (rate limits, audit) is the one a
+        # trusted proxy vouches for; X-Forwarded-For from anyone else is ignored.
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
     return app
 
 
 class RequestContextMiddleware:
-    """Pure ASGI middleware (no per-request task or body copy): request id and JSON-only negotiation.
+    """Pure ASGI middleware (no per-request task or body copy): request id, the URL length limit and
+    JSON-only negotiation.
 
     The request id comes from ``X-Request-ID`` or is generated; it is put on every log record
-    of the request and echoed in the response.
+    of the request and echoed in the response. A request target (path and query) longer than
+    ``max_url_length`` is answered 414 with an OperationOutcome (the HTTP server's own limit is set
+    above it, see ``fhir-norse serve``).
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, max_url_length: int = 16 * 1024) -> None:
         self.app = app
+        self.max_url_length = max_url_length
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -170,6 +201,12 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
+            if _target_length(scope) > self.max_url_length:
+                too_long = UriTooLong(
+                    f"The request URL is longer than the limit of {self.max_url_length} bytes"
+                )
+                await render_error(too_long)(scope, receive, send_with_id)
+                return
             if scope["path"].startswith("/fhir") and _wants_non_json(scope, headers):
                 error = render_error(NotAcceptable("Only JSON is supported (application/fhir+json)"))
                 await error(scope, receive, send_with_id)
@@ -184,6 +221,13 @@ class RequestContextMiddleware:
             await response(scope, receive, send_with_id)
         finally:
             request_id.reset(token)
+
+
+def _target_length(scope: Scope) -> int:
+    """The length of the request target as received: the raw path, ``?`` and the query."""
+    path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+    query: bytes = scope.get("query_string", b"")
+    return len(path) + (len(query) + 1 if query else 0)
 
 
 def _wants_non_json(scope: Scope, headers: Headers) -> bool:

@@ -9,7 +9,9 @@ Reads from ``request.app.state`` (set by :func:`fhir_norse.api.auth_setup.instal
 ``settings`` (``base_url``), ``token_service`` (:class:`TokenService`), ``key_store``
 (:class:`KeyStore`), ``token_rate_limiter`` (:class:`RateLimiter`, per client address) and, if
 present, ``audit`` (``record_token_grant(client_id, outcome, reason, source_address, scopes)``
-with outcome ``"success"`` or ``"refused"``, plus ``token_id=<jti>`` on success if it takes one).
+with outcome ``"success"`` or ``"refused"``, plus ``token_id=<jti>`` on success if it takes one)
+and ``refusal_audit`` (:class:`~fhir_norse.auth.refusals.RefusalAudit`): with it, a request
+refused before the client proved itself is audited aggregated per address, not one by one.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from fhir_norse.api.deps import base_url, client_address, write_refusals
 from fhir_norse.auth.ratelimit import retry_after_header
+from fhir_norse.auth.refusals import RefusalAudit
 from fhir_norse.auth.tokens import (
     ASSERTION_ALGORITHMS,
     GRANT_TYPE,
@@ -31,7 +35,6 @@ from fhir_norse.auth.tokens import (
     jwks_uri_for,
     token_endpoint_for,
 )
-from fhir_norse.config import Settings
 
 router = APIRouter(include_in_schema=True, tags=["authorization"])
 
@@ -45,18 +48,6 @@ SCOPES_SUPPORTED = ["system/*.cruds", "system/*.rs", "system/*.read", "system/*.
 SUCCESS = "success"
 REFUSED = "refused"
 CAPABILITIES = ["client-confidential-asymmetric", "permission-v2", "permission-v1"]
-
-
-def fhir_base(request: Request) -> str:
-    """The FHIR base URL: configured (behind a proxy) or derived from the request, as the FHIR routes do."""
-    settings: Settings = request.app.state.settings
-    if settings.base_url:
-        return settings.base_url.rstrip("/")
-    return str(request.base_url).rstrip("/") + "/fhir"
-
-
-def _client_address(request: Request) -> str | None:
-    return request.client.host if request.client else None
 
 
 def _oauth_error(error: OAuthError) -> JSONResponse:
@@ -101,7 +92,7 @@ async def _audit(
     if audit is None:
         return
     record = audit.record_token_grant
-    args = (client_id, outcome, reason, _client_address(request), scopes)
+    args = (client_id, outcome, reason, client_address(request), scopes)
     kwargs: dict[str, Any] = {}
     if token_id is not None and "token_id" in inspect.signature(record).parameters:
         kwargs["token_id"] = token_id
@@ -111,13 +102,25 @@ async def _audit(
         await run_in_threadpool(record, *args, **kwargs)
 
 
+async def _audit_refusal(request: Request, error: OAuthError, scopes: str | None) -> None:
+    """Record a refused token request: one by one if the client had proved itself, else aggregated."""
+    reason = f"{error.error}: {error.description}"
+    refusals: RefusalAudit | None = getattr(request.app.state, "refusal_audit", None)
+    if refusals is None or error.authenticated:
+        await _audit(request, error.client_id, REFUSED, reason, scopes)
+        return
+    await write_refusals(
+        refusals, refusals.token_refused(client_address(request), error.client_id, reason, scopes)
+    )
+
+
 @router.post("/auth/token", response_model=None)
 async def token(request: Request) -> Response:
     """SMART Backend Services token request: client_credentials with a private_key_jwt assertion."""
     state = request.app.state
     limiter = getattr(state, "token_rate_limiter", None)
     if limiter is not None:
-        wait = limiter.hit(_client_address(request) or "unknown")
+        wait = limiter.hit(client_address(request) or "unknown")
         if wait is not None:
             error = OAuthError(
                 429,
@@ -125,18 +128,16 @@ async def token(request: Request) -> Response:
                 "too many token requests from this address",
                 headers={"Retry-After": retry_after_header(wait)},
             )
-            await _audit(request, None, REFUSED, error.description, None)
+            await _audit_refusal(request, error, None)
             return _oauth_error(error)
     service: TokenService = state.token_service
-    base = fhir_base(request)
+    base = base_url(request)
     form: dict[str, str] = {}
     try:
         form = await _read_form(request)
         grant = await run_in_threadpool(service.authorize, form, token_endpoint_for(base), base)
     except OAuthError as error:
-        await _audit(
-            request, error.client_id, REFUSED, f"{error.error}: {error.description}", form.get("scope")
-        )
+        await _audit_refusal(request, error, form.get("scope"))
         return _oauth_error(error)
     await _audit(request, grant.client_id, SUCCESS, None, grant.scope, grant.token_id)
     return JSONResponse(grant.response, headers=NO_STORE)
@@ -146,7 +147,7 @@ def smart_configuration(request: Request) -> dict[str, Any]:
     """What this server does, and nothing it does not. ``issuer`` is left out: SMART 2.x has it only
     with ``sso-openid-connect`` ("otherwise, omitted"); there is no authorization endpoint, so no
     ``authorization_endpoint`` nor ``code_challenge_methods_supported`` either."""
-    base = fhir_base(request)
+    base = base_url(request)
     return {
         "jwks_uri": jwks_uri_for(base),
         "token_endpoint": token_endpoint_for(base),

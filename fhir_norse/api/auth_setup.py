@@ -2,19 +2,20 @@
 
 It puts on ``app.state``:
 
-============================  ===============================================================
-``key_store``                 :class:`~fhir_norse.auth.keys.KeyStore` (first key generated now)
-``clients``                   :class:`~fhir_norse.auth.clients.ClientRegistry`
-``token_service``             :class:`~fhir_norse.auth.tokens.TokenService`
-``token_verifier``            :class:`~fhir_norse.auth.tokens.TokenVerifier`
-``authenticator``             :class:`~fhir_norse.auth.tokens.RequestAuthenticator` (verifier +
-                              failed-authentication limit): what ``get_caller`` calls
-``token_rate_limiter``        :class:`~fhir_norse.auth.ratelimit.RateLimiter` per client address
-                              on ``POST /auth/token``
-``auth_failure_limiter``      :class:`~fhir_norse.auth.ratelimit.RateLimiter` per address on
-                              failed FHIR authentication
-``settings``                  set only if the app has none yet
-============================  ===============================================================
+==============================  ===============================================================
+``key_store``                   :class:`~fhir_norse.auth.keys.KeyStore` (first key generated now)
+``clients``                     :class:`~fhir_norse.auth.clients.ClientRegistry`
+``token_service``               :class:`~fhir_norse.auth.tokens.TokenService`
+``token_verifier``              :class:`~fhir_norse.auth.tokens.TokenVerifier`
+``authenticator``               :class:`~fhir_norse.auth.tokens.RequestAuthenticator` (verifier +
+                                failed-authentication limits): what ``get_caller`` calls
+``token_rate_limiter``          :class:`~fhir_norse.auth.ratelimit.RateLimiter` per client address
+                                on ``POST /auth/token``
+``auth_failure_limiter``        :class:`~fhir_norse.auth.ratelimit.RateLimiter` per address on
+                                failed FHIR authentication
+``credential_failure_limiter``  the same per presented token
+``settings``                    set only if the app has none yet
+==============================  ===============================================================
 
 and adds the routes of :mod:`fhir_norse.api.auth_routes` *before* the app's other routes, so
 ``/fhir/.well-known/smart-configuration`` is not taken for a FHIR read.
@@ -51,6 +52,7 @@ def install_auth(app: FastAPI, settings: Settings, engine: sa.Engine) -> None:
         key_store, service.clients, issuer=service.issuer, oidc=OidcProvider.from_settings(settings)
     )
     failures = RateLimiter(settings.auth_failure_limit_per_minute)
+    credential_failures = RateLimiter(settings.auth_failure_limit_per_minute)
 
     state = app.state
     if getattr(state, "settings", None) is None:
@@ -59,9 +61,10 @@ def install_auth(app: FastAPI, settings: Settings, engine: sa.Engine) -> None:
     state.clients = service.clients
     state.token_service = service
     state.token_verifier = verifier
-    state.authenticator = RequestAuthenticator(verifier, failures)
+    state.authenticator = RequestAuthenticator(verifier, failures, credential_failures)
     state.token_rate_limiter = RateLimiter(settings.token_rate_per_minute)
     state.auth_failure_limiter = failures
+    state.credential_failure_limiter = credential_failures
 
     before = len(app.router.routes)
     app.include_router(router)

@@ -11,25 +11,43 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from fhir_norse.api.deps import Context, Service, base_url, patch_body, read_body, resource_body
+from fhir_norse.api.deps import (
+    Context,
+    Service,
+    base_url,
+    optional_body,
+    patch_body,
+    read_body,
+    resource_body,
+    search_form,
+)
 from fhir_norse.api.rendering import render
 from fhir_norse.auth.caller import Caller
+from fhir_norse.outcomes import BadRequest
 from fhir_norse.server.bundles import BundleProcessor
 from fhir_norse.server.capability import capability_statement
 from fhir_norse.server.context import RequestContext
 from fhir_norse.server.interactions import INTERACTIONS, Interaction, InteractionRequest
 from fhir_norse.server.operations.registry import OperationCall
-from fhir_norse.server.searching import search_params_from_form
 
 Endpoint = Callable[..., Awaitable[Response]]
 
 
 def _query(request: Request) -> list[tuple[str, str]]:
-    return list(request.query_params.multi_items())
+    """The query's parameters, decoded strictly: bytes that are not UTF-8 (raw or percent-encoded) are
+    a 400, not a search for replacement characters (Starlette's ``query_params`` replaces them)."""
+    raw: bytes = request.scope.get("query_string", b"")
+    try:
+        return parse_qsl(raw.decode("utf-8"), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(
+            "The query string is not UTF-8 (RFC 3986 percent-encoded UTF-8 is expected)"
+        ) from exc
 
 
 async def _body(request: Request, interaction: Interaction) -> tuple[Any, list[tuple[str, str]]]:
@@ -39,8 +57,7 @@ async def _body(request: Request, interaction: Interaction) -> tuple[Any, list[t
     if interaction.body == "patch":
         return await patch_body(request), []
     if interaction.body == "form":
-        content_type = request.headers.get("content-type", "")
-        return None, await search_params_from_form(content_type, await request.body())
+        return None, await search_form(request)
     return None, []
 
 
@@ -71,7 +88,7 @@ def _interaction_endpoint(interaction: Interaction) -> Endpoint:
 async def _operation(
     request: Request, ctx: Context, service: Service, res_type: str, operation: str, res_id: str | None
 ) -> Response:
-    body = await read_body(request) if request.method == "POST" and await request.body() else None
+    body = await optional_body(request) if request.method == "POST" else None
     call = OperationCall(ctx=ctx, res_type=res_type, res_id=res_id, params=_query(request), body=body)
     return render(await run_in_threadpool(service.invoke, call, operation, method=request.method))
 

@@ -49,17 +49,21 @@ from urllib.parse import urlencode
 from fhir_norse.auth.caller import Caller
 
 __all__ = [
+    "AUTHENTICATION",
     "CLIENT_SYSTEM",
     "FAILED",
     "INTERACTIONS",
     "OUTCOMES",
     "REFUSED",
     "SUCCESS",
+    "THROTTLED",
     "TOKEN_GRANT",
     "AuditRecorder",
     "AuditSink",
     "build_audit_event",
+    "build_authentication_refusal",
     "build_token_grant_event",
+    "counting_repeats",
 ]
 
 AuditSink = Callable[[dict[str, Any]], None]
@@ -72,6 +76,10 @@ _OUTCOME_CODES: Final = {SUCCESS: "0", REFUSED: "4", FAILED: "8"}
 OUTCOMES: Final = frozenset(_OUTCOME_CODES)
 
 TOKEN_GRANT: Final = "token-grant"
+# Kinds of refusal before any caller is known (besides refused token grants): no or a bad token
+# (401), and too many of those (429). See build_authentication_refusal.
+AUTHENTICATION: Final = "authentication"
+THROTTLED: Final = "throttled"
 CLIENT_SYSTEM: Final = "urn:fhir-norse:client"
 # Extra subtype coding naming the operation of an ``operation:<name>`` interaction.
 OPERATION_SYSTEM: Final = "urn:fhir-norse:operation"
@@ -100,6 +108,7 @@ _REST_TYPE: Final = _coding(
 )
 _USER_AUTHENTICATION: Final = _coding(_DCM, "110114", "User Authentication")
 _ITI_71: Final = _coding("urn:ihe:event-type-code", "ITI-71", "Get Access Token")
+_LOGIN: Final = _coding(_DCM, "110122", "Login")
 _APPLICATION: Final = _coding(_DCM, "110150", "Application")
 _DESTINATION: Final = _coding(_DCM, "110152", "Destination Role ID")
 _SOURCE: Final = _coding(_DCM, "110153", "Source Role ID")
@@ -337,6 +346,22 @@ def _outcome(event: dict[str, Any], outcome: str, failure_reason: str | None) ->
         event["outcomeDesc"] = description
 
 
+def _refused_target(
+    resource_type: str | None, resource_id: str | None, version: str | None
+) -> tuple[str | None, str | None, str | None]:
+    """What a refused request asked for, as far as it names a resource: a refusal is often *about* a
+    malformed address (``/fhir/patient/1``), which must be recorded, not make the record fail. A part
+    that is not a resource type, id or version is left out with what follows it (the failure reason
+    says what was wrong)."""
+    if resource_type is None or not _RESOURCE_TYPE.fullmatch(resource_type):
+        return None, None, None
+    if resource_id is None or not _ID.fullmatch(resource_id):
+        return resource_type, None, None
+    if version is not None and not _ID.fullmatch(version):
+        return resource_type, resource_id, None
+    return resource_type, resource_id, version
+
+
 def _rest_pattern(interaction: str) -> tuple[_Rest, str | None]:
     name, _, operation = interaction.partition(":")
     if name == "operation":
@@ -371,7 +396,9 @@ def build_audit_event(
     ``interaction`` is one of :data:`INTERACTIONS` or ``operation:<name>``; ``outcome`` one of
     ``success`` (``0``), ``refused`` (``4``, authorization answered 401/403/404) or ``failed``
     (``8``, server error), with ``failure_reason`` as ``outcomeDesc``: a short reason, never a token
-    and never resource content. ``query`` is the request relative to the base as received
+    and never resource content. A refused or failed request's resource type, id and version are the
+    client's words: those that are malformed are left out (see :func:`_refused_target`), where a
+    success's would be a ``ValueError``. ``query`` is the request relative to the base as received
     (``Observation?patient=123``, or the form body of ``POST _search``), recorded base64 as BALP
     Query asks; ``patients`` the ids of every patient whose data the interaction touched.
     ``source_address`` is the client's network address, ``server_address`` the server's base URL.
@@ -395,6 +422,8 @@ def build_audit_event(
             failure_reason=failure_reason,
         )
     pattern, operation = _rest_pattern(interaction)
+    if outcome != SUCCESS:
+        resource_type, resource_id, version = _refused_target(resource_type, resource_id, version)
     if resource_type is not None and not _RESOURCE_TYPE.fullmatch(resource_type):
         raise ValueError(f"not a resource type: {resource_type!r}")
     if resource_id is not None:
@@ -544,6 +573,63 @@ def build_token_grant_event(
     return _fresh(event)
 
 
+def build_authentication_refusal(
+    *,
+    failure_reason: str,
+    source_address: str | None,
+    recorded: datetime,
+    request_id: str | None = None,
+    server_name: str = "fhir-norse",
+    server_address: str | None = None,
+    site: str | None = None,
+) -> dict[str, Any]:
+    """The AuditEvent of a FHIR request refused before any caller was known: no access token, one
+    that does not verify (401), or too many such attempts from one address or with one token (429).
+
+    BALP has no pattern for it; it takes the shape of the token grant's: type DCM 110114 *User
+    Authentication*, subtype DCM 110122 *Login*, action ``E``, outcome ``4`` with ``failure_reason``;
+    agents the client as far as the network knows it (DCM 110150 *Application*, its address, no
+    identity: nothing was verified) and this server; the ``X-Request-Id`` as entity. Never the token.
+    """
+    event: dict[str, Any] = {
+        "resourceType": "AuditEvent",
+        "type": _USER_AUTHENTICATION,
+        "subtype": [_LOGIN],
+        "action": "E",
+        "recorded": _instant(recorded),
+    }
+    _outcome(event, REFUSED, failure_reason)
+    event["agent"] = [
+        _agent([_APPLICATION], requestor=True, network=_network(source_address)),
+        _agent(
+            [_DESTINATION],
+            requestor=False,
+            who={"display": _text(server_name, 256) or "fhir-norse"},
+            network=_network(server_address),
+        ),
+    ]
+    event["source"] = _source(server_name, site)
+    if request_id and _text(request_id, 256):
+        event["entity"] = [_request_entity(request_id)]
+    return _fresh(event)
+
+
+def counting_repeats(event: dict[str, Any], *, count: int, first: datetime, last: datetime) -> dict[str, Any]:
+    """``event`` made to stand for ``count`` refusals of one kind from one source that were not recorded
+    one by one: ``period`` from the first to the last of them, and an entity whose ``detail`` ``count``
+    holds the number (https://hl7.org/fhir/R4/auditevent-definitions.html#AuditEvent.entity.detail)."""
+    summary = _fresh(event)
+    summary["period"] = {"start": _instant(first), "end": _instant(last)}
+    summary["entity"] = [
+        *summary.get("entity", []),
+        {
+            "description": "refused requests of this kind and source not recorded one by one",
+            "detail": [{"type": "count", "valueString": str(count)}],
+        },
+    ]
+    return summary
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -607,6 +693,10 @@ class AuditRecorder:
             failure_reason=failure_reason,
         )
 
+    def now(self) -> datetime:
+        """The time on this recorder's clock (the one its events are stamped with)."""
+        return self._clock()
+
     def emit(self, event: dict[str, Any]) -> None:
         """Hand one built event to the sink (for events not stored with a write of their own)."""
         if self._sink is None:
@@ -630,17 +720,61 @@ class AuditRecorder:
         the token issued. See :func:`build_token_grant_event`.
         """
         self.emit(
-            build_token_grant_event(
-                outcome=outcome,
-                client_id=client_id,
-                scopes=scopes,
-                source_address=source_address,
-                recorded=self._clock(),
-                failure_reason=reason,
-                token_id=token_id,
-                grant_type=grant_type,
-                server_name=self.server_name,
-                server_address=self.server_address,
-                site=self.site,
+            self.token_grant_event(
+                client_id, outcome, reason, source_address, scopes, token_id=token_id, grant_type=grant_type
             )
         )
+
+    def token_grant_event(
+        self,
+        client_id: str | None,
+        outcome: str,
+        reason: str | None,
+        source_address: str | None,
+        scopes: str | None,
+        *,
+        token_id: str | None = None,
+        grant_type: str = "client_credentials",
+    ) -> dict[str, Any]:
+        """:func:`build_token_grant_event` with this server's defaults (built, not recorded)."""
+        return build_token_grant_event(
+            outcome=outcome,
+            client_id=client_id,
+            scopes=scopes,
+            source_address=source_address,
+            recorded=self._clock(),
+            failure_reason=reason,
+            token_id=token_id,
+            grant_type=grant_type,
+            server_name=self.server_name,
+            server_address=self.server_address,
+            site=self.site,
+        )
+
+    def authentication_refused(
+        self, reason: str, source_address: str | None, request_id: str | None = None
+    ) -> dict[str, Any]:
+        """:func:`build_authentication_refusal` with this server's defaults (built, not recorded)."""
+        return build_authentication_refusal(
+            failure_reason=reason,
+            source_address=source_address,
+            request_id=request_id,
+            recorded=self._clock(),
+            server_name=self.server_name,
+            server_address=self.server_address,
+            site=self.site,
+        )
+
+    def refusal_summary(
+        self, kind: str, source_address: str | None, count: int, first: datetime, last: datetime
+    ) -> dict[str, Any]:
+        """The event standing for ``count`` refusals of ``kind`` (:data:`TOKEN_GRANT`,
+        :data:`AUTHENTICATION` or :data:`THROTTLED`) from ``source_address`` (None: from addresses
+        the aggregation had no room for), between ``first`` and ``last``; see :func:`counting_repeats`."""
+        where = f"from {source_address}" if source_address else "from other addresses"
+        reason = f"{count} more refused requests ({kind}) {where}, counted, not recorded one by one"
+        if kind == TOKEN_GRANT:
+            event = self.token_grant_event(None, REFUSED, reason, source_address, None)
+        else:
+            event = self.authentication_refused(reason, source_address)
+        return counting_repeats(event, count=count, first=first, last=last)

@@ -8,7 +8,8 @@ access tokens, and their verification on every FHIR request.
   in-memory keys only; failures are 401 with an RFC 6750 ``WWW-Authenticate`` challenge.
 - :class:`OidcProvider` optionally accepts tokens of a hospital OpenID Connect provider
   (issuer + JWK Set file, no network).
-- :class:`RequestAuthenticator` adds the limit on repeated failed authentication.
+- :class:`RequestAuthenticator` adds the limits on repeated failed authentication (per address and
+  per presented token; they throttle failing attempts only).
 
 Neither the client assertion nor an access token is ever logged.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 import secrets
@@ -78,7 +80,10 @@ _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 class OAuthError(Exception):
     """An OAuth 2.0 token endpoint error (RFC 6749 section 5.2), rendered as JSON.
 
-    ``client_id`` is the client the request claimed to be (for the audit trail), if any.
+    ``client_id`` is the client the request claimed to be (for the audit trail), if any;
+    ``authenticated`` says whether the request had proved to come from the client (a verified,
+    unused assertion) when it was refused: then the refusal is the client's own, audited one by one;
+    otherwise anyone may have sent it (a replayed assertion too), and its audit is aggregated.
     """
 
     def __init__(
@@ -89,6 +94,7 @@ class OAuthError(Exception):
         *,
         client_id: str | None = None,
         headers: Mapping[str, str] | None = None,
+        authenticated: bool = False,
     ) -> None:
         super().__init__(f"{error}: {description}")
         self.status = status
@@ -96,6 +102,7 @@ class OAuthError(Exception):
         self.description = description
         self.client_id = client_id
         self.headers = dict(headers or {})
+        self.authenticated = authenticated
 
     def to_json(self) -> dict[str, str]:
         return {"error": self.error, "error_description": self.description}
@@ -249,6 +256,7 @@ class TokenService:
                 "invalid_scope",
                 f"scope not allowed for this client: {' '.join(missing)}",
                 client_id=client.client_id,
+                authenticated=True,
             )
         scope = " ".join(requested)
         fhir_base = audience or fhir_base_for_token_endpoint(token_url)
@@ -612,27 +620,49 @@ class TokenVerifier:
 
 
 class RequestAuthenticator:
-    """The verifier plus a limit on repeated failed authentication per client address: once an
-    address has presented ``limit`` bad tokens in a minute, it gets 429 (``throttled``) with
-    ``Retry-After`` before any verification. A request without a token is not counted."""
+    """The verifier plus limits on repeated failed authentication, per client address and per
+    presented token: past ``limit`` failures in a minute, further *failing* attempts get 429
+    (``throttled``, ``Retry-After``) instead of 401.
 
-    def __init__(self, verifier: TokenVerifier, failures: RateLimiter) -> None:
+    A valid token is always accepted, whatever failed before it from the same address: the token is
+    verified first (from memory; a remembered token costs a dictionary look-up, a new one one
+    signature check), so a client guessing tokens, or looping on an expired one, cannot lock out the
+    other clients behind the same address (a NAT, a proxy). The per-token limit (keyed by a hash of
+    the token, never the token) bounds one bad credential sent from many addresses. A request without
+    a token is not counted: it guesses nothing.
+    """
+
+    def __init__(
+        self, verifier: TokenVerifier, failures: RateLimiter, credential_failures: RateLimiter | None = None
+    ) -> None:
         self.verifier = verifier
         self.failures = failures
+        self.credential_failures = credential_failures or RateLimiter(failures.limit, failures.period)
 
     def authenticate(
         self, authorization_header: str | None, client_address: str | None, audience: str
     ) -> Caller:
-        key = client_address or "unknown"
-        wait = self.failures.blocked(key)
-        if wait is not None:
-            raise TooManyRequests.after(wait, "Too many failed authentication attempts from this address")
         try:
             return self.verifier.verify(authorization_header, audience)
         except Unauthorized:
-            if authorization_header:
-                self.failures.hit(key)
+            if not authorization_header:
+                raise
+            by_address = self.failures.hit(client_address or "unknown")
+            by_token = self.credential_failures.hit(_fingerprint(authorization_header))
+            if by_address is not None:
+                raise TooManyRequests.after(
+                    by_address, "Too many failed authentication attempts from this address"
+                ) from None
+            if by_token is not None:
+                raise TooManyRequests.after(
+                    by_token, "Too many failed authentication attempts with this token"
+                ) from None
             raise
+
+
+def _fingerprint(authorization_header: str) -> str:
+    """A short hash of a presented credential: the key of its failure count (the token is not kept)."""
+    return hashlib.blake2b(authorization_header.strip().encode(), digest_size=16).hexdigest()
 
 
 # -- an external OpenID Connect provider ------------------------------------------------------

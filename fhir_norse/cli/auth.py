@@ -56,9 +56,8 @@ def _engine(settings: Settings) -> Iterator[sa.Engine]:
 
 
 def fhir_base_url(settings: Settings) -> str:
-    if settings.base_url:
-        return settings.base_url.rstrip("/")
-    return f"http://{settings.host}:{settings.port}/fhir"
+    """The audience of the tokens minted here: the one the server checks (Settings.fhir_base_url)."""
+    return settings.fhir_base_url()
 
 
 @dataclass(frozen=True, slots=True)

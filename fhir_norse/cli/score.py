@@ -21,6 +21,7 @@ from fhir_norse.instruments.registry import InstrumentRegistry, version_key
 from fhir_norse.instruments.schema import ContentError, InstrumentMapping
 from fhir_norse.outcomes import FhirError, Issue, operation_outcome
 from fhir_norse.server.content import content_files
+from fhir_norse.server.resources import instant, now_ms
 from fhir_norse.server.validation import validate_resource
 
 COMMANDS = frozenset({"score"})
@@ -89,25 +90,33 @@ def score_file(text: bytes, root: Path) -> tuple[int, dict[str, Any]]:
         return 1, operation_outcome([issue])
     mapping = instrument.mapping if isinstance(instrument.mapping, InstrumentMapping) else None
     issues = validate_response(response, form or questionnaire, mapping=mapping)
-    for element in ("subject", "authored"):
-        if not response.get(element):
-            issues.append(
-                Issue(
-                    f"{element} is required",
-                    code="required",
-                    expression=(f"QuestionnaireResponse.{element}",),
-                )
-            )
+    if not response.get("subject"):
+        issues.append(
+            Issue("subject is required", code="required", expression=("QuestionnaireResponse.subject",))
+        )
     if issues:
         return 1, operation_outcome(issues)
     if response.get("status") not in ("completed", "amended"):
         issue = Issue("Only completed or amended responses are scored", code="business-rule")
         return 1, operation_outcome([issue])
-    plan = assemble_plan(response, questionnaire, instrument)
+    administered = response.get("authored")
+    if not (isinstance(administered, str) and administered):
+        # As the server does with a response without authored: dated when it is received (here: now).
+        administered = instant(now_ms())
+        undated = Issue(
+            f"authored is absent: the scores are dated {administered}, when the answers were scored",
+            code="informational",
+            severity="warning",
+            expression=("QuestionnaireResponse.authored",),
+        )
+    else:
+        undated = None
+    plan = assemble_plan(response, questionnaire, instrument, administered=administered)
     bundle = plan.transaction()
-    if not plan.warnings:
+    warnings = [*plan.warnings, *([undated] if undated else [])]
+    if not warnings:
         return 0, bundle
-    issues_json = operation_outcome(plan.warnings)
+    issues_json = operation_outcome(warnings)
     return 0, {
         "resourceType": "Parameters",
         "parameter": [{"name": "return", "resource": bundle}, {"name": "issues", "resource": issues_json}],

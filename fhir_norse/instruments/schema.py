@@ -294,6 +294,16 @@ class InstrumentMapping(_Model):
             "administration of the case study); a clinician's override still closes a scale."
         ),
     )
+    decimals: int = Field(
+        default=2,
+        ge=0,
+        le=6,
+        description=(
+            "The precision of the scores the instrument reports (scale scores and alliance means), in "
+            "decimal places: each is rounded half up once, where it is computed, and everything derived "
+            "uses the rounded score (fhir_norse/scoring/precision.py)."
+        ),
+    )
     domains: list[Domain] = Field(min_length=1)
     scales: list[Scale] = Field(min_length=1)
     display_order: list[str]
@@ -452,7 +462,8 @@ class CodeRef(_Model):
 class SumScoreMapping(BaseModel):
     """A sum-score instrument: ``total`` adds the item scores; ``severity_bands`` partition the range;
     ``panel`` is the code of the panel Observation of an administration of this instrument alone (a code
-    of ValueSet ``rom-panels``)."""
+    of ValueSet ``rom-panels``); ``decimals`` is the precision of the total (whole numbers unless the
+    answer scores have decimals)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -460,6 +471,7 @@ class SumScoreMapping(BaseModel):
     version: str
     questionnaire: str
     panel: CodeRef | None = None
+    decimals: int = Field(default=0, ge=0, le=6)
     total: SumTotal
     severity_bands: list[SeverityBand] = Field(min_length=1)
     alerts: list[Any] = Field(default_factory=list)

@@ -12,7 +12,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any, cast
 
-from fhir_norse.adaptive.forms import PAGES, next_page, tailored_questionnaire
+from fhir_norse.adaptive.forms import PAGES, next_page, tailored_form
 from fhir_norse.adaptive.history import (
     context_of,
     episode_of,
@@ -35,6 +35,7 @@ from fhir_norse.rom.patient import (
     context_extension,
     episode_extension,
 )
+from fhir_norse.rom.published_forms import publish_form
 from fhir_norse.scoring.engine import answers_from_response, trigger_scores
 from fhir_norse.server.context import RequestContext, Result
 from fhir_norse.server.interactions import FhirService
@@ -200,7 +201,8 @@ class AdaptiveOperations:
                 code="not-supported",
                 expression="QuestionnaireResponse.contained.derivedFrom",
             )
-        if canonical.get("url") != mapping.questionnaires.adaptive:
+        source = self.adaptive.registry.source_of(str(canonical.get("url")), canonical.get("version"))[0]
+        if source != mapping.questionnaires.adaptive:
             raise Unprocessable(
                 f"$next-question pages the adaptive form {mapping.questionnaires.adaptive}; "
                 f"{canonical.get('url')} is a static form (use $tailored-form or $populate)",
@@ -218,22 +220,10 @@ class AdaptiveOperations:
         params: Mapping[str, str],
         operation: str = "operation:tailored-form",
     ) -> tuple[JsonDict, PatientState]:
+        """The static form tailored to the patient, stored under its own canonical (form fillers fetch
+        it by url and answer it by ``url|version``; :mod:`fhir_norse.rom.published_forms`)."""
         static, state = self._patient_plan(repo, patient_id, params, operation)
-        patient = state.patient
-        form = tailored_questionnaire(static, state.plan)
-        for key in ("id", "meta", "url", "identifier", "text"):
-            form.pop(key, None)
-        form["id"] = "tailored"
-        form["derivedFrom"] = [f"{static['url']}|{static.get('version')}"]
-        form["status"] = "active"
-        form["date"] = instant(now_ms())
-        open_now = state.plan.in_full_regardless()
-        form["description"] = (
-            f"{static.get('description', '')} Tailored for {patient} ({state.context}): scales asked in full "
-            f"whatever the trigger: {', '.join(open_now) or 'none'}; closed by a clinician: "
-            f"{', '.join(sorted(state.plan.forced_closed())) or 'none'}."
-        ).strip()
-        return form, state
+        return publish_form(repo, tailored_form(static, state.plan)), state
 
     def _patient_plan(
         self, repo: Repository, patient_id: str, params: Mapping[str, str], operation: str
@@ -261,7 +251,8 @@ class AdaptiveOperations:
         static = self._canonical(repo, canonical)
         instrument = self.adaptive.instrument(f"{static.get('url')}|{static.get('version')}")
         mapping = instrument.mapping if instrument is not None else None
-        if not isinstance(mapping, InstrumentMapping) or static.get("url") != mapping.questionnaires.static:
+        source = self.adaptive.registry.source_of(str(static.get("url")), static.get("version"))[0]
+        if not isinstance(mapping, InstrumentMapping) or source != mapping.questionnaires.static:
             raise Unprocessable(
                 f"{canonical} is not the static form of an adaptive instrument", code="not-supported"
             )
@@ -316,8 +307,9 @@ class AdaptiveOperations:
             response: JsonDict = {
                 "resourceType": _QR,
                 "meta": {"profile": [f"{_BASE}/StructureDefinition/rom-questionnaire-response"]},
-                "contained": [form],
-                "questionnaire": f"#{form['id']}",
+                # The stored form, contained (a contained resource has no meta of its own).
+                "contained": [{**{k: v for k, v in form.items() if k != "meta"}, "id": "tailored"}],
+                "questionnaire": "#tailored",
                 "status": "in-progress",
                 "subject": {"reference": f"Patient/{patient_id}"},
             }

@@ -5,20 +5,25 @@ Every create, update, patch and transaction entry of a QuestionnaireResponse pas
 write's unit of work, so a response and everything derived from it commit together or not at all:
 
 1. **Before saving** (422 on any problem, nothing stored): the ``questionnaire`` canonical resolves to a
-   stored Questionnaire (``url|version``; a bare url takes the highest version); the ``subject`` is an
-   existing ``Patient``; ``authored`` is present; the answers are valid for the Questionnaire
-   (:func:`fhir_norse.instruments.intake.validate_response`); a completed response is not re-opened and
-   an amendment keeps its subject and Questionnaire.
+   stored Questionnaire (``url|version``; a bare url takes the highest version; where the content pack
+   publishes the url, only its published versions count); the ``subject`` is an existing ``Patient``;
+   the answers are valid for the Questionnaire (:func:`fhir_norse.instruments.intake.validate_response`);
+   a completed response is not re-opened and an amendment keeps its subject and Questionnaire.
 2. **After saving** a ``completed`` or ``amended`` response whose Questionnaire a mapping scores:
    Observations, the panel and the DiagnosticReport (:mod:`fhir_norse.scoring.pipeline`), change against
    the patient's earlier administrations, alert Flags (and a Task for the responsible clinician when
-   urgent), and one Provenance per scoring run.
+   urgent), and one Provenance per scoring run. A response that is stored but not scored (``in-progress``
+   or ``stopped``, or to a form no mapping scores) says so in a warning of the answer.
 3. **Amendments**: derived resources have ids computed from the response id and their key, so scoring
    the response again updates the same resources (status ``amended``, the earlier version kept in the
    history); one that no longer applies becomes ``entered-in-error``. A response marked
    ``entered-in-error``, or deleted, withdraws everything derived from it the same way.
 4. **Retries**: a create whose ``identifier`` matches a stored response with the same content creates
    nothing (200 with the stored one); different content under the same identifier is a 409.
+5. **Administration time**: ``authored`` when given. R4 makes it optional: without it the answers are
+   dated by the time the server received them, the ``meta.lastUpdated`` of the version scored (an
+   amendment keeps the time its earlier scores carry), and a warning says so. The response is stored
+   as sent: writing the server's clock into ``authored`` would put words in the client's resource.
 """
 
 from __future__ import annotations
@@ -36,7 +41,14 @@ from fhir_norse import __version__
 from fhir_norse.adaptive.forms import tailored_questionnaire
 from fhir_norse.adaptive.history import Administration, context_of, episode_of, moment
 from fhir_norse.alerts.rules import Alert, AlertCode, AlertDecision
-from fhir_norse.canonicals import ALERT_KEY_SYSTEM, CS_ALERTS, MAPPING_SYSTEM, PROFILE_FLAG, SOFTWARE_SYSTEM
+from fhir_norse.canonicals import (
+    ALERT_KEY_SYSTEM,
+    CS_ALERTS,
+    CS_ROM,
+    MAPPING_SYSTEM,
+    PROFILE_FLAG,
+    SOFTWARE_SYSTEM,
+)
 from fhir_norse.instruments.intake import validate_response
 from fhir_norse.instruments.registry import Instrument, InstrumentRegistry, version_key
 from fhir_norse.instruments.schema import InstrumentMapping
@@ -47,7 +59,7 @@ from fhir_norse.scoring.pipeline import PriorAdministration, ScoredAdministratio
 from fhir_norse.scoring.resources import (
     LOINC,
 )
-from fhir_norse.server.published import PUBLISHED_TAG
+from fhir_norse.server.published import is_published
 from fhir_norse.server.repository import Derived, JsonDict, Repository, StorageHook, WriteOutcome, loads
 from fhir_norse.server.resources import flat_items, instant, new_id, now_ms, reference_id
 from fhir_norse.server.search.typed import Where
@@ -64,6 +76,8 @@ __all__ = [
 FLAG_DETAIL = "http://hl7.org/fhir/StructureDefinition/flag-detail"
 FLAG_PRIORITY = "http://hl7.org/fhir/StructureDefinition/flag-priority"
 FLAG_PRIORITY_CS = "http://hl7.org/fhir/flag-priority-code"
+# The code (CodeSystem rom-codes) of the clinician's Task to review an urgent alert.
+ALERT_REVIEW = "alert-review"
 DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
 PARTICIPANT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 
@@ -188,8 +202,11 @@ class QuestionnaireResponseIntake(StorageHook):
                 expression=list(expression),
             )
         bodies = [loads(f.body_text) for f in found]
-        best = max(bodies, key=lambda b: version_key(str(b.get("version") or "0")))
-        if version and PUBLISHED_TAG in (best.get("meta") or {}).get("tag", []):
+        # Where the content pack publishes the url, its versions are the form (a copy stored before
+        # the url became read-only must not shadow it).
+        published = [b for b in bodies if is_published(b)]
+        best = max(published or bodies, key=lambda b: version_key(str(b.get("version") or "0")))
+        if version and published:
             self._published[canonical] = best
         return best
 
@@ -198,12 +215,24 @@ class QuestionnaireResponseIntake(StorageHook):
 
         Both are the stored Questionnaire the response names, except for a response to a form it
         contains (``questionnaire`` = ``#id``: SDC adaptive forms, tailored static forms): that form
-        must derive from a stored Questionnaire (``derivedFrom``) and define each item as it does.
+        must derive from a stored Questionnaire (``derivedFrom``) and define each item as it does. A
+        stored form no mapping scores that derives from one a mapping scores (the tailored form the
+        server stores under its own canonical) is scored as that one, once it defines each item so.
         """
         reference = response.get("questionnaire")
         if not (isinstance(reference, str) and reference.startswith("#")):
-            canonical = self.questionnaire(repo, reference)
-            return canonical, canonical
+            form = self.questionnaire(repo, reference)
+            derived = [d for d in form.get("derivedFrom") or [] if isinstance(d, str)]
+            if self.instrument_of(form) is not None or not derived:
+                return form, form
+            try:
+                source = self.questionnaire(repo, derived[0])
+            except Unprocessable:
+                return form, form  # derived from a form this server does not have: not scored
+            if self.instrument_of(source) is None:
+                return form, form
+            _check_defined(form, source, derived[0], "QuestionnaireResponse.questionnaire")
+            return form, source
         contained = next(
             (
                 c
@@ -229,22 +258,7 @@ class QuestionnaireResponseIntake(StorageHook):
                 expression=expression,
             )
         canonical = self.questionnaire(repo, derived[0])
-        defined = {str(i.get("linkId")): i for i in flat_items(canonical)}
-        issues = []
-        for item in flat_items(contained):
-            if item.get("type") in ("group", "display"):
-                continue
-            base = defined.get(str(item.get("linkId")))
-            if base is None or any(item.get(k) != base.get(k) for k in _DEFINING):
-                issues.append(
-                    Issue(
-                        f"contained item {item.get('linkId')!r} is not defined so in {derived[0]}",
-                        code="structure",
-                        expression=("QuestionnaireResponse.contained",),
-                    )
-                )
-        if issues:
-            raise Unprocessable(issues[0].diagnostics, issues=issues)
+        _check_defined(contained, canonical, derived[0], "QuestionnaireResponse.contained")
         return contained, canonical
 
     def instrument_of(self, questionnaire: JsonDict) -> Instrument | None:
@@ -331,14 +345,6 @@ class QuestionnaireResponseIntake(StorageHook):
                     expression=("QuestionnaireResponse.subject",),
                 )
             )
-        if not body.get("authored"):
-            issues.append(
-                Issue(
-                    "authored (when the answers were given) is required",
-                    code="required",
-                    expression=("QuestionnaireResponse.authored",),
-                )
-            )
         if previous is not None and not previous.deleted:
             issues += _transition_problems(loads(previous.body_text), body)
         mapping = record.instrument.mapping if record.instrument is not None else None
@@ -365,7 +371,8 @@ class QuestionnaireResponseIntake(StorageHook):
             record.administrations,
             episode=record.episode,
             context=context_of(body),
-            before=str(body["authored"]),
+            # Without authored the answers are being received now: after every stored administration.
+            before=body.get("authored") or None,
         )
         plan = state.plan
         asked = set(plan.in_full(trigger_scores(answers_from_response(body), mapping)))
@@ -397,6 +404,15 @@ class QuestionnaireResponseIntake(StorageHook):
             plan = self.plan(server, body, rescore=previous is not None)
         elif status == "entered-in-error" and before is not None:
             plan = self.withdrawal(server, body, reason="the response was marked entered-in-error")
+        elif status in ("in-progress", "stopped"):
+            return [
+                Issue(
+                    f"not scored: the response is {status}; it is scored once its status is completed",
+                    code="incomplete",
+                    severity="warning",
+                    expression=("QuestionnaireResponse.status",),
+                )
+            ]
         else:
             return []
         self.apply(server, plan)
@@ -412,10 +428,14 @@ class QuestionnaireResponseIntake(StorageHook):
         record = self.record(server, response)
         instrument = record.instrument
         if instrument is None:
-            return ScoringPlan()
+            form = record.questionnaire
+            reason = f"no scoring mapping for {form.get('url')}|{form.get('version')}"
+            return ScoringPlan(
+                warnings=[Issue(f"not scored: {reason}", code="not-supported", severity="warning")]
+            )
         res_id = str(response.get("id") or "")
         patient_ref = str(response["subject"]["reference"])
-        authored = str(response["authored"])
+        authored, dated = self._administered(server, response, rescore=rescore)
         # Alerts follow the newest administration: a response answered before another one already
         # stored (sent late, or amended later) is scored but leaves the alerts as they stand.
         if isinstance(instrument.mapping, InstrumentMapping):
@@ -424,7 +444,7 @@ class QuestionnaireResponseIntake(StorageHook):
             history, later = self._history(server, patient_ref, instrument, res_id, authored)
         context = context_of(response) or ("intake" if not history else "weekly")
         active = self._active_alerts(server, patient_ref)
-        return assemble_plan(
+        plan = assemble_plan(
             response,
             record.questionnaire,
             instrument,
@@ -436,6 +456,38 @@ class QuestionnaireResponseIntake(StorageHook):
             owner=lambda: self._owner(server, patient_ref),
             context=context,
             episode=record.episode,
+            administered=authored,
+        )
+        if dated is not None and plan.scored is not None:
+            plan.warnings.insert(0, dated)
+        return plan
+
+    def _administered(
+        self, repo: Repository, response: JsonDict, *, rescore: bool
+    ) -> tuple[str, Issue | None]:
+        """When the answers were given (module doc, 5), and the warning that says how it was chosen when
+        the response has no ``authored``."""
+        authored = response.get("authored")
+        if isinstance(authored, str) and authored:
+            return authored, None
+        earlier = None
+        if rescore and response.get("id"):
+            panel = repo.get("Observation", derived_id(str(response["id"]), "panel"))
+            body = loads(panel.body_text) if panel is not None and not panel.deleted else {}
+            if body.get("status") in ("final", "amended"):
+                earlier = body.get("effectiveDateTime")
+        if isinstance(earlier, str):
+            when, how = earlier, "the time its earlier scores carry"
+        else:
+            received = (response.get("meta") or {}).get("lastUpdated")
+            when = received if isinstance(received, str) else instant(now_ms())
+            how = "when the server received the answers (meta.lastUpdated)"
+        return when, Issue(
+            f"authored is absent: the scores are dated {when}, {how}; the response is stored as sent, "
+            "without authored",
+            code="informational",
+            severity="warning",
+            expression=("QuestionnaireResponse.authored",),
         )
 
     def withdrawal(self, repo: Repository, response: JsonDict, *, reason: str) -> ScoringPlan:
@@ -626,17 +678,19 @@ def assemble_plan(
     alerts: bool = True,
     context: str | None = None,
     episode: str | None = None,
+    administered: str | None = None,
 ) -> ScoringPlan:
     """Score ``response`` and lay out every write (pure, given its inputs; used by the server, by
     ``$extract`` and by ``fhir-norse score``). ``current`` finds an earlier version of a derived
-    resource, ``stale`` lists earlier derived resources to withdraw, ``owner`` the Task's owner."""
+    resource, ``stale`` lists earlier derived resources to withdraw, ``owner`` the Task's owner;
+    ``administered`` is when the answers were given (default ``authored``)."""
     plan = ScoringPlan()
     res_id = str(response.get("id") or new_id())
     version = (response.get("meta") or {}).get("versionId") or "1"
     response_ref = f"QuestionnaireResponse/{res_id}/_history/{version}"
     patient_ref = str(response["subject"]["reference"])
-    authored = str(response["authored"])
     now = instant(now_ms())
+    authored = administered or str(response.get("authored") or now)
     try:
         scored = score_administration(
             response,
@@ -647,9 +701,10 @@ def assemble_plan(
             active_alerts=[a for a, _ in active],
             id_for=lambda key: derived_id(res_id, key),
             issued=now,
+            authored=authored,
         )
     except ValueError as error:
-        plan.warnings.append(Issue(f"Not scored: {error}", code="incomplete", severity="warning"))
+        plan.warnings.append(Issue(f"not scored: {error}", code="incomplete", severity="warning"))
         return plan
     plan.scored = scored
     plan.warnings += [Issue(w, code="business-rule", severity="warning") for w in scored.warnings]
@@ -693,6 +748,26 @@ def assemble_plan(
 
 
 _DEFINING = ("type", "code", "answerValueSet", "answerOption", "repeats", "readOnly", "maxLength")
+
+
+def _check_defined(form: JsonDict, source: JsonDict, canonical: str, expression: str) -> None:
+    """A derived form asks only items of its source, each defined as the source defines it (422)."""
+    defined = {str(i.get("linkId")): i for i in flat_items(source)}
+    issues = []
+    for item in flat_items(form):
+        if item.get("type") in ("group", "display"):
+            continue
+        base = defined.get(str(item.get("linkId")))
+        if base is None or any(item.get(k) != base.get(k) for k in _DEFINING):
+            issues.append(
+                Issue(
+                    f"item {item.get('linkId')!r} of the form is not defined so in {canonical}",
+                    code="structure",
+                    expression=(expression,),
+                )
+            )
+    if issues:
+        raise Unprocessable(issues[0].diagnostics, issues=issues)
 
 
 def _administration_extensions(
@@ -822,7 +897,11 @@ def _task(alert: Alert, flag: JsonDict, patient_ref: str, now: str, owner: JsonD
         "status": "requested",
         "intent": "order",
         "priority": "urgent",
-        "code": {"text": f"Review alert: {name}"},
+        # Coded, so an EHR finds the alert reviews with the R4 parameter Task?code=<rom-codes>|alert-review.
+        "code": {
+            "coding": [{"system": CS_ROM, "code": ALERT_REVIEW, "display": "Review a clinical alert"}],
+            "text": f"Review alert: {name}",
+        },
         "description": f"{name}: {alert.reason}. Review before the next session.",
         "focus": {"reference": f"Flag/{flag['id']}"},
         "for": {"reference": patient_ref},

@@ -13,16 +13,19 @@ Rules (``../shared/domain/README.md``) and the decisions this module takes where
   reversed on reverse-keyed items (reversing would turn "no problem" into the maximum problem).
   "Prefer not to answer" is missing everywhere. An answer code the mapping does not know is missing and
   reported in ``Nf21Scores.warnings`` (intake validation should have refused it).
-* Scale score = mean of the scored items; ``None`` when none is scored. A closed scale gets its score from
-  the trigger alone (``trigger_only``). A scale without a trigger of its own (``opens_on``, Substance
-  Recovery) is never ``trigger_only``: the opening item belongs to another scale and is not averaged in.
+* Scale score = mean of the scored items, rounded half up to the mapping's ``decimals`` (the precision
+  the instrument reports, :mod:`fhir_norse.scoring.precision`); ``None`` when none is scored. A closed
+  scale gets its score from the trigger alone (``trigger_only``). A scale without a trigger of its own
+  (``opens_on``, Substance Recovery) is never ``trigger_only``: the opening item belongs to another scale
+  and is not averaged in.
 * ``opened`` is the opening rule for this administration only: the trigger (the scale's own, or the one of
   the scale named by ``opens_on``), in the problem direction, is strictly above the scale's
   ``open_if_trigger_gt``. Whether a scale *stays* open across administrations needs the history and
   belongs to ``adaptive/``.
-* z = (score - norm mean) / norm SD, T = 50 + 10 z; unrounded (rounding is presentation).
+* z = (score - norm mean) / norm SD, T = 50 + 10 z, from the rounded score; statistics are not rounded
+  (a display rounds them; a classification is made on the exact value).
 * Alliance (higher = better, never reversed): each dimension and the total is the mean of its scored items
-  and the percent of the maximum possible raw score **of the answered items**:
+  (rounded as a scale score) and the percent of the maximum possible raw score **of the answered items**:
   sum / (item_max x n answered) x 100. With every item answered this equals sum / ``max_raw`` x 100, the
   case study's "percent of total possible raw score"; counting a missing item as 0 would read a skipped
   question as a rupture, so it is not done.
@@ -45,6 +48,7 @@ from fhir_norse.instruments.schema import (
     Scale,
     SingleItem,
 )
+from fhir_norse.scoring.precision import at_precision
 
 __all__ = [
     "AllianceScore",
@@ -214,8 +218,9 @@ class _Reader:
         return None
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+def _mean(values: list[float], decimals: int) -> float | None:
+    """The mean of ``values`` at the instrument's precision (``None`` for no value)."""
+    return at_precision(sum(values) / len(values), decimals) if values else None
 
 
 # --- scales ---------------------------------------------------------------------------------------
@@ -228,7 +233,7 @@ def _scale_score(mapping: InstrumentMapping, scale: Scale, reader: _Reader) -> S
         _, value = reader.value(link_id, "clinical_scales", link_id in reverse)
         if value is not None:
             scored[link_id] = value
-    score = _mean(list(scored.values()))
+    score = _mean(list(scored.values()), mapping.decimals)
 
     trigger_id = mapping.trigger_of(scale)
     owner = scale if scale.trigger is not None else mapping.scale_of_item(trigger_id)
@@ -266,11 +271,13 @@ def trigger_scores(answers: Mapping[str, str], mapping: InstrumentMapping) -> di
 # --- alliance, preferences, single items ----------------------------------------------------------
 
 
-def _alliance_score(code: str, items: list[str], item_max: int, reader: _Reader) -> AllianceScore:
+def _alliance_score(
+    code: str, items: list[str], item_max: int, decimals: int, reader: _Reader
+) -> AllianceScore:
     values = [v for i in items if (v := reader.value(i, "alliance", False)[1]) is not None]
     return AllianceScore(
         code=code,
-        mean=_mean(values),
+        mean=_mean(values, decimals),
         percent=sum(values) / (item_max * len(values)) * 100 if values else None,
         items_answered=len(values),
         items_total=len(items),
@@ -279,8 +286,11 @@ def _alliance_score(code: str, items: list[str], item_max: int, reader: _Reader)
 
 def _alliance(mapping: InstrumentMapping, reader: _Reader) -> AllianceScores:
     a = mapping.alliance
-    dims = {d.code: _alliance_score(d.code, d.items, a.item_max, reader) for d in a.dimensions}
-    return AllianceScores(dimensions=dims, total=_alliance_score(a.total, a.items, a.item_max, reader))
+    dims = {
+        d.code: _alliance_score(d.code, d.items, a.item_max, mapping.decimals, reader) for d in a.dimensions
+    }
+    total = _alliance_score(a.total, a.items, a.item_max, mapping.decimals, reader)
+    return AllianceScores(dimensions=dims, total=total)
 
 
 def _single_items(items: list[SingleItem], reader: _Reader) -> dict[str, SingleItemScore]:

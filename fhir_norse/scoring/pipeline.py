@@ -8,9 +8,11 @@ decision. The server (``fhir_norse.rom.intake``) stores the result; ``$extract``
 ``fhir-norse score`` show it without storing.
 
 Change is computed per scale over the series *earlier administrations + this one* with the mapping's SD,
-reliability, critical value and stagnation window; the alliance uses ``alliance.change`` of the mapping
-(no change is computed without it). Sum-score instruments (PHQ-9, GAD-7) get totals, bands and their
-mapping's item alerts, but no change statistics (their mappings carry no norms or reliability).
+reliability, critical value and stagnation window, from the scores at the instrument's precision, the ones
+stored and read back as the history (:mod:`fhir_norse.scoring.precision`); the alliance uses
+``alliance.change`` of the mapping (no change is computed without it). Sum-score instruments (PHQ-9,
+GAD-7) get totals, bands and their mapping's item alerts, but no change statistics (their mappings carry
+no norms or reliability).
 """
 
 from __future__ import annotations
@@ -184,16 +186,18 @@ def score_administration(
     active_alerts: Sequence[Alert] = (),
     id_for: Callable[[str], str],
     issued: str | None = None,
+    authored: str | None = None,
 ) -> ScoredAdministration:
     """Score ``response`` (``completed`` or ``amended``) against ``history`` (oldest first).
 
     ``response_ref`` is the versioned reference the Observations derive from; ``id_for`` gives the id
     of each built resource from its key (``scale:<code>``, ``panel``, ``report`` ...), so that scoring
-    the same response again addresses the same resources. Raises :class:`ValueError` when nothing in the
-    response can be scored.
+    the same response again addresses the same resources. ``authored`` is when the answers were given
+    (default the response's own ``authored``; the server dates a response without one). Raises
+    :class:`ValueError` when nothing in the response can be scored.
     """
     answers = answers_from_response(response)
-    authored = str(response.get("authored", ""))
+    authored = authored or str(response.get("authored", ""))
     mapping = instrument.mapping
     if isinstance(mapping, InstrumentMapping):
         scores = score_nf21(answers, mapping)

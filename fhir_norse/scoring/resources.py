@@ -18,7 +18,9 @@ transaction with ``PUT Observation/<id>`` (:meth:`AdministrationResources.transa
 
 Decisions:
 
-* Values are the engine's unrounded numbers; rounding is presentation (the conclusion rounds to 1 decimal).
+* Values are the engine's: scores at the precision the instrument reports (the mapping's ``decimals``,
+  :mod:`fhir_norse.scoring.precision`), statistics (z, T, percent of the maximum, reliable change, RTI)
+  unrounded; rounding them is presentation (the conclusion rounds scores to 1 decimal).
 * "Elevated" comes from the ScaleChange when given (its cut-off), else from the mapping's
   :func:`~fhir_norse.scoring.change.elevated_cutoff` when a mapping is given, else it is not claimed.
 * Change interpretations carry a ``text`` naming the baseline ("since the first administration" /

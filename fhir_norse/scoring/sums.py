@@ -7,6 +7,8 @@ Decisions:
 * The total is the sum of the mapped answer scores and is reported only when **every** scored item is
   answered (``complete``); a partial sum would under-state severity, and the published instruments define
   no proration. An incomplete response has ``total`` and band ``None`` and a warning.
+* The total is rounded half up to the mapping's ``decimals`` (whole numbers by default;
+  :mod:`fhir_norse.scoring.precision`) before its band is looked up.
 * Band: the severity band whose ``min``..``max`` contains the total (``min <= total <= max``).
 * A submitted total that differs from the computed one (or is sent for an incomplete response) is a
   warning, not an error.
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fhir_norse.instruments.schema import SeverityBand, SumScoreMapping
+from fhir_norse.scoring.precision import at_precision
 
 __all__ = ["SumAlert", "SumScore", "score_sum", "submitted_total", "total_link_id"]
 
@@ -140,7 +143,7 @@ def score_sum(
             warnings.append(f"{link_id}: answer code {code!r} is not scored; treated as missing")
 
     complete = len(item_scores) == len(mapping.total.items)
-    total = sum(item_scores.values()) if complete else None
+    total = at_precision(sum(item_scores.values()), mapping.decimals) if complete else None
     band = None if total is None else _band(total, mapping.severity_bands)
     if not complete:
         missing = [i for i in mapping.total.items if i not in item_scores]

@@ -3,8 +3,9 @@
 A transaction runs every entry in one unit of work: all succeed or nothing is stored.
 Entries are processed in the order the specification fixes (DELETE, POST, PUT/PATCH, GET),
 ``urn:uuid`` full URLs and conditional references (``Patient?identifier=...``) are resolved
-and rewritten before any resource is validated. A batch runs each entry on its own and
-reports each outcome in its response entry.
+and rewritten before any resource is validated; the criteria of conditional creates and
+updates are locked first, as a conditional create on its own locks them. A batch runs each
+entry on its own and reports each outcome in its response entry.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from fhir_norse.server.interactions import (
 )
 from fhir_norse.server.repository import Repository, WriteOutcome, loads, record_refusal
 from fhir_norse.server.resources import check_type, new_id
+from fhir_norse.server.validation import check_depth
 from fhir_norse.store.resource_types import SUPPORTED_TYPE_SET
+from fhir_norse.store.search.request import SearchRequest
 
 JsonDict = dict[str, Any]
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
@@ -138,6 +141,7 @@ class BundleProcessor:
         self.service = service
 
     def process(self, ctx: RequestContext, bundle: Any) -> Result:
+        check_depth(bundle)
         if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
             raise BadRequest("POST to the base URL takes a Bundle of type batch or transaction")
         kind = bundle.get("type")
@@ -167,33 +171,30 @@ class BundleProcessor:
         return Result(200, raw=_response_bundle("transaction-response", ordered))
 
     def _assign_ids(self, repo: Repository, entries: list[EntryRequest]) -> dict[str, str]:
-        """Map each entry's fullUrl to the ``Type/id`` it will have once stored."""
+        """Map each entry's fullUrl to the ``Type/id`` it will have once stored. The criteria of the
+        conditional creates and updates are locked first, all at once (:meth:`Repository.lock_criteria`),
+        so that concurrent transactions with equal criteria match what the first one stored."""
+        criteria = _conditional_criteria(repo, entries)
+        repo.lock_criteria(*criteria.values())
         ids: dict[str, str] = {}
         for entry in entries:
             try:
                 check_type(entry.res_type)
                 target: str | None = None
+                request = criteria.get(entry.index)
                 if entry.method == "POST":
-                    if entry.if_none_exist:
-                        found = repo.find(repo.conditional(entry.res_type, entry.if_none_exist), 2)
-                        if len(found) > 1:
-                            raise PreconditionFailed(
-                                f"ifNoneExist '{entry.if_none_exist}' matches {len(found)} resources"
-                            )
-                        if found:
-                            entry.res_id = found[0].res_id
-                            target = f"{entry.res_type}/{found[0].res_id}"
+                    if request is not None:
+                        found = repo.single_match(request, f"ifNoneExist '{entry.if_none_exist}'", "create")
+                        if found is not None:
+                            entry.res_id = found.res_id
+                            target = f"{entry.res_type}/{found.res_id}"
                     if target is None:
                         entry.res_id = new_id()
                         target = f"{entry.res_type}/{entry.res_id}"
-                elif entry.method == "PUT" and entry.query is not None and entry.res_id is None:
-                    found = repo.find(repo.conditional(entry.res_type, entry.query), 2, interaction="update")
-                    if len(found) > 1:
-                        raise PreconditionFailed(
-                            f"Conditional update '{entry.query}' matches several resources"
-                        )
+                elif entry.method == "PUT" and request is not None:
+                    found = repo.single_match(request, f"Conditional update '{entry.query}'", "update")
                     body_id = (entry.resource or {}).get("id")
-                    entry.res_id = found[0].res_id if found else (str(body_id) if body_id else new_id())
+                    entry.res_id = found.res_id if found else (str(body_id) if body_id else new_id())
                     entry.query = None
                     if entry.resource is not None:
                         entry.resource = {**entry.resource, "id": entry.res_id}
@@ -230,18 +231,13 @@ class BundleProcessor:
         if "?" in reference and not reference.startswith(("http://", "https://", "#")):
             res_type, _, query = reference.partition("?")
             try:
-                found = repo.find(repo.conditional(res_type, query), 2, interaction="read")
+                what = f"Conditional reference '{reference}'"
+                found = repo.single_match(repo.conditional(res_type, query), what, "read")
+                if found is None:
+                    raise PreconditionFailed(f"{what} matches no resource; it must match exactly one")
             except FhirError as error:
                 raise _entry_error(error, index) from error
-            if len(found) != 1:
-                raise _entry_error(
-                    PreconditionFailed(
-                        f"Conditional reference '{reference}' matches {len(found)} resources; "
-                        "it must match exactly one"
-                    ),
-                    index,
-                )
-            return f"{res_type}/{found[0].res_id}"
+            return f"{res_type}/{found.res_id}"
         return reference
 
     def _run(self, repo: Repository, ctx: RequestContext, entry: EntryRequest) -> JsonDict:
@@ -285,7 +281,7 @@ class BundleProcessor:
         responses: dict[int, JsonDict] = {}
         for entry in sorted(entries, key=lambda e: _ORDER[e.method]):
             try:
-                with self.service.session(ctx) as repo:
+                with self.service.session(ctx, read_only=entry.method in ("GET", "HEAD")) as repo:
                     single = [entry]
                     ids = self._assign_ids(repo, single)
                     if entry.resource is not None:
@@ -316,9 +312,32 @@ def _patch_document(resource: JsonDict | None) -> Any:
     if resource is None or resource.get("resourceType") != "Binary" or "data" not in resource:
         raise BadRequest("A PATCH entry carries its JSON Patch as a Binary resource with base64 data")
     try:
-        return orjson.loads(base64.b64decode(resource["data"]))
+        document = orjson.loads(base64.b64decode(resource["data"]))
     except (ValueError, orjson.JSONDecodeError) as exc:
         raise BadRequest(f"The PATCH entry's Binary does not hold a JSON Patch: {exc}") from exc
+    # A body of its own inside the Bundle's, so its depth was not checked with it.
+    check_depth(document, "The PATCH entry's JSON Patch")
+    return document
+
+
+def _conditional_criteria(repo: Repository, entries: list[EntryRequest]) -> dict[int, SearchRequest]:
+    """The parsed criteria of the conditional creates (``ifNoneExist``) and conditional updates
+    (``PUT Type?query``) of a transaction, by entry index."""
+    out: dict[int, SearchRequest] = {}
+    for entry in entries:
+        if entry.method == "POST":
+            query = entry.if_none_exist
+        elif entry.method == "PUT" and entry.res_id is None:
+            query = entry.query
+        else:
+            query = None
+        if not query:
+            continue
+        try:
+            out[entry.index] = repo.conditional(entry.res_type, query)
+        except FhirError as error:
+            raise _entry_error(error, entry.index) from error
+    return out
 
 
 def _response_bundle(kind: str, entries: list[JsonDict]) -> str:

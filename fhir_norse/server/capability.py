@@ -2,7 +2,9 @@
 
 https://hl7.org/fhir/R4/capabilitystatement.html. Resource types, interactions, search
 parameters and includes are read from the same registries the server runs on, so the
-statement cannot drift from the code: the interactions from the interaction table
+statement cannot drift from the code: the search parameters from the kernel's registry (R4's and the
+content pack's SearchParameters, each with its ``definition`` canonical), the interactions from the
+interaction table
 (:mod:`fhir_norse.server.interactions`), the operations from the operation registry (only those this
 server runs), ``supportedProfile`` from the profiles of the content pack
 (:class:`~fhir_norse.server.profiles.ProfileValidator`) by the type they constrain.

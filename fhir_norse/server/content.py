@@ -5,7 +5,12 @@ https://hl7.org/fhir/R4/resource.html#versions. Content files are loaded at star
 that name an older version keep resolving after a newer one is published. Loading is
 idempotent; a file whose content changed while its version did not is refused, because two
 different artefacts must never share one canonical version. Published resources carry a
-``meta.tag`` and cannot be updated, patched or deleted through the API.
+``meta.tag`` and cannot be updated, patched or deleted through the API, and no client resource may
+take a url of the pack, in any version (:mod:`fhir_norse.server.published`).
+
+The pack's SearchParameters also extend what the server indexes and searches
+(:func:`search_registry`); publishing one for the first time reindexes the stored resources of its base
+types (:mod:`fhir_norse.server.reindex`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +29,9 @@ from fhir_norse.outcomes import FhirError
 from fhir_norse.server.context import RequestContext
 from fhir_norse.server.interactions import FhirService
 from fhir_norse.server.published import CONTENT_TYPES, PUBLISHED_TAG
+from fhir_norse.server.reindex import reindex
 from fhir_norse.server.search.typed import Where
+from fhir_norse.store.search.params import CustomParameterError, SearchParamRegistry, registry_with
 
 # Folders of a content pack; ``questionnaires/source`` holds authoring sources, not resources.
 CONTENT_FOLDERS = ("questionnaires", "profiles")
@@ -39,6 +47,8 @@ class ContentConflict(Exception):
 class PublishReport:
     created: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    # Resources reindexed per type, for the SearchParameters published for the first time.
+    reindexed: dict[str, int] = field(default_factory=dict)
 
 
 def content_files(root: Path) -> Iterator[Path]:
@@ -50,6 +60,22 @@ def content_files(root: Path) -> Iterator[Path]:
             if _SKIP_DIRS.intersection(path.relative_to(base).parts[:-1]):
                 continue
             yield path
+
+
+def content_search_parameters(root: Path) -> list[dict[str, Any]]:
+    """The SearchParameter resources of the content pack under ``root``."""
+    found = (orjson.loads(path.read_bytes()) for path in content_files(root))
+    return [r for r in found if isinstance(r, dict) and r.get("resourceType") == "SearchParameter"]
+
+
+@cache
+def search_registry(root: Path) -> SearchParamRegistry:
+    """The R4 search parameters plus the pack's SearchParameters (:class:`ContentConflict` for one the
+    server cannot add), loaded once per content pack."""
+    try:
+        return registry_with(content_search_parameters(root))
+    except CustomParameterError as error:
+        raise ContentConflict(f"{root}: {error}") from error
 
 
 def _comparable(resource: dict[str, Any]) -> dict[str, Any]:
@@ -65,6 +91,7 @@ def publish_content(service: FhirService, root: Path) -> PublishReport:
     """Store every content resource under ``root`` that is not stored yet (see module doc)."""
     ctx = RequestContext(caller=Caller.operator(), base_url="urn:fhir-norse:content")
     report = PublishReport()
+    new_params: set[str] = set()
     for path in content_files(root):
         resource = orjson.loads(path.read_bytes())
         if not isinstance(resource, dict) or resource.get("resourceType") not in CONTENT_TYPES:
@@ -87,8 +114,15 @@ def publish_content(service: FhirService, root: Path) -> PublishReport:
             meta["tag"] = [*meta.get("tag", []), PUBLISHED_TAG]
             body = {**resource, "id": stored_id(resource), "meta": meta}
             try:
-                repo.update(res_type, body["id"], body)
+                # The server publishes its own content (only it may write the tag and a pack url); the
+                # operator's audit trail still records each publication.
+                outcome = repo.as_server().update(res_type, body["id"], body)
             except FhirError as error:
                 raise ContentConflict(f"{path}: {error.message}") from error
+            repo.audit("update", res_type, body["id"], version=outcome.stored.version)
             report.created.append(canonical)
+            if res_type == "SearchParameter":
+                new_params.update(str(base) for base in resource.get("base") or [])
+    if new_params:
+        report.reindexed = reindex(service.kernel, new_params)
     return report

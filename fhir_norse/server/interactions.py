@@ -8,7 +8,11 @@ response entry of a batch or transaction Bundle). The table drives the routes
 the CapabilityStatement (:mod:`fhir_norse.server.capability`), so the three cannot disagree.
 
 :class:`FhirService` runs an interaction for a request: in one transaction, its refusal or failure
-recorded in an AuditEvent of its own (the work itself is rolled back).
+recorded in an AuditEvent of its own (the work itself is rolled back). On SQLite the reads (read,
+vread, search, history) run in a read-only transaction, which never takes the write lock; their
+AuditEvent is written right after it, before the answer is sent (:meth:`Repository.open
+<fhir_norse.server.repository.Repository.open>`). Every body is checked for its nesting depth once,
+where it enters (:func:`~fhir_norse.server.validation.check_depth`).
 """
 
 from __future__ import annotations
@@ -45,12 +49,15 @@ from fhir_norse.server.resources import (
 )
 from fhir_norse.server.search.parse import parse_search
 from fhir_norse.server.searching import search_bundle
+from fhir_norse.server.validation import check_depth
 from fhir_norse.store.search.params import SearchParamRegistry
 from fhir_norse.store.search.values import date_range
 from fhir_norse.store.storage import Storage, StoredResource
 
 Level = Literal["system", "type", "instance"]
 BodyKind = Literal["none", "resource", "patch", "form"]
+# The interactions that only read (on SQLite they run in a read-only transaction: Repository.open).
+READ_CODES = frozenset({"read", "vread", "search-type", "history-system", "history-type", "history-instance"})
 
 __all__ = ["FhirService", "Interaction", "InteractionRequest", "JsonDict", "WriteOutcome", "dumps", "loads"]
 
@@ -107,6 +114,10 @@ class Interaction:
     entry: Entry | None = None  # None: not allowed as a Bundle entry
     # Conditional variants (PUT/DELETE on a type) need search parameters.
     needs_query: bool = False
+
+    @property
+    def read_only(self) -> bool:
+        return self.code in READ_CODES
 
     def pattern(self) -> re.Pattern[str]:
         """The path as a regular expression with named groups (compiled once, cached by ``re``)."""
@@ -214,7 +225,11 @@ def _render_vread(service: FhirService, ctx: RequestContext, req: InteractionReq
 def _search(repo: Repository, req: InteractionRequest) -> str:
     res_type = req.resource_type()
     request = parse_search(
-        res_type, req.params, strict=repo.ctx.prefer.handling == "strict", registry=repo.kernel.registry
+        res_type,
+        req.params,
+        strict=repo.ctx.prefer.handling == "strict",
+        registry=repo.kernel.registry,
+        limits=repo.kernel.search_limits,
     )
     query = f"{res_type}?{req.query}" if req.params else res_type
     return search_bundle(repo.ctx, request, repo.search(request, query=query))
@@ -442,9 +457,10 @@ class FhirService:
         return self.kernel.registry
 
     @contextmanager
-    def session(self, ctx: RequestContext) -> Iterator[Repository]:
-        """The caller's repository on a new transaction, committed when the block ends without error."""
-        with Repository.open(self.kernel, ctx) as repo:
+    def session(self, ctx: RequestContext, *, read_only: bool = False) -> Iterator[Repository]:
+        """The caller's repository on a new transaction, committed when the block ends without error
+        (``read_only``: see :meth:`Repository.open`)."""
+        with Repository.open(self.kernel, ctx, read_only=read_only) as repo:
             yield repo
 
     def record_now(self, event: JsonDict) -> None:
@@ -460,11 +476,13 @@ class FhirService:
         res_type: str | None,
         res_id: str | None = None,
         query: str | None = None,
+        *,
+        read_only: bool = False,
     ) -> Iterator[Repository]:
         """A session whose refusal or failure is recorded in an AuditEvent of its own, after its work
         was rolled back (what every interaction and operation runs in)."""
         try:
-            with self.session(ctx) as repo:
+            with self.session(ctx, read_only=read_only) as repo:
                 yield repo
         except FhirError as error:
             outcome = "failed" if error.status >= 500 else "refused"
@@ -487,13 +505,17 @@ class FhirService:
         query = req.audit_query()
         if interaction.code.startswith("history"):
             query = _query_text(_history_path(req), req.params)
-        with self.audited_session(ctx, interaction.code, req.res_type, req.res_id, query) as repo:
+        with self.audited_session(
+            ctx, interaction.code, req.res_type, req.res_id, query, read_only=interaction.read_only
+        ) as repo:
+            check_depth(req.body)
             answer = interaction.execute(repo, req)
         return interaction.render(self, ctx, req, answer)
 
     def invoke(self, call: OperationCall, name: str, *, method: str) -> Result:
         """Run the operation ``$name`` (https://hl7.org/fhir/R4/operations.html)."""
         check_type(call.res_type)
+        check_depth(call.body)
         operation = self.operations.find(name, call.res_type, instance=call.res_id is not None, method=method)
         return operation.handler(self, call)
 

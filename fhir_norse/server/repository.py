@@ -12,7 +12,9 @@ domain derives (scores, reports, alerts). In one place it applies, in this order
 3. the named storage hooks of the type (:class:`StorageHook`): *before storage* (check or refuse a
    validated resource) and *before commit* (write what follows from it, in the same transaction);
 4. server-owned meta, index extraction and storage (:class:`~fhir_norse.store.storage.UnitOfWork`);
-5. one AuditEvent per interaction in the same transaction (IHE BALP), for a caller that is audited.
+5. one AuditEvent per interaction in the same transaction (IHE BALP), for a caller that is audited;
+   on SQLite a read runs in a read-only transaction and its AuditEvent is written right after it, in
+   a short transaction of its own, before the answer goes out (:meth:`Repository.open`).
 
 Conditional create, update and delete exist once, over :meth:`Repository.find`. Domain code searches
 with typed requests (:class:`~fhir_norse.server.search.typed.Where`), never a query string, and works
@@ -32,7 +34,6 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
-import jsonpatch
 import orjson
 
 from fhir_norse.auth.audit import AuditRecorder
@@ -52,7 +53,8 @@ from fhir_norse.outcomes import (
 )
 from fhir_norse.server.conformance_memo import ConformanceMemo, shape
 from fhir_norse.server.context import RequestContext
-from fhir_norse.server.published import refuse_change_to_published
+from fhir_norse.server.patching import apply_patch
+from fhir_norse.server.published import canonical_types, check_canonical_write, refuse_change_to_published
 from fhir_norse.server.resources import (
     ID_PATTERN,
     check_id,
@@ -68,10 +70,10 @@ from fhir_norse.server.resources import (
 from fhir_norse.server.search.extract import IndexExtractor
 from fhir_norse.server.search.parse import parse_search
 from fhir_norse.server.search.typed import Where, to_request
-from fhir_norse.server.validation import validate_resource
+from fhir_norse.server.validation import check_depth, validate_resource
 from fhir_norse.store.search import engine
 from fhir_norse.store.search.params import SearchParamRegistry
-from fhir_norse.store.search.request import CompartmentCriterion, SearchRequest
+from fhir_norse.store.search.request import SearchLimits, SearchRequest
 from fhir_norse.store.storage import NewResource, Storage, StoredResource, UnitOfWork
 
 if TYPE_CHECKING:
@@ -79,6 +81,8 @@ if TYPE_CHECKING:
 
 JsonDict = dict[str, Any]
 _ONE_MS = timedelta(milliseconds=1)
+# Live resources of one canonical type under one url that a write is checked against (versions of it).
+_CANONICAL_VERSIONS_LIMIT = 10_000
 
 
 def loads(text: str | None) -> JsonDict:
@@ -163,9 +167,13 @@ class Kernel:
     audit: AuditRecorder
     hooks: Mapping[str, StorageHook] = field(default_factory=dict)
     profiles: ProfileValidator | None = None
+    # The largest resource a write may store (the request body limit; bounds what a JSON Patch builds).
+    max_resource_bytes: int = 10 * 1024 * 1024
     # Search and history page sizes.
     default_count: int = 50
     max_count: int = 1000
+    # Bounds on every search: parameter and value counts, the database's time limit.
+    search_limits: SearchLimits = field(default_factory=SearchLimits)
     # Shapes of derived resources already found conformant (:mod:`fhir_norse.server.conformance_memo`).
     conformance: ConformanceMemo = field(default_factory=ConformanceMemo)
 
@@ -181,6 +189,7 @@ class Repository:
         *,
         server: bool = False,
         memo: dict[Any, Any] | None = None,
+        deferred_audits: list[JsonDict] | None = None,
     ) -> None:
         self.kernel = kernel
         self.uow = uow
@@ -190,13 +199,33 @@ class Repository:
         self._patients: dict[Access, frozenset[str] | None] = {}
         # What the hooks derived once and share within this transaction (such as a patient's record).
         self.memo: dict[Any, Any] = {} if memo is None else memo
+        # In a read-only transaction: the AuditEvents to write once it has ended (None: write them in it).
+        self.deferred_audits = deferred_audits
 
     @classmethod
     @contextmanager
-    def open(cls, kernel: Kernel, ctx: RequestContext) -> Iterator[Repository]:
-        """A repository for ``ctx`` on a new transaction, committed when the block ends without error."""
-        with kernel.storage.write() as uow:
-            yield cls(kernel, uow, ctx)
+    def open(cls, kernel: Kernel, ctx: RequestContext, *, read_only: bool = False) -> Iterator[Repository]:
+        """A repository for ``ctx`` on a new transaction, committed when the block ends without error.
+
+        ``read_only`` (the read interactions) where the database has a single writer (SQLite): a
+        read-only transaction, which neither takes nor waits for the write lock, so a slow search holds
+        up no write. Its AuditEvents are written when the block has ended without error, with those of
+        the reads answered at the same moment (:meth:`Storage.write_together`), committed before this
+        returns, so before the answer is sent: a read answered is a read recorded (if recording fails,
+        the read fails with it). On PostgreSQL a read blocks no writer whatever its transaction, so it
+        runs in one with its AuditEvent, as a write does (measured: a second transaction per read cost
+        a third of the read throughput, BENCHMARKS.md "Issue 12").
+        """
+        if not (read_only and kernel.storage.single_writer):
+            with kernel.storage.write() as uow:
+                yield cls(kernel, uow, ctx)
+            return
+        audits: list[JsonDict] = []
+        with kernel.storage.read_only() as view:
+            yield cls(kernel, view, ctx, deferred_audits=audits)
+        if audits:
+            # Group commit: the events of reads answered at the same moment share one transaction.
+            kernel.storage.write_together(lambda uow: _store_audit_events(kernel, uow, audits))
 
     @property
     def caller(self) -> Caller:
@@ -224,7 +253,23 @@ class Repository:
         return self._patients[access]
 
     def _stored_rows(self, stored: StoredResource) -> list[Any]:
-        return [] if stored.deleted else self.kernel.policy.stored_reference_rows(self.uow.conn, stored.pk)
+        """The rows the access policy reads for a stored resource: its reference index rows (and, for a
+        Binary, the patients of its securityContext)."""
+        if stored.deleted:
+            return []
+        policy, conn = self.kernel.policy, self.uow.conn
+        return [
+            *policy.stored_reference_rows(conn, stored.pk),
+            *policy.context_rows(conn, stored.res_type, stored.body_text),
+        ]
+
+    def _content_rows(self, res_type: str, body: JsonDict) -> list[Any]:
+        """The rows the access policy reads for a resource's content (an older version, an included
+        resource, new content): its index rows (and, for a Binary, those of its securityContext)."""
+        return [
+            *self.kernel.extractor.extract(body),
+            *self.kernel.policy.context_rows(self.uow.conn, res_type, body),
+        ]
 
     def _require_reach(self, stored: StoredResource, patients: frozenset[str] | None) -> list[Any]:
         """The reference rows of a stored resource, after checking the caller reaches it (404 if not)."""
@@ -280,7 +325,10 @@ class Repository:
         self._store_audit(event)
 
     def _store_audit(self, event: JsonDict) -> None:
-        store_audit_event(self.kernel, self.uow, event)
+        if self.deferred_audits is not None:
+            self.deferred_audits.append(event)
+        else:
+            store_audit_event(self.kernel, self.uow, event)
 
     # ------------------------------------------------------------------ reads
     def get(self, res_type: str, res_id: str) -> StoredResource | None:
@@ -316,7 +364,7 @@ class Repository:
         if stored is None:
             raise NotFound(f"{label} is not known")
         if stored.deleted:
-            if patients is not None and self.kernel.policy.is_compartment_type(res_type):
+            if patients is not None and self.kernel.policy.restricts(res_type):
                 raise NotFound(f"{label} is not known")
             headers = {"ETag": etag(stored.version), "Last-Modified": http_date(stored.last_updated)}
             if version is None:
@@ -326,7 +374,7 @@ class Repository:
         rows = (
             self._stored_rows(stored)
             if version is None
-            else self.kernel.extractor.extract(loads(stored.body_text))
+            else self._content_rows(res_type, loads(stored.body_text))
         )
         self.kernel.policy.require_visible(res_type, res_id, rows, patients)
         self.audit(
@@ -339,18 +387,18 @@ class Repository:
         return stored
 
     def _restricted(self, request: SearchRequest, patients: frozenset[str] | None) -> SearchRequest:
-        restriction = self.kernel.policy.search_restriction(request.resource_type, patients)
-        if restriction is None or patients is None:
-            return request
-        criterion = CompartmentCriterion(request.resource_type, restriction, patients)
-        return replace(request, criteria=(*request.criteria, criterion))
+        """``request`` within the caller's reach, ``_has`` sources and chain targets included."""
+        return self.kernel.policy.restrict_search(
+            request, patients, lambda res_type: self.reach(self.grant("search-type", res_type))
+        )
 
     def search(self, request: SearchRequest, *, query: str | None = None) -> engine.SearchPage:
         """The search interaction: matches within reach, includes each passing the rules of a read;
         audited with the patients concerned."""
         check_type(request.resource_type)
         patients = self.reach(self.grant("search-type", request.resource_type))
-        page = engine.execute_search(self.uow.conn, self._restricted(request, patients))
+        with self.uow.time_limit(self.kernel.search_limits.timeout_seconds):
+            page = engine.execute_search(self.uow.conn, self._restricted(request, patients))
         if page.includes:
             allowed: dict[str, Access | None] = {}
             page = replace(page, includes=[r for r in page.includes if self._include_visible(r, allowed)])
@@ -367,9 +415,9 @@ class Repository:
         access = allowed[row.res_type]
         if access is None:
             return False
-        if not access.restricted or not self.kernel.policy.is_compartment_type(row.res_type):
+        if not access.restricted or not self.kernel.policy.restricts(row.res_type):
             return True
-        rows = self.kernel.extractor.extract(orjson.loads(row.body_text))
+        rows = self._content_rows(row.res_type, loads(row.body_text))
         return self.kernel.policy.visible(row.res_type, row.res_id, rows, self.reach(access))
 
     def find(
@@ -401,13 +449,35 @@ class Repository:
         conditional reference of a transaction), parsed strictly: an unknown parameter is a 400."""
         check_type(res_type)
         params = parse_qsl(query.lstrip("?"), keep_blank_values=True)
-        return parse_search(res_type, params, strict=True, registry=self.kernel.registry)
+        return parse_search(
+            res_type, params, strict=True, registry=self.kernel.registry, limits=self.kernel.search_limits
+        )
 
-    def _single(self, request: SearchRequest, what: str, interaction: str) -> StoredResource | None:
-        matches = self.find(request, 2, interaction=interaction)
+    def lock_criteria(self, *requests: SearchRequest) -> None:
+        """Serialise, until commit, the transactions that match the same criteria to decide a write
+        (conditional create, update and delete, a transaction's ``ifNoneExist`` and conditional
+        update entries), keyed on the parsed criteria (:attr:`SearchRequest.criteria_key`): equal
+        criteria written differently share one lock. Several are taken in one order, so that two
+        transactions never wait for each other."""
+        for key in sorted({request.criteria_key for request in requests}):
+            self.serialize(f"match:{key}")
+
+    def single_match(self, request: SearchRequest, what: str, interaction: str) -> StoredResource | None:
+        """The one resource within reach that the criteria of a conditional interaction match (None:
+        none; 412 when several), searched within the time limit of a search."""
+        with self.uow.time_limit(self.kernel.search_limits.timeout_seconds):
+            matches = self.find(request, 2, interaction=interaction)
         if len(matches) > 1:
             raise PreconditionFailed(f"{what} matches {len(matches)} {request.resource_type} resources")
         return matches[0] if matches else None
+
+    def match_conditional(
+        self, res_type: str, query: str, what: str, interaction: str
+    ) -> StoredResource | None:
+        """:meth:`single_match` for the criteria ``query``, after locking them (:meth:`lock_criteria`)."""
+        request = self.conditional(res_type, query)
+        self.lock_criteria(request)
+        return self.single_match(request, what, interaction)
 
     def serialize(self, key: str) -> None:
         """Serialise the transactions that share ``key`` until commit (conditional writes of the same
@@ -445,7 +515,7 @@ class Repository:
             current = self.uow.current(res_type, res_id)
             if current is None:
                 raise NotFound(f"{res_type}/{res_id} is not known")
-            if patients is not None and self.kernel.policy.is_compartment_type(res_type):
+            if patients is not None and self.kernel.policy.restricts(res_type):
                 self.kernel.policy.require_visible(res_type, res_id, self._stored_rows(current), patients)
         if after is not None:
             page = self.uow.history(
@@ -466,10 +536,10 @@ class Repository:
         shown = []
         policy = self.kernel.policy
         for entry in page:
-            rows = self.kernel.extractor.extract(loads(entry.body_text)) if entry.body_text else []
+            rows = self._content_rows(entry.res_type, loads(entry.body_text)) if entry.body_text else []
             if (
                 patients is not None
-                and policy.is_compartment_type(entry.res_type)
+                and policy.restricts(entry.res_type)
                 and (
                     entry.body_text is None
                     or not policy.visible(entry.res_type, entry.res_id, rows, patients)
@@ -505,10 +575,8 @@ class Repository:
             raise Forbidden("A patient/ token cannot create Patient resources")
         validate_resource(body, expected_type=res_type)
         if if_none_exist:
-            self.serialize(f"create:{res_type}?{if_none_exist}")
-            found = self._single(
-                self.conditional(res_type, if_none_exist), f"If-None-Exist '{if_none_exist}'", "create"
-            )
+            what = f"If-None-Exist '{if_none_exist}'"
+            found = self.match_conditional(res_type, if_none_exist, what, "create")
             if found is not None:
                 return WriteOutcome(200, found, loads(found.body_text), noop=True)
         hook = self.kernel.hooks.get(res_type)
@@ -546,8 +614,7 @@ class Repository:
         """https://hl7.org/fhir/R4/http.html#cond-update"""
         check_type(res_type)
         self.grant("update", res_type)
-        self.serialize(f"update:{res_type}?{query}")
-        target = self._single(self.conditional(res_type, query), f"Conditional update '{query}'", "update")
+        target = self.match_conditional(res_type, query, f"Conditional update '{query}'", "update")
         if target is None:
             body_id = body.get("id")
             if body_id is None:
@@ -577,9 +644,13 @@ class Repository:
         if not isinstance(operations, list):
             raise BadRequest("A JSON Patch document is an array of operations")
         try:
-            patched = jsonpatch.JsonPatch(operations).apply(loads(previous.body_text))
-        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError, KeyError) as exc:
-            raise Unprocessable(f"The JSON Patch cannot be applied: {exc}", code="processing") from exc
+            patched = apply_patch(
+                loads(previous.body_text), operations, max_bytes=self.kernel.max_resource_bytes
+            )
+        except RecursionError as exc:  # copies of a subtree into itself, nested past any limit
+            raise BadRequest("The JSON Patch nests the resource too deeply", code="too-costly") from exc
+        # A patch can nest the resource deeper than its own body (a copy of a subtree into itself).
+        check_depth(patched, "The patched resource")
         if (
             not isinstance(patched, dict)
             or patched.get("resourceType") != res_type
@@ -625,7 +696,7 @@ class Repository:
         """https://hl7.org/fhir/R4/http.html#3.1.0.7.1 (single-match mode); None when nothing matched."""
         check_type(res_type)
         self.grant("delete", res_type)
-        target = self._single(self.conditional(res_type, query), f"Conditional delete '{query}'", "delete")
+        target = self.match_conditional(res_type, query, f"Conditional delete '{query}'", "delete")
         return None if target is None else self.delete(res_type, target.res_id)
 
     def _grant_change(self, interaction: str, res_type: str, res_id: str) -> Access:
@@ -670,8 +741,10 @@ class Repository:
         if patients is not None:
             # Before the hooks look at the content: a write placed outside the caller's reach is 403
             # whether or not what it names exists, so no hook's answer can tell the difference.
-            rows = self.kernel.extractor.extract({**body, "id": res_id})
+            rows = self._content_rows(res_type, {**body, "id": res_id})
             self.kernel.policy.require_writable(res_type, res_id, rows, access, patients)
+        if res_type in canonical_types():
+            self._check_canonical(res_type, res_id, body)
         hook = self.kernel.hooks.get(res_type)
         if hook is not None:
             hook.before_storage(self, res_id, body, previous)
@@ -686,6 +759,17 @@ class Repository:
         if hook is not None and (warnings := hook.before_commit(self, outcome, previous)):
             outcome = replace(outcome, warnings=outcome.warnings + tuple(warnings))
         return outcome
+
+    def _check_canonical(self, res_type: str, res_id: str, body: JsonDict) -> None:
+        """The rules of canonical urls and published content (:mod:`fhir_norse.server.published`),
+        checked under a lock on the type and url, as conditional create locks its criteria."""
+        url = body.get("url")
+        same_url: list[JsonDict] = []
+        if isinstance(url, str):
+            self.serialize(f"canonical:{res_type}|{url}")
+            found = self.as_server().find(Where(res_type, uris={"url": url}), _CANONICAL_VERSIONS_LIMIT)
+            same_url = [{**loads(f.body_text), "id": f.res_id} for f in found if f.res_id != res_id]
+        check_canonical_write(res_type, body, same_url, publisher=self.server)
 
     def _next_instant(self, previous: StoredResource | None) -> datetime:
         last_updated = now_ms()
@@ -823,6 +907,11 @@ def store_audit_event(kernel: Kernel, uow: UnitOfWork, event: JsonDict) -> None:
 def record_event(kernel: Kernel, event: JsonDict) -> None:
     """Store an AuditEvent in a transaction of its own, committed before this returns."""
     with kernel.storage.write() as uow:
+        store_audit_event(kernel, uow, event)
+
+
+def _store_audit_events(kernel: Kernel, uow: UnitOfWork, events: Sequence[JsonDict]) -> None:
+    for event in events:
         store_audit_event(kernel, uow, event)
 
 

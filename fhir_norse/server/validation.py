@@ -40,7 +40,7 @@ from fhir_norse.outcomes import BadRequest, Issue
 from fhir_norse.server.models import ValidationError, model_class
 from fhir_norse.store.resource_types import SUPPORTED_TYPE_SET
 
-__all__ = ["preload", "validate_resource"]
+__all__ = ["MAX_JSON_DEPTH", "check_depth", "preload", "validate_resource"]
 
 DEFINITIONS = definitions.DIR
 
@@ -502,6 +502,28 @@ def _model_issues(body: Mapping[str, Any], resource_type: str, known: list[Issue
 
 
 # --- entry point ----------------------------------------------------------------------------------
+
+# How deeply the JSON of a request may nest objects and arrays (README, "Limits"). Real resources stay
+# far below it (a Questionnaire's groups, extensions within extensions: two levels each); a body nested
+# some hundreds deep ran the validators, the search-index extraction and JSON Patch into Python's
+# recursion limit (a 500). Everything that walks a body recursively stays well within the limit below it.
+MAX_JSON_DEPTH = 100
+
+
+def check_depth(value: Any, what: str = "The request body", *, limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse JSON that nests objects and arrays more than ``limit`` deep (400 ``too-costly``); walks
+    the value without recursion, once, where a body enters the server."""
+    stack: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            raise BadRequest(
+                f"{what} nests objects and arrays more than {limit} levels deep, the most this server "
+                "accepts",
+                code="too-costly",
+            )
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
 def validate_resource(body: dict[str, Any], *, expected_type: str | None = None, model: bool = True) -> None:

@@ -2,11 +2,16 @@
 
 SQLite runs in WAL mode so readers never block the writer. Write transactions start
 with ``BEGIN IMMEDIATE`` so two writers queue on the database lock (up to the busy
-timeout) instead of failing with SQLITE_BUSY when a read lock is upgraded.
+timeout) instead of failing with SQLITE_BUSY when a read lock is upgraded; read-only
+transactions start ``DEFERRED`` with ``PRAGMA query_only``, so they never take it.
 """
 
 from __future__ import annotations
 
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,5 +89,43 @@ def _configure_sqlite(engine: sa.Engine, synchronous: str, busy_timeout_ms: int)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
-        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        options = conn.get_execution_options()
+        # A read-only transaction refuses writes (what PostgreSQL's READ ONLY does); the pragma
+        # belongs to the connection, so it is switched only when the kind of transaction changes.
+        query_only = bool(options.get("sqlite_query_only", False))
+        if conn.info.get("query_only", False) != query_only:
+            conn.exec_driver_sql(f"PRAGMA query_only = {int(query_only)}")
+            conn.info["query_only"] = query_only
+        conn.exec_driver_sql(f"BEGIN {options.get('sqlite_begin', 'DEFERRED')}")
+
+
+# SQLite calls the progress handler every this many virtual machine instructions (well under a
+# millisecond), so a time limit is enforced within about that.
+_PROGRESS_STEPS = 10_000
+
+
+@contextmanager
+def statement_time_limit(conn: sa.Connection, seconds: float) -> Iterator[None]:
+    """Cancel the statements run in the block once they take longer than ``seconds``: PostgreSQL's
+    ``statement_timeout`` (``SET LOCAL``: this transaction only, each statement), SQLite's progress
+    handler (the block as a whole). A cancelled statement raises what :func:`was_cancelled` tells."""
+    if conn.dialect.name == "sqlite":
+        raw: sqlite3.Connection = conn.connection.dbapi_connection  # type: ignore[assignment]
+        deadline = time.monotonic() + seconds
+        raw.set_progress_handler(lambda: int(time.monotonic() > deadline), _PROGRESS_STEPS)
+        try:
+            yield
+        finally:
+            raw.set_progress_handler(None, 0)
+        return
+    conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, round(seconds * 1000))}")
+    yield
+    # Not reached after a cancellation: the transaction is aborted then, and ends with the error.
+    conn.exec_driver_sql("SET LOCAL statement_timeout TO DEFAULT")
+
+
+def was_cancelled(error: sa.exc.DBAPIError) -> bool:
+    """Whether ``error`` is a statement stopped by :func:`statement_time_limit`."""
+    if isinstance(error.orig, sqlite3.OperationalError):
+        return str(error.orig) == "interrupted"
+    return getattr(error.orig, "sqlstate", None) == "57014"  # query_canceled

@@ -7,20 +7,21 @@ stored JSON as text, never re-parsed or re-validated.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from fhir_norse.outcomes import Conflict
+from fhir_norse.outcomes import BadRequest, Conflict
 
 if TYPE_CHECKING:
     import psycopg
-from fhir_norse.store.db import is_sqlite
+from fhir_norse.store.db import is_sqlite, statement_time_limit, was_cancelled
 from fhir_norse.store.rows import (
     CompositeRow,
     DateRow,
@@ -200,6 +201,23 @@ class ReadView:
 
     def __init__(self, conn: sa.Connection) -> None:
         self.conn = conn
+
+    @contextmanager
+    def time_limit(self, seconds: float) -> Iterator[None]:
+        """Stop the statements of the block after ``seconds`` (:func:`.db.statement_time_limit`): a
+        search that runs too long answers 400 ``too-costly`` instead of holding a connection (and, in
+        a SQLite write transaction, the lock) for minutes."""
+        try:
+            with statement_time_limit(self.conn, seconds):
+                yield
+        except sa.exc.DBAPIError as exc:
+            if not was_cancelled(exc):
+                raise
+            raise BadRequest(
+                f"The search ran longer than this server allows ({seconds:g} s); narrow it with more "
+                "selective criteria",
+                code="too-costly",
+            ) from exc
 
     def current(self, res_type: str, res_id: str) -> StoredResource | None:
         row = self.conn.execute(
@@ -382,6 +400,26 @@ class UnitOfWork(ReadView):
                 for row in rows:
                     copy.write_row([row[c] for c in columns])
 
+    def lock_page(self, res_type: str, *, after_pk: int, count: int) -> list[StoredResource]:
+        """The live current versions of ``res_type`` after row key ``after_pk``, in key order, at most
+        ``count``, locked like :meth:`lock`: a whole type read page by page to reindex it."""
+        query = (
+            sa.select(*_RESOURCE_COLS)
+            .where(R.c.res_type == res_type, R.c.deleted.is_(False), R.c.pk > after_pk)
+            .order_by(R.c.pk.asc())
+            .limit(count)
+        )
+        if not is_sqlite_conn(self.conn):
+            query = query.with_for_update()
+        return [_stored(r) for r in self.conn.execute(query)]
+
+    def replace_index_rows(self, pk: int, res_type: str, rows: Iterable[IndexRow]) -> None:
+        """Replace the index rows of the current version stored under row key ``pk`` (reindexing after
+        the search parameters changed; the version and its history stay as they are)."""
+        for statement in _DELETE_INDEX_ROWS:
+            self.conn.execute(statement, {"row_pk": pk})
+        self._insert_index_rows(pk, res_type, rows)
+
     def _insert_index_rows(self, pk: int, res_type: str, rows: Iterable[IndexRow]) -> None:
         grouped: dict[type, list[dict[str, Any]]] = {}
         for row in rows:
@@ -394,12 +432,71 @@ def is_sqlite_conn(conn: sa.Connection) -> bool:
     return conn.dialect.name == "sqlite"
 
 
+@dataclass(eq=False)
+class _Queued:
+    """One piece of work waiting for a shared write transaction (:meth:`Storage.write_together`)."""
+
+    work: Callable[[UnitOfWork], None]
+    done: bool = False
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class _GroupCommit:
+    """Group commit: the first caller to find no transaction under way writes everything queued so far
+    in one transaction; those who queue meanwhile wait for it and the next one takes them all."""
+
+    storage: Storage
+    queued: list[_Queued] = field(default_factory=list)
+    writing: bool = False
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def run(self, work: Callable[[UnitOfWork], None]) -> None:
+        mine = _Queued(work)
+        with self.changed:
+            self.queued.append(mine)
+            while self.writing and not mine.done:
+                self.changed.wait()
+            batch: list[_Queued] = []
+            if not mine.done:  # no transaction under way: this caller writes what is queued
+                self.writing = True
+                batch, self.queued = self.queued, []
+        if batch:
+            self._write(batch)
+        if mine.error is not None:
+            raise mine.error
+
+    def _write(self, batch: list[_Queued]) -> None:
+        error: BaseException | None = RuntimeError("the shared write transaction did not commit")
+        try:
+            with self.storage.write() as uow:
+                for item in batch:
+                    item.work(uow)
+            error = None
+        except Exception as exc:
+            error = exc
+        finally:
+            with self.changed:
+                for item in batch:
+                    item.error, item.done = error, True
+                self.writing = False
+                self.changed.notify_all()
+
+
 class Storage:
     """Opens read views and units of work on an engine (used only by the server's repository)."""
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
         self.sqlite = is_sqlite(engine)
+        # One writer at a time for the whole database (SQLite): a read must not run in a write
+        # transaction, or it holds up every write for as long as it takes. SQLite's busy handler
+        # makes a waiting writer poll with sleeps growing to 100 ms; writers of this process queue
+        # on a lock instead and start the moment the one before commits (other processes still wait
+        # on the busy timeout).
+        self.single_writer = self.sqlite
+        self._writers = threading.RLock() if self.single_writer else None
+        self._group = _GroupCommit(self)
 
     @contextmanager
     def read(self) -> Iterator[ReadView]:
@@ -407,8 +504,29 @@ class Storage:
             yield ReadView(conn)
 
     @contextmanager
-    def write(self) -> Iterator[UnitOfWork]:
+    def read_only(self) -> Iterator[UnitOfWork]:
+        """A read-only transaction for a read interaction: on SQLite ``BEGIN DEFERRED`` with
+        ``PRAGMA query_only`` (a WAL reader: it neither takes nor waits for the write lock), on
+        PostgreSQL ``READ ONLY``. Typed as a unit of work so that the same repository code runs on
+        it; any write attempted in it is refused by the database."""
         with self.engine.connect() as conn:
+            if self.sqlite:
+                conn = conn.execution_options(sqlite_query_only=True)
+            else:
+                conn = conn.execution_options(postgresql_readonly=True)
+            with conn.begin():
+                yield UnitOfWork(conn)
+
+    def write_together(self, work: Callable[[UnitOfWork], None]) -> None:
+        """Run ``work`` in a write transaction shared with the work other threads hand in meanwhile
+        (group commit: one transaction, one sync to disk, for many small writes), and return once
+        that transaction has committed. If it fails, every work in it fails with the same error. Not
+        from inside a write transaction of the same thread (the shared one would wait for it)."""
+        self._group.run(work)
+
+    @contextmanager
+    def write(self) -> Iterator[UnitOfWork]:
+        with self._writers or nullcontext(), self.engine.connect() as conn:
             if self.sqlite:
                 conn = conn.execution_options(sqlite_begin="IMMEDIATE")
             with conn.begin():

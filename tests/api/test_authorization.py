@@ -333,6 +333,16 @@ def test_writes_are_audited_in_the_same_transaction(system_client: TestClient) -
     )
 
 
+def test_validate_is_audited_although_it_runs_read_only(system_client: TestClient) -> None:
+    """$validate only reads (no write lock on SQLite); its AuditEvent is written after it, as a read's."""
+    before = len(audit_events(system_client, "subtype=validate"))
+    answer = system_client.post("/fhir/Observation/$validate", json=obs("sonja"), headers=FHIR)
+    assert answer.status_code == 200, answer.text
+    events = audit_events(system_client, "subtype=validate")
+    assert len(events) == before + 1
+    assert events[0]["outcome"] == "0"
+
+
 def test_audit_events_cannot_be_changed(system_client: TestClient) -> None:
     system_client.get("/fhir/Patient")
     event = audit_events(system_client, "subtype=search-type")[0]

@@ -96,8 +96,8 @@ def test_published_content_is_read_only(settings: Settings, tmp_path: Path) -> N
             headers={"Content-Type": "application/json-patch+json"},
         )
         assert response.status_code == 405
-        # Unpublished Questionnaires stay writable.
-        draft = {**questionnaire("0.1.0"), "id": "draft"}
+        # Unpublished Questionnaires stay writable (under a url of their own: the pack's url is the server's).
+        draft = {**questionnaire("0.1.0"), "id": "draft", "url": "http://example.org/Questionnaire/draft"}
         assert client.put("/fhir/Questionnaire/draft", json=draft, headers=FHIR).status_code == 201
         assert client.delete("/fhir/Questionnaire/draft").status_code == 204
     app.state.service.storage.engine.dispose()

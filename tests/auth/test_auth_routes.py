@@ -273,11 +273,13 @@ def test_repeated_failed_authentication_is_throttled(env: Env) -> None:
     good = {"Authorization": f"Bearer {env.access_token()}"}
     for _ in range(2):
         assert env.http.get("/fhir/Patient/1", headers={"Authorization": "Bearer x.y.z"}).status_code == 401
-    throttled = env.http.get("/fhir/Patient/1", headers=good)
+    throttled = env.http.get("/fhir/Patient/1", headers={"Authorization": "Bearer x.y.w"})
     assert throttled.status_code == 429
     assert int(throttled.headers["retry-after"]) >= 1
     outcome = throttled.json()
     assert outcome["resourceType"] == "OperationOutcome" and outcome["issue"][0]["code"] == "throttled"
+    # Only failing attempts are throttled: a valid token from the same address is still accepted.
+    assert env.http.get("/fhir/Patient/1", headers=good).status_code == 200
 
 
 @pytest.mark.parametrize(

@@ -524,9 +524,15 @@ def test_failed_authentication_limit(auth: Auth) -> None:
         with pytest.raises(Unauthorized):
             authenticator.authenticate("Bearer bad.bad.bad", "10.0.0.1", FHIR_BASE)
     with pytest.raises(TooManyRequests) as caught:
-        authenticator.authenticate(good, "10.0.0.1", FHIR_BASE)
+        authenticator.authenticate("Bearer bad.bad.other", "10.0.0.1", FHIR_BASE)
     assert caught.value.status == 429 and int(caught.value.headers["Retry-After"]) >= 1
-    assert authenticator.authenticate(good, "10.0.0.2", FHIR_BASE).client_id == auth.client.client_id
+    # Failures throttle failing attempts only: a valid token is accepted from that address too.
+    assert authenticator.authenticate(good, "10.0.0.1", FHIR_BASE).client_id == auth.client.client_id
+    # The same bad token is throttled from any address (the limit per presented token).
+    with pytest.raises(TooManyRequests):
+        authenticator.authenticate("Bearer bad.bad.bad", "10.0.0.2", FHIR_BASE)
+    with pytest.raises(Unauthorized):
+        authenticator.authenticate("Bearer other.bad.token", "10.0.0.2", FHIR_BASE)
 
 
 def test_urls() -> None:

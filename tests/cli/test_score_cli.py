@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ def test_warnings_come_as_parameters(tmp_path: Path, capsys: pytest.CaptureFixtu
     [
         ({"questionnaire": "http://example.org/Questionnaire/x|1"}, "not in the content pack"),
         ({"status": "in-progress"}, "Only completed"),
-        ({"authored": None}, "authored is required"),
+        ({"subject": None}, "subject is required"),
         ({"item": [{"linkId": "sad-1", "answer": [{"valueString": "x"}]}]}, "sad-1"),
     ],
 )
@@ -67,6 +68,23 @@ def test_refusals_print_an_operation_outcome(
     assert code == 1
     assert out["resourceType"] == "OperationOutcome"
     assert expected in " ".join(i["diagnostics"] for i in out["issue"])
+
+
+def test_a_response_without_authored_is_dated_now_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """R4 makes authored optional: scored as of the time it is scored, and the answer says so."""
+    body = response(NF21_STATIC, nf21_answers(), patient="p1")
+    del body["authored"]
+    code, out = run(tmp_path, capsys, body)
+    assert code == 0
+    issues = out["parameter"][1]["resource"]["issue"]
+    assert any("authored is absent" in i["diagnostics"] for i in issues)
+    bundle = out["parameter"][0]["resource"]
+    panel = next(
+        e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"
+    )
+    assert panel["effectiveDateTime"].startswith(str(datetime.now(UTC).year))
 
 
 def test_not_json_and_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -30,9 +30,14 @@ PROFILES = ROOT / "profiles"
 R4_DEFINITIONS = ROOT / "fhir_norse" / "definitions" / "structure-definitions.json"
 CANONICAL = "http://fhir-norse.org/fhir"
 CORE_SD = "http://hl7.org/fhir/StructureDefinition/"
-# Canonicals a profile may point to outside its own package: the R4 core package it depends on,
-# HL7 terminology and UCUM.
-EXTERNAL_PREFIXES = ("http://hl7.org/fhir/", "http://terminology.hl7.org/", "http://unitsofmeasure.org")
+# Canonicals a profile may point to outside its own package: the R4 core package it depends on (with
+# the FHIRPath system types its snapshots name), HL7 terminology and UCUM.
+EXTERNAL_PREFIXES = (
+    "http://hl7.org/fhir/",
+    "http://hl7.org/fhirpath/",
+    "http://terminology.hl7.org/",
+    "http://unitsofmeasure.org",
+)
 META_FILES = {"package.json", ".index.json"}
 
 EXPECTED_PROFILES = {
@@ -207,7 +212,9 @@ def test_metadata(sd: JsonDict) -> None:
     assert sd["abstract"] is False
     assert sd["baseDefinition"] == CORE_SD + sd["type"]
     assert sd["kind"] == ("complex-type" if sd["type"] == "Extension" else "resource")
-    assert "snapshot" not in sd
+    # The snapshot is generated from the differential (tools/snapshots.py, checked in
+    # tests/content/test_integrator_content.py).
+    assert sd["snapshot"]["element"][0]["id"] == sd["type"]
     assert re.fullmatch(r"[A-Z][A-Za-z0-9_]{0,254}", sd["name"])  # inv sdf-0 style computable name
 
 

@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -117,14 +118,19 @@ def answers_for(report: Report, mapping: InstrumentMapping) -> dict[str, str]:
     return answers
 
 
+def reported(total: int, count: int) -> float:
+    """The mean ``total / count`` as the instrument reports it: 2 decimals, rounded half up."""
+    return math.floor(Fraction(total, count) * 100 + Fraction(1, 2)) / 100
+
+
 def scale_score(values: tuple[int, ...]) -> float:
     """Mean of the answered items (problem direction); the trigger alone when the scale is closed."""
-    return sum(values) / len(values)
+    return reported(sum(values), len(values))
 
 
 def alliance_mean(report: Report, code: str) -> float:
     parts = [report.alliance[i] for i in ALLIANCE_PARTS[code]]
-    return sum(parts) / len(parts)
+    return reported(sum(parts), len(parts))
 
 
 def alliance_percent(report: Report, code: str) -> float:

@@ -71,8 +71,8 @@ def test_a_refused_write_leaves_nothing(service: FhirService) -> None:
     with service.session(OPERATOR) as repo:
         patient = _patient(repo)
     body = response(NF21_STATIC, nf21_answers(), patient=patient)
-    body.pop("authored")  # intake requires it
-    with pytest.raises(Unprocessable, match="authored"), service.session(OPERATOR) as repo:
+    body["item"][0]["item"][0]["answer"][0]["valueCoding"]["code"] = "9"  # not an answer option
+    with pytest.raises(Unprocessable, match="sad-1"), service.session(OPERATOR) as repo:
         repo.create("QuestionnaireResponse", body)
     with service.session(OPERATOR) as repo:
         assert (

@@ -1,9 +1,10 @@
 """``Patient/{id}/$tailored-form``: the static Questionnaire tailored to this patient.
 
 Open and clinician-opened scales are asked in full, clinician-closed ones by their trigger only, the
-others open on their trigger as in the static form. Parameters: ``context`` (intake | weekly |
-termination), ``episode``, ``questionnaire``. Defined in
-``profiles/OperationDefinition-Patient-tailored-form.json``.
+others open on their trigger as in the static form. The form is a stored Questionnaire with a canonical
+of its own (:mod:`fhir_norse.rom.published_forms`), so a form filler fetches it by url and answers it by
+``url|version``. Parameters: ``context`` (intake | weekly | termination), ``episode``, ``questionnaire``.
+Defined in ``profiles/OperationDefinition-Patient-tailored-form.json``.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ def _unwrap(body: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None, li
 def validate_operation(service: FhirService, call: OperationCall) -> Result:
     """The handler of ``$validate`` (``profile``: parameters of the query string)."""
     res_type, res_id = call.res_type, call.res_id
-    with service.audited_session(call.ctx, "operation:validate", res_type, res_id) as repo:
+    # Validation only reads: on SQLite it takes no write lock, and its audit is written afterwards.
+    with service.audited_session(call.ctx, "operation:validate", res_type, res_id, read_only=True) as repo:
         result = _validate(repo, res_type, res_id, call.body, call.params_named("profile"))
         repo.audit("operation:validate", res_type, res_id)
     return result

@@ -1344,5 +1344,11 @@ class IndexExtractor:
 
 
 @cache
+def extractor_for(registry: SearchParamRegistry) -> IndexExtractor:
+    """The extractor of ``registry`` (one per registry and process: plans are compiled once)."""
+    return IndexExtractor(registry)
+
+
 def default_extractor() -> IndexExtractor:
-    return IndexExtractor(default_registry())
+    """The extractor of the R4 search parameters alone (the server's adds its content pack's)."""
+    return extractor_for(default_registry())

@@ -41,6 +41,7 @@ from fhir_norse.store.search.request import (
     Prefix,
     QuantityValue,
     ReferenceValue,
+    SearchLimits,
     SearchRequest,
     SearchValue,
     SortKey,
@@ -67,6 +68,7 @@ CURSOR_PARAM = "_cursor"
 # only kept so that paging links preserve them.
 _PASS_THROUGH = frozenset({"_format", "_pretty"})
 _SINGLE_RESULT_PARAMS = frozenset({"_sort", "_count", "_summary", "_total", "_elements", CURSOR_PARAM})
+_RESULT_PARAMS = _SINGLE_RESULT_PARAMS | _PASS_THROUGH | {"_include", "_revinclude"}
 
 # Modifiers the specification defines but this server does not implement: reported as such
 # rather than as unknown.
@@ -521,16 +523,20 @@ def parse_search(
     strict: bool = False,
     registry: SearchParamRegistry | None = None,
     now: datetime | None = None,
+    limits: SearchLimits | None = None,
 ) -> SearchRequest:
     """Parse search parameters (query string or ``POST _search`` form pairs) into a request.
 
     ``strict`` follows ``Prefer: handling=strict``: an unknown or unsupported parameter is a
     400; otherwise it is recorded in :attr:`SearchRequest.ignored`. Malformed values, unknown
-    modifiers and prefixes are always a 400 (:class:`BadRequest`).
+    modifiers and prefixes are always a 400 (:class:`BadRequest`), and so is a search past
+    ``limits`` (``too-costly``, checked before anything is parsed).
     See https://hl7.org/fhir/R4/search.html.
     """
     if resource_type not in SUPPORTED_TYPE_SET:
         raise BadRequest(f"Unknown resource type '{resource_type}'")
+    params = list(params)
+    check_bounds(params, limits or SearchLimits())
     parser = _Parser(resource_type, registry or default_registry(), strict)
     criteria: list[AnyCriterion] = []
     ignored: list[tuple[str, str]] = []
@@ -612,6 +618,28 @@ def parse_search(
         cursor = decode_cursor(cursor_token, request.sort_signature, _cursor_kinds(request.sort))
         request = replace(request, cursor=cursor, cursor_token=cursor_token)
     return request
+
+
+def check_bounds(params: list[tuple[str, str]], limits: SearchLimits) -> None:
+    """Refuse a search with more parameters or values than ``limits`` allow (400 ``too-costly``):
+    each criterion is a subquery, and hundreds of them made SQLite refuse the statement and
+    PostgreSQL plan it for minutes."""
+    if len(params) > limits.max_parameters:
+        raise BadRequest(
+            f"The search has {len(params)} parameters; this server accepts at most {limits.max_parameters}",
+            code="too-costly",
+        )
+    values = sum(
+        value.count(",") - value.count("\\,") + 1
+        for name, value in params
+        if value and name.partition(":")[0] not in _RESULT_PARAMS
+    )
+    if values > limits.max_values:
+        raise BadRequest(
+            f"The search has {values} values in its criteria; this server accepts at most "
+            f"{limits.max_values}",
+            code="too-costly",
+        )
 
 
 def sort_value_kind(param: SearchParamDef) -> Literal["datetime", "float", "str"]:

@@ -1,9 +1,10 @@
 """The SearchParameter definitions that drive indexing and search.
 
 Loaded from the official R4 4.0.1 SearchParameter resources shipped in
-``fhir_norse/definitions/search-parameters.json`` (CC0, from ``hl7.fhir.r4.core``). A definition
-whose ``base`` lists several types carries one FHIRPath union over all of them; it is
-split per type here so that each type evaluates only its own branches.
+``fhir_norse/definitions/search-parameters.json`` (CC0, from ``hl7.fhir.r4.core``), plus the custom
+SearchParameters a content pack publishes (:func:`registry_with`: what integrators need that R4 does not
+define, such as ``Flag?status=``). A definition whose ``base`` lists several types carries one FHIRPath
+union over all of them; it is split per type here so that each type evaluates only its own branches.
 See https://hl7.org/fhir/R4/searchparameter.html.
 """
 
@@ -147,6 +148,66 @@ class SearchParamRegistry:
 
 
 @cache
-def default_registry() -> SearchParamRegistry:
+def _r4_definitions() -> tuple[Mapping[str, Any], ...]:
     bundle = json.loads(DEFINITIONS.read_text(encoding="utf-8"))
-    return SearchParamRegistry((e["resource"] for e in bundle["entry"]), SUPPORTED_TYPES)
+    # The R4 bundle also holds two examples (``SearchParameter/example`` with code ``_id``, which would
+    # otherwise stand in for ``Resource-id`` in the CapabilityStatement, and ``example-extension``).
+    return tuple(e["resource"] for e in bundle["entry"] if e["resource"].get("id") not in _EXAMPLES)
+
+
+_EXAMPLES = frozenset({"example", "example-extension"})
+
+
+@cache
+def default_registry() -> SearchParamRegistry:
+    return SearchParamRegistry(_r4_definitions(), SUPPORTED_TYPES)
+
+
+class CustomParameterError(ValueError):
+    """A custom SearchParameter that cannot be added to the R4 ones."""
+
+
+# The types of parameter a custom definition may have: those indexed from a FHIRPath expression.
+CUSTOM_TYPES = frozenset({"number", "date", "string", "token", "reference", "quantity", "uri"})
+
+
+def custom_problems(sp: Mapping[str, Any]) -> list[str]:
+    """Why custom SearchParameter ``sp`` cannot be added to the R4 ones (empty when it can): it needs a
+    url, a code, an indexed type, an expression and supported base types, and it may not redefine a
+    parameter R4 defines on one of them (a client could not tell which one it searches)."""
+    label = str(sp.get("url") or sp.get("id") or "a SearchParameter")
+    problems = []
+    for key in ("url", "code", "expression"):
+        if not isinstance(sp.get(key), str) or not sp.get(key):
+            problems.append(f"{label}: needs {key}")
+    if sp.get("type") not in CUSTOM_TYPES:
+        problems.append(f"{label}: type {sp.get('type')!r} is not one of {', '.join(sorted(CUSTOM_TYPES))}")
+    bases = sp.get("base")
+    if not isinstance(bases, list) or not bases:
+        return [*problems, f"{label}: needs base"]
+    r4 = default_registry()
+    for base in bases:
+        if base not in SUPPORTED_TYPES:
+            problems.append(f"{label}: base {base!r} is not a resource type this server stores")
+        elif (known := r4.get(base, str(sp.get("code")))) is not None:
+            problems.append(f"{label}: {base}?{sp.get('code')}= is defined by R4 already ({known.url})")
+    return problems
+
+
+def registry_with(custom: Iterable[Mapping[str, Any]]) -> SearchParamRegistry:
+    """The R4 definitions plus the ``custom`` SearchParameters (a content pack's), each checked by
+    :func:`custom_problems` (:class:`CustomParameterError` names the first problem)."""
+    extra = list(custom)
+    if not extra:
+        return default_registry()
+    seen: set[tuple[str, str]] = set()
+    for sp in extra:
+        problems = custom_problems(sp)
+        for base in sp.get("base") or []:
+            key = (str(base), str(sp.get("code")))
+            if key in seen:
+                problems.append(f"{sp.get('url')}: {base}?{sp.get('code')}= is defined twice")
+            seen.add(key)
+        if problems:
+            raise CustomParameterError(problems[0])
+    return SearchParamRegistry([*_r4_definitions(), *extra], SUPPORTED_TYPES)

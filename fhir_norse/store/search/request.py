@@ -7,7 +7,8 @@ See https://hl7.org/fhir/R4/search.html.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import dataclass, field, fields, is_dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Literal
@@ -146,6 +147,9 @@ class ChainCriterion:
     name: str
     reference: SearchParamDef
     hops: tuple[Criterion, ...]
+    # Added by the server for ``patient/`` and ``user/`` access: the compartment a hop's target must be
+    # in (one per restricted target type), so a chain sees only what the caller may search.
+    restrictions: tuple[CompartmentCriterion, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +164,9 @@ class HasCriterion:
     inner: Criterion
     # The type searched for, which the source's reference must point at.
     target_type: str
+    # Added by the server for ``patient/`` and ``user/`` access: the compartment the sources must be in,
+    # so ``_has`` sees only what the caller may search.
+    restriction: CompartmentCriterion | None = None
 
     @property
     def source_type(self) -> str:
@@ -247,3 +254,42 @@ class SearchRequest:
     def sort_signature(self) -> str:
         """Identifies the order a cursor was made for, so a cursor of another search is refused."""
         return self.resource_type + "?" + ",".join(k.text for k in self.sort)
+
+    @property
+    def criteria_key(self) -> str:
+        """What the request matches, in a normal form: equal for every way of writing the same
+        criteria (percent-encoding, parameter order, order of OR values, spelling of a value that
+        parses to the same range), so writers that must not race on equal criteria (conditional
+        create, update and delete) can lock on it. Parameter names and raw values are left out;
+        parsed values, modifiers and the parameters' definitions stay in."""
+        text = repr((self.resource_type, _normal(self.criteria)))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class SearchLimits:
+    """Bounds on one search (README, "Limits"): past a count the search is refused before it runs
+    (400 ``too-costly``), and the database stops it after ``timeout_seconds``."""
+
+    # name=value pairs in the query (criteria and result parameters alike).
+    max_parameters: int = 50
+    # Values of all criteria together (each comma-separated alternative counts).
+    max_values: int = 200
+    timeout_seconds: float = 10.0
+
+
+# Fields that only say how a criterion was written, not what it matches.
+_UNKEYED_FIELDS = frozenset({"name", "raw"})
+
+
+def _normal(value: object) -> object:
+    """A value of a parsed request as plain nested tuples, collections in sorted order (criteria
+    are AND-ed and values OR-ed: their order means nothing)."""
+    if isinstance(value, SearchParamDef):
+        return (value.resource_type, value.code)
+    if is_dataclass(value) and not isinstance(value, type):
+        kept = (f.name for f in fields(value) if f.name not in _UNKEYED_FIELDS)
+        return (type(value).__name__, *(_normal(getattr(value, name)) for name in kept))
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return tuple(sorted((_normal(item) for item in value), key=repr))
+    return value

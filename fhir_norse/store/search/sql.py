@@ -427,9 +427,10 @@ def _chain_filter(crit: ChainCriterion, now: datetime) -> RowFilter:
     target = _CHAIN_TARGET
     hops: list[tuple[str, sa.Select[Any]]] = []
     for hop in crit.hops:
+        restrictions = tuple(c for c in crit.restrictions if c.resource_type == hop.resource_type)
         matching_ids = (
             sa.select(target.c.res_id)
-            .where(*match_conditions(hop.resource_type, (hop,), target, now))
+            .where(*match_conditions(hop.resource_type, (hop, *restrictions), target, now))
             .correlate(None)
         )
         hops.append((hop.resource_type, matching_ids))
@@ -450,6 +451,9 @@ def _has_condition(crit: HasCriterion, r: sa.FromClause, now: datetime) -> Condi
     See https://hl7.org/fhir/R4/search.html#has.
     """
     ref, source = _HAS_REF, _HAS_SOURCE
+    criteria: tuple[AnyCriterion, ...] = (crit.inner,)
+    if crit.restriction is not None:
+        criteria += (crit.restriction,)
     referenced_ids = (
         sa.select(ref.c.target_id)
         .select_from(ref.join(source, source.c.pk == ref.c.resource_pk))
@@ -457,7 +461,7 @@ def _has_condition(crit: HasCriterion, r: sa.FromClause, now: datetime) -> Condi
             ref.c.res_type == crit.source_type,
             ref.c.param == crit.reference.code,
             ref.c.target_type == crit.target_type,
-            *match_conditions(crit.source_type, (crit.inner,), source, now),
+            *match_conditions(crit.source_type, criteria, source, now),
         )
         .correlate(None)
     )
