@@ -25,6 +25,8 @@ FHIR = {"Content-Type": "application/fhir+json"}
 BASE = "http://fhir-norse.org/fhir"
 NF21_STATIC = f"{BASE}/Questionnaire/nf21-static|2.1.0"
 NF21_ADAPTIVE = f"{BASE}/Questionnaire/nf21-adaptive|2.1.0"
+# The newest content version (issue 13): what a bare canonical and the operations' default resolve to.
+NF21_STATIC_NEWEST = f"{BASE}/Questionnaire/nf21-static|2.2.0"
 PHQ9 = f"{BASE}/Questionnaire/phq9|1.0.0"
 GAD7 = f"{BASE}/Questionnaire/gad7|1.0.0"
 NF21_ANSWERS = f"{BASE}/CodeSystem/nf21-answers"
@@ -74,8 +76,9 @@ def questionnaire(canonical: str) -> dict[str, Any]:
 
 
 @cache
-def nf21() -> InstrumentMapping:
-    return load_mapping(ROOT / "mappings" / "nf21-2.1.0.yaml")
+def nf21(version: str = "2.1.0") -> InstrumentMapping:
+    """The Norse Feedback mapping of ``version`` (2.1.0 unless a test names the newer content, 2.2.0)."""
+    return load_mapping(ROOT / "mappings" / f"nf21-{version}.yaml")
 
 
 def _answer(item: dict[str, Any], value: Any) -> dict[str, Any]:
@@ -142,14 +145,16 @@ def nf21_answers(
     alliance: int | Mapping[str, int] = 6,
     preferences: Mapping[str, str] | None = None,
     overrides: Mapping[str, str] | None = None,
+    version: str = "2.1.0",
 ) -> dict[str, str]:
     """Answers a patient gives when each scale sits at ``levels[scale]`` (1-7, problem direction).
 
     Every trigger is answered; the other items of a scale only when its trigger opens it, as the static
     form's enableWhen asks them (reverse-keyed items are answered ``8 - level``). Alliance items take
-    ``alliance`` (one value, or per linkId); ``overrides`` replace single answers last.
+    ``alliance`` (one value, or per linkId); ``overrides`` replace single answers last. ``version`` names
+    the mapping (and so the items) of the form answered.
     """
-    m = nf21()
+    m = nf21(version)
     levels = dict(levels or {})
     answers: dict[str, str] = {}
     for scale in m.scales:

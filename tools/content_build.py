@@ -1,11 +1,16 @@
 """Generate the Norse Feedback FHIR content from the item source and the mapping.
 
 Inputs (data, committed): ``questionnaires/source/nf21-items.yaml`` (wording, bokmål + English) and
-``mappings/nf21-<version>.yaml`` (structure, thresholds, norms). Outputs (generated, committed, pretty
-JSON, byte-identical on every run):
+every ``mappings/nf21-<version>.yaml`` (structure, thresholds, norms; each version picks its items from
+the source by linkId). Outputs (generated, committed, pretty JSON, byte-identical on every run), for
+every mapping version, so a published version stays published when a new one is added:
 
 * ``questionnaires/terminology/CodeSystem-*.json`` and ``ValueSet-*.json``
-  (https://hl7.org/fhir/R4/codesystem.html, https://hl7.org/fhir/R4/valueset.html);
+  (https://hl7.org/fhir/R4/codesystem.html, https://hl7.org/fhir/R4/valueset.html): one file per code
+  system, holding the codes of every mapping version (a response to an older version keeps valid codes).
+  A code the newest version no longer asks stays, with concept property ``status`` = ``retired``. An
+  instrument code system's version is the first mapping version at which its content took its present
+  form (``nf21-items`` 2.2.0, since 2.2.0 added items; ``nf21-scales`` stays 2.1.0);
 * ``questionnaires/nf21/Questionnaire-nf21-static.json``: an R4 Questionnaire any SDC form filler can
   administer (https://hl7.org/fhir/R4/questionnaire.html): the triggers first, then one group per scale
   enabled by ``enableWhen`` on its trigger, then alliance, preferences, single and medication items;
@@ -17,6 +22,11 @@ JSON, byte-identical on every run):
   and ignore the translation extension, so a form in another language has to be a form of its own; the
   server scores a response to it with the bokmål form's mapping
   (:class:`fhir_norse.instruments.registry.InstrumentRegistry`).
+
+The Questionnaires of the first version (2.1.0) keep the file names they were published under
+(``Questionnaire-nf21-static.json``); every later version is written beside them with its version in the
+name (``Questionnaire-nf21-static-2.2.0.json``), same ``id`` and ``url``, its own ``version``: the server
+stores each ``url|version`` as a resource of its own (:mod:`fhir_norse.server.content`).
 
 Decisions:
 
@@ -44,6 +54,7 @@ from typing import Any
 import yaml
 
 from fhir_norse.canonicals import BASE
+from fhir_norse.instruments.registry import version_key
 from fhir_norse.instruments.schema import (
     InstrumentMapping,
     ItemSource,
@@ -53,16 +64,32 @@ from fhir_norse.instruments.schema import (
     load_mapping,
 )
 
-__all__ = ["build", "generate_mapping", "main", "trigger_codes_above", "write_json"]
+__all__ = [
+    "build",
+    "generate_mapping",
+    "load_mappings",
+    "main",
+    "questionnaire_file",
+    "terminology",
+    "trigger_codes_above",
+    "write_json",
+]
 
 TRANSLATION = "http://hl7.org/fhir/StructureDefinition/translation"
 ORDINAL_VALUE = "http://hl7.org/fhir/StructureDefinition/ordinalValue"
 SDC_ADAPT_PROFILE = "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-adapt"
 SDC_ADAPTIVE = "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-questionnaireAdaptive"
 PROJECT_TERMINOLOGY_VERSION = "1.0.0"
+# Project code systems whose content changed since 1.0.0 (issue 13: the elevated range, closed).
+PROJECT_CODE_SYSTEM_VERSIONS = {"rom-interpretation": "1.1.0"}
 
 ITEMS_SOURCE = Path("questionnaires/source/nf21-items.yaml")
-MAPPING = Path("mappings/nf21-2.1.0.yaml")
+MAPPING = Path("mappings/nf21-2.1.0.yaml")  # what the one-off ``mapping`` subcommand writes
+MAPPINGS_DIR = Path("mappings")
+MAPPINGS_GLOB = "nf21-*.yaml"
+# The version whose Questionnaire files carry no version in their name (module doc).
+UNVERSIONED_FILE_VERSION = "2.1.0"
+CONCEPT_STATUS = "http://hl7.org/fhir/concept-properties#status"
 TERMINOLOGY_DIR = Path("questionnaires/terminology")
 NF21_DIR = Path("questionnaires/nf21")
 
@@ -96,16 +123,41 @@ PROJECT_CODE_SYSTEMS: dict[str, tuple[str, str, list[_Concept]]] = {
                 "elevated",
                 "Forhøyet",
                 "Elevated",
-                "The scale is open: its trigger is above the opening threshold.",
+                "The score is in the scale's elevated range: at or above the mapping's elevated_from (by "
+                "default the scale's closing threshold), the referenceRange of type elevated-range.",
             ),
-            ("within-range", "Innenfor normalområdet", "Within range", "The score is not elevated."),
+            (
+                "within-range",
+                "Innenfor normalområdet",
+                "Within range",
+                "The score is below the scale's elevated range.",
+            ),
+            (
+                "elevated-range",
+                "Forhøyet område",
+                "Elevated range",
+                "Reference range type: the scale's elevated range, from elevated_from (by default the "
+                "closing threshold) to the highest score. The same range decides elevated, crossing into "
+                "or out of the elevated range, and stagnation.",
+            ),
             (
                 "trigger-only",
                 "Kun utløserledd",
                 "Trigger only",
-                "The scale is closed; the score is the trigger alone.",
+                "The scale was closed at this administration and its trigger stayed at or below the "
+                "opening threshold: only the trigger was asked, and the score is the trigger alone. "
+                "Without it the scale was asked in full.",
             ),
-            ("closed", "Lukket", "Closed", "The scale is closed by the moving-average rule."),
+            (
+                "closed",
+                "Lukket",
+                "Closed",
+                "After this administration the closing rule leaves the scale closed (it never opened, "
+                "or the moving average of its last full scores, component mean-last3, is below the "
+                "closing threshold): at the next administration only its trigger is asked, and it "
+                "re-opens the scale there when above the opening threshold. A clinician's override may "
+                "still ask it in full.",
+            ),
             (
                 "reliable-improvement",
                 "Reliabel bedring",
@@ -123,7 +175,8 @@ PROJECT_CODE_SYSTEMS: dict[str, tuple[str, str, list[_Concept]]] = {
                 "stagnation",
                 "Stagnasjon",
                 "Stagnation",
-                "Elevated over several administrations with no reliable change.",
+                "In the elevated range at every administration of the stagnation window with no "
+                "reliable change.",
             ),
         ],
     ),
@@ -445,6 +498,8 @@ class _Builder:
         self.base = mapping.canonical_base
         self.scale_of = {i: s for s in mapping.scales for i in s.items}
         self.reverse = {i for s in mapping.scales for i in s.reverse_keyed}
+        # The code systems whose content is the instrument's (versioned with it; module doc).
+        self.instrument_ids: set[str] = set()
 
     # terminology ---------------------------------------------------------------------------------
 
@@ -462,12 +517,16 @@ class _Builder:
         properties: list[dict[str, Any]] | None = None,
         description: str | None = None,
     ) -> dict[str, Any]:
+        if instrument:
+            self.instrument_ids.add(cs_id)
         cs: dict[str, Any] = {
             "resourceType": "CodeSystem",
             "id": cs_id,
             "language": "nb",
             "url": self.cs_url(cs_id),
-            "version": self.m.version if instrument else PROJECT_TERMINOLOGY_VERSION,
+            "version": self.m.version
+            if instrument
+            else PROJECT_CODE_SYSTEM_VERSIONS.get(cs_id, PROJECT_TERMINOLOGY_VERSION),
             "name": name,
             "title": title,
             "status": "active",
@@ -865,6 +924,88 @@ def english_form(form: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _authors_forms(mapping: InstrumentMapping) -> bool:
+    """Whether ``mapping`` scores Questionnaires of its own version (a calibrated mapping pins the forms
+    of the version it recalibrates and authors no content)."""
+    canonicals = (mapping.questionnaires.static, mapping.questionnaires.adaptive)
+    return all(c.partition("|")[2] in ("", mapping.version) for c in canonicals)
+
+
+def load_mappings(root: Path) -> list[InstrumentMapping]:
+    """The Norse Feedback mappings under ``root/mappings`` that author forms, oldest version first."""
+    found = [load_mapping(p) for p in sorted((root / MAPPINGS_DIR).glob(MAPPINGS_GLOB))]
+    return sorted((m for m in found if _authors_forms(m)), key=lambda m: version_key(m.version))
+
+
+def questionnaire_file(q: dict[str, Any]) -> str:
+    """The file name of Questionnaire ``q`` under ``questionnaires/nf21`` (module doc)."""
+    if q["version"] == UNVERSIONED_FILE_VERSION:
+        return f"Questionnaire-{q['id']}.json"
+    return f"Questionnaire-{q['id']}-{q['version']}.json"
+
+
+def _retired(concept: dict[str, Any]) -> dict[str, Any]:
+    props = [*concept.get("property", []), {"code": "status", "valueCode": "retired"}]
+    return {**concept, "property": props}
+
+
+def _merged_code_systems(mappings: list[InstrumentMapping], source: ItemSource) -> list[dict[str, Any]]:
+    """The code systems of the newest of ``mappings``, each instrument code system completed with the
+    codes only older versions use, retired (module doc); versioned with the newest mapping."""
+    builders = [_Builder(m, source) for m in mappings]
+    newest = builders[-1]
+    out = []
+    for cs in newest.code_systems():
+        if cs["id"] not in newest.instrument_ids:
+            out.append(cs)
+            continue
+        codes = {c["code"] for c in cs["concept"]}
+        retired = []
+        for older in reversed(builders[:-1]):
+            for other in older.code_systems():
+                if other["id"] != cs["id"]:
+                    continue
+                for concept in other["concept"]:
+                    if concept["code"] not in codes:
+                        codes.add(concept["code"])
+                        retired.append(_retired(concept))
+        if retired:
+            status = {
+                "code": "status",
+                "uri": CONCEPT_STATUS,
+                "type": "code",
+                "description": "retired: asked by an earlier version of the instrument only",
+            }
+            concepts = [*cs["concept"], *retired]
+            cs = {k: v for k, v in cs.items() if k not in ("property", "concept")} | {
+                "count": len(concepts),
+                "property": [*cs.get("property", []), status],
+                "concept": concepts,
+            }
+        out.append(cs)
+    return out
+
+
+def terminology(mappings: list[InstrumentMapping], source: ItemSource) -> list[dict[str, Any]]:
+    """Every code system of ``mappings`` (oldest first): the newest version's codes and the retired ones;
+    an instrument code system carries the first mapping version at which it took this content."""
+    newest = _Builder(mappings[-1], source)
+    newest.code_systems()
+    prefixes = [
+        {c["id"]: c for c in _merged_code_systems(mappings[: n + 1], source)} for n in range(len(mappings))
+    ]
+    out = []
+    for cs in prefixes[-1].values():
+        if cs["id"] in newest.instrument_ids:
+            for mapping, earlier in zip(mappings, prefixes, strict=True):
+                same = earlier.get(cs["id"])
+                if same is not None and {**same, "version": None} == {**cs, "version": None}:
+                    cs = {**cs, "version": mapping.version}
+                    break
+        out.append(cs)
+    return out
+
+
 def build(
     root: Path,
     *,
@@ -872,26 +1013,31 @@ def build(
     mapping_path: Path | None = None,
     out_root: Path | None = None,
 ) -> list[Path]:
-    """Write the terminology and the Questionnaires (bokmål and English); return the written paths
-    (sorted)."""
+    """Write the terminology and the Questionnaires (bokmål and English) of every mapping version (of
+    ``mapping_path`` alone when given); return the written paths (sorted)."""
     source = load_item_source(items_path or root / ITEMS_SOURCE)
-    mapping = load_mapping(mapping_path or root / MAPPING)
-    missing = [i for i in mapping.all_link_ids() if i not in source.items_by_id()]
-    if missing:
-        raise ValueError(f"the item source has no wording for {missing}")
+    mappings = [load_mapping(mapping_path)] if mapping_path else load_mappings(root)
+    if not mappings:
+        raise ValueError(f"no {MAPPINGS_GLOB} under {root / MAPPINGS_DIR}")
+    for mapping in mappings:
+        missing = [i for i in mapping.all_link_ids() if i not in source.items_by_id()]
+        if missing:
+            raise ValueError(f"{mapping.version}: the item source has no wording for {missing}")
     out = out_root or root
-    b = _Builder(mapping, source)
+    newest = _Builder(mappings[-1], source)
     written = []
-    for cs in b.code_systems():
-        for resource in (cs, b._value_set(cs)):
+    for cs in terminology(mappings, source):
+        for resource in (cs, newest._value_set(cs)):
             path = out / TERMINOLOGY_DIR / f"{resource['resourceType']}-{resource['id']}.json"
             write_json(path, resource)
             written.append(path)
-    bokmal = [b.static_questionnaire(), b.adaptive_questionnaire()]
-    for q in [*bokmal, *(english_form(f) for f in bokmal)]:
-        path = out / NF21_DIR / f"Questionnaire-{q['id']}.json"
-        write_json(path, q)
-        written.append(path)
+    for mapping in mappings:
+        b = _Builder(mapping, source)
+        bokmal = [b.static_questionnaire(), b.adaptive_questionnaire()]
+        for q in [*bokmal, *(english_form(f) for f in bokmal)]:
+            path = out / NF21_DIR / questionnaire_file(q)
+            write_json(path, q)
+            written.append(path)
     return sorted(written)
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fhir_norse.canonicals import BASE
+from fhir_norse.instruments.registry import version_key
 from fhir_norse.instruments.schema import (
     ContentError,
     InstrumentMapping,
@@ -113,6 +114,7 @@ class _Checker:
         self.resources: list[_Resource] = []
         self.code_systems: dict[str, set[str]] = {}
         self.value_sets: dict[str, dict[str, Any]] = {}
+        # Questionnaires by ``url|version``: a pack publishes several versions of one form.
         self.questionnaires: dict[str, _Resource] = {}
         self.base = BASE
 
@@ -150,9 +152,12 @@ class _Checker:
                 elif rtype == "ValueSet" and isinstance(url, str):
                     self.value_sets[url] = body
                 elif rtype == "Questionnaire" and isinstance(url, str):
-                    if url in self.questionnaires:
-                        self.add(rel, "url", f"{url} is also used by {self.questionnaires[url].file}")
-                    self.questionnaires[url] = res
+                    canonical = f"{url}|{body.get('version')}"
+                    if canonical in self.questionnaires:
+                        self.add(
+                            rel, "url", f"{canonical} is also used by {self.questionnaires[canonical].file}"
+                        )
+                    self.questionnaires[canonical] = res
 
     def _codes(self, concepts: list[dict[str, Any]]) -> Iterator[str]:
         for c in concepts:
@@ -311,15 +316,16 @@ class _Checker:
 
     def _questionnaire(self, file: str, field: str, canonical: str, version: str) -> _Resource | None:
         url, _, pinned = canonical.partition("|")
-        res = self.questionnaires.get(url)
-        if res is None:
-            self.add(file, field, f"no Questionnaire with url {url}")
-            return None
         expected = pinned or version
-        if res.body.get("version") != expected:
-            self.add(
-                file, field, f"version {expected} but {res.file} has version {res.body.get('version')!r}"
+        res = self.questionnaires.get(f"{url}|{expected}")
+        if res is None:
+            others = sorted(
+                str(r.body.get("version")) for k, r in self.questionnaires.items() if k.split("|")[0] == url
             )
+            if others:
+                self.add(file, field, f"version {expected} but the pack has {url} in version(s) {others}")
+            else:
+                self.add(file, field, f"no Questionnaire with url {url}")
         return res
 
     def _check_instrument(self, rel: str, m: InstrumentMapping) -> None:
@@ -451,15 +457,15 @@ class _Checker:
         """A form derived from a form of the pack has its items, codes and answer options (module doc)."""
         for canonical in (res.body.get("derivedFrom") or [])[:1]:
             url, _, version = str(canonical).partition("|")
-            source = self.questionnaires.get(url)
-            if source is None:
+            versions = {
+                k.split("|", 1)[1]: r for k, r in self.questionnaires.items() if k.split("|")[0] == url
+            }
+            if not versions:
                 continue
-            if version and source.body.get("version") != version:
-                self.add(
-                    res.file,
-                    "derivedFrom",
-                    f"{canonical}: {source.file} has version {source.body.get('version')!r}",
-                )
+            source = versions.get(version) if version else versions[max(versions, key=version_key)]
+            if source is None:
+                self.add(res.file, "derivedFrom", f"{canonical}: the pack has versions {sorted(versions)}")
+                continue
             mine = [_structure(i) for i, _ in _walk(res.body.get("item", []))]
             theirs = [_structure(i) for i, _ in _walk(source.body.get("item", []))]
             for n, (a, b) in enumerate(zip(mine, theirs, strict=False)):

@@ -3,17 +3,26 @@
 Groundwork for issue 6 (``$next-question`` and tailored forms build on it). Rules from
 ``../shared/domain/README.md`` and the mapping (no threshold in this module):
 
-* Every administration asks every trigger. A scale is **asked in full** at an administration when it
-  was open before it, or when that administration's trigger (problem direction) is strictly above
-  ``open_if_trigger_gt`` (it opens there; a scale with ``opens_on`` follows the other scale's trigger).
-* After an administration, a scale whose trigger was above the threshold is **open**. An open scale
-  **closes** when it has at least ``close_min_administrations`` full scale scores and the mean of its
-  last ``close_window`` full scores is strictly below ``close_if_mean_last3_lt``. Decision for fewer
-  scores than that (the sources leave it open): the scale stays open, so a scale is never closed on the
-  strength of one or two administrations. Trigger-only scores (the scale was closed) do not count.
-  "The last 3" are the last 3 full scores, also from before the scale last closed: a scale that
-  re-opens may close again after one low administration when its earlier scores were low too (the
-  literal moving average of the sources).
+* Every administration asks every trigger first. A scale is **asked in full** at an administration when
+  it was open before it, or when that administration's trigger (problem direction) is strictly above
+  ``open_if_trigger_gt`` (a closed scale re-opens there, within the same administration; a scale with
+  ``opens_on`` follows the other scale's trigger).
+* After an administration, a scale whose trigger was above the threshold is **open**. Then the mapping's
+  ``close_rule`` decides whether an open scale **closes**: it has at least ``close_min_administrations``
+  full scale scores and the mean of its last ``close_window`` full scores is strictly below
+  ``close_if_mean_last3_lt`` --
+
+  - ``moving-average`` (the published rule, mapping 2.2.0): that is all; a high latest trigger does not
+    keep a low-mean scale open (it closes, and its trigger, asked first next time, re-opens it there
+    when it is still above the opening threshold);
+  - ``moving-average-unless-trigger-open`` (the 2.1.0 behaviour): a scale whose trigger at this
+    administration was above the opening threshold stays open whatever its mean.
+
+  ``close_min_administrations`` is a named deviation from the published rules (they leave fewer scores
+  open): with fewer full scores the scale stays open, so a scale is never closed on the strength of one
+  or two administrations. Trigger-only scores (the scale was closed) do not count. "The last 3" are the
+  last 3 full scores, also from before the scale last closed: a scale that re-opens may close again after
+  one administration when its earlier scores were low (the literal moving average of the sources).
 * An administration that did not measure a scale (missing, or not a scored administration) changes
   nothing for it.
 * **Clinician overrides** win over the rules: ``open`` asks the scale in full every time, ``closed``
@@ -91,9 +100,10 @@ def scale_states(
                 continue
             if measured.full_score is not None:
                 scores.append(measured.full_score)
-            if _opens(scale, measured.trigger):
-                is_open = True
-            elif is_open and _closes(mapping, scale, scores):
+            opened = _opens(scale, measured.trigger)
+            is_open = is_open or opened
+            kept_by_trigger = opened and mapping.close_rule == "moving-average-unless-trigger-open"
+            if is_open and not kept_by_trigger and _closes(mapping, scale, scores):
                 is_open = False
         window = tuple(scores[-scale.close_window :])
         out[scale.code] = ScaleState(scale.code, is_open, window, overrides.get(scale.code))

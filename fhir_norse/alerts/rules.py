@@ -9,7 +9,9 @@ Rules (``../shared/domain/README.md``, "Change, stagnation and alerts"; issue 5,
 
 * ``suicide-risk`` (urgent): the suicidality trigger, scored in the problem direction, is strictly above
   the suicide scale's opening threshold, or the suicide scale score is strictly above
-  ``suicide_score_gt`` (default: the same opening threshold, as both lie on the 1-7 score scale).
+  ``suicide_score_gt`` (default: the same opening threshold, as both lie on the 1-7 score scale). This is
+  deliberately not the scale's elevated range (``elevated_from``, by default the closing threshold 1.5 of
+  suicidality), which would raise an urgent alert on almost any endorsement.
 * ``deterioration`` (one per scale): the scale reliably deteriorated since the previous administration.
 * ``alliance-rupture``: the alliance total reliably deteriorated (fell) since the previous
   administration, or the total, as percent of the maximum raw score, is strictly below

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = [
     "AllianceDefinition",
     "AnswerHandling",
+    "CloseRule",
     "CodeRef",
     "ContentError",
     "InstrumentMapping",
@@ -124,6 +125,15 @@ class Scale(_Model):
     open_if_trigger_gt: float
     close_if_mean_last3_lt: float
     close_window: int = 3
+    elevated_from: float | None = Field(
+        default=None,
+        description=(
+            "The elevated range is score >= elevated_from (default: close_if_mean_last3_lt, the level at "
+            "which the scale would not close). One definition for the interpretation code, the "
+            "referenceRange written on each scale Observation, crossing into or out of the elevated "
+            "range, and stagnation."
+        ),
+    )
     norms: Norms
     reliability: Reliability
 
@@ -131,6 +141,16 @@ class Scale(_Model):
     @classmethod
     def _in_range(cls, value: float) -> float:
         return _within_answer_range(value)
+
+    @field_validator("elevated_from")
+    @classmethod
+    def _elevated_in_range(cls, value: float | None) -> float | None:
+        return None if value is None else _within_answer_range(value)
+
+    @property
+    def elevated_low(self) -> float:
+        """The lowest score of the elevated range (``elevated_from``, default the closing threshold)."""
+        return self.close_if_mean_last3_lt if self.elevated_from is None else self.elevated_from
 
     @field_validator("close_window")
     @classmethod
@@ -270,6 +290,9 @@ class Questionnaires(_Model):
     static: str
 
 
+CloseRule = Literal["moving-average", "moving-average-unless-trigger-open"]
+
+
 class InstrumentMapping(_Model):
     """A multi-scale adaptive instrument version (Norse Feedback 2.1)."""
 
@@ -279,18 +302,30 @@ class InstrumentMapping(_Model):
     canonical_base: str
     questionnaires: Questionnaires
     answer_handling: AnswerHandling
+    close_rule: CloseRule = Field(
+        default="moving-average",
+        description=(
+            "moving-average (the published rule): an open scale closes when the mean of its last "
+            "close_window full scores is below close_if_mean_last3_lt, whatever its latest trigger; a "
+            "closed scale's trigger is asked at every administration and re-opens it within that same "
+            "administration when above open_if_trigger_gt. moving-average-unless-trigger-open (the "
+            "2.1.0 behaviour): as moving-average, but a scale whose latest trigger is above the opening "
+            "threshold stays open whatever its mean."
+        ),
+    )
     close_min_administrations: int = Field(
         default=3,
         description=(
-            "A scale may close only when it has at least this many scale scores (from administrations "
-            "where it was open); with fewer it stays open. The closing mean is over the last "
-            "close_window scores."
+            "A deviation from the published rules (which leave fewer scores open): a scale may close "
+            "only when it has at least this many full scale scores; with fewer it stays open. The "
+            "closing mean is over the last close_window scores."
         ),
     )
     full_bank_contexts: list[Literal["intake", "weekly", "termination"]] = Field(
         default_factory=lambda: cast(list[Literal["intake", "weekly", "termination"]], ["intake"]),
         description=(
-            "Administration contexts that ask every scale in full whatever its state (the first, long "
+            "A deviation from the published rules (where every administration asks the triggers first): "
+            "administration contexts that ask every scale in full whatever its state (the first, long "
             "administration of the case study); a clinician's override still closes a scale."
         ),
     )

@@ -20,7 +20,7 @@ from fhir_norse.adaptive.history import (
 from fhir_norse.canonicals import BASE as _BASE
 from fhir_norse.canonicals import CS_SCALES
 from fhir_norse.instruments.intake import validate_response
-from fhir_norse.instruments.registry import Instrument
+from fhir_norse.instruments.registry import Instrument, version_key
 from fhir_norse.instruments.schema import InstrumentMapping
 from fhir_norse.outcomes import BadRequest, Issue, NotFound, Unprocessable
 from fhir_norse.rom.intake import QuestionnaireResponseIntake
@@ -245,9 +245,13 @@ class AdaptiveOperations:
     def _static(self, repo: Repository, canonical: str | None) -> tuple[JsonDict, InstrumentMapping]:
         mappings = self.adaptive.adaptive_mappings()
         if canonical is None:
-            if len(mappings) != 1:
+            # One adaptive instrument: its newest version (the one a new administration uses).
+            if len({m.instrument for m in mappings}) != 1:
                 raise BadRequest("name the static Questionnaire (questionnaire=url|version)", code="required")
-            canonical = mappings[0].questionnaires.static
+            newest = max(mappings, key=lambda m: version_key(m.version))
+            canonical = newest.questionnaires.static
+            if "|" not in canonical:
+                canonical = f"{canonical}|{newest.version}"
         static = self._canonical(repo, canonical)
         instrument = self.adaptive.instrument(f"{static.get('url')}|{static.get('version')}")
         mapping = instrument.mapping if instrument is not None else None

@@ -658,7 +658,9 @@ def _adaptive_history(
     earlier = [a for a in administrations if moment(a.authored) < current]
     later = any(moment(a.authored) > current for a in administrations)
     history = [
-        PriorAdministration(f"QuestionnaireResponse/{a.response}", a.authored, a.scales, a.alliance)
+        PriorAdministration(
+            f"QuestionnaireResponse/{a.response}", a.authored, a.scales, a.alliance, a.measured
+        )
         for a in earlier
         if a.scales or a.alliance
     ]

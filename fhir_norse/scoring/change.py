@@ -17,10 +17,12 @@ Decisions, all configurable by parameter:
   administration number, so a gap widens the time axis instead of being closed up; without gaps this is
   exactly McAleavey's formula (the denominator ``sqrt(12 / (n (n^2 - 1)))`` is ``1 / sqrt(Sxx)`` for
   equally spaced points, and the general form ``1 / sqrt(Sxx)`` is used).
-* **Elevated** means a score strictly above a cut-off on the score scale. :func:`elevated_cutoff` gives
-  the scale's own opening threshold (``open_if_trigger_gt``: the level at which the instrument starts to
-  ask about the problem) by default, or ``norm mean + z * norm SD`` for a chosen ``z`` (``z = 0`` is the
-  average new outpatient, so it would call half of all new outpatients elevated).
+* **Elevated** means a score at or above a cut-off on the score scale (the elevated range is
+  ``score >= cutoff``). :func:`elevated_cutoff` gives the scale's ``elevated_from`` from the mapping
+  (default its closing threshold ``close_if_mean_last3_lt``: where the scale would not close, about the
+  average new outpatient), or ``norm mean + z * norm SD`` for a chosen ``z``. The same cut-off decides
+  the ``elevated`` interpretation, the elevated ``referenceRange``, crossing into or out of the elevated
+  range and stagnation. A score without an elevated range (the alliance) passes ``cutoff=math.inf``.
 * **Stagnation**: the last ``stagnation_window`` scored administrations (default 4, the current one
   included) are all elevated, and neither the RC from the first to the last score of that window nor the
   RTI over the window is reliable in either direction. Fewer scored administrations than the window:
@@ -111,12 +113,13 @@ def classify(index: float, critical: float = DEFAULT_CRITICAL, higher_is_worse: 
 
 
 def elevated_cutoff(scale: Scale, *, z: float | None = None) -> float:
-    """The score above which ``scale`` counts as elevated.
+    """The lowest score of ``scale``'s elevated range (a score at or above it is elevated).
 
-    Default: the scale's opening threshold from the mapping. With ``z``: ``norm mean + z * norm SD``.
+    Default: the mapping's ``elevated_from`` (itself defaulting to the closing threshold). With ``z``:
+    ``norm mean + z * norm SD``.
     """
     if z is None:
-        return scale.open_if_trigger_gt
+        return scale.elevated_low
     return scale.norms.mean + z * scale.norms.sd
 
 
@@ -159,7 +162,7 @@ def _stagnates(
     if len(scored) < window:
         return False
     last = scored[-window:]
-    if not all(score > cutoff for _, score in last):
+    if not all(score >= cutoff for _, score in last):
         return False
     rc = reliable_change(last[0][1], last[-1][1], sd, r)
     rti = reliable_trend_index([s for _, s in last], sd, r, times=[t for t, _ in last])
@@ -213,8 +216,8 @@ def scale_change(
     rc_first = reliable_change(first, current, sd, r) if first is not None else None
     rc_previous = reliable_change(previous, current, sd, r) if previous is not None else None
     rti = reliable_trend_index([s for _, s in scored], sd, r, times=[t for t, _ in scored])
-    elevated = current > cutoff
-    was_elevated = previous > cutoff if previous is not None else None
+    elevated = current >= cutoff
+    was_elevated = previous >= cutoff if previous is not None else None
 
     def cls(index: float | None) -> ChangeClass | None:
         return None if index is None else classify(index, critical, higher_is_worse)

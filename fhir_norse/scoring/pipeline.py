@@ -17,18 +17,22 @@ no norms or reliability).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from fhir_norse.adaptive.state import Measured, ScaleState, scale_states
 from fhir_norse.alerts.rules import (
     Alert,
     AlertCode,
     AlertDecision,
     AlertRules,
     AllianceState,
-    ScaleState,
     evaluate_alerts,
+)
+from fhir_norse.alerts.rules import (
+    ScaleState as AlertScaleState,
 )
 from fhir_norse.instruments.registry import Instrument
 from fhir_norse.instruments.schema import InstrumentMapping, SumScoreMapping
@@ -48,6 +52,8 @@ class PriorAdministration:
     authored: str
     scales: Mapping[str, float] = field(default_factory=dict)  # scale code -> score (scored ones only)
     alliance: Mapping[str, float] = field(default_factory=dict)  # dimension or total code -> mean
+    # scale code -> trigger and full score (adaptive instruments), for the closing rule
+    measured: Mapping[str, Measured] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -78,13 +84,26 @@ def _alliance_changes(
             series,
             sd=basis.sd,
             r=basis.reliability.value,
-            # The alliance has no elevated range: a cut-off at the maximum is never exceeded.
-            cutoff=float(mapping.alliance.item_max),
+            # The alliance has no elevated range: no score reaches an infinite cut-off.
+            cutoff=math.inf,
             critical=mapping.change.critical,
             higher_is_worse=False,
             stagnation_window=mapping.change.stagnation_window,
         )
     return out
+
+
+def _closing_states(
+    mapping: InstrumentMapping, scores: Nf21Scores, history: Sequence[PriorAdministration]
+) -> dict[str, ScaleState]:
+    """Where the closing rule leaves each scale after this administration (the rules alone, without a
+    clinician's override), from the earlier administrations' triggers and full scores and this one's."""
+    now = {
+        code: Measured(s.trigger_problem_score, None if s.trigger_only else s.score)
+        for code, s in scores.scales.items()
+        if s.score is not None  # as the history reads it back: only scored scales have an Observation
+    }
+    return scale_states(mapping, [*(p.measured for p in history), now])
 
 
 def _nf21_alerts(
@@ -104,7 +123,7 @@ def _nf21_alerts(
         prefer_not_urgent=mapping.alerts.prefer_not_urgent,
     )
     states = [
-        ScaleState(
+        AlertScaleState(
             scale=code,
             score=s.score,
             trigger_score=s.trigger_problem_score,
@@ -212,6 +231,7 @@ def score_administration(
         }
         alliance_changes = _alliance_changes(mapping, scores, history)
         resources = build_administration(
+            closing=_closing_states(mapping, scores, history),
             response_ref=response_ref,
             patient_ref=patient_ref,
             authored=authored,

@@ -23,6 +23,18 @@ Decisions:
   unrounded; rounding them is presentation (the conclusion rounds scores to 1 decimal).
 * "Elevated" comes from the ScaleChange when given (its cut-off), else from the mapping's
   :func:`~fhir_norse.scoring.change.elevated_cutoff` when a mapping is given, else it is not claimed.
+  With a mapping each scale Observation carries two ``referenceRange`` entries: the possible scores, and
+  the elevated range (``type`` ``rom-interpretation#elevated-range``, ``low`` = the scale's
+  ``elevated_from``, by default its closing threshold): a score at or above ``low`` is ``elevated``.
+* The closing rule (with ``closing``, the state the rules leave each scale in after this administration,
+  :func:`fhir_norse.adaptive.state.scale_states`): interpretation ``trigger-only`` says the scale was
+  closed here and asked by its trigger alone (without it, it was asked in full); ``closed`` says the rule
+  leaves the scale closed after this administration (only its trigger is asked next time); component
+  ``mean-last3`` is the moving average the rule compares with the closing threshold, the mean of the last
+  ``close_window`` full scores, written once the scale has that many.
+* A single item answered with a non-numeric answer the mapping scores as a number (2.2.0: "not relevant"
+  = 1, the lowest, in the problem direction) is written as that score read in the item's own wording
+  (``min + max - score`` for an item worded as a resource), so ``value`` always reads as the wording.
 * Change interpretations carry a ``text`` naming the baseline ("since the first administration" /
   "since the previous administration"), so the two classifications can both be recorded.
 * Codes and displays of scales and alliance dimensions come from the mapping when given (``name.nb``
@@ -38,6 +50,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fhir_norse.adaptive.state import ScaleState
 from fhir_norse.canonicals import (
     CS_ALLIANCE,
     CS_COMPONENTS,
@@ -59,6 +72,7 @@ from fhir_norse.instruments.schema import InstrumentMapping, SumScoreMapping
 from fhir_norse.instruments.terminology import Terminology
 from fhir_norse.scoring.change import ScaleChange, elevated_cutoff
 from fhir_norse.scoring.engine import AllianceScore, Nf21Scores, ScaleScore, SingleItemScore
+from fhir_norse.scoring.precision import at_precision
 from fhir_norse.scoring.sums import SumScore
 
 # LOINC is re-exported for fhir_norse.rom.intake, which imports it from here (canonicals is its home).
@@ -202,7 +216,7 @@ def _elevated(
     if mapping is None or score.score is None:
         return None
     try:
-        return score.score > elevated_cutoff(mapping.scale(score.scale))
+        return score.score >= elevated_cutoff(mapping.scale(score.scale))
     except KeyError:
         return None
 
@@ -233,6 +247,7 @@ def _scale_observation(
     change: ScaleChange | None,
     mapping: InstrumentMapping | None,
     elevated: bool | None,
+    closing: ScaleState | None = None,
 ) -> Resource | None:
     if score.score is None:
         return None
@@ -244,7 +259,13 @@ def _scale_observation(
     elif elevated is False:
         interpretations.append(_interpretation("within-range", "Within range"))
     if score.trigger_only:
-        interpretations.append(_interpretation("trigger-only", "Scored from the trigger item only"))
+        interpretations.append(
+            _interpretation("trigger-only", "Closed: scored from the trigger item only (not asked in full)")
+        )
+    if closing is not None and not closing.open:
+        interpretations.append(
+            _interpretation("closed", "Closed after this administration: only its trigger is asked next time")
+        )
     components: list[dict[str, Any]] = []
     if score.z is not None:
         components.append(_ratio_component("z-score", score.z, "z-score"))
@@ -257,15 +278,66 @@ def _scale_observation(
                 "trigger-score", {"valueQuantity": _score(score.trigger_problem_score)}, "Trigger score"
             )
         )
+    moving = _moving_average(closing, mapping)
+    if moving is not None:
+        components.append(
+            _component(
+                "mean-last3",
+                {"valueQuantity": _score(moving)},
+                "Moving average of the last full scale scores (closing rule)",
+            )
+        )
     if change is not None and change.score is not None:
         change_components, change_interpretations = _change_parts(change)
         components += change_components
         interpretations += change_interpretations
     if interpretations:
         obs["interpretation"] = interpretations
-    obs["referenceRange"] = [_score_range(mapping)]
+    obs["referenceRange"] = [_score_range(mapping), *_elevated_range(score.scale, change, mapping)]
     obs["component"] = components
     return obs
+
+
+def _moving_average(closing: ScaleState | None, mapping: InstrumentMapping | None) -> float | None:
+    """The mean of the last ``close_window`` full scores once the scale has that many (the rule's
+    moving average), at the instrument's precision."""
+    if closing is None or mapping is None or closing.mean_last is None:
+        return None
+    try:
+        window = mapping.scale(closing.scale).close_window
+    except KeyError:
+        return None
+    if len(closing.full_scores) < window:
+        return None
+    return at_precision(closing.mean_last, mapping.decimals)
+
+
+def _elevated_range(
+    code: str, change: ScaleChange | None, mapping: InstrumentMapping | None
+) -> list[dict[str, Any]]:
+    """The scale's elevated range (module doc) as a typed referenceRange; none without a mapping."""
+    if mapping is None:
+        return []
+    try:
+        low = elevated_cutoff(mapping.scale(code))
+    except KeyError:
+        return []
+    if change is not None and change.score is not None:
+        low = change.cutoff
+    high = mapping.answer_handling.max
+    return [
+        {
+            "low": _score(low),
+            "high": _score(high),
+            "type": {
+                "coding": [
+                    {"system": CS_INTERPRETATION, "code": "elevated-range", "display": "Forhøyet område"}
+                ],
+                "text": "Elevated range",
+            },
+            "text": f"Elevated range: {low:g}-{high:g} (a score at or above {low:g} is elevated)",
+        }
+    ]
 
 
 def _score_range(mapping: InstrumentMapping | None) -> dict[str, Any]:
@@ -319,18 +391,24 @@ def _preference_observation(ctx: _Context, link_id: str, value: str | None) -> R
     return obs
 
 
-def _single_item_observation(ctx: _Context, item: SingleItemScore) -> Resource | None:
+def _single_item_observation(
+    ctx: _Context, item: SingleItemScore, mapping: InstrumentMapping | None = None
+) -> Resource | None:
     """A single or medication item: the answer as given (1-7); the problem-direction score, which
-    differs for items worded as a resource, is the ``scale-score`` component."""
+    differs for items worded as a resource, is the ``scale-score`` component. A non-numeric answer scored
+    as a number (``raw`` None) is written in the item's wording direction (module doc)."""
     if item.raw is None and item.problem_score is None:
         return None
+    low, high = (1, 7) if mapping is None else (mapping.answer_handling.min, mapping.answer_handling.max)
     obs = ctx.observation(
         PROFILE_SCALE_SCORE,
         {"coding": [{"system": CS_ITEMS, "code": item.link_id}]},
         f"item:{item.link_id}",
     )
-    value = item.raw if item.raw is not None else item.problem_score
-    assert value is not None
+    value = item.raw
+    if value is None:
+        assert item.problem_score is not None
+        value = low + high - item.problem_score if item.direction == "resource" else item.problem_score
     obs["valueQuantity"] = _score(value)
     components = [_component("items-answered", {"valueInteger": 1}, "Items answered")]
     if item.problem_score is not None:
@@ -453,6 +531,7 @@ def build_administration(
     alliance_changes: Mapping[str, ScaleChange] | None = None,
     issued: str | None = None,
     terminology: Terminology | None = None,
+    closing: Mapping[str, ScaleState] | None = None,
 ) -> AdministrationResources:
     """The Observations, panel and DiagnosticReport for one scored administration.
 
@@ -467,6 +546,7 @@ def build_administration(
     if "/_history/" not in response_ref and not response_ref.startswith("urn:uuid:"):
         raise ValueError(f"response_ref must be a versioned reference (got {response_ref!r})")
     changes = changes or {}
+    closing = closing or {}
     alliance_changes = alliance_changes or {}
     sum_mappings = sum_mappings or {}
     if id_factory is None and id_for is None:
@@ -482,7 +562,8 @@ def build_administration(
         for code, score in scores.scales.items():
             change = changes.get(code)
             elevated[code] = _elevated(score, change, mapping)
-            if (obs := _scale_observation(ctx, score, change, mapping, elevated[code])) is not None:
+            state = closing.get(code)
+            if (obs := _scale_observation(ctx, score, change, mapping, elevated[code], state)) is not None:
                 scale_obs.append(obs)
         alliance_scores = [*scores.alliance.dimensions.values(), scores.alliance.total]
         for a in alliance_scores:
@@ -492,7 +573,7 @@ def build_administration(
             if (obs := _preference_observation(ctx, link_id, value)) is not None:
                 preference_obs.append(obs)
         for item in [*scores.single.values(), *scores.medication.values()]:
-            if (obs := _single_item_observation(ctx, item)) is not None:
+            if (obs := _single_item_observation(ctx, item, mapping)) is not None:
                 single_obs.append(obs)
 
     sum_obs: list[Resource] = []

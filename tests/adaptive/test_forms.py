@@ -86,6 +86,38 @@ def test_the_tailored_form_opens_closes_and_keeps_the_rest_adaptive() -> None:
     }
 
 
+def test_a_scale_closed_by_the_moving_average_re_opens_within_the_administration() -> None:
+    """Issue 13, item 1: General functioning full scores 1.67, 1.0, 6.33 (mean 3.0 < 4.49), latest
+    trigger 6. Under 2.2.0 (the published rule) the scale is closed: the pages and the tailored form ask
+    its trigger first and its other items only when the trigger is above 4.5 in that same
+    administration. Under 2.1.0 it stays open and is asked in full whatever the trigger."""
+    history = [
+        {"genFunc": Measured(1, 1.67)},
+        {"genFunc": Measured(1, 1.0)},
+        {"genFunc": Measured(6, 6.33)},
+    ]
+    m22 = load_mapping(ROOT / "mappings" / "nf21-2.2.0.yaml")
+    plan22 = AdministrationPlan(m22, scale_states(m22, history))
+    plan21 = AdministrationPlan(nf21(), scale_states(nf21(), history))
+    items = {i["linkId"]: i for i in canonical("adaptive-2.2.0")["item"]}
+    # genFunc-1 is reverse keyed: the triggers are in the problem direction.
+    low, high = {"genFunc-1": 2.0}, {"genFunc-1": 6.0}
+    assert "genFunc" not in plan22.in_full_regardless()
+    assert next_page(plan22, items, ["page-triggers"], low)["linkId"] == "page-closing"  # type: ignore[index]
+    page = next_page(plan22, items, ["page-triggers"], high)
+    assert page is not None and [i["linkId"] for i in page["item"]] == ["genFunc-2", "genFunc-3"]
+    assert plan21.in_full(low) == ["genFunc"]  # 2.1.0: kept open by the high last trigger
+    # The tailored form: under 2.2.0 the group keeps its enableWhen on the trigger, under 2.1.0 not.
+    static22 = canonical("static-2.2.0")
+    tailored22 = {g["linkId"]: g for g in tailored_questionnaire(static22, plan22)["item"]}
+    assert (
+        tailored22["group-genFunc"]["enableWhen"]
+        == {g["linkId"]: g for g in static22["item"]}["group-genFunc"]["enableWhen"]
+    )
+    tailored21 = {g["linkId"]: g for g in tailored_questionnaire(canonical("static"), plan21)["item"]}
+    assert "enableWhen" not in tailored21["group-genFunc"]
+
+
 def _scale_obs(scale: str, value: float, response: str, when: str, **extra: Any) -> dict[str, Any]:
     base = "http://fhir-norse.org/fhir/CodeSystem"
     obs: dict[str, Any] = {

@@ -78,3 +78,66 @@ def test_overrides_win_and_the_rules_keep_running() -> None:
     asked = scales_to_ask(m, forced, {**low, worry: 7})
     assert asked == ["sad"]  # forced open; worry forced closed despite a high trigger
     assert forced["sad"].open is False and forced["sad"].asked_in_full
+
+
+# --- the closing rule of the mapping (issue 13, item 1) ----------------------------------------------
+
+
+@cache
+def nf21_22() -> InstrumentMapping:
+    return load_mapping(ROOT / "mappings" / "nf21-2.2.0.yaml")
+
+
+def gen_func(trigger: float, full: float | None = None) -> dict[str, Measured]:
+    return {"genFunc": Measured(trigger, full)}
+
+
+# General functioning (opens above 4.5, closes below 4.49): full scores 1.67, 1.0, 6.33, mean 3.0, the
+# latest trigger 6 (the issue's example).
+ISSUE_EXAMPLE = [gen_func(1, 1.67), gen_func(1, 1.0), gen_func(6, 6.33)]
+
+
+def test_the_mappings_name_their_closing_rule() -> None:
+    assert nf21_22().close_rule == "moving-average"  # the published rule
+    assert nf21().close_rule == "moving-average-unless-trigger-open"  # 2.1.0 keeps its behaviour
+    for m in (nf21(), nf21_22()):  # the named deviations from the published rules
+        assert m.close_min_administrations == 3 and m.full_bank_contexts == ["intake"]
+
+
+def test_published_rule_a_high_last_trigger_no_longer_keeps_a_low_mean_scale_open() -> None:
+    m = nf21_22()
+    s = m.scale("genFunc")
+    assert (s.open_if_trigger_gt, s.close_if_mean_last3_lt) == (4.5, 4.49)
+    state = scale_states(m, ISSUE_EXAMPLE)["genFunc"]
+    assert state.full_scores == (1.67, 1.0, 6.33) and state.mean_last is not None
+    assert round(state.mean_last, 2) == 3.0
+    assert state.open is False and not state.asked_in_full
+    # Next administration: its trigger is asked first, as every scale's, and re-opens it there.
+    trigger = m.trigger_of(s)
+    low = dict.fromkeys((m.trigger_of(x) for x in m.scales), 1.0)
+    assert "genFunc" not in scales_to_ask(m, {"genFunc": state}, {**low, trigger: 4.0})
+    assert scales_to_ask(m, {"genFunc": state}, {**low, trigger: 6.0}) == ["genFunc"]
+    # Asked in full there; with a high full score the moving average (1.0, 6.33, 6.33 = 4.55) keeps it
+    # open, with a low one it closes again.
+    assert scale_states(m, [*ISSUE_EXAMPLE, gen_func(6, 6.33)])["genFunc"].open is True
+    assert scale_states(m, [*ISSUE_EXAMPLE, gen_func(6, 5.0)])["genFunc"].open is False
+
+
+def test_the_2_1_0_rule_keeps_the_scale_open_while_its_trigger_is_high() -> None:
+    m = nf21()
+    assert scale_states(m, ISSUE_EXAMPLE)["genFunc"].open is True
+    # The same mean closes it once the trigger is back at or below the opening threshold.
+    assert scale_states(m, [*ISSUE_EXAMPLE[:2], gen_func(4.5, 6.33)])["genFunc"].open is False
+    # Under both rules the minimum of three full scores holds.
+    for mapping in (nf21(), nf21_22()):
+        assert scale_states(mapping, [gen_func(6, 1.0), gen_func(1, 1.0)])["genFunc"].open is True
+
+
+def test_moving_average_rule_on_the_sad_affect_sequence() -> None:
+    # The first test's sequence under the published rule: the re-opening administration (trigger 6,
+    # full score 5.5) closes the scale again at once, as mean(3, 3, 5.5) = 3.83 < 4.02; under 2.1.0 the
+    # high trigger keeps it open.
+    points = [sad(6, 6), sad(4, 4), sad(3, 3), sad(3, 3), sad(2), sad(6, 5.5)]
+    published = [scale_states(nf21_22(), points[: n + 1])["sad"].open for n in range(len(points))]
+    assert published == [True, True, True, False, False, False]
+    assert sequence(points)[-1] is True

@@ -25,6 +25,7 @@ from fhir_norse.server.interactions import FhirService
 from fhir_norse.server.resources import now_ms, stamp_meta
 from tests.intake_support import (
     NF21_STATIC,
+    NF21_STATIC_NEWEST,
     create_patient,
     nf21_answers,
     post_response,
@@ -38,6 +39,8 @@ from tests.tokens import bearer
 FHIR = {"Content-Type": "application/fhir+json"}
 OUTCOME = {"Prefer": "return=OperationOutcome"}
 NF21_URL, _, NF21_VERSION = NF21_STATIC.partition("|")
+# Every published version of the static form (issue 13 added 2.2.0; a bare canonical takes the newest).
+PUBLISHED_VERSIONS = [NF21_VERSION, NF21_STATIC_NEWEST.partition("|")[2]]
 MOOD = "http://example.org/Questionnaire/mood"
 
 
@@ -91,7 +94,8 @@ def mood(version: str | None = "1", **changes: Any) -> dict[str, Any]:
 
 def bare(patient: str) -> dict[str, Any]:
     """A response naming the static form by its bare canonical (the newest version)."""
-    return {**response(NF21_STATIC, nf21_answers(), patient=patient), "questionnaire": NF21_URL}
+    newest = response(NF21_STATIC_NEWEST, nf21_answers(version="2.2.0"), patient=patient)
+    return {**newest, "questionnaire": NF21_URL}
 
 
 def store_bypassing_the_checks(service: FhirService, res_type: str, body: dict[str, Any]) -> None:
@@ -127,7 +131,9 @@ def test_a_copy_of_a_published_form_is_refused(system_client: TestClient) -> Non
     refused(
         system_client.post("/fhir/Questionnaire", json=forged, headers=FHIR), 403, "forbidden", "published"
     )
-    assert [q["id"] for q in stored_forms(system_client, NF21_URL)] == [f"nf21-static-{NF21_VERSION}"]
+    assert sorted(q["id"] for q in stored_forms(system_client, NF21_URL)) == [
+        f"nf21-static-{v}" for v in PUBLISHED_VERSIONS
+    ]
     assert system_client.get("/fhir/Questionnaire/mine").status_code == 404
 
 
@@ -147,7 +153,7 @@ def test_no_newer_version_of_a_published_url(system_client: TestClient) -> None:
     }
     refused(system_client.post("/fhir", json=bundle, headers=FHIR), 409, "business-rule", "published content")
     assert search(system_client, "Patient") == []  # the whole transaction was rolled back
-    assert [q["version"] for q in stored_forms(system_client, NF21_URL)] == [NF21_VERSION]
+    assert sorted(q["version"] for q in stored_forms(system_client, NF21_URL)) == PUBLISHED_VERSIONS
     # The bare canonical still names the published form, and a response to it is scored.
     patient = create_patient(system_client)
     body = bare(patient)

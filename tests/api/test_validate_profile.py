@@ -112,7 +112,7 @@ def test_versioned_profile_and_instance_level(system_client: TestClient) -> None
     assert created.status_code in (200, 201), created.text
     broken = {**scale_score(), "id": "o1", "status": "preliminary"}
     response = system_client.post(
-        f"/fhir/Observation/o1/$validate?profile={SCALE_SCORE}|0.3.0", json=broken, headers=FHIR
+        f"/fhir/Observation/o1/$validate?profile={SCALE_SCORE}|0.4.0", json=broken, headers=FHIR
     )
     found = issues(response)
     assert found == [("error", "invariant", ["Observation"])]
@@ -153,7 +153,7 @@ def test_meta_profile_is_validated(system_client: TestClient) -> None:
     assert found == [("error", "structure", ["Observation.hasMember"])]
     # Named twice (meta and parameter, with and without version), checked once.
     twice = system_client.post(
-        f"/fhir/Observation/$validate?profile={SCALE_SCORE}|0.3.0", json=obs, headers=FHIR
+        f"/fhir/Observation/$validate?profile={SCALE_SCORE}|0.4.0", json=obs, headers=FHIR
     )
     assert issues(twice) == found
 

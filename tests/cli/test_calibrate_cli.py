@@ -268,8 +268,19 @@ def load_yaml(path: Path) -> Json:
 
 
 def calibrate(population: Population, content: Path, *args: str) -> int:
+    """``fhir-norse calibrate`` of nf21 2.1.0, the version the population answered (without
+    ``--from-version`` the newest mapping, 2.2.0, would be recalibrated)."""
+    source = [] if "--from-version" in args or "--instrument" in args else ["--from-version", "2.1.0"]
     return main(
-        ["calibrate", "--database-url", population.database_url, "--content-dir", str(content), *args]
+        [
+            "calibrate",
+            "--database-url",
+            population.database_url,
+            "--content-dir",
+            str(content),
+            *source,
+            *args,
+        ]
     )
 
 
@@ -384,10 +395,12 @@ def test_calibrate_writes_a_pinned_mapping_version(
     assert sorted(p.name for p in (content / "mappings").glob("nf21-*.yaml")) == [
         "nf21-2.1.0.yaml",
         "nf21-2.1.1.yaml",
+        "nf21-2.2.0.yaml",
     ]
 
-    # Run again with the defaults: the calibrated 2.1.1 is now the source, 2.1.2 keeps the pin.
-    assert calibrate(population, content, "--min-complete", str(MIN_COMPLETE)) == 0
+    # Run again from the calibrated 2.1.1 (2.2.0 is the highest version, with forms of its own): 2.1.2
+    # keeps the pin.
+    assert calibrate(population, content, "--min-complete", str(MIN_COMPLETE), "--from-version", "2.1.1") == 0
     assert "nf21 2.1.1 -> 2.1.2" in capsys.readouterr().out
     second = load_yaml(content / "mappings" / "nf21-2.1.2.yaml")
     assert second["questionnaires"]["static"] == f"{STATIC}|2.1.0"
@@ -490,6 +503,7 @@ def test_existing_files_and_versions_are_refused(tmp_path: Path, capsys: pytest.
         "README.md",
         "gad7-1.0.0.yaml",
         "nf21-2.1.0.yaml",
+        "nf21-2.2.0.yaml",
         "nf21-later.yaml",
         "nf21-site.yaml",
         "notes.txt",

@@ -118,7 +118,9 @@ def test_serve_answers_fhir_requests(tmp_path: Path) -> None:
             params={"url": "http://fhir-norse.org/fhir/Questionnaire/nf21-static"},
             headers={"Authorization": f"Bearer {token}"},
         ).json()
-        assert [e["resource"]["language"] for e in static["entry"]] == ["nb"]
+        # Both published content versions (2.1.0 and 2.2.0), in bokmål.
+        found = sorted((e["resource"]["version"], e["resource"]["language"]) for e in static["entry"])
+        assert found == [("2.1.0", "nb"), ("2.2.0", "nb")]
     finally:
         process.terminate()
         process.communicate(timeout=30)

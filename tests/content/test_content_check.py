@@ -16,6 +16,8 @@ from tools.content_check import check_content, main
 ROOT = Path(__file__).resolve().parents[2]
 STATIC = "questionnaires/nf21/Questionnaire-nf21-static.json"
 NF21 = "mappings/nf21-2.1.0.yaml"
+NF22 = "mappings/nf21-2.2.0.yaml"
+STATIC_22 = "questionnaires/nf21/Questionnaire-nf21-static-2.2.0.json"
 
 
 @pytest.fixture
@@ -109,8 +111,28 @@ def test_content_check_finds_a_gate_that_no_longer_matches_the_threshold(copy: P
 
 
 def test_content_check_finds_a_version_mismatch(copy: Path) -> None:
-    _edit_json(copy, STATIC, lambda q: q.update(version="2.2.0"))
-    assert f"{NF21}: questionnaires.static: version 2.1.0 but {STATIC} has version '2.2.0'" in _messages(copy)
+    _edit_json(copy, STATIC, lambda q: q.update(version="2.3.0"))
+    url = "http://fhir-norse.org/fhir/Questionnaire/nf21-static"
+    versions = "['2.2.0', '2.3.0']"
+    assert (
+        f"{NF21}: questionnaires.static: version 2.1.0 but the pack has {url} in version(s) {versions}"
+        in (_messages(copy))
+    )
+
+
+def test_content_check_checks_every_version_of_a_form(copy: Path) -> None:
+    """2.1.0 and 2.2.0 of one form are both published; each is checked against its own mapping, and one
+    ``url|version`` in two files is refused."""
+    _edit_yaml(copy, NF22, lambda d: d["preferences"].append({"link_id": "pref-extra", "construct": "x"}))
+    shutil.copy(copy / STATIC, copy / "questionnaires/nf21/Questionnaire-copy.json")
+    messages = _messages(copy)
+    assert f"{NF22}: pref-extra: has no item in {STATIC_22}" in messages
+    assert not any(m.startswith(f"{NF21}:") for m in messages)
+    assert (
+        "questionnaires/nf21/Questionnaire-nf21-static.json: url: "
+        "http://fhir-norse.org/fhir/Questionnaire/nf21-static|2.1.0 is also used by "
+        "questionnaires/nf21/Questionnaire-copy.json" in messages
+    )
 
 
 def test_content_check_finds_an_item_in_no_scale(copy: Path) -> None:

@@ -174,8 +174,8 @@ def test_publishing_a_search_parameter_reindexes_what_was_stored_before(
 
     report = publish_content(app.state.service, pack)
     assert sorted(report.created) == [
-        f"{BASE}/SearchParameter/Flag-category|0.3.0",
-        f"{BASE}/SearchParameter/Flag-status|0.3.0",
+        f"{BASE}/SearchParameter/Flag-category|0.4.0",
+        f"{BASE}/SearchParameter/Flag-status|0.4.0",
     ]
     assert report.reindexed == {"Flag": 1}
     assert _ids(search(system_client, by_status)) == {old}

@@ -19,6 +19,7 @@ from fhir_norse.instruments import (
 
 ROOT = Path(__file__).resolve().parents[2]
 NF21 = ROOT / "mappings" / "nf21-2.1.0.yaml"
+NF22 = ROOT / "mappings" / "nf21-2.2.0.yaml"
 CSV = ROOT.parent / "shared" / "domain" / "nf21-scales.csv"
 
 
@@ -50,8 +51,9 @@ def test_nf21_mapping_loads_with_the_instrument_structure() -> None:
 
 
 @pytest.mark.skipif(not CSV.exists(), reason="the shared domain CSV is not beside the repository")
-def test_nf21_mapping_numbers_are_the_csv_numbers() -> None:
-    m = load_mapping(NF21)
+@pytest.mark.parametrize("path", [NF21, NF22], ids=lambda p: p.stem)
+def test_nf21_mapping_numbers_are_the_csv_numbers(path: Path) -> None:
+    m = load_mapping(path)
     with CSV.open(encoding="utf-8", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [s.code for s in m.scales] == [r["scale"] for r in rows]
@@ -59,16 +61,53 @@ def test_nf21_mapping_numbers_are_the_csv_numbers() -> None:
         assert len(s.items) == int(r["n_items"])
         assert s.open_if_trigger_gt == float(r["open_if_trigger_gt"])
         assert s.close_if_mean_last3_lt == float(r["close_if_mean_last3_lt"])
-        # The mapping publishes the norms to two decimals (the case study's precision); the shared
-        # table carries them unrounded.
-        assert (s.norms.mean, s.norms.sd, s.norms.n) == (
-            round(float(r["norm_mean"]), 2),
-            round(float(r["norm_sd"]), 2),
-            int(r["norm_n"]),
-        )
+        if m.version == "2.1.0":
+            # 2.1.0 published the norms rounded to two decimals and keeps them (its stored z and T
+            # scores stay reproducible); from 2.2.0 on they are the published table's, exactly.
+            expected = (round(float(r["norm_mean"]), 2), round(float(r["norm_sd"]), 2), int(r["norm_n"]))
+        else:
+            expected = (float(r["norm_mean"]), float(r["norm_sd"]), int(r["norm_n"]))
+        assert (s.norms.mean, s.norms.sd, s.norms.n) == expected
         positions = [int(p) for p in r["item_positions_reverse_keyed"].split()]
         assert s.reverse_keyed == [s.items[p - 1] for p in positions]
         assert s.domain == r["domain"] and s.name.en == r["name_en"]
+
+
+def test_nf22_norms_carry_the_published_precision() -> None:
+    """The NorseResearch 2019 norm table at full precision (written out here, so the test runs without
+    the shared CSV); 2.1.0 rounded them, which moved z by up to 0.015."""
+    new, old = load_mapping(NF22), load_mapping(NF21)
+    worry, gen_func = new.scale("worry").norms, new.scale("genFunc").norms
+    assert (worry.mean, worry.sd) == (5.059663360384731, 1.6237779035302427)
+    assert (gen_func.mean, gen_func.sd) == (4.4861861861861865, 1.3989917825290392)
+    assert (old.scale("worry").norms.mean, old.scale("worry").norms.sd) == (5.06, 1.62)
+    for s in new.scales:
+        assert s.norms.mean != round(s.norms.mean, 2) and s.norms.sd != round(s.norms.sd, 2), s.code
+        assert (round(s.norms.mean, 2), round(s.norms.sd, 2)) == (
+            old.scale(s.code).norms.mean,
+            old.scale(s.code).norms.sd,
+        )
+
+
+def test_nf22_mapping_has_the_published_preference_and_alliance_constructs() -> None:
+    m = load_mapping(NF22)
+    assert m.version == "2.2.0"
+    assert [(p.link_id, p.construct_code) for p in m.preferences] == [
+        ("pref-techniques", "techniques"),
+        ("pref-style", "style"),
+        ("pref-feelings", "feelings"),
+        ("pref-thoughts", "thoughts"),
+        ("pref-relationship", "relationship"),
+    ]
+    assert {d.code: d.items for d in m.alliance.dimensions} == {
+        "goal": ["alliance-goal-understand"],
+        "bond": ["alliance-bond-1", "alliance-bond-accepted"],
+        "task": ["alliance-task-know"],
+    }
+    assert m.alliance.max_raw == 28
+    old = load_mapping(NF21)
+    assert "pref-feelings-thoughts" in {p.link_id for p in old.preferences}
+    assert old.alliance.items == ["alliance-goal", "alliance-bond-1", "alliance-bond-2", "alliance-task"]
 
 
 def test_a_zero_sd_names_file_and_field(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ def test_nf21_build_is_byte_identical_and_matches_the_committed_files(tmp_path: 
     build(ROOT, out_root=second)
     a, b = _generated(first), _generated(second)
     assert a == b
-    assert len(a) == 24  # the terminology, the bokmål forms and their English forms
+    assert len(a) == 28  # the terminology, the bokmål forms and their English forms, 2.1.0 and 2.2.0
     committed = {name: (ROOT / name).read_bytes() for name in a}
     assert committed == a, "run `python tools/build_content.py` and commit the result"
 
@@ -40,7 +40,7 @@ def test_nf21_build_is_byte_identical_and_matches_the_committed_files(tmp_path: 
 def test_nf21_every_generated_resource_parses_as_r4() -> None:
     paths = sorted((ROOT / "questionnaires/nf21").glob("*.json"))
     paths += sorted((ROOT / "questionnaires/terminology").glob("*.json"))
-    assert len(paths) == 24
+    assert len(paths) == 28
     for path in paths:
         parse_r4(json.loads(path.read_text(encoding="utf-8")))
 
@@ -123,3 +123,96 @@ def test_nf21_alliance_preferences_and_single_items_are_always_shown() -> None:
     assert set(MAPPING.alliance.items) <= always
     assert {p.link_id for p in MAPPING.preferences} <= always
     assert {s.link_id for s in MAPPING.single + MAPPING.medication} <= always
+
+
+def _json(rel: str) -> Any:
+    return json.loads((ROOT / rel).read_text(encoding="utf-8"))
+
+
+def _questions(form: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    stack = list(form["item"])
+    while stack:
+        item = stack.pop(0)
+        if item["type"] == "group":
+            stack += item["item"]
+        else:
+            out[item["linkId"]] = item
+    return out
+
+
+FORMS_22 = {
+    "static": "questionnaires/nf21/Questionnaire-nf21-static-2.2.0.json",
+    "adaptive": "questionnaires/nf21/Questionnaire-nf21-adaptive-2.2.0.json",
+    "static-en": "questionnaires/nf21/Questionnaire-nf21-static-en-2.2.0.json",
+    "adaptive-en": "questionnaires/nf21/Questionnaire-nf21-adaptive-en-2.2.0.json",
+}
+
+
+def test_nf22_forms_are_published_beside_the_unchanged_2_1_0_forms() -> None:
+    """2.2.0 (issue 13) asks "focus on thoughts" as its own preference and the published alliance
+    constructs; the 2.1.0 forms keep their files, version and items."""
+    assert STATIC["version"] == ADAPTIVE["version"] == "2.1.0"
+    old = _questions(STATIC)
+    assert "pref-feelings-thoughts" in old and "pref-thoughts" not in old
+    assert {"alliance-goal", "alliance-bond-2", "alliance-task"} <= set(old)
+    new22 = load_mapping(ROOT / "mappings" / "nf21-2.2.0.yaml")
+    for kind, rel in FORMS_22.items():
+        form = _json(rel)
+        base = kind.removesuffix("-en")
+        assert form["url"] == f"http://fhir-norse.org/fhir/Questionnaire/nf21-{kind}", kind
+        assert form["version"] == "2.2.0"
+        assert form["language"] == ("en" if kind.endswith("-en") else "nb")
+        if kind.endswith("-en"):
+            assert form["derivedFrom"] == [f"http://fhir-norse.org/fhir/Questionnaire/nf21-{base}|2.2.0"]
+        questions = _questions(form)
+        assert sorted(questions) == sorted(new22.all_link_ids())
+        assert "pref-feelings-thoughts" not in questions
+        assert not {"alliance-goal", "alliance-bond-2", "alliance-task"} & set(questions)
+    en = _questions(_json(FORMS_22["static-en"]))
+    nb = _questions(_json(FORMS_22["static"]))
+    assert en["pref-thoughts"]["text"] == "Focus on my thoughts"
+    assert nb["pref-thoughts"]["text"] == "Fokus på tankene mine"
+    assert [o["valueCoding"]["code"] for o in nb["pref-thoughts"]["answerOption"]] == [
+        "less",
+        "as-now",
+        "more",
+        "not-relevant",
+        "prefer-not",
+    ]
+    assert en["alliance-goal-understand"]["text"] == "I understand how this treatment is going to help me."
+    assert en["alliance-bond-1"]["text"] == "I feel that my therapist understands me."
+    assert en["alliance-bond-accepted"]["text"] == "I feel accepted as a person by my therapist."
+    assert en["alliance-task-know"]["text"] == "I know what I am to work on in my treatment."
+    dims = {
+        link_id: ext["extension"][0]["valueCoding"]["code"]
+        for link_id, item in nb.items()
+        if link_id.startswith("alliance-")
+        for ext in item["extension"]
+    }
+    assert dims == {
+        "alliance-goal-understand": "goal",
+        "alliance-bond-1": "bond",
+        "alliance-bond-accepted": "bond",
+        "alliance-task-know": "task",
+    }
+
+
+def test_nf22_terminology_adds_codes_in_a_new_version_and_retires_none_silently() -> None:
+    items = _json("questionnaires/terminology/CodeSystem-nf21-items.json")
+    assert items["version"] == "2.2.0"
+    concepts = {c["code"]: c for c in items["concept"]}
+    assert items["count"] == len(concepts) == 106
+    retired = {
+        code
+        for code, c in concepts.items()
+        if {"code": "status", "valueCode": "retired"} in c.get("property", [])
+    }
+    # The 2.1.0 codes stay (responses to 2.1.0 keep valid codes), marked retired.
+    assert retired == {"alliance-goal", "alliance-bond-2", "alliance-task", "pref-feelings-thoughts"}
+    assert concepts["pref-thoughts"]["designation"] == [{"language": "en", "value": "Focus on my thoughts"}]
+    value_set = _json("questionnaires/terminology/ValueSet-nf21-items.json")
+    assert value_set["compose"]["include"][0]["version"] == "2.2.0"
+    # Code systems whose codes did not change keep the version they were published under.
+    for cs_id in ("nf21-scales", "nf21-domains", "nf21-answers", "nf21-alliance"):
+        assert _json(f"questionnaires/terminology/CodeSystem-{cs_id}.json")["version"] == "2.1.0", cs_id

@@ -6,12 +6,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
-from tests.intake_support import NF21_STATIC, create_patient, nf21, post_response, search
+from fhir_norse.instruments.schema import load_mapping
+from tests.intake_support import NF21_STATIC, ROOT, create_patient, nf21, post_response, search
 from tests.tokens import bearer
 
 ADAPTIVE = "http://fhir-norse.org/fhir/Questionnaire/nf21-adaptive|2.1.0"
+NF21_STATIC_URL = "http://fhir-norse.org/fhir/Questionnaire/nf21-static"
 ANSWERS = "http://fhir-norse.org/fhir/CodeSystem/nf21-answers"
 CONTEXT_URL = "http://fhir-norse.org/fhir/StructureDefinition/administration-context"
 CONTEXT_CS = "http://fhir-norse.org/fhir/CodeSystem/administration-context"
@@ -146,8 +149,10 @@ def lift(system_client: TestClient, request: dict[str, Any]) -> None:
     assert got.status_code == 200, got.text
 
 
-def state_of(system_client: TestClient, patient: str) -> dict[str, dict[str, Any]]:
-    got = system_client.get(f"/fhir/Patient/{patient}/$adaptive-state")
+def state_of(system_client: TestClient, patient: str, version: str = "2.1.0") -> dict[str, dict[str, Any]]:
+    got = system_client.get(
+        f"/fhir/Patient/{patient}/$adaptive-state", params={"questionnaire": f"{NF21_STATIC_URL}|{version}"}
+    )
     assert got.status_code == 200, got.text
     out: dict[str, dict[str, Any]] = {}
     for param in got.json()["parameter"]:
@@ -300,7 +305,7 @@ def test_overrides_are_validated_audited_and_honoured(system_client: TestClient)
     assert state["worry"]["askedInFull"] is True
     assert administer(system_client, patient, {"sad": 7}, 1) == ["worry"]
     # The tailored form drops the closed scale's items and opens the forced one without enableWhen.
-    form = system_client.get(f"/fhir/Patient/{patient}/$tailored-form").json()
+    form = system_client.get(f"/fhir/Patient/{patient}/$tailored-form?questionnaire={NF21_STATIC}").json()
     groups = {g["linkId"]: g for g in form["item"]}
     assert "group-sad" not in groups and "enableWhen" not in groups["group-worry"]
     assert "enableWhen" in groups["group-somAnx"]
@@ -352,7 +357,15 @@ def test_adaptive_and_tailored_static_paths_score_identically(system_client: Tes
         administer(system_client, patient, levels, 0)
     administer(system_client, adaptive, later, 1)
 
-    populated = system_client.get(f"/fhir/Questionnaire/$populate?subject=Patient/{static}")
+    # Without a questionnaire the newest version is tailored (2.2.0); this patient answers 2.1.0.
+    newest = system_client.get(f"/fhir/Questionnaire/$populate?subject=Patient/{static}")
+    assert newest.status_code == 200, newest.text
+    assert newest.json()["parameter"][0]["resource"]["contained"][0]["derivedFrom"] == [
+        NF21_STATIC.replace("|2.1.0", "|2.2.0")
+    ]
+    populated = system_client.get(
+        f"/fhir/Questionnaire/$populate?subject=Patient/{static}&questionnaire={NF21_STATIC}"
+    )
     assert populated.status_code == 200, populated.text
     qr = populated.json()["parameter"][0]["resource"]
     form = qr["contained"][0]
@@ -370,7 +383,7 @@ def test_items_of_closed_scales_are_not_required(system_client: TestClient) -> N
     were not asked is complete; leaving out an item of a scale that was asked is not."""
     patient = create_patient(system_client)
     administer(system_client, patient, {"sad": 6}, 0)
-    stored = system_client.get(f"/fhir/Patient/{patient}/$tailored-form").json()
+    stored = system_client.get(f"/fhir/Patient/{patient}/$tailored-form?questionnaire={NF21_STATIC}").json()
     # Contained (the stored form changed: every item required), under a local id and without meta.
     form = {**{k: v for k, v in stored.items() if k != "meta"}, "id": "tailored"}
 
@@ -515,3 +528,107 @@ def test_operation_parameters_and_their_errors(system_client: TestClient) -> Non
     response = populated.json()["parameter"][0]["resource"]
     assert response["subject"] == {"reference": f"Patient/{patient}"} and response["status"] == "in-progress"
     assert system_client.get("/fhir/Questionnaire/$populate").status_code == 400  # no subject
+
+
+# --- the closing rule of each mapping version (issue 13, item 1) ---------------------------------------
+
+ADAPTIVE_22 = "http://fhir-norse.org/fhir/Questionnaire/nf21-adaptive|2.2.0"
+INTERPRETATION_CS = "http://fhir-norse.org/fhir/CodeSystem/rom-interpretation"
+
+
+def _gen_func_answers(version: str, levels: tuple[int, int, int]) -> dict[str, str]:
+    """Every scale at level 1 but General functioning at ``levels`` (problem direction, its trigger
+    first; genFunc-1 and -2 are reverse keyed), the other items answered as a patient would."""
+    m = load_mapping(ROOT / "mappings" / f"nf21-{version}.yaml")
+    out = {i: ("7" if i in s.reverse_keyed else "1") for s in m.scales for i in s.items}
+    gen = m.scale("genFunc")
+    for link_id, level in zip(gen.items, levels, strict=True):
+        out[link_id] = str(8 - level if link_id in gen.reverse_keyed else level)
+    out.update({i: "6" for i in m.alliance.items})
+    out.update({p.link_id: "as-now" for p in m.preferences})
+    out.update({s.link_id: "4" for s in [*m.single, *m.medication]})
+    return out
+
+
+def _adaptive_session(
+    system_client: TestClient,
+    patient: str,
+    version: str,
+    levels: tuple[int, int, int],
+    week: int,
+    store: bool,
+) -> dict[str, list[str]]:
+    body = start(patient, authored=_week(week), questionnaire=ADAPTIVE_22 if version == "2.2.0" else ADAPTIVE)
+    answers = _gen_func_answers(version, levels)
+    pages: dict[str, list[str]] = {}
+    for _ in range(5):
+        got = system_client.post("/fhir/Questionnaire/$next-question", json=body)
+        assert got.status_code == 200, got.text
+        body = got.json()
+        if body["status"] == "completed":
+            break
+        page = body["contained"][0]["item"][-1]
+        pages[page["linkId"]] = [i["linkId"] for i in page["item"]]
+        body.setdefault("item", []).append(_answer_page(page, answers))
+    assert body["status"] == "completed"
+    assert body["contained"][0]["derivedFrom"] == [ADAPTIVE_22 if version == "2.2.0" else ADAPTIVE]
+    if store:
+        stored = post_response(system_client, body)
+        assert stored.status_code == 201, stored.text
+    return pages
+
+
+@pytest.mark.parametrize(("version", "closes"), [("2.2.0", True), ("2.1.0", False)])
+def test_the_published_closing_rule_and_the_re_opening_within_the_next_session(
+    system_client: TestClient, version: str, closes: bool
+) -> None:
+    """General functioning (opens above 4.5, closes below 4.49): intake 2.33 (trigger 5 opens it), then
+    1.0, then 6.33 with trigger 6: mean 3.22. Under 2.2.0 (the published moving average) the scale
+    closes although its last trigger is high; at the next session its trigger is asked first and, above
+    4.5, re-opens it in that same session. Under 2.1.0 the high trigger keeps it open."""
+    patient = create_patient(system_client)
+    _adaptive_session(system_client, patient, version, (5, 1, 1), 0, store=True)  # intake: full bank
+    assert state_of(system_client, patient, version)["genFunc"]["open"] is True
+    second = _adaptive_session(system_client, patient, version, (1, 1, 1), 1, store=True)
+    assert second["page-scales"] == ["genFunc-2", "genFunc-3"]  # open: fewer than 3 full scores
+    third = _adaptive_session(system_client, patient, version, (6, 6, 7), 2, store=True)
+    assert third["page-scales"] == ["genFunc-2", "genFunc-3"]
+
+    state = state_of(system_client, patient, version)["genFunc"]
+    assert state["open"] is (not closes) and state["askedInFull"] is (not closes)
+    got = system_client.get(
+        f"/fhir/Patient/{patient}/$adaptive-state", params={"questionnaire": f"{NF21_STATIC_URL}|{version}"}
+    ).json()
+    gen = next(
+        {q["name"]: q for q in p["part"]}
+        for p in got["parameter"]
+        if p["name"] == "scale" and p["part"][0]["valueCoding"]["code"] == "genFunc"
+    )
+    assert gen["meanOfLast"]["valueDecimal"] == pytest.approx(3.22, abs=0.005)
+    assert gen["lastTrigger"]["valueDecimal"] == 6
+    # The stored Observation of the third session says so, with the moving average it compared.
+    obs = next(
+        o
+        for o in search(system_client, f"Observation?subject=Patient/{patient}&code={SCALES_CS}|genFunc")
+        if o["effectiveDateTime"] == _week(2)
+    )
+    codes = [
+        c["code"]
+        for i in obs.get("interpretation", [])
+        for c in i["coding"]
+        if c["system"] == INTERPRETATION_CS
+    ]
+    assert ("closed" in codes) is closes
+    mean = [c for c in obs["component"] if c["code"]["coding"][0]["code"] == "mean-last3"]
+    assert mean[0]["valueQuantity"]["value"] == 3.22
+
+    # Next session, trigger low: under 2.2.0 only the trigger is asked; under 2.1.0 the scale in full.
+    low = _adaptive_session(system_client, patient, version, (2, 2, 2), 3, store=False)
+    assert low.get("page-scales", []) == ([] if closes else ["genFunc-2", "genFunc-3"])
+    # Trigger above 4.5: the scale re-opens within this same session and is asked in full.
+    high = _adaptive_session(system_client, patient, version, (6, 6, 6), 3, store=True)
+    assert high["page-triggers"][-2:] == ["genFunc-1", "cog-1"] and high["page-scales"] == [
+        "genFunc-2",
+        "genFunc-3",
+    ]
+    assert _scores(system_client, patient, 3)["genFunc"] == 6.0

@@ -7,11 +7,12 @@ searches for the scale, alliance and preference Observations, the alert Flags an
 The answer levels follow the stories in ``../shared/domain/README.md`` ("Two patients from the case
 study") and ``../shared/seed/case-study-norse-feedback.txt``. What the server should make of them is
 computed here independently, from the documented rules and the mapping's numbers (norm SD, reliability,
-critical value, stagnation window, the opening threshold as the elevated cut-off, the alliance floor):
+critical value, stagnation window, the elevated range (score >= elevated_from, by default the closing
+threshold; issue 13), the alliance floor):
 
 * RC = (x2 - x1) / (sqrt(2) * SD * sqrt(1 - r)); RTI = b1 / (SD * sqrt(1 - r) * sqrt(12 / (n (n^2 - 1))))
   over the n administrations so far; reliable when |index| > critical.
-* Stagnation: the last ``stagnation_window`` scores are all above the cut-off and neither the RC over
+* Stagnation: the last ``stagnation_window`` scores are all in the elevated range and neither the RC over
   that window nor its RTI is reliable.
 * ``deterioration/<scale>``: reliable deterioration since the previous administration.
   ``alliance-rupture``: total below the floor (percent of the maximum raw score) or reliably lower than
@@ -29,7 +30,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from fractions import Fraction
 from typing import Any
@@ -201,7 +202,7 @@ def expected_series(
         last = xs[-window:]
         stagnation = (
             n >= window
-            and all(x > cutoff for x in last)
+            and all(x >= cutoff for x in last)
             and abs(rc(last[0], last[-1], sd, r)) <= critical
             and abs(rti(last, sd, r)) <= critical
         )
@@ -213,7 +214,7 @@ def expected_series(
                 rti=trend,
                 first=None if rc_first is None else change_class(rc_first, critical, worse_up),
                 previous=None if rc_previous is None else change_class(rc_previous, critical, worse_up),
-                elevated=now > cutoff,
+                elevated=now >= cutoff,
                 stagnation=stagnation,
             )
         )
@@ -226,7 +227,7 @@ def expected_scale(reports: Sequence[Report], code: str, mapping: InstrumentMapp
         [scale_score(rep.scales[code]) for rep in reports],
         sd=scale.norms.sd,
         r=scale.reliability.value,
-        cutoff=scale.open_if_trigger_gt,
+        cutoff=scale.elevated_low,
         critical=mapping.change.critical,
         window=mapping.change.stagnation_window,
         worse_up=True,
@@ -240,7 +241,7 @@ def expected_alliance(reports: Sequence[Report], code: str, mapping: InstrumentM
         [alliance_mean(rep, code) for rep in reports],
         sd=basis.sd,
         r=basis.reliability.value,
-        cutoff=float(mapping.alliance.item_max),
+        cutoff=math.inf,  # the alliance has no elevated range
         critical=mapping.change.critical,
         window=mapping.change.stagnation_window,
         worse_up=False,
@@ -525,12 +526,29 @@ ALERT_NAMES = {RUPTURE: "alliance rupture", "deterioration": "reliable deteriora
 
 def check_reports(system_client: TestClient, run_: Run, stagnating: Sequence[str]) -> dict[str, Json]:
     """One DiagnosticReport per administration; its conclusion leads with the alerts that hold and
-    names the stagnating scales."""
+    names the stagnating scales: ``stagnating`` (the story's) and any other scale the oracle finds
+    stagnating (a scale answered at level 2 throughout, in the elevated range of a scale that closes
+    below 1.5, stagnates too)."""
     mapping = nf21()
+    stagnating = [*stagnating, *(c for c in mapping.display_order if c not in stagnating)]
     holding = expected_holding(run_.reports, mapping)
     reports = by_effective(search(system_client, f"DiagnosticReport?subject=Patient/{run_.patient}"))
     assert sorted(reports) == sorted(run_.authored)
-    stagnation = {code: expected_scale(run_.reports, code, mapping) for code in stagnating}
+    untracked = [
+        replace(
+            rep,
+            scales={
+                **rep.scales,
+                **{
+                    c: (2,) * len(mapping.scale(c).items)
+                    for c in mapping.display_order
+                    if c not in rep.scales
+                },
+            },
+        )
+        for rep in run_.reports
+    ]  # level 2 (answers_for)
+    stagnation = {code: expected_scale(untracked, code, mapping) for code in stagnating}
     for i, (rep, when) in enumerate(zip(run_.reports, run_.authored, strict=True)):
         conclusion = str(reports[when]["conclusion"])
         where = f"report {rep.number}: {conclusion}"
@@ -693,7 +711,10 @@ def test_sonja(server: TestClient) -> None:
     # ... and where the story puts it
     assert stagnation_reports(internal, sonja) == list(range(4, 14))
     assert stagnation_reports(worry, sonja) == list(range(5, 14))
-    assert stagnation_reports(control, sonja) == [6, 7, 8, 13]
+    # Control's elevated range starts at its closing threshold 3.73 (issue 13): the dip to 4 at report 9
+    # stays in it, so control stagnates from report 4 on (it was [6, 7, 8, 13] with the opening threshold
+    # as the cut-off).
+    assert stagnation_reports(control, sonja) == list(range(4, 14))
 
     # Worsening at the end: reliable deterioration since the previous and the first report
     sad = check_scale_observations(system_client, sonja, "sad")
@@ -735,7 +756,10 @@ def test_sonja(server: TestClient) -> None:
     # The report per administration names the alerts and the stagnating scales
     reports = check_reports(system_client, sonja, ["internal", "worry", "control", "sad", "hopeless"])
     assert reports[at(3)]["conclusion"].startswith("Alert: alliance rupture")
-    assert "Stagnation: Worry, Internal Avoidance, Need for Control." in reports[at(13)]["conclusion"]
+    # Eating, suicidality and substance use sit at the fixture's level 2 throughout: in the elevated
+    # range of a scale that closes below 1.5 (issue 13), so they stagnate too.
+    stagnating = "Eating Problems, Suicidality, Substance Use, Worry, Internal Avoidance, Need for Control"
+    assert f"Stagnation: {stagnating}." in reports[at(13)]["conclusion"]
     assert (
         "Reliable deterioration since the first administration: Sad Affect, Hopelessness, Need for Control."
         in (reports[at(13)]["conclusion"])

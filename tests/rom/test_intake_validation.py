@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from tests.intake_support import (
     FHIR,
     NF21_STATIC,
+    NF21_STATIC_NEWEST,
     PHQ9,
     PHQ9_ITEMS,
     create_patient,
@@ -56,8 +57,18 @@ def test_unknown_questionnaire_version_is_422(system_client: TestClient) -> None
 
 
 def test_a_bare_canonical_takes_the_newest_version(system_client: TestClient) -> None:
-    body = valid(system_client)
-    body["questionnaire"] = NF21_STATIC.split("|")[0]
+    """The bare canonical names the newest published version (2.2.0): an answer only 2.1.0 asks is
+    refused under it, and the newest version's answers are accepted and scored."""
+    patient = create_patient(system_client)
+    body = {
+        **response(NF21_STATIC, nf21_answers(), patient=patient),
+        "questionnaire": NF21_STATIC.split("|")[0],
+    }
+    answer = post_response(system_client, body)
+    assert answer.status_code == 422
+    assert "linkId 'alliance-goal' is not in" in answer.text
+    newest = response(NF21_STATIC_NEWEST, nf21_answers(version="2.2.0"), patient=patient)
+    body = {**newest, "questionnaire": NF21_STATIC.split("|")[0]}
     assert post_response(system_client, body).status_code == 201
     assert len(search(system_client, "DiagnosticReport")) == 1
 

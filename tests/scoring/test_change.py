@@ -23,7 +23,7 @@ NF21 = Path(__file__).resolve().parents[2] / "mappings" / "nf21-2.1.0.yaml"
 # Round numbers for hand computation: S_diff = sqrt(2) * 1.5 * sqrt(0.2) = 0.948683...
 SD = 1.5
 R = 0.8
-# Elevated above 4.5; a change is reliable when |x2 - x1| > 1.96 * 0.948683 = 1.859.
+# Elevated at 4.5 and above; a change is reliable when |x2 - x1| > 1.96 * 0.948683 = 1.859.
 CUT = 4.5
 
 
@@ -118,9 +118,11 @@ def test_crossing_into_and_out_of_elevated() -> None:
     assert out.crossed_out_of_elevated and not out.crossed_into_elevated and not out.elevated
     stays = scale_change("sad", [5.0, 6.0], sd=SD, r=R, cutoff=CUT)
     assert not stays.crossed_into_elevated and not stays.crossed_out_of_elevated
-    # Exactly at the cut-off is not elevated (strictly above, like the opening rule).
-    at = scale_change("sad", [5.0, 4.5], sd=SD, r=R, cutoff=CUT)
-    assert not at.elevated and at.crossed_out_of_elevated
+    # The elevated range includes its low end: exactly at the cut-off is elevated.
+    at = scale_change("sad", [4.0, 4.5], sd=SD, r=R, cutoff=CUT)
+    assert at.elevated and at.crossed_into_elevated
+    below = scale_change("sad", [4.5, 4.49], sd=SD, r=R, cutoff=CUT)
+    assert not below.elevated and below.crossed_out_of_elevated
 
 
 def test_missing_administrations_are_skipped() -> None:
@@ -175,14 +177,19 @@ def test_invalid_window() -> None:
         scale_change("sad", [5.0, 5.0], sd=SD, r=R, cutoff=CUT, stagnation_window=1)
 
 
-def test_from_mapping_uses_norm_sd_reliability_and_opening_threshold() -> None:
+def test_from_mapping_uses_norm_sd_reliability_and_the_elevated_range() -> None:
     mapping = load_mapping(NF21)
     sad = mapping.scale("sad")
     c = scale_change_for(sad, [3.0, 6.0])
     assert c.scale == "sad"
-    assert c.cutoff == sad.open_if_trigger_gt
+    # No elevated_from in the mapping: the elevated range starts at the closing threshold (4.02), not
+    # at the opening one (4.5).
+    assert sad.elevated_from is None
+    assert c.cutoff == sad.close_if_mean_last3_lt == 4.02
     assert c.rc_previous == pytest.approx(reliable_change(3.0, 6.0, sad.norms.sd, sad.reliability.value))
     assert c.crossed_into_elevated
-    assert elevated_cutoff(sad) == sad.open_if_trigger_gt
+    assert elevated_cutoff(sad) == sad.close_if_mean_last3_lt
+    assert elevated_cutoff(sad.model_copy(update={"elevated_from": 5.0})) == 5.0
+    assert scale_change_for(sad, [4.02]).elevated and not scale_change_for(sad, [4.01]).elevated
     assert elevated_cutoff(sad, z=0.5) == pytest.approx(sad.norms.mean + 0.5 * sad.norms.sd)
     assert scale_change_for(sad, [3.0, 6.0], cutoff=6.5).elevated is False

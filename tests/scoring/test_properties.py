@@ -140,11 +140,14 @@ def series_with_gaps(draw: st.DrawFn) -> list[float | None]:
 
 @st.composite
 def stagnation_cases(draw: st.DrawFn) -> tuple[str, list[float]]:
-    """A scale and 1-8 scores in hundredths around its cut-off, mostly above it, so that both outcomes
-    (stagnating or not) are common; one score in ten right at the cut-off, which is not above it."""
+    """A scale and 1-8 scores in hundredths around its cut-off, mostly at or above it, so that both
+    outcomes (stagnating or not) are common; one score in ten right at the cut-off (elevated) and one just
+    below it (not elevated)."""
     code = draw(scale_codes())
-    cut = round(nf21().scale(code).open_if_trigger_gt * 100)
-    offset = st.integers(0, 9).flatmap(lambda k: st.just(0) if k == 0 else st.integers(-50, 250))
+    cut = round(nf21().scale(code).elevated_low * 100)
+    offset = st.integers(0, 9).flatmap(
+        lambda k: st.just(0) if k == 0 else st.just(-1) if k == 1 else st.integers(-50, 250)
+    )
     score = offset.map(lambda h: min(7.0, max(1.0, (cut + h) / 100)))
     return code, draw(st.lists(score, min_size=1, max_size=8))
 
@@ -338,8 +341,9 @@ def test_rti_is_the_published_formula_and_ignores_the_level(
 
 
 def test_stagnation_is_the_documented_rule() -> None:
-    """Stagnation at the last administration: the last ``window`` scores are all above the scale's
-    cut-off (its opening threshold) and neither their RC (first to last) nor their RTI is reliable."""
+    """Stagnation at the last administration: the last ``window`` scores are all in the scale's elevated
+    range (at or above elevated_from, by default its closing threshold) and neither their RC (first to
+    last) nor their RTI is reliable."""
     mapping = nf21()
     critical, window = mapping.change.critical, mapping.change.stagnation_window
     seen = {True: 0, False: 0}
@@ -349,17 +353,17 @@ def test_stagnation_is_the_documented_rule() -> None:
     def holds(case: tuple[str, list[float]]) -> None:
         code, series = case
         scale = mapping.scale(code)
-        sd, r, cut = scale.norms.sd, scale.reliability.value, scale.open_if_trigger_gt
+        sd, r, cut = scale.norms.sd, scale.reliability.value, scale.close_if_mean_last3_lt
         got = scale_change_for(scale, series, critical=critical, stagnation_window=window)
         last = series[-window:]
         expected = (
             len(series) >= window
-            and all(x > cut for x in last)
+            and all(x >= cut for x in last)
             and abs(reliable_change(last[0], last[-1], sd, r)) <= critical
             and abs(rti_published(last, sd, r)) <= critical
         )
         assert got.stagnation == expected
-        assert got.elevated == (series[-1] > cut)
+        assert got.elevated == (series[-1] >= cut)
         seen[expected] += 1
 
     holds()

@@ -254,7 +254,7 @@ def test_a_conforming_instance_passes(name: str) -> None:
 def test_knows_urls_with_and_without_version() -> None:
     v = validator()
     assert v.knows(SCALE_SCORE)
-    assert v.knows(f"{SCALE_SCORE}|0.3.0")
+    assert v.knows(f"{SCALE_SCORE}|0.4.0")
     assert not v.knows(f"{SCALE_SCORE}|9.9.9")
     assert not v.knows(SD + "no-such-profile")
     assert not v.knows("http://hl7.org/fhir/StructureDefinition/Observation")
