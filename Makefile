@@ -39,8 +39,9 @@ check: $(STAMP)
 content-check: $(STAMP)
 	$(BIN)/python -m tools.content_check $(if $(CONTENT_DIR),--content-dir $(CONTENT_DIR))
 
+# Issue 14's comparison at full scale (1M Observations; starts sekmet-fhir and Medplum's router itself).
 bench: $(STAMP)
-	$(BIN)/python -m bench.run_all
+	$(BIN)/python -m bench.run_all --issue14 --scale full
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

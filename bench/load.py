@@ -62,9 +62,10 @@ def _bulk_batch(conn: sa.Connection, batch: list[tuple[str, str, dict[str, Any],
                 "last_updated": lu,
                 "method": "create",
                 "deleted": False,
-                "body": b,
+                # The current version's body is stored in ``resource`` only (issue 14).
+                "body": None,
             }
-            for t, i, b, lu, _ in batch
+            for t, i, _b, lu, _ in batch
         ],
     )
     grouped: dict[sa.Table, list[dict[str, Any]]] = {}

@@ -1,4 +1,13 @@
-"""Run the issue-2 benchmark end to end and write BENCHMARKS.md.
+"""Run the benchmarks end to end and write BENCHMARKS.md.
+
+Issue 14 (`make bench`): fhir-norse on SQLite and PostgreSQL against sekmet-fhir and Medplum's
+fhir-router, with wrk (see ``bench/issue14.py``):
+
+    python -m bench.run_all --issue14 [--scale small|issue|full] [--only read,search,create,...]
+                            [--seconds 20] [--soak-seconds 600] [--plan-responses 10000]
+    python -m bench.run_all --issue14 --report-only --scale small   # rewrite its section only
+
+Issue 2 (the older sections, kept below the Issue 14 one):
 
     python -m bench.run_all            # 10,000 patients x 100 Observations (1,010,000 resources)
     python -m bench.run_all --small    # 200 x 10, fewer requests: a smoke run (minutes)
@@ -416,8 +425,42 @@ def report(label: str, run_info: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def issue14_main(a: argparse.Namespace) -> int:
+    from bench import issue14
+
+    if not a.report_only:
+        only = tuple(x.strip() for x in a.only.split(",")) if a.only else issue14.MEASURES
+        unknown = set(only) - set(issue14.MEASURES)
+        if unknown:
+            raise SystemExit(f"--only: unknown {sorted(unknown)}; choose from {', '.join(issue14.MEASURES)}")
+        opts = issue14.Options(
+            scale=a.scale,
+            only=only,
+            seconds=a.seconds,
+            soak_seconds=a.soak_seconds,
+            plan_responses=a.plan_responses,
+            competitors=tuple(x for x in a.competitors.split(",") if x),
+            databases=tuple(x for x in a.databases.split(",") if x),
+            skip_load=a.skip_load,
+            competitor_scale=a.competitor_scale,
+        )
+        issue14.run(opts)
+    path = issue14.write_report(a.scale)
+    print(f"[run_all] wrote the Issue 14 section of {path}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run_all")
+    p.add_argument("--issue14", action="store_true", help="issue 14's comparison (bench/issue14.py)")
+    p.add_argument("--scale", choices=["small", "issue", "full"], default="full", help="--issue14 dataset")
+    p.add_argument("--competitor-scale", choices=["small", "issue", "full"], default="issue")
+    p.add_argument("--only", help="--issue14: comma-separated measures (default all)")
+    p.add_argument("--seconds", type=int, default=20, help="--issue14: seconds per wrk run")
+    p.add_argument("--soak-seconds", type=int, default=600)
+    p.add_argument("--plan-responses", type=int, default=10_000)
+    p.add_argument("--competitors", default="sekmet,medplum", help="--issue14: which competitors (or '')")
+    p.add_argument("--databases", default="sqlite,postgresql", help="--issue14: which fhir-norse databases")
     p.add_argument("--small", action="store_true")
     p.add_argument("--patients", type=int)
     p.add_argument("--per-patient", type=int)
@@ -427,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--skip-load", action="store_true")
     a = p.parse_args(argv)
+    if a.issue14:
+        return issue14_main(a)
     label = "small" if a.small else "full"
     patients = a.patients or (200 if a.small else 10_000)
     per_patient = a.per_patient or (10 if a.small else 100)
@@ -510,6 +555,11 @@ def main(argv: list[str] | None = None) -> int:
         extra = common.ROOT / "bench" / name
         if extra.exists():
             text = text.rstrip("\n") + "\n\n" + extra.read_text(encoding="utf-8")
+    # Issue 14's section (``--issue14``) stays first.
+    from bench import issue14
+
+    if issue14.SECTION_FILE.exists():
+        text = issue14.splice(text, issue14.SECTION_FILE.read_text(encoding="utf-8"))
     (common.ROOT / "BENCHMARKS.md").write_text(text, encoding="utf-8")
     print(f"[run_all] wrote {common.ROOT / 'BENCHMARKS.md'}", flush=True)
     return 0

@@ -24,9 +24,12 @@ from fhir_norse.server.operations.registry import Operation, OperationRegistry
 from fhir_norse.server.operations.validate import VALIDATE
 from fhir_norse.server.profiles import ProfileValidator
 from fhir_norse.server.repository import Kernel, StorageHook
-from fhir_norse.server.search.extract import default_extractor, extractor_for
+from fhir_norse.server.search.extract import default_extractor
+from fhir_norse.server.search.known_shape import extractor_for
 from fhir_norse.server.validation import preload as preload_validation
 from fhir_norse.store.db import create_engine
+from fhir_norse.store.maintenance import StatisticsKeeper
+from fhir_norse.store.search.advertised import parse_extra
 from fhir_norse.store.search.params import default_registry
 from fhir_norse.store.search.request import SearchLimits
 from fhir_norse.store.storage import Storage
@@ -42,8 +45,11 @@ def build_service(settings: Settings) -> FhirService:
         busy_timeout_ms=settings.sqlite_busy_timeout_ms,
         pool_size=settings.db_pool_size,
     )
-    # The R4 search parameters and the content pack's (Flag?status=...).
-    registry = search_registry(settings.content_dir)
+    if settings.db_statistics_interval_s > 0:
+        # PostgreSQL only; a daemon thread that ends with the engine (store/maintenance.py).
+        StatisticsKeeper(engine, settings.db_statistics_interval_s).start()
+    # The advertised R4 search parameters, the content pack's (Flag?status=...) and the site's extra ones.
+    registry = search_registry(settings.content_dir, parse_extra(settings.search_extra_parameters))
     extractor = extractor_for(registry)
     # Compile every FHIRPath expression and load the definitions now, not on a patient's first write.
     extractor.prepare()

@@ -7,6 +7,7 @@ each make their own.
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -41,12 +42,23 @@ class Settings(BaseSettings):
     search_max_parameters: int = Field(default=50, gt=0)
     search_max_values: int = Field(default=200, gt=0)
     search_timeout_seconds: float = Field(default=10.0, gt=0)
+    # R4 search parameters indexed and answered on top of the advertised ones
+    # (fhir_norse/store/search/advertised.py), comma-separated Type.code: "Observation.combo-code,...".
+    # Run `fhir-norse reindex --type <Type>` after adding one so resources stored before are found.
+    search_extra_parameters: str = ""
     # SQLite durability: FULL syncs the WAL on every commit, so a committed write survives a
     # power cut; NORMAL is faster but may lose the last commits on power loss.
     sqlite_synchronous: Literal["FULL", "NORMAL", "EXTRA"] = "FULL"
     sqlite_busy_timeout_ms: int = 30_000
-    db_pool_size: int = 10
+    # Connections per server process (and as many more under a burst): `serve` runs one process per core.
+    db_pool_size: int = Field(default=5, ge=1)
+    # PostgreSQL: analyze tables whose rows changed by more than 10 % since their statistics were taken
+    # (fhir_norse/store/maintenance.py), checked every this many seconds; 0 turns the check off.
+    db_statistics_interval_s: float = Field(default=60.0, ge=0)
     log_level: str = "INFO"
+    # Server processes of `fhir-norse serve` (each with its own app and connection pool; migrations
+    # run once before they start). None: one per core (os.cpu_count()); 1: a single process.
+    workers: int | None = Field(default=None, ge=1, le=256)
     # Production unless development is chosen explicitly: development accepts a built-in key
     # passphrase, production refuses to start without a real one.
     mode: Literal["development", "production"] = "production"
@@ -94,6 +106,10 @@ class Settings(BaseSettings):
             return [str(ipaddress.ip_network(entry.strip(), strict=False)) for entry in value]
         except ValueError as exc:
             raise ValueError(f"trusted_proxies: not an IP address or network ({exc})") from None
+
+    def worker_count(self) -> int:
+        """The number of server processes: ``workers``, else one per core."""
+        return self.workers or os.cpu_count() or 1
 
     def fhir_base_url(self) -> str:
         """The FHIR base URL from configuration alone: ``base_url``, else this server's own address."""

@@ -18,13 +18,14 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+import fhir_norse.auth.tables
+import fhir_norse.store.audit_tables  # noqa: F401  (their tables are on METADATA)
 from fhir_norse.api.app import create_app
 from fhir_norse.api.auth_setup import build_key_store
-from fhir_norse.auth.tables import ClientRow, UsedJtiRow
 from fhir_norse.config import Settings
 from fhir_norse.store import migrate
 from fhir_norse.store.db import create_engine
-from fhir_norse.store.tables import INDEX_TABLES, HistoryRow, ResourceRow
+from fhir_norse.store.tables import METADATA
 from tests.fhir_r4_client import check_response
 from tests.tokens import bearer
 
@@ -105,14 +106,9 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-# Emptied between PostgreSQL tests; the signing key is restored (as a restarted server keeps it).
-_ALL_TABLES = [
-    ResourceRow.__table__,  # type: ignore[attr-defined]
-    HistoryRow.__table__,  # type: ignore[attr-defined]
-    *INDEX_TABLES,
-    ClientRow.__table__,  # type: ignore[attr-defined]
-    UsedJtiRow.__table__,  # type: ignore[attr-defined]
-]
+# Emptied between PostgreSQL tests: every table of the schema (so a new one cannot carry rows from one
+# test into the next); the signing key is restored (as a restarted server keeps it).
+_ALL_TABLES = [t for t in METADATA.sorted_tables if t.name != "auth_signing_key"]
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -35,6 +35,7 @@ __all__ = [
     "PAGE_SCALES",
     "PAGE_TRIGGERS",
     "AdministrationPlan",
+    "FormItems",
     "next_page",
     "tailored_form",
     "tailored_questionnaire",
@@ -139,25 +140,47 @@ def _page(
     }
 
 
+class FormItems:
+    """A canonical form's item definitions by linkId, built once per form version: each also as its JSON
+    text, so that a page's copies are one ``orjson.loads`` of the joined texts (no walk of the definitions
+    per call). Immutable once built: nothing hands out the definitions themselves, only copies."""
+
+    __slots__ = ("_encoded", "_items")
+
+    def __init__(self, items: Mapping[str, Mapping[str, Any]]) -> None:
+        self._items = dict(items)
+        self._encoded = {link_id: orjson.dumps(item) for link_id, item in self._items.items()}
+
+    def get(self, link_id: str) -> Mapping[str, Any] | None:
+        """The definition of ``link_id`` (not to be changed), or None."""
+        return self._items.get(link_id)
+
+    def copies(self, link_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Fresh copies of the definitions of ``link_ids`` that the form defines, in that order."""
+        parts = [self._encoded[i] for i in link_ids if i in self._encoded]
+        return list(orjson.loads(b"[" + b",".join(parts) + b"]"))
+
+
 def next_page(
     plan: AdministrationPlan,
-    canonical_items: Mapping[str, dict[str, Any]],
+    canonical_items: Mapping[str, dict[str, Any]] | FormItems,
     delivered: Sequence[str],
     triggers: Mapping[str, float | None],
     language: str = "nb",
 ) -> dict[str, Any] | None:
     """The next page group, or None when every page has been delivered.
 
-    ``canonical_items``: the adaptive canonical's item definitions by linkId; ``delivered``: the page
+    ``canonical_items``: the adaptive canonical's item definitions by linkId (or built once, as
+    :class:`FormItems`); ``delivered``: the page
     linkIds the contained Questionnaire holds already; ``triggers``: this administration's trigger answers
     so far (problem direction, by linkId).
     """
 
+    form = canonical_items if isinstance(canonical_items, FormItems) else FormItems(canonical_items)
+
     def items(link_ids: list[str]) -> list[dict[str, Any]]:
         # A copy (the definitions stay untouched whatever the caller does); orjson is ~20x deepcopy.
-        return list(
-            orjson.loads(orjson.dumps([canonical_items[i] for i in link_ids if i in canonical_items]))
-        )
+        return form.copies(link_ids)
 
     if PAGE_TRIGGERS not in delivered:
         title = _section_title(plan.mapping, "triggers")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,10 +22,10 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from fhir_norse.api.auth_setup import install_auth
 from fhir_norse.api.rendering import render_error
-from fhir_norse.api.routes import fhir_router
+from fhir_norse.api.routes import fhir_router, install_hot_routes
 from fhir_norse.auth.refusals import RefusalAudit
 from fhir_norse.compose import build_service, event_recorder
-from fhir_norse.config import Settings
+from fhir_norse.config import Settings, load_settings
 from fhir_norse.logs import request_id
 from fhir_norse.outcomes import (
     BadRequest,
@@ -75,6 +78,38 @@ def freeze_startup_objects() -> None:
     # hundred microseconds and, with them, a full collection every few requests (60 in 900 requests,
     # 10-100 ms each, measured on the adaptive benchmark); with these, one in the same run.
     gc.set_threshold(50_000, 20, 100)
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker of ``fhir-norse serve --workers N`` (a uvicorn factory, called in each
+    worker process): settings from the environment, which the command filled from its flags
+    (:func:`fhir_norse.cli._export_settings`). The schema is migrated and the content published by
+    the command before the workers start."""
+    _exit_with_parent()
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    freeze_startup_objects()
+    return app
+
+
+# The process id of ``fhir-norse serve`` supervising the workers (set by the command for them).
+SUPERVISOR_PID_ENV = "FHIR_NORSE_SUPERVISOR_PID"
+
+
+def _exit_with_parent() -> None:
+    """On Linux, have the kernel send this worker SIGTERM when its supervising process dies, even by
+    ``kill -9``, so that no worker is left serving on the port (and holding the database) alone."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV)
+    if supervisor and supervisor.isdigit() and os.getppid() != int(supervisor):
+        # The supervisor died before the line above: nobody would send the signal.
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class UriTooLong(FhirError):
@@ -136,6 +171,7 @@ def create_app(settings: Settings, service: FhirService | None = None) -> FastAP
 
     app.include_router(fhir_router())
     install_auth(app, settings, app.state.service.storage.engine)
+    install_hot_routes(app)
     if settings.publish_content:
         try:
             report = publish_content(app.state.service, settings.content_dir)
@@ -160,7 +196,12 @@ def create_app(settings: Settings, service: FhirService | None = None) -> FastAP
             ],
             expose_headers=["ETag", "Location", "Last-Modified", "X-Request-ID"],
         )
-    app.add_middleware(RequestContextMiddleware, max_url_length=settings.max_url_length)
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_url_length=settings.max_url_length,
+        # Which worker process answered: a development aid (and what the multi-worker test checks).
+        worker_header=development,
+    )
     if settings.trusted_proxies:
         # Outermost: the client address every later step sees (rate limits, audit) is the one a
         # trusted proxy vouches for; X-Forwarded-For from anyone else is ignored.
@@ -178,9 +219,12 @@ class RequestContextMiddleware:
     above it, see ``fhir-norse serve``).
     """
 
-    def __init__(self, app: ASGIApp, max_url_length: int = 16 * 1024) -> None:
+    def __init__(self, app: ASGIApp, max_url_length: int = 16 * 1024, *, worker_header: bool = False) -> None:
         self.app = app
         self.max_url_length = max_url_length
+        self.worker_headers: list[tuple[bytes, bytes]] = (
+            [(b"x-worker-pid", str(os.getpid()).encode())] if worker_header else []
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -197,7 +241,7 @@ class RequestContextMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message["headers"] = [*message.get("headers", []), rid_header]
+                message["headers"] = [*message.get("headers", []), rid_header, *self.worker_headers]
             await send(message)
 
         try:

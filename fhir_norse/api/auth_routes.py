@@ -7,9 +7,10 @@
 
 Reads from ``request.app.state`` (set by :func:`fhir_norse.api.auth_setup.install_auth`):
 ``settings`` (``base_url``), ``token_service`` (:class:`TokenService`), ``key_store``
-(:class:`KeyStore`), ``token_rate_limiter`` (:class:`RateLimiter`, per client address) and, if
-present, ``audit`` (``record_token_grant(client_id, outcome, reason, source_address, scopes)``
-with outcome ``"success"`` or ``"refused"``, plus ``token_id=<jti>`` on success if it takes one)
+(:class:`KeyStore`), ``token_rate_limiter`` (a :class:`~fhir_norse.auth.ratelimit.Limiter`, per
+client address) and, if present, ``audit``
+(``record_token_grant(client_id, outcome, reason, source_address, scopes)`` with outcome
+``"success"`` or ``"refused"``, plus ``token_id=<jti>`` on success if it takes one)
 and ``refusal_audit`` (:class:`~fhir_norse.auth.refusals.RefusalAudit`): with it, a request
 refused before the client proved itself is audited aggregated per address, not one by one.
 """
@@ -120,7 +121,7 @@ async def token(request: Request) -> Response:
     state = request.app.state
     limiter = getattr(state, "token_rate_limiter", None)
     if limiter is not None:
-        wait = limiter.hit(client_address(request) or "unknown")
+        wait = await run_in_threadpool(limiter.hit, client_address(request) or "unknown")
         if wait is not None:
             error = OAuthError(
                 429,

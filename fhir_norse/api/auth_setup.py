@@ -9,9 +9,10 @@ It puts on ``app.state``:
 ``token_verifier``              :class:`~fhir_norse.auth.tokens.TokenVerifier`
 ``authenticator``               :class:`~fhir_norse.auth.tokens.RequestAuthenticator` (verifier +
                                 failed-authentication limits): what ``get_caller`` calls
-``token_rate_limiter``          :class:`~fhir_norse.auth.ratelimit.RateLimiter` per client address
-                                on ``POST /auth/token``
-``auth_failure_limiter``        :class:`~fhir_norse.auth.ratelimit.RateLimiter` per address on
+``token_rate_limiter``          :class:`~fhir_norse.auth.ratelimit.SharedRateLimiter` per client
+                                address on ``POST /auth/token`` (counted in the database, so
+                                across all workers)
+``auth_failure_limiter``        :class:`~fhir_norse.auth.ratelimit.SharedRateLimiter` per address on
                                 failed FHIR authentication
 ``credential_failure_limiter``  the same per presented token
 ``settings``                    set only if the app has none yet
@@ -27,7 +28,7 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 
 from fhir_norse.auth.build import build_key_store, build_token_service
-from fhir_norse.auth.ratelimit import RateLimiter
+from fhir_norse.auth.ratelimit import SharedRateLimiter
 from fhir_norse.auth.tokens import OidcProvider, RequestAuthenticator, TokenVerifier
 from fhir_norse.config import Settings
 
@@ -51,8 +52,9 @@ def install_auth(app: FastAPI, settings: Settings, engine: sa.Engine) -> None:
     verifier = TokenVerifier(
         key_store, service.clients, issuer=service.issuer, oidc=OidcProvider.from_settings(settings)
     )
-    failures = RateLimiter(settings.auth_failure_limit_per_minute)
-    credential_failures = RateLimiter(settings.auth_failure_limit_per_minute)
+    # In the database: every worker of `fhir-norse serve --workers N` counts against the same limits.
+    failures = SharedRateLimiter(engine, "auth-address", settings.auth_failure_limit_per_minute)
+    credential_failures = SharedRateLimiter(engine, "auth-token", settings.auth_failure_limit_per_minute)
 
     state = app.state
     if getattr(state, "settings", None) is None:
@@ -62,7 +64,7 @@ def install_auth(app: FastAPI, settings: Settings, engine: sa.Engine) -> None:
     state.token_service = service
     state.token_verifier = verifier
     state.authenticator = RequestAuthenticator(verifier, failures, credential_failures)
-    state.token_rate_limiter = RateLimiter(settings.token_rate_per_minute)
+    state.token_rate_limiter = SharedRateLimiter(engine, "token-address", settings.token_rate_per_minute)
     state.auth_failure_limiter = failures
     state.credential_failure_limiter = credential_failures
 

@@ -12,6 +12,7 @@ from fhir_norse.auth.audit import AUTHENTICATION, THROTTLED
 from fhir_norse.auth.caller import Caller
 from fhir_norse.auth.ratelimit import TooManyRequests
 from fhir_norse.auth.refusals import RefusalAudit
+from fhir_norse.auth.tokens import RequestAuthenticator
 from fhir_norse.config import Settings
 from fhir_norse.logs import request_id
 from fhir_norse.outcomes import BadRequest, PayloadTooLarge, Unauthorized, UnsupportedMediaType
@@ -32,11 +33,14 @@ async def get_caller(request: Request) -> Caller:
     token a 429. Both are audited, aggregated per address (:mod:`fhir_norse.auth.refusals`).
     """
     address = client_address(request)
+    authenticator: RequestAuthenticator = request.app.state.authenticator
+    header = request.headers.get("authorization")
     try:
-        caller: Caller = request.app.state.authenticator.authenticate(
-            request.headers.get("authorization"), address, base_url(request)
-        )
-    except (Unauthorized, TooManyRequests) as refusal:
+        # From memory: keys, revoked clients and tokens seen before are cached.
+        caller: Caller = authenticator.verifier.verify(header, base_url(request))
+    except Unauthorized as error:
+        # Counted against the failure limits, in the database: off the event loop.
+        refusal = await run_in_threadpool(authenticator.count_failure, error, header, address)
         refusals: RefusalAudit | None = getattr(request.app.state, "refusal_audit", None)
         if refusals is not None:
             kind = THROTTLED if isinstance(refusal, TooManyRequests) else AUTHENTICATION
@@ -44,7 +48,7 @@ async def get_caller(request: Request) -> Caller:
             await write_refusals(
                 refusals, refusals.authentication_refused(kind, address, reason, request_id.get())
             )
-        raise
+        raise refusal from None
     return caller
 
 

@@ -13,13 +13,18 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
+from starlette._utils import get_route_path
 from starlette.concurrency import run_in_threadpool
+from starlette.routing import BaseRoute, Match, request_response
+from starlette.types import Receive, Scope, Send
 
 from fhir_norse.api.deps import (
     Context,
     Service,
     base_url,
+    get_caller,
+    get_context,
     optional_body,
     patch_body,
     read_body,
@@ -32,8 +37,10 @@ from fhir_norse.outcomes import BadRequest
 from fhir_norse.server.bundles import BundleProcessor
 from fhir_norse.server.capability import capability_statement
 from fhir_norse.server.context import RequestContext
-from fhir_norse.server.interactions import INTERACTIONS, Interaction, InteractionRequest
+from fhir_norse.server.interactions import INTERACTIONS, FhirService, Interaction, InteractionRequest
 from fhir_norse.server.operations.registry import OperationCall
+from fhir_norse.server.resources import ID_PATTERN
+from fhir_norse.store.resource_types import SUPPORTED_TYPE_SET
 
 Endpoint = Callable[..., Awaitable[Response]]
 
@@ -62,7 +69,13 @@ async def _body(request: Request, interaction: Interaction) -> tuple[Any, list[t
 
 
 def _interaction_endpoint(interaction: Interaction) -> Endpoint:
-    async def endpoint(request: Request, ctx: Context, service: Service) -> Response:
+    # The caller and the context are built here rather than declared as dependencies: the same
+    # functions run in the same order (the token first, then the body), and FastAPI's dependency
+    # solving, which cost more than the rest of a read's routing (issue 14), is left out. Neither
+    # adds anything to the OpenAPI document (they take only the request).
+    async def endpoint(request: Request) -> Response:
+        ctx = await get_context(request, await get_caller(request))
+        service: FhirService = request.app.state.service
         body, form = await _body(request, interaction)
         path = request.path_params
         headers = request.headers
@@ -130,3 +143,48 @@ def fhir_router() -> APIRouter:
             interaction.path, _interaction_endpoint(interaction), methods=[interaction.method]
         )
     return router
+
+
+_HOT_ENDPOINT = "fhir_norse.hot_endpoint"
+
+
+class HotRoutes(BaseRoute):
+    """``GET /fhir/<type>/<id>`` (read) and ``GET /fhir/<type>?...`` (search-type) matched by a
+    look at the path instead of a walk through the route table (issue 14: routing cost more than
+    the read's own SQL). Only a supported type and a well-formed id match, so ``$operation``,
+    ``_history``, ``_search`` and ``metadata`` never do; whatever does not match goes on to the
+    documented routes, which the OpenAPI document describes. A match runs the same endpoint those
+    routes run (:func:`_interaction_endpoint`), under the same middleware and error handlers."""
+
+    def __init__(self) -> None:
+        self._read = request_response(_interaction_endpoint(_find("GET", "/{res_type}/{res_id}")))
+        self._search = request_response(_interaction_endpoint(_find("GET", "/{res_type}")))
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] != "http" or scope["method"] != "GET":
+            return Match.NONE, {}
+        path = get_route_path(scope)
+        if not path.startswith("/fhir/"):
+            return Match.NONE, {}
+        parts = path[6:].split("/")
+        if not 1 <= len(parts) <= 2 or parts[0] not in SUPPORTED_TYPE_SET:
+            return Match.NONE, {}
+        params = {**scope.get("path_params", {}), "res_type": parts[0]}
+        if len(parts) == 1:
+            return Match.FULL, {_HOT_ENDPOINT: self._search, "path_params": params}
+        if not ID_PATTERN.match(parts[1]):
+            return Match.NONE, {}
+        params["res_id"] = parts[1]
+        return Match.FULL, {_HOT_ENDPOINT: self._read, "path_params": params}
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await scope[_HOT_ENDPOINT](scope, receive, send)
+
+
+def _find(method: str, path: str) -> Interaction:
+    return next(i for i in INTERACTIONS if i.method == method and i.path == path)
+
+
+def install_hot_routes(app: FastAPI) -> None:
+    """Put :class:`HotRoutes` before every other route of ``app``."""
+    app.router.routes.insert(0, HotRoutes())

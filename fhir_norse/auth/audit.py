@@ -41,7 +41,7 @@ import base64
 import ipaddress
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import urlencode
@@ -55,15 +55,19 @@ __all__ = [
     "INTERACTIONS",
     "OUTCOMES",
     "REFUSED",
+    "REST",
     "SUCCESS",
     "THROTTLED",
     "TOKEN_GRANT",
+    "AuditInputs",
     "AuditRecorder",
     "AuditSink",
+    "BuiltEvent",
     "build_audit_event",
     "build_authentication_refusal",
     "build_token_grant_event",
     "counting_repeats",
+    "render_audit_event",
 ]
 
 AuditSink = Callable[[dict[str, Any]], None]
@@ -75,6 +79,8 @@ FAILED: Final = "failed"  # the server could not do it: "serious failure"
 _OUTCOME_CODES: Final = {SUCCESS: "0", REFUSED: "4", FAILED: "8"}
 OUTCOMES: Final = frozenset(_OUTCOME_CODES)
 
+# The kinds of event (AuditInputs.kind): a FHIR interaction, a token request, a refused authentication.
+REST: Final = "rest"
 TOKEN_GRANT: Final = "token-grant"
 # Kinds of refusal before any caller is known (besides refused token grants): no or a bad token
 # (401), and too many of those (429). See build_authentication_refusal.
@@ -421,7 +427,7 @@ def build_audit_event(
             recorded=recorded,
             failure_reason=failure_reason,
         )
-    pattern, operation = _rest_pattern(interaction)
+    _rest_pattern(interaction)
     if outcome != SUCCESS:
         resource_type, resource_id, version = _refused_target(resource_type, resource_id, version)
     if resource_type is not None and not _RESOURCE_TYPE.fullmatch(resource_type):
@@ -435,6 +441,38 @@ def build_audit_event(
         if resource_id is None:
             raise ValueError("a version needs its resource id")
     patient_ids = _patient_ids(patients, resource_type, resource_id)
+    _outcome({}, outcome, failure_reason)
+    _instant(recorded)
+    user_who = _user_who(caller)
+    inputs = AuditInputs(
+        kind=REST,
+        outcome=outcome,
+        recorded=recorded,
+        interaction=interaction,
+        client_id=_normal(caller.client_id),
+        user_reference=user_who["reference"] if user_who and "reference" in user_who else None,
+        user_identifier=user_who["identifier"]["value"] if user_who and "identifier" in user_who else None,
+        token_id=_jti(caller.token_id),
+        source_address=_normal(source_address),
+        resource_type=resource_type,
+        resource_id=resource_id,
+        version=version,
+        query=_redact(query)[:_QUERY_LIMIT] if query else None,
+        request_id=_normal(request_id),
+        patients=tuple(patient_ids),
+        failure_reason=_text(failure_reason) or None if failure_reason else None,
+        server_name=server_name,
+        server_address=server_address,
+        site=site,
+    )
+    return BuiltEvent(_render_rest(inputs), inputs)
+
+
+def _render_rest(inputs: AuditInputs) -> dict[str, Any]:
+    pattern, operation = _rest_pattern(inputs.interaction or "")
+    resource_type, resource_id, version = inputs.resource_type, inputs.resource_id, inputs.version
+    patient_ids = inputs.patients
+    outcome, query, request_id = inputs.outcome, inputs.query, inputs.request_id
 
     subtype = [_coding("http://hl7.org/fhir/restful-interaction", pattern.subtype, pattern.subtype)]
     if operation is not None:
@@ -444,18 +482,22 @@ def build_audit_event(
         "type": _REST_TYPE,
         "subtype": subtype,
         "action": pattern.action,
-        "recorded": _instant(recorded),
+        "recorded": _instant(inputs.recorded),
     }
-    _outcome(event, outcome, failure_reason)
+    _outcome(event, outcome, inputs.failure_reason)
 
-    user_who = _user_who(caller)
-    client_network = _network(source_address)
-    server_network = _network(server_address)
+    user_who: dict[str, Any] | None = None
+    if inputs.user_reference is not None:
+        user_who = {"reference": inputs.user_reference}
+    elif inputs.user_identifier is not None:
+        user_who = {"identifier": {"value": inputs.user_identifier}}
+    client_network = _network(inputs.source_address)
+    server_network = _network(inputs.server_address)
     agents = [
         _agent(
             _CLIENT_TYPES[pattern.flow],
             requestor=user_who is None,
-            who=_client_who(caller.client_id),
+            who=_client_who(inputs.client_id),
             network=client_network,
         )
     ]
@@ -465,15 +507,15 @@ def build_audit_event(
         _agent(
             _SERVER_TYPES[pattern.flow],
             requestor=False,
-            who={"display": _text(server_name, 256) or "fhir-norse"},
+            who={"display": _text(inputs.server_name, 256) or "fhir-norse"},
             network=server_network,
         )
     )
-    oauth = _oauth_agent(caller.token_id)
+    oauth = _oauth_agent(inputs.token_id)
     if oauth is not None:
         agents.append(oauth)
     event["agent"] = agents
-    event["source"] = _source(server_name, site)
+    event["source"] = _source(inputs.server_name, inputs.site)
 
     entities: list[dict[str, Any]] = []
     if resource_id is not None:
@@ -536,18 +578,38 @@ def build_token_grant_event(
     ``jti`` of the token issued, recorded as the client agent's ``policy`` so later uses of the
     token (``AuditEvent?policy=``) lead back to the grant.
     """
+    _outcome({}, outcome, failure_reason)
+    _instant(recorded)
+    inputs = AuditInputs(
+        kind=TOKEN_GRANT,
+        outcome=outcome,
+        recorded=recorded,
+        interaction=_text(grant_type, 64),
+        client_id=_normal(client_id),
+        token_id=_jti(token_id),
+        source_address=_normal(source_address),
+        failure_reason=_text(failure_reason) or None if failure_reason else None,
+        scopes=_text(scopes, _QUERY_LIMIT) or None if scopes else None,
+        server_name=server_name,
+        server_address=server_address,
+        site=site,
+    )
+    return BuiltEvent(_render_grant(inputs), inputs)
+
+
+def _render_grant(inputs: AuditInputs) -> dict[str, Any]:
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "type": _USER_AUTHENTICATION,
         "subtype": [_ITI_71],
         "action": "E",
-        "recorded": _instant(recorded),
+        "recorded": _instant(inputs.recorded),
     }
-    _outcome(event, outcome, failure_reason)
-    who = _client_who(client_id)
-    client_network = _network(source_address)
-    server_network = _network(server_address)
-    jti = _text(token_id, 256).replace(" ", "") if token_id else ""
+    _outcome(event, inputs.outcome, inputs.failure_reason)
+    who = _client_who(inputs.client_id)
+    client_network = _network(inputs.source_address)
+    server_network = _network(inputs.server_address)
+    jti = inputs.token_id or ""
     event["agent"] = [
         _agent(
             [_APPLICATION],
@@ -559,16 +621,21 @@ def build_token_grant_event(
         _agent(
             [_AUTH_SERVER],
             requestor=False,
-            who={"display": _text(server_name, 256) or "fhir-norse"},
+            who={"display": _text(inputs.server_name, 256) or "fhir-norse"},
             network=server_network,
         ),
     ]
-    event["source"] = _source(server_name, site)
-    request = [("grant_type", _text(grant_type, 64))]
-    if scopes and (scope := _text(scopes, _QUERY_LIMIT)):
-        request.append(("scope", scope))
+    event["source"] = _source(inputs.server_name, inputs.site)
+    request = [("grant_type", inputs.interaction or "")]
+    if inputs.scopes:
+        request.append(("scope", inputs.scopes))
     event["entity"] = [_query_entity(urlencode(request))]
-    if outcome == SUCCESS and who is not None and client_network is not None and server_network is not None:
+    if (
+        inputs.outcome == SUCCESS
+        and who is not None
+        and client_network is not None
+        and server_network is not None
+    ):
         event = {"resourceType": "AuditEvent", "meta": {"profile": [PROFILE_TOKEN_GRANT]}, **event}
     return _fresh(event)
 
@@ -591,26 +658,43 @@ def build_authentication_refusal(
     agents the client as far as the network knows it (DCM 110150 *Application*, its address, no
     identity: nothing was verified) and this server; the ``X-Request-Id`` as entity. Never the token.
     """
+    _outcome({}, REFUSED, failure_reason)
+    _instant(recorded)
+    inputs = AuditInputs(
+        kind=AUTHENTICATION,
+        outcome=REFUSED,
+        recorded=recorded,
+        source_address=_normal(source_address),
+        request_id=_normal(request_id),
+        failure_reason=_text(failure_reason) or None,
+        server_name=server_name,
+        server_address=server_address,
+        site=site,
+    )
+    return BuiltEvent(_render_refusal(inputs), inputs)
+
+
+def _render_refusal(inputs: AuditInputs) -> dict[str, Any]:
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "type": _USER_AUTHENTICATION,
         "subtype": [_LOGIN],
         "action": "E",
-        "recorded": _instant(recorded),
+        "recorded": _instant(inputs.recorded),
     }
-    _outcome(event, REFUSED, failure_reason)
+    _outcome(event, REFUSED, inputs.failure_reason)
     event["agent"] = [
-        _agent([_APPLICATION], requestor=True, network=_network(source_address)),
+        _agent([_APPLICATION], requestor=True, network=_network(inputs.source_address)),
         _agent(
             [_DESTINATION],
             requestor=False,
-            who={"display": _text(server_name, 256) or "fhir-norse"},
-            network=_network(server_address),
+            who={"display": _text(inputs.server_name, 256) or "fhir-norse"},
+            network=_network(inputs.server_address),
         ),
     ]
-    event["source"] = _source(server_name, site)
-    if request_id and _text(request_id, 256):
-        event["entity"] = [_request_entity(request_id)]
+    event["source"] = _source(inputs.server_name, inputs.site)
+    if inputs.request_id:
+        event["entity"] = [_request_entity(inputs.request_id)]
     return _fresh(event)
 
 
@@ -618,6 +702,13 @@ def counting_repeats(event: dict[str, Any], *, count: int, first: datetime, last
     """``event`` made to stand for ``count`` refusals of one kind from one source that were not recorded
     one by one: ``period`` from the first to the last of them, and an entity whose ``detail`` ``count``
     holds the number (https://hl7.org/fhir/R4/auditevent-definitions.html#AuditEvent.entity.detail)."""
+    summary = _with_repeats(event, count, first, last)
+    if isinstance(event, BuiltEvent):
+        return BuiltEvent(summary, replace(event.inputs, repeats=(count, first, last)))
+    return summary
+
+
+def _with_repeats(event: dict[str, Any], count: int, first: datetime, last: datetime) -> dict[str, Any]:
     summary = _fresh(event)
     summary["period"] = {"start": _instant(first), "end": _instant(last)}
     summary["entity"] = [
@@ -628,6 +719,74 @@ def counting_repeats(event: dict[str, Any], *, count: int, first: datetime, last
         },
     ]
     return summary
+
+
+@dataclass(frozen=True, slots=True)
+class AuditInputs:
+    """What one AuditEvent is made of, as the audit log stores it (no FHIR body): the builders'
+    arguments after checking, normalising and redacting them, so that :func:`render_audit_event`
+    gives back exactly the event the builder returned."""
+
+    kind: str  # REST, TOKEN_GRANT or AUTHENTICATION
+    outcome: str  # SUCCESS, REFUSED or FAILED
+    recorded: datetime  # timezone-aware
+    # REST: the interaction (``read``, ``operation:validate``); TOKEN_GRANT: the grant type.
+    interaction: str | None = None
+    client_id: str | None = None
+    # The user agent's ``who``: a reference (``Practitioner/x``, ``Patient/y``) or an identifier value.
+    user_reference: str | None = None
+    user_identifier: str | None = None
+    token_id: str | None = None  # the access token's (REST) or the issued token's (grant) jti
+    source_address: str | None = None
+    resource_type: str | None = None
+    resource_id: str | None = None
+    version: str | None = None
+    query: str | None = None  # redacted and bounded, as recorded
+    request_id: str | None = None
+    patients: tuple[str, ...] = ()  # the patient entities, in order
+    failure_reason: str | None = None
+    scopes: str | None = None  # TOKEN_GRANT: the scopes asked for
+    server_name: str = "fhir-norse"
+    server_address: str | None = None
+    site: str | None = None
+    # A summary of refusals not recorded one by one: (count, first, last); see counting_repeats.
+    repeats: tuple[int, datetime, datetime] | None = None
+
+
+class BuiltEvent(dict[str, Any]):
+    """An AuditEvent as the builders return it: the R4 JSON, carrying the :class:`AuditInputs` it was
+    rendered from (what the audit log stores)."""
+
+    __slots__ = ("inputs",)
+
+    def __init__(self, event: dict[str, Any], inputs: AuditInputs) -> None:
+        super().__init__(event)
+        self.inputs = inputs
+
+
+def render_audit_event(inputs: AuditInputs) -> dict[str, Any]:
+    """The AuditEvent (JSON, without ``id`` and ``meta`` of storage) that ``inputs`` stand for."""
+    if inputs.kind == REST:
+        event = _render_rest(inputs)
+    elif inputs.kind == TOKEN_GRANT:
+        event = _render_grant(inputs)
+    elif inputs.kind == AUTHENTICATION:
+        event = _render_refusal(inputs)
+    else:
+        raise ValueError(f"unknown kind of audit event {inputs.kind!r}")
+    if inputs.repeats is not None:
+        count, first, last = inputs.repeats
+        event = _with_repeats(event, count, first, last)
+    return event
+
+
+def _normal(value: str | None) -> str | None:
+    """A free-text input as the event records it (single line, bounded, redacted), None when empty."""
+    return (_text(value, 256) or None) if value else None
+
+
+def _jti(token_id: str | None) -> str | None:
+    return (_text(token_id, 256).replace(" ", "") or None) if token_id else None
 
 
 def _now() -> datetime:

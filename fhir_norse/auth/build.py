@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from fhir_norse.auth.clients import ClientRegistry
 from fhir_norse.auth.keys import KeyStore, passphrase_from
-from fhir_norse.auth.ratelimit import RateLimiter
+from fhir_norse.auth.ratelimit import SharedRateLimiter
 from fhir_norse.auth.tokens import TokenService
 from fhir_norse.config import Settings
 
@@ -36,5 +36,5 @@ def build_token_service(
         ClientRegistry(engine, refresh_seconds=settings.auth_cache_seconds),
         token_ttl=settings.token_ttl_seconds,
         issuer=settings.token_issuer or None,
-        client_limiter=RateLimiter(settings.token_rate_per_minute),
+        client_limiter=SharedRateLimiter(engine, "token-client", settings.token_rate_per_minute),
     )

@@ -55,6 +55,10 @@ from fhir_norse.store.tables import ReferenceIndex, ResourceRow
 
 REF: sa.Table = ReferenceIndex.__table__  # type: ignore[attr-defined]
 RES: sa.Table = ResourceRow.__table__  # type: ignore[attr-defined]
+# Built once (a read runs it every time): no statement construction or cache key per call.
+_STORED_REFERENCES = sa.select(
+    REF.c.param, REF.c.target_type, REF.c.target_id, REF.c.target_version, REF.c.url
+).where(REF.c.resource_pk == sa.bindparam("pk"))
 
 # The patients a caller reaches for searching a type (None: all); raises Forbidden as a grant does.
 SearchReach = Callable[[str], frozenset[str] | None]
@@ -122,11 +126,7 @@ class AccessPolicy:
     @staticmethod
     def stored_reference_rows(conn: sa.Connection, resource_pk: int) -> list[ReferenceRow]:
         """The reference index rows of a stored resource (its current version)."""
-        result = conn.execute(
-            sa.select(REF.c.param, REF.c.target_type, REF.c.target_id, REF.c.target_version, REF.c.url).where(
-                REF.c.resource_pk == resource_pk
-            )
-        )
+        result = conn.execute(_STORED_REFERENCES, {"pk": resource_pk})
         return [ReferenceRow(p, t, i, v, u) for p, t, i, v, u in result]
 
     def context_rows(

@@ -14,7 +14,7 @@ from sqlmodel import Field, SQLModel
 
 from fhir_norse.store.tables import METADATA
 
-__all__ = ["AUTH_TABLES", "METADATA", "ClientRow", "SigningKeyRow", "UsedJtiRow"]
+__all__ = ["AUTH_TABLES", "METADATA", "ClientRow", "RateWindowRow", "SigningKeyRow", "UsedJtiRow"]
 
 
 class SigningKeyRow(SQLModel, table=True):
@@ -64,8 +64,24 @@ class UsedJtiRow(SQLModel, table=True):
     expires_at: datetime = Field(sa_column=sa.Column(sa.DateTime, nullable=False))
 
 
+class RateWindowRow(SQLModel, table=True):
+    """Requests counted by a rate limit in one fixed window of time, shared by every server worker
+    (:class:`fhir_norse.auth.ratelimit.SharedRateLimiter`; revision ``0004``).
+
+    ``slot`` is the window's number (``epoch seconds // period``); rows of past windows are deleted.
+    """
+
+    __tablename__ = "auth_rate_window"
+
+    limiter: str = Field(sa_column=sa.Column(sa.String(32), primary_key=True))
+    key: str = Field(sa_column=sa.Column(sa.String(128), primary_key=True))
+    slot: int = Field(sa_column=sa.Column(sa.BigInteger, primary_key=True, autoincrement=False))
+    hits: int = Field(sa_column=sa.Column(sa.Integer, nullable=False))
+
+
 AUTH_TABLES: tuple[sa.Table, ...] = (
     SigningKeyRow.__table__,  # type: ignore[attr-defined]
     ClientRow.__table__,  # type: ignore[attr-defined]
     UsedJtiRow.__table__,  # type: ignore[attr-defined]
+    RateWindowRow.__table__,  # type: ignore[attr-defined]
 )

@@ -56,7 +56,7 @@ from fhir_norse.auth.clients import (
     uncovered_scopes,
 )
 from fhir_norse.auth.keys import ACCESS_TOKEN_ALG, KeyStore
-from fhir_norse.auth.ratelimit import RateLimiter, TooManyRequests, retry_after_header
+from fhir_norse.auth.ratelimit import Limiter, RateLimiter, TooManyRequests, retry_after_header
 from fhir_norse.config import Settings
 from fhir_norse.outcomes import Unauthorized
 
@@ -195,7 +195,7 @@ class TokenService:
         *,
         token_ttl: int = 300,
         issuer: str | None = None,
-        client_limiter: RateLimiter | None = None,
+        client_limiter: Limiter | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.keys = keys
@@ -633,7 +633,7 @@ class RequestAuthenticator:
     """
 
     def __init__(
-        self, verifier: TokenVerifier, failures: RateLimiter, credential_failures: RateLimiter | None = None
+        self, verifier: TokenVerifier, failures: Limiter, credential_failures: Limiter | None = None
     ) -> None:
         self.verifier = verifier
         self.failures = failures
@@ -644,20 +644,27 @@ class RequestAuthenticator:
     ) -> Caller:
         try:
             return self.verifier.verify(authorization_header, audience)
-        except Unauthorized:
-            if not authorization_header:
-                raise
-            by_address = self.failures.hit(client_address or "unknown")
-            by_token = self.credential_failures.hit(_fingerprint(authorization_header))
-            if by_address is not None:
-                raise TooManyRequests.after(
-                    by_address, "Too many failed authentication attempts from this address"
-                ) from None
-            if by_token is not None:
-                raise TooManyRequests.after(
-                    by_token, "Too many failed authentication attempts with this token"
-                ) from None
-            raise
+        except Unauthorized as error:
+            raise self.count_failure(error, authorization_header, client_address) from None
+
+    def count_failure(
+        self, error: Unauthorized, authorization_header: str | None, client_address: str | None
+    ) -> Unauthorized | TooManyRequests:
+        """Count a failed authentication (the verifier refused ``authorization_header`` with
+        ``error``) and return what to answer: ``error``, or 429 once a limit is past. A request
+        without a token is not counted. The limits may be in the database: call it off the event
+        loop (the verification itself is from memory)."""
+        if not authorization_header:
+            return error
+        by_address = self.failures.hit(client_address or "unknown")
+        by_token = self.credential_failures.hit(_fingerprint(authorization_header))
+        if by_address is not None:
+            return TooManyRequests.after(
+                by_address, "Too many failed authentication attempts from this address"
+            )
+        if by_token is not None:
+            return TooManyRequests.after(by_token, "Too many failed authentication attempts with this token")
+        return error
 
 
 def _fingerprint(authorization_header: str) -> str:

@@ -12,7 +12,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any, cast
 
-from fhir_norse.adaptive.forms import PAGES, next_page, tailored_form
+from fhir_norse.adaptive.forms import PAGES, FormItems, next_page, tailored_form
 from fhir_norse.adaptive.history import (
     context_of,
     episode_of,
@@ -69,12 +69,37 @@ def _context_param(value: str | None) -> str | None:
     return code
 
 
+class _FormCache:
+    """The adaptive canonicals' item definitions by linkId (:class:`FormItems`), built once per process
+    and form version. Keyed by ``url|version`` and kept only while the resolver hands out the very same
+    (cached, published, immutable) Questionnaire object: a newly published version has a key of its own,
+    and a form read afresh from the database (not cached by the resolver) is never matched by a stale
+    entry."""
+
+    _LIMIT = 64
+
+    def __init__(self) -> None:
+        self._forms: dict[str, tuple[JsonDict, FormItems]] = {}
+
+    def items(self, canonical: JsonDict) -> FormItems:
+        key = f"{canonical.get('url')}|{canonical.get('version')}"
+        hit = self._forms.get(key)
+        if hit is not None and hit[0] is canonical:
+            return hit[1]
+        form = FormItems({str(i.get("linkId")): i for i in flat_items(canonical)})
+        if len(self._forms) >= self._LIMIT:
+            self._forms.clear()
+        self._forms[key] = (canonical, form)
+        return form
+
+
 class AdaptiveOperations:
     """The HTTP-facing operations (module doc); one instance per server."""
 
     def __init__(self, adaptive: AdaptiveService, intake: QuestionnaireResponseIntake) -> None:
         self.adaptive = adaptive
         self.intake = intake
+        self.forms = _FormCache()
 
     def _canonical(self, repo: Repository, canonical: Any) -> JsonDict:
         """The stored Questionnaire named (the intake's resolver, cached for published versions)."""
@@ -105,7 +130,7 @@ class AdaptiveOperations:
                 expression="QuestionnaireResponse.subject",
             )
             server = repo.as_server()
-            contained, canonical, instrument = self._contained(server, response)
+            contained, canonical, instrument, form = self._contained(server, response)
             mapping = cast(InstrumentMapping, instrument.mapping)
             episode = self.adaptive.episode(server, response)
             state = self.adaptive.patient_state(
@@ -117,10 +142,7 @@ class AdaptiveOperations:
             repo.audit(operation, "Questionnaire", None, patients=[patient.split("/")[1]])
             delivered = [str(i.get("linkId")) for i in contained.get("item") or []]
             triggers = trigger_scores(answers_from_response(response), mapping)
-            canonical_items = {str(i.get("linkId")): i for i in flat_items(canonical)}
-            page = next_page(
-                state.plan, canonical_items, delivered, triggers, str(canonical.get("language") or "nb")
-            )
+            page = next_page(state.plan, form, delivered, triggers, str(canonical.get("language") or "nb"))
             out = response  # parsed for this request only: answered in place
             if page is not None:
                 contained.setdefault("item", []).append(page)
@@ -134,9 +156,12 @@ class AdaptiveOperations:
                 meta["profile"].append(SDC_QR_ADAPT)
             return Result(200, body=out)
 
-    def _contained(self, repo: Repository, response: JsonDict) -> tuple[JsonDict, JsonDict, Instrument]:
+    def _contained(
+        self, repo: Repository, response: JsonDict
+    ) -> tuple[JsonDict, JsonDict, Instrument, FormItems]:
         """The contained Questionnaire (created on the first call when the response names the adaptive
-        canonical instead), the canonical it derives from, and the instrument scoring it."""
+        canonical instead), the canonical it derives from, the instrument scoring it, and the
+        canonical's item definitions."""
         reference = response.get("questionnaire")
         if isinstance(reference, str) and not reference.startswith("#"):
             # A convenience for the first call: name the adaptive canonical, get the contained form.
@@ -209,8 +234,9 @@ class AdaptiveOperations:
                 code="not-supported",
                 expression="QuestionnaireResponse.contained.derivedFrom",
             )
-        _check_pages(contained, canonical)
-        return contained, canonical, instrument
+        form = self.forms.items(canonical)
+        _check_pages(contained, form)
+        return contained, canonical, instrument, form
 
     # -------------------------------------------------------------- tailored static form
     def tailored_form(
@@ -342,10 +368,9 @@ def _skeleton(response: Mapping[str, Any]) -> JsonDict:
     return out
 
 
-def _check_pages(contained: Mapping[str, Any], canonical: Mapping[str, Any]) -> None:
+def _check_pages(contained: Mapping[str, Any], items: FormItems) -> None:
     """The contained form holds only pages this server delivers, each item exactly as the canonical
     defines it (so nothing in it needs validating again)."""
-    items = {str(i.get("linkId")): i for i in flat_items(canonical)}
     issues: list[Issue] = []
     seen: list[str] = []
     pages = contained.get("item") or []

@@ -9,7 +9,9 @@ of an administration, the scored history, the clinician overrides, and the scale
   ``intake`` for the first administration of the episode and ``weekly`` after it. Contexts listed in the
   mapping's ``full_bank_contexts`` ask every scale in full.
 * **State.** :func:`fhir_norse.adaptive.state.scale_states` over the episode's scored administrations
-  (:mod:`fhir_norse.adaptive.history`) with the active overrides. Nothing else is kept between calls.
+  (:mod:`fhir_norse.adaptive.history`) with the active overrides. Nothing else is kept between calls
+  but what is derived from stored versions (each read every time): the facts of each Observation version,
+  and a patient's administrations while the versions found are the same.
 * **Overrides** are ``ServiceRequest`` resources (profile ``rom-scale-override``): ``code`` the scale,
   ``doNotPerform`` false to force it open (asked in full every time) or true to force it closed (only the
   trigger), ``requester`` who, ``authoredOn`` when, ``reasonCode``/``note`` why, ``status`` active while
@@ -56,6 +58,7 @@ SDC_ADAPTIVE = "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire
 CONTEXTS = ("intake", "weekly", "termination")
 _LIMIT = 100_000
 _FACT_CACHE = 200_000
+_HISTORY_MEMO = 2_000
 _QR = "QuestionnaireResponse"
 _CONTEXT_DISPLAY = {"intake": "Intake", "weekly": "Weekly", "termination": "Termination"}
 
@@ -133,6 +136,10 @@ class AdaptiveService:
         self.registry = registry
         # Parsed stored versions (immutable), not state: the same answers with an empty cache.
         self._facts: dict[tuple[str, int, frozenset[str]], Fact | None] = {}
+        # The administrations last derived per patient, with the stored versions they came from.
+        self._histories: dict[
+            tuple[str, frozenset[str]], tuple[list[tuple[int, str, int]], list[Administration]]
+        ] = {}
 
     # ------------------------------------------------------------------ instruments
     def adaptive_mappings(self) -> list[InstrumentMapping]:
@@ -183,6 +190,21 @@ class AdaptiveService:
         scales = frozenset(s.code for s in mapping.scales)
         # Ids and versions first; only the versions not read before are fetched and parsed.
         found = repo.find_versions(Where("Observation", references={"subject": patient_ref}), _LIMIT)
+        memo_key = (patient_ref, scales)
+        memo = self._histories.get(memo_key)
+        if memo is not None and memo[0] == found:
+            every = memo[1]  # the same stored versions as last time: the same administrations
+        else:
+            every = from_facts(self._facts_of(repo, found, scales))
+            if len(self._histories) >= _HISTORY_MEMO:
+                self._histories.clear()
+            self._histories[memo_key] = (found, every)
+        return [a for a in every if a.episode == episode and a.response != exclude_response]
+
+    def _facts_of(
+        self, repo: Repository, found: Sequence[tuple[int, str, int]], scales: frozenset[str]
+    ) -> list[Fact | None]:
+        """The fact of each stored version found, in order; only versions not read before are fetched."""
         known: dict[int, Fact | None] = {}
         missing: list[tuple[int, tuple[str, int, frozenset[str]]]] = []
         for pk, rid, version in found:
@@ -197,8 +219,7 @@ class AdaptiveService:
                 self._facts.clear()
             for pk, key in missing:
                 known[pk] = self._facts[key] = _parse_fact(texts.get(pk), scales)
-        every = from_facts(known[pk] for pk, _, _ in found)
-        return [a for a in every if a.episode == episode and a.response != exclude_response]
+        return [known[pk] for pk, _, _ in found]
 
     def overrides(self, repo: Repository, patient_ref: str, episode: str | None) -> dict[str, OverrideRecord]:
         """The active overrides for the patient (episode-bound ones only in their episode)."""

@@ -32,7 +32,7 @@ from fhir_norse.server.interactions import (
     match,
     write_entry,
 )
-from fhir_norse.server.repository import Repository, WriteOutcome, loads, record_refusal
+from fhir_norse.server.repository import PendingCreate, Repository, WriteOutcome, loads, record_refusal
 from fhir_norse.server.resources import check_type, new_id
 from fhir_norse.server.validation import check_depth
 from fhir_norse.store.resource_types import SUPPORTED_TYPE_SET
@@ -163,8 +163,16 @@ class BundleProcessor:
                 for entry in entries:
                     if entry.resource is not None:
                         entry.resource = self._rewrite_references(repo, entry.resource, ids, entry.index)
+                # Plain creates of types no hook or canonical rule watches are checked one by one and
+                # stored together, before any other entry runs (:meth:`Repository.store_creates`).
+                pending: list[tuple[EntryRequest, PendingCreate]] = []
                 for entry in sorted(entries, key=lambda e: _ORDER[e.method]):
+                    if self._batchable(repo, entry):
+                        pending.append((entry, self._check_create(repo, entry)))
+                        continue
+                    self._store_pending(repo, ctx, pending, responses)
                     responses[entry.index] = self._run(repo, ctx, entry)
+                self._store_pending(repo, ctx, pending, responses)
         except FhirError as error:
             raise _at_entry(error, getattr(error, "entry_index", None)) from error
         ordered = [responses[e.index] for e in entries]
@@ -239,6 +247,41 @@ class BundleProcessor:
                 raise _entry_error(error, index) from error
             return f"{res_type}/{found.res_id}"
         return reference
+
+    @staticmethod
+    def _batchable(repo: Repository, entry: EntryRequest) -> bool:
+        return (
+            entry.method == "POST"
+            and not entry.if_none_exist
+            and entry.res_id is not None
+            and entry.resource is not None
+            and entry.res_type in SUPPORTED_TYPE_SET
+            and repo.batchable_create(entry.res_type)
+        )
+
+    @staticmethod
+    def _check_create(repo: Repository, entry: EntryRequest) -> PendingCreate:
+        assert entry.resource is not None and entry.res_id is not None
+        try:
+            return repo.check_create(entry.res_type, entry.resource, entry.res_id)
+        except FhirError as error:
+            error.entry_index = entry.index  # type: ignore[attr-defined]
+            raise
+
+    @staticmethod
+    def _store_pending(
+        repo: Repository,
+        ctx: RequestContext,
+        pending: list[tuple[EntryRequest, PendingCreate]],
+        responses: dict[int, JsonDict],
+    ) -> None:
+        """Store the creates checked so far in one batch and answer their entries."""
+        if not pending:
+            return
+        outcomes = repo.store_creates([checked for _, checked in pending])
+        for (entry, _), outcome in zip(pending, outcomes, strict=True):
+            responses[entry.index] = write_entry(ctx, outcome)
+        pending.clear()
 
     def _run(self, repo: Repository, ctx: RequestContext, entry: EntryRequest) -> JsonDict:
         """One entry, dispatched through the interaction table."""

@@ -91,8 +91,8 @@ def capability_statement(service: FhirService, ctx: RequestContext) -> Result:
                 "mode": "server",
                 "documentation": (
                     "Search results are paged with opaque keyset cursors; _total is only computed when "
-                    "_total=accurate is asked for. Unknown search parameters are ignored unless "
-                    "'Prefer: handling=strict' is sent."
+                    "_total=accurate is asked for. Only the search parameters listed per type are "
+                    "indexed and answered; any other is ignored unless 'Prefer: handling=strict' is sent."
                 ),
                 "resource": [_resource(service, t) for t in SUPPORTED_TYPES],
                 "interaction": [{"code": code} for code in SYSTEM_INTERACTION_CODES],

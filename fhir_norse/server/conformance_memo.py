@@ -13,7 +13,13 @@ by what the checks see of them, so two resources with the same shape get the sam
 * the id part of a ``reference`` (``Type/id`` or ``Type/id/_history/n``; the type, which profiles
   check as the target, is kept);
 * an instant, date or dateTime at the elements that carry them here, as the set of those types its
-  text is valid for (so a malformed one has a shape of its own and is checked in full).
+  text is valid for (so a malformed one has a shape of its own and is checked in full);
+* free text at :data:`FREE_TEXT` elements (``DiagnosticReport.conclusion``, ``CodeableConcept.text``,
+  ``Flag.code.text``...: they carry the scores and scale names of an administration, so without this
+  every report was a shape of its own and checked in full), once it is a valid R4 ``string``: no
+  check reads their words. R4 checks a ``string`` only for being one; the profiles of the pack ask
+  only whether these elements exist (``tests/server/test_conformance_memo.py`` keeps it so: a
+  profile that fixes, patterns, binds or constrains them fails it).
 
 Everything else (codes, systems, statuses, text, presence of elements, JSON types) is kept verbatim.
 Only verdicts of success are remembered, and at most :data:`LIMIT` shapes.
@@ -38,6 +44,8 @@ _MOMENTS = frozenset(
     {"effectiveDateTime", "issued", "authored", "recorded", "start", "end", "occurredDateTime", "date"}
 )
 _MOMENT_TYPES = ("date", "dateTime", "instant")
+# Elements whose (string) value no check reads beyond its being a valid string (module doc).
+FREE_TEXT = frozenset({"conclusion", "text"})
 
 
 @lru_cache(maxsize=4096)
@@ -45,6 +53,12 @@ def _moment(text: str) -> str:
     # Cached: the Observations of one administration share their instants.
     valid = [code for code in _MOMENT_TYPES if primitive_problem(code, text) is None]
     return "\x00moment:" + ",".join(valid) if valid else text
+
+
+@lru_cache(maxsize=4096)
+def _free_text(text: str) -> str:
+    # Cached: the same scale names and interpretations recur in every administration.
+    return "\x00string" if primitive_problem("string", text) is None else text
 
 
 def _shape(value: Any, key: str | None) -> Any:
@@ -64,6 +78,8 @@ def _shape(value: Any, key: str | None) -> Any:
                 return f"{res_type}/\x00id"
         elif key in _MOMENTS:
             return _moment(value)
+        elif key in FREE_TEXT:
+            return _free_text(value)
     return value
 
 

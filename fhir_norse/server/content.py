@@ -31,6 +31,7 @@ from fhir_norse.server.interactions import FhirService
 from fhir_norse.server.published import CONTENT_TYPES, PUBLISHED_TAG
 from fhir_norse.server.reindex import reindex
 from fhir_norse.server.search.typed import Where
+from fhir_norse.store.search.advertised import ExtraParameterError
 from fhir_norse.store.search.params import CustomParameterError, SearchParamRegistry, registry_with
 
 # Folders of a content pack; ``questionnaires/source`` holds authoring sources, not resources.
@@ -69,12 +70,12 @@ def content_search_parameters(root: Path) -> list[dict[str, Any]]:
 
 
 @cache
-def search_registry(root: Path) -> SearchParamRegistry:
-    """The R4 search parameters plus the pack's SearchParameters (:class:`ContentConflict` for one the
-    server cannot add), loaded once per content pack."""
+def search_registry(root: Path, enabled: tuple[tuple[str, str], ...] = ()) -> SearchParamRegistry:
+    """The advertised R4 search parameters plus the pack's SearchParameters (:class:`ContentConflict` for
+    one the server cannot add) plus the site-``enabled`` ones, loaded once per content pack."""
     try:
-        return registry_with(content_search_parameters(root))
-    except CustomParameterError as error:
+        return registry_with(content_search_parameters(root), enabled)
+    except (CustomParameterError, ExtraParameterError) as error:
         raise ContentConflict(f"{root}: {error}") from error
 
 

@@ -232,7 +232,9 @@ def _search(repo: Repository, req: InteractionRequest) -> str:
         limits=repo.kernel.search_limits,
     )
     query = f"{res_type}?{req.query}" if req.params else res_type
-    return search_bundle(repo.ctx, request, repo.search(request, query=query))
+    page = repo.search(request, query=query)
+    # page.request: the request as run (the AuditEvent search may have ignored parameters it lacks).
+    return search_bundle(repo.ctx, page.request, page)
 
 
 def _render_raw(service: FhirService, ctx: RequestContext, req: InteractionRequest, raw: Any) -> Result:

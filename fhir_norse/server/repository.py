@@ -51,6 +51,7 @@ from fhir_norse.outcomes import (
     PreconditionFailed,
     Unprocessable,
 )
+from fhir_norse.server import audit_log
 from fhir_norse.server.conformance_memo import ConformanceMemo, shape
 from fhir_norse.server.context import RequestContext
 from fhir_norse.server.patching import apply_patch
@@ -124,6 +125,15 @@ class Derived:
 
 
 @dataclass(frozen=True, slots=True)
+class PendingCreate:
+    """A create checked and not yet stored (:meth:`Repository.check_create`)."""
+
+    res_type: str
+    res_id: str
+    body: JsonDict
+
+
+@dataclass(frozen=True, slots=True)
 class HistoryPage:
     """History entries newest first, with the cursors of the pages around it (``b<pk>``, ``a<pk>``)."""
 
@@ -176,6 +186,8 @@ class Kernel:
     search_limits: SearchLimits = field(default_factory=SearchLimits)
     # Shapes of derived resources already found conformant (:mod:`fhir_norse.server.conformance_memo`).
     conformance: ConformanceMemo = field(default_factory=ConformanceMemo)
+    # The AuditEvents of reads (SQLite), written together (:class:`audit_log.EventGroups`).
+    audit_groups: audit_log.EventGroups = field(default_factory=audit_log.EventGroups)
 
 
 class Repository:
@@ -190,6 +202,7 @@ class Repository:
         server: bool = False,
         memo: dict[Any, Any] | None = None,
         deferred_audits: list[JsonDict] | None = None,
+        pending_audits: list[JsonDict] | None = None,
     ) -> None:
         self.kernel = kernel
         self.uow = uow
@@ -201,6 +214,9 @@ class Repository:
         self.memo: dict[Any, Any] = {} if memo is None else memo
         # In a read-only transaction: the AuditEvents to write once it has ended (None: write them in it).
         self.deferred_audits = deferred_audits
+        # In a write transaction: its AuditEvents not yet inserted (:meth:`flush_audits`, before commit
+        # and before anything reads the audit log). None: insert each at once.
+        self.pending_audits = pending_audits
 
     @classmethod
     @contextmanager
@@ -218,14 +234,20 @@ class Repository:
         """
         if not (read_only and kernel.storage.single_writer):
             with kernel.storage.write() as uow:
-                yield cls(kernel, uow, ctx)
+                # The transaction's AuditEvents go in together just before it commits (one insert
+                # for all the entries of a Bundle instead of two statements per entry).
+                pending: list[JsonDict] = []
+                repo = cls(kernel, uow, ctx, pending_audits=pending)
+                yield repo
+                repo.flush_audits()
             return
         audits: list[JsonDict] = []
         with kernel.storage.read_only() as view:
             yield cls(kernel, view, ctx, deferred_audits=audits)
         if audits:
-            # Group commit: the events of reads answered at the same moment share one transaction.
-            kernel.storage.write_together(lambda uow: _store_audit_events(kernel, uow, audits))
+            # Group commit: the events of reads answered at the same moment share one transaction
+            # and one insert per table.
+            kernel.audit_groups.write(kernel.storage, audits)
 
     @property
     def caller(self) -> Caller:
@@ -235,7 +257,9 @@ class Repository:
         """The server's own repository on the same transaction (module doc)."""
         if self.server:
             return self
-        return Repository(self.kernel, self.uow, self.ctx, server=True, memo=self.memo)
+        return Repository(
+            self.kernel, self.uow, self.ctx, server=True, memo=self.memo, pending_audits=self.pending_audits
+        )
 
     # ------------------------------------------------------------------ access
     def grant(self, interaction: str, res_type: str | None) -> Access:
@@ -327,8 +351,17 @@ class Repository:
     def _store_audit(self, event: JsonDict) -> None:
         if self.deferred_audits is not None:
             self.deferred_audits.append(event)
+        elif self.pending_audits is not None:
+            self.pending_audits.append(event)
         else:
             store_audit_event(self.kernel, self.uow, event)
+
+    def flush_audits(self) -> None:
+        """Insert the AuditEvents this write transaction has recorded so far (in it, before commit)."""
+        if self.pending_audits:
+            events = list(self.pending_audits)
+            self.pending_audits.clear()
+            _store_audit_events(self.kernel, self.uow, events)
 
     # ------------------------------------------------------------------ reads
     def get(self, res_type: str, res_id: str) -> StoredResource | None:
@@ -353,6 +386,11 @@ class Repository:
         check_id(res_id)
         access = self.grant(interaction, res_type)
         patients = self.reach(access)
+        self.flush_audits()  # the trail read below includes this transaction's own
+        if res_type == "AuditEvent":  # rendered from the audit log
+            event, concerned = audit_log.read(self.uow.conn, res_id, version, patients)
+            self.audit(interaction, res_type, res_id, version=1, patients=concerned)
+            return event
         label = f"{res_type}/{res_id}" + ("" if version is None else f"/_history/{version}")
         if version is None:
             stored = self.uow.current(res_type, res_id)
@@ -398,7 +436,13 @@ class Repository:
         check_type(request.resource_type)
         patients = self.reach(self.grant("search-type", request.resource_type))
         with self.uow.time_limit(self.kernel.search_limits.timeout_seconds):
-            page = engine.execute_search(self.uow.conn, self._restricted(request, patients))
+            self.flush_audits()  # the trail read below includes this transaction's own
+            if request.resource_type == "AuditEvent":  # rendered from the audit log
+                strict = self.ctx.prefer.handling == "strict"
+                restricted = self._restricted(request, patients)
+                page = audit_log.search(self.uow.conn, restricted, strict=strict)
+            else:
+                page = engine.execute_search(self.uow.conn, self._restricted(request, patients))
         if page.includes:
             allowed: dict[str, Access | None] = {}
             page = replace(page, includes=[r for r in page.includes if self._include_visible(r, allowed)])
@@ -511,6 +555,25 @@ class Repository:
         if res_id is not None:
             check_id(res_id)
         patients = self.reach(self.grant(interaction, res_type))
+        self.flush_audits()  # the trail read below includes this transaction's own
+        if res_type == "AuditEvent":  # rendered from the audit log (system history leaves it out)
+            if res_id is not None:
+                audit_log.read(self.uow.conn, res_id, None, patients)
+            entries, has_older, has_newer, concerned = audit_log.history(
+                self.uow.conn,
+                res_id,
+                since=since,
+                before=before,
+                after=after,
+                count=count,
+                patients=patients,
+            )
+            self.audit(interaction, res_type, res_id, query=query, patients=concerned)
+            return HistoryPage(
+                entries,
+                older=f"b{entries[-1].pk}" if entries and has_older else None,
+                newer=f"a{entries[0].pk}" if entries and has_newer else None,
+            )
         if res_id is not None and res_type is not None:
             current = self.uow.current(res_type, res_id)
             if current is None:
@@ -583,6 +646,59 @@ class Repository:
         if hook is not None and (repeated := hook.existing(self, body)) is not None:
             return WriteOutcome(200, repeated, loads(repeated.body_text), noop=True)
         return self._write("create", res_type, res_id or new_id(), body, None, access)
+
+    def batchable_create(self, res_type: str) -> bool:
+        """Whether plain creates of ``res_type`` may be stored together (:meth:`check_create`,
+        :meth:`store_creates`): no storage hook and no canonical url rule reads what the others wrote."""
+        return res_type not in self.kernel.hooks and res_type not in canonical_types()
+
+    def check_create(self, res_type: str, body: JsonDict, res_id: str) -> PendingCreate:
+        """Every check :meth:`create` makes before storing a resource of a :meth:`batchable_create`
+        type (type, scopes, structure, the caller's reach), for :meth:`store_creates`."""
+        check_type(res_type)
+        if res_type == "AuditEvent":
+            raise MethodNotAllowed(
+                "AuditEvents are written by this server only; they cannot be created over the API"
+            )
+        if not self.batchable_create(res_type):
+            raise FhirError(f"Creates of {res_type} are not stored in a batch")
+        access = self.grant("create", res_type)
+        if res_type == "Patient" and access.patient is not None:
+            raise Forbidden("A patient/ token cannot create Patient resources")
+        validate_resource(body, expected_type=res_type)
+        patients = self.reach(access)
+        if patients is not None:
+            rows = self._content_rows(res_type, {**body, "id": res_id})
+            self.kernel.policy.require_writable(res_type, res_id, rows, access, patients)
+        return PendingCreate(res_type, res_id, body)
+
+    def store_creates(self, pending: Sequence[PendingCreate]) -> list[WriteOutcome]:
+        """Store checked creates (:meth:`check_create`) in one batch (one statement per table,
+        :meth:`UnitOfWork.save_new`), each audited as its own create: what a transaction's plain
+        POST entries do one by one, in a few statements instead of nine per entry."""
+        if not pending:
+            return []
+        last_updated = now_ms()
+        new = []
+        for item in pending:
+            stamped = stamp_meta(item.body, item.res_id, 1, last_updated)
+            new.append(
+                NewResource(
+                    item.res_type, item.res_id, stamped, last_updated, self.kernel.extractor.extract(stamped)
+                )
+            )
+        outcomes = []
+        for made, stored in zip(new, self.uow.save_new(new), strict=True):
+            rows = tuple(made.index_rows)
+            outcomes.append(WriteOutcome(201, stored, made.body, created=True, rows=rows))
+            self.audit(
+                "create",
+                made.res_type,
+                made.res_id,
+                version=1,
+                patients=self.kernel.policy.patients_of(made.res_type, made.res_id, rows),
+            )
+        return outcomes
 
     def update(
         self, res_type: str, res_id: str, body: JsonDict, *, if_match: str | None = None
@@ -888,20 +1004,9 @@ class Repository:
 
 
 def store_audit_event(kernel: Kernel, uow: UnitOfWork, event: JsonDict) -> None:
-    """Store an AuditEvent (version 1, a new id) in ``uow``: the one place the trail is written."""
-    res_id = new_id()
-    last_updated = now_ms()
-    stamped = stamp_meta(event, res_id, 1, last_updated)
-    uow.save(
-        res_type="AuditEvent",
-        res_id=res_id,
-        body=stamped,
-        version=1,
-        last_updated=last_updated,
-        method="create",
-        previous=None,
-        index_rows=kernel.extractor.extract(stamped),
-    )
+    """Append an AuditEvent to the audit log in ``uow``: one narrow row (+ one per patient), the one
+    place the trail is written (:mod:`fhir_norse.server.audit_log`)."""
+    audit_log.insert_events(uow.conn, [event])
 
 
 def record_event(kernel: Kernel, event: JsonDict) -> None:
@@ -911,8 +1016,7 @@ def record_event(kernel: Kernel, event: JsonDict) -> None:
 
 
 def _store_audit_events(kernel: Kernel, uow: UnitOfWork, events: Sequence[JsonDict]) -> None:
-    for event in events:
-        store_audit_event(kernel, uow, event)
+    audit_log.insert_events(uow.conn, events)
 
 
 def record_refusal(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,9 +29,40 @@ def is_sqlite(engine: sa.Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
+# SQLite settings every connection gets (besides WAL, ``synchronous`` and the busy timeout), chosen by
+# bench/db_settings_bench.py (figures in BENCHMARKS.md). ``page_size`` takes effect only when the
+# database file is created (it is set before anything else touches it).
+DEFAULT_SQLITE_PRAGMAS: dict[str, int | str] = {
+    "page_size": 4096,
+    # Per connection, in KiB when negative: the hot index pages stay in the process.
+    "cache_size": -32_768,
+    # Reads through a memory map of the file instead of read() calls (shared by the connections).
+    "mmap_size": 256 * 1024 * 1024,
+    # Sorts and temporary b-trees of a search in memory, not in temporary files.
+    "temp_store": "MEMORY",
+    # Checkpoint the WAL after this many pages (SQLite's default): a larger WAL slows readers.
+    "wal_autocheckpoint": 1000,
+}
+_SQLITE_PRAGMA_VALUE = {"temp_store": ("DEFAULT", "FILE", "MEMORY")}
+# psycopg prepares a statement on a connection after it ran this many times (psycopg's default);
+# None turns server-side prepared statements off.
+DEFAULT_PREPARE_THRESHOLD: int | None = 5
+
+
 def create_engine(
-    url: str, *, synchronous: str = "FULL", busy_timeout_ms: int = 30_000, pool_size: int = 10
+    url: str,
+    *,
+    synchronous: str = "FULL",
+    busy_timeout_ms: int = 30_000,
+    pool_size: int = 5,
+    sqlite_pragmas: Mapping[str, int | str] | None = None,
+    prepare_threshold: int | None = DEFAULT_PREPARE_THRESHOLD,
+    pool_pre_ping: bool = True,
 ) -> sa.Engine:
+    """An engine on ``url``. SQLite: ``synchronous`` (FULL by default: durable, see
+    :func:`_configure_sqlite`) and ``sqlite_pragmas`` (default :data:`DEFAULT_SQLITE_PRAGMAS`) on every
+    connection. PostgreSQL: a pool of ``pool_size`` connections (and as many more under a burst) per
+    process, statements prepared after ``prepare_threshold`` runs."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
@@ -43,7 +74,8 @@ def create_engine(
             json_deserializer=orjson.loads,
             connect_args={"check_same_thread": False, "timeout": busy_timeout_ms / 1000},
         )
-        _configure_sqlite(engine, synchronous, busy_timeout_ms)
+        pragmas = dict(DEFAULT_SQLITE_PRAGMAS if sqlite_pragmas is None else sqlite_pragmas)
+        _configure_sqlite(engine, synchronous, busy_timeout_ms, pragmas)
         return engine
     engine = sa.create_engine(
         url,
@@ -51,7 +83,8 @@ def create_engine(
         json_deserializer=orjson.loads,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=pool_pre_ping,
+        connect_args={"prepare_threshold": prepare_threshold},
     )
     _configure_postgresql(engine)
     return engine
@@ -73,18 +106,54 @@ def _configure_postgresql(engine: sa.Engine) -> None:
         dbapi_conn.autocommit = autocommit
 
 
-def _configure_sqlite(engine: sa.Engine, synchronous: str, busy_timeout_ms: int) -> None:
+def sqlite_pragma_statements(pragmas: Mapping[str, int | str]) -> list[str]:
+    """``PRAGMA name=value`` for each setting, values checked (they are spliced into SQL)."""
+    out = []
+    for name, value in pragmas.items():
+        if not name.isidentifier():
+            raise ValueError(f"not a pragma name: {name!r}")
+        if name in _SQLITE_PRAGMA_VALUE:
+            if str(value).upper() not in _SQLITE_PRAGMA_VALUE[name]:
+                raise ValueError(f"PRAGMA {name}: {value!r}")
+            out.append(f"PRAGMA {name}={str(value).upper()}")
+        else:
+            out.append(f"PRAGMA {name}={int(value)}")
+    return out
+
+
+def _configure_sqlite(
+    engine: sa.Engine, synchronous: str, busy_timeout_ms: int, pragmas: Mapping[str, int | str]
+) -> None:
+    """Every connection: WAL, ``synchronous``, the busy timeout, foreign keys and ``pragmas``.
+
+    Durability in WAL: ``synchronous=FULL`` syncs the WAL file at every commit, so a transaction that
+    committed survives a power cut as well as a killed process. ``NORMAL`` syncs only at checkpoints: the
+    database stays consistent and a killed process (kill -9) loses nothing, since the commit is in the WAL
+    in the operating system's cache, but a power cut or OS crash may undo the last commits. ``EXTRA``
+    also syncs the directory. FULL is the default; NORMAL is a setting an operator chooses.
+    """
+    if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+        raise ValueError(f"PRAGMA synchronous: {synchronous!r}")
+    statements = sqlite_pragma_statements(pragmas)
+    page_size = [s for s in statements if s.startswith("PRAGMA page_size=")]
+    others = [s for s in statements if not s.startswith("PRAGMA page_size=")]
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Take over transaction control from the sqlite3 module so BEGIN is ours to choose.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
+        # Before anything writes the file's header (no effect on an existing database).
+        for statement in page_size:
+            cur.execute(statement)
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         # Index values are folded already; a case-sensitive LIKE lets a prefix search use the index.
         cur.execute("PRAGMA case_sensitive_like=ON")
+        for statement in others:
+            cur.execute(statement)
         cur.close()
 
     @event.listens_for(engine, "begin")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from hashlib import blake2b
 
 # ``Reference.identifier`` values are token rows under ``<param>:identifier`` (the ``:identifier`` modifier).
 IDENTIFIER_SUFFIX = ":identifier"
@@ -93,3 +94,46 @@ class CompositeRow:
 
 
 IndexRow = TokenRow | StringRow | DateRow | NumberRow | ReferenceRow | UriRow | CompositeRow
+
+
+# --- hash columns ----------------------------------------------------------------------------------
+#
+# The token and reference index tables carry 64-bit hashes of (type, parameter[, system], value), HAPI's
+# idea: their B-tree indexes are on a hash and the resource pk (narrow, one integer comparison) instead of
+# the (res_type, param, code, system, resource_pk) text tuple. Searches look the hash up and re-check the
+# text columns, so a collision never returns a wrong row; the text columns also serve the modifiers
+# (:text, :not, :above/:below, ``system|``). The hash is the first 8 bytes of BLAKE2b over the parts as
+# UTF-8 joined by U+001F (None as U+0000), read as a signed big-endian integer: the same BIGINT in Python
+# on SQLite and PostgreSQL, stable across processes and versions (unlike ``hash()``).
+
+_SEPARATOR = "\x1f"
+_NONE = "\x00"
+
+
+def index_hash(*parts: str | None) -> int:
+    """The stable signed 64-bit hash of ``parts`` (see above)."""
+    text = _SEPARATOR.join(_NONE if p is None else p for p in parts)
+    return int.from_bytes(
+        blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big", signed=True
+    )
+
+
+def identity_hash(res_type: str, param: str) -> int:
+    """``hash_identity``: the rows of one parameter of one type."""
+    return index_hash(res_type, param)
+
+
+def token_code_hash(res_type: str, param: str, code: str | None) -> int:
+    """``hash_code`` of a token row: ``param=code`` in any system."""
+    return index_hash(res_type, param, "", code)
+
+
+def token_system_code_hash(res_type: str, param: str, system: str | None, code: str | None) -> int:
+    """``hash_sys_code`` of a token row: ``param=system|code`` (``None``: ``param=|code``, no system)."""
+    return index_hash(res_type, param, "|", system, code)
+
+
+def reference_target_hash(res_type: str, param: str, target_id: str | None) -> int | None:
+    """``hash_target`` of a reference row: its target id, whatever the target type (a bare-id search
+    names none; a typed one re-checks ``target_type``); ``None`` for a URL or canonical."""
+    return None if target_id is None else index_hash(res_type, param, "@", target_id)

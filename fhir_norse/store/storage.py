@@ -3,15 +3,24 @@
 All writes go through :class:`UnitOfWork`, one database transaction: the resource row,
 the history row and the index rows are written together or not at all. Reads return the
 stored JSON as text, never re-parsed or re-validated.
+
+A body is stored once (issue 14): the current version's body lives in ``resource`` only, and
+its ``resource_history`` row (every version has one: the key that orders and pages history, the
+method, the unique version) has no body until a later write supersedes it, when the body is
+copied across inside the database (``UPDATE ... SET body = (SELECT ...)``). Reads of a version
+take the body from whichever of the two rows holds it.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
@@ -31,6 +40,10 @@ from fhir_norse.store.rows import (
     StringRow,
     TokenRow,
     UriRow,
+    identity_hash,
+    reference_target_hash,
+    token_code_hash,
+    token_system_code_hash,
 )
 from fhir_norse.store.tables import (
     DATE_MAX,
@@ -101,8 +114,13 @@ _HISTORY_COLS = (
     H.c.version,
     H.c.last_updated,
     H.c.deleted,
-    _json_text(H.c.body),
+    # The current version's history row has no body: the resource row holds it (module doc).
+    _json_text(sa.func.coalesce(H.c.body, R.c.body)),
     H.c.method,
+)
+# History rows with the resource row of the same version, if it is the current one.
+_HISTORY_FROM = H.outerjoin(
+    R, sa.and_(R.c.res_type == H.c.res_type, R.c.res_id == H.c.res_id, R.c.version == H.c.version)
 )
 
 
@@ -144,6 +162,15 @@ def _row_values(resource_pk: int, res_type: str, row: IndexRow) -> dict[str, Any
         value = values.get(key)
         if isinstance(value, str) and len(value) > limit:
             values[key] = value[:limit]
+    # Hash columns (fhir_norse/store/rows.py), of the stored (bounded) text.
+    if isinstance(row, TokenRow):
+        param, system, code = values["param"], values["system"], values["code"]
+        values["hash_identity"] = identity_hash(res_type, param)
+        values["hash_code"] = token_code_hash(res_type, param, code)
+        values["hash_sys_code"] = token_system_code_hash(res_type, param, system, code)
+    elif isinstance(row, ReferenceRow):
+        values["hash_identity"] = identity_hash(res_type, values["param"])
+        values["hash_target"] = reference_target_hash(res_type, values["param"], values["target_id"])
     return values
 
 
@@ -161,6 +188,23 @@ _UPDATE_RESOURCE = (
     )
 )
 _INSERT_HISTORY = sa.insert(H)
+# Before the resource row is overwritten: the version it holds moves its body to its history row.
+_SUPERSEDE = (
+    sa.update(H)
+    .where(
+        H.c.res_type == sa.bindparam("h_type"),
+        H.c.res_id == sa.bindparam("h_id"),
+        H.c.version == sa.bindparam("expected"),
+        # Only the current version's row lacks a body: a stale ``expected`` (which fails the resource
+        # update below, a 409) must not overwrite an older version's body.
+        H.c.body.is_(None),
+    )
+    .values(
+        body=sa.select(R.c.body)
+        .where(R.c.pk == sa.bindparam("row_pk"), R.c.version == sa.bindparam("expected"))
+        .scalar_subquery()
+    )
+)
 _INSERT_RESOURCE_ROWS = sa.insert(R)
 _DELETE_INDEX_ROWS = tuple(
     sa.delete(table).where(table.c.resource_pk == sa.bindparam("row_pk")) for table in _INDEX_TABLE.values()
@@ -196,6 +240,12 @@ def _history_where(
     return query
 
 
+# Built once: a read by id neither builds the statement nor computes its cache key again (issue 14).
+_CURRENT = sa.select(*_RESOURCE_COLS).where(
+    R.c.res_type == sa.bindparam("res_type"), R.c.res_id == sa.bindparam("res_id")
+)
+
+
 class ReadView:
     """Queries on one connection (inside whatever transaction it has)."""
 
@@ -220,16 +270,14 @@ class ReadView:
             ) from exc
 
     def current(self, res_type: str, res_id: str) -> StoredResource | None:
-        row = self.conn.execute(
-            sa.select(*_RESOURCE_COLS).where(R.c.res_type == res_type, R.c.res_id == res_id)
-        ).first()
+        row = self.conn.execute(_CURRENT, {"res_type": res_type, "res_id": res_id}).first()
         return _stored(row) if row else None
 
     def version(self, res_type: str, res_id: str, version: int) -> StoredResource | None:
         row = self.conn.execute(
-            sa.select(*_HISTORY_COLS).where(
-                H.c.res_type == res_type, H.c.res_id == res_id, H.c.version == version
-            )
+            sa.select(*_HISTORY_COLS)
+            .select_from(_HISTORY_FROM)
+            .where(H.c.res_type == res_type, H.c.res_id == res_id, H.c.version == version)
         ).first()
         return _stored(row) if row else None
 
@@ -248,7 +296,7 @@ class ReadView:
         ``before_pk`` pages towards older entries; ``after_pk`` returns the ``count`` entries just
         newer than it, oldest first (the caller reverses them for a "previous" page).
         """
-        query = _history_where(sa.select(*_HISTORY_COLS), res_type, res_id, since)
+        query = _history_where(sa.select(*_HISTORY_COLS).select_from(_HISTORY_FROM), res_type, res_id, since)
         if before_pk is not None:
             query = query.where(H.c.pk < before_pk)
         if after_pk is not None:
@@ -313,6 +361,11 @@ class UnitOfWork(ReadView):
                 pk = self.conn.execute(_INSERT_RESOURCE, values).scalar_one()
             else:
                 pk = previous.pk
+                if not previous.deleted:
+                    self.conn.execute(
+                        _SUPERSEDE,
+                        {"h_type": res_type, "h_id": res_id, "expected": previous.version, "row_pk": pk},
+                    )
                 updated = self.conn.execute(
                     _UPDATE_RESOURCE,
                     {
@@ -328,7 +381,7 @@ class UnitOfWork(ReadView):
                     raise Conflict(f"{res_type}/{res_id} was changed by another request; retry")
                 for statement in _DELETE_INDEX_ROWS:
                     self.conn.execute(statement, {"row_pk": pk})
-            self.conn.execute(_INSERT_HISTORY, {**values, "method": method})
+            self.conn.execute(_INSERT_HISTORY, {**values, "body": None, "method": method})
         except IntegrityError as exc:
             raise Conflict(f"{res_type}/{res_id} was written concurrently by another request; retry") from exc
         if not deleted:
@@ -365,7 +418,7 @@ class UnitOfWork(ReadView):
                 )
             }
             pks = [found[(r.res_type, r.res_id)] for r in resources]
-            self._insert_many(H, [{**v, "method": "create"} for v in values])
+            self._insert_many(H, [{**v, "body": None, "method": "create"} for v in values])
         except IntegrityError as exc:
             raise Conflict("a resource was written concurrently by another request; retry") from exc
         grouped: dict[type, list[dict[str, Any]]] = {}
@@ -483,6 +536,38 @@ class _GroupCommit:
                 self.changed.notify_all()
 
 
+class _ProcessWriterLock:
+    """An exclusive ``flock`` on ``<database>-writer.lock``, held while a process writes to an SQLite
+    database: writers of several processes wait in the kernel's queue and wake when the lock is released,
+    instead of polling in SQLite's busy handler (sleeps growing to 100 ms, the multi-second tails of
+    several workers). The kernel releases it when a process dies, so a killed worker blocks nobody.
+    Re-entrant within the thread holding the :class:`Storage`'s thread lock (only that thread enters)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._depth = 0
+
+    @classmethod
+    def beside(cls, engine: sa.Engine) -> _ProcessWriterLock | None:
+        database = engine.url.database
+        if not database or database == ":memory:" or database.startswith("file:"):
+            return None
+        return cls(Path(database).with_name(Path(database).name + "-writer.lock"))
+
+    def __enter__(self) -> None:
+        if self._depth == 0:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
 class Storage:
     """Opens read views and units of work on an engine (used only by the server's repository)."""
 
@@ -491,11 +576,13 @@ class Storage:
         self.sqlite = is_sqlite(engine)
         # One writer at a time for the whole database (SQLite): a read must not run in a write
         # transaction, or it holds up every write for as long as it takes. SQLite's busy handler
-        # makes a waiting writer poll with sleeps growing to 100 ms; writers of this process queue
-        # on a lock instead and start the moment the one before commits (other processes still wait
-        # on the busy timeout).
+        # makes a waiting writer poll with sleeps growing to 100 ms; writers queue on locks instead
+        # and start the moment the one before commits: a thread lock within this process, and an
+        # exclusive lock on a file beside the database between the processes (the server's workers),
+        # taken by one thread of a process at a time.
         self.single_writer = self.sqlite
         self._writers = threading.RLock() if self.single_writer else None
+        self._process_lock = _ProcessWriterLock.beside(engine) if self.single_writer else None
         self._group = _GroupCommit(self)
 
     @contextmanager
@@ -526,7 +613,11 @@ class Storage:
 
     @contextmanager
     def write(self) -> Iterator[UnitOfWork]:
-        with self._writers or nullcontext(), self.engine.connect() as conn:
+        with (
+            self._writers or nullcontext(),
+            self._process_lock or nullcontext(),
+            self.engine.connect() as conn,
+        ):
             if self.sqlite:
                 conn = conn.execution_options(sqlite_begin="IMMEDIATE")
             with conn.begin():

@@ -2,8 +2,10 @@
 
 The resource table holds the current version of every resource (a deleted one keeps its
 row with ``deleted = true`` and no body, so a later read can answer 410). The history
-table holds every version, the current one included. Index rows point at the resource
-row by its surrogate key and are rewritten in the same transaction as the write.
+table has a row for every version, the current one included, but a body only for versions
+that were superseded: the current body is stored once, in the resource table. Index rows
+point at the resource row by its surrogate key and are rewritten in the same transaction as
+the write.
 
 Timestamps are naive UTC. Open date bounds are stored as the sentinels below, so that
 range comparisons need no NULL handling.
@@ -68,13 +70,18 @@ class HistoryRow(SQLModel, table=True):
     # create | update | patch | delete: the Bundle.entry.request.method of a history entry.
     method: str = Field(sa_column=sa.Column(sa.String(8), nullable=False))
     deleted: bool = Field(sa_column=sa.Column(sa.Boolean, nullable=False, default=False))
+    # NULL for a deletion and for the current version (its body is in ``resource``); set when a later
+    # version supersedes it (fhir_norse/store/storage.py).
     body: Any = Field(default=None, sa_column=sa.Column(BODY, nullable=True))
 
 
 class TokenIndex(SQLModel, table=True):
     __tablename__ = "idx_token"
+    # Narrow indexes on 64-bit hashes (fhir_norse/store/rows.py, "hash columns"); searches re-check the text.
     __table_args__ = (
-        sa.Index("ix_token_code", "res_type", "param", "code", "system", "resource_pk"),
+        sa.Index("ix_token_hash_sys_code", "hash_sys_code", "resource_pk"),
+        sa.Index("ix_token_hash_code", "hash_code", "resource_pk"),
+        sa.Index("ix_token_hash_identity", "hash_identity", "resource_pk"),
         sa.Index("ix_token_resource", "resource_pk"),
     )
 
@@ -82,6 +89,9 @@ class TokenIndex(SQLModel, table=True):
     resource_pk: int = _resource_fk()
     res_type: str = Field(sa_column=sa.Column(sa.String(64), nullable=False))
     param: str = Field(sa_column=sa.Column(sa.String(64), nullable=False))
+    hash_identity: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger))
+    hash_code: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger))
+    hash_sys_code: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger))
     system: str | None = Field(default=None, sa_column=sa.Column(sa.String(512)))
     code: str | None = Field(default=None, sa_column=sa.Column(sa.String(512)))
     text: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
@@ -149,8 +159,8 @@ class NumberIndex(SQLModel, table=True):
 class ReferenceIndex(SQLModel, table=True):
     __tablename__ = "idx_reference"
     __table_args__ = (
-        sa.Index("ix_reference_target", "res_type", "param", "target_id", "target_type", "resource_pk"),
-        sa.Index("ix_reference_url", "res_type", "param", "url"),
+        sa.Index("ix_reference_hash_target", "hash_target", "resource_pk"),
+        sa.Index("ix_reference_hash_url", "hash_identity", "url"),
         sa.Index("ix_reference_reverse", "target_type", "target_id"),
         sa.Index("ix_reference_resource", "resource_pk"),
     )
@@ -159,6 +169,8 @@ class ReferenceIndex(SQLModel, table=True):
     resource_pk: int = _resource_fk()
     res_type: str = Field(sa_column=sa.Column(sa.String(64), nullable=False))
     param: str = Field(sa_column=sa.Column(sa.String(64), nullable=False))
+    hash_identity: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger))
+    hash_target: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger))
     target_type: str | None = Field(default=None, sa_column=sa.Column(sa.String(64)))
     target_id: str | None = Field(default=None, sa_column=sa.Column(sa.String(64)))
     target_version: str | None = Field(default=None, sa_column=sa.Column(sa.String(64)))

@@ -6,6 +6,8 @@ import base64
 from typing import Any
 
 import orjson
+import sqlalchemy as sa
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 FHIR = {"Content-Type": "application/fhir+json"}
@@ -213,3 +215,97 @@ def test_bundle_of_wrong_type_is_400(system_client: TestClient) -> None:
         headers=FHIR,
     )
     assert response.status_code == 400
+
+
+def _transaction(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def test_transaction_of_plain_creates_is_stored_in_a_batch(app: FastAPI, system_client: TestClient) -> None:
+    """Plain creates go in with one statement per table, yet each is a create of its own: its own id,
+    version 1, index rows (searchable), history entry and AuditEvent (with its patient)."""
+    patient = system_client.post("/fhir/Patient", json={"resourceType": "Patient"}, headers=FHIR).json()["id"]
+    entries = [
+        {
+            "resource": observation(f"Patient/{patient}", code=f"code-{i}"),
+            "request": {"method": "POST", "url": "Observation"},
+        }
+        for i in range(30)
+    ]
+    statements: list[str] = []
+    engine = app.state.service.storage.engine
+
+    def count(conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", count)
+    try:
+        response = system_client.post("/fhir", json=_transaction(entries), headers=FHIR)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", count)
+    assert response.status_code == 200, response.text
+    answers = response.json()["entry"]
+    assert [a["response"]["status"] for a in answers] == ["201 Created"] * 30
+    ids = [a["response"]["location"].split("/")[1] for a in answers]
+    assert len(set(ids)) == 30
+    assert all(a["response"]["location"].endswith("/_history/1") for a in answers)
+    # Far fewer statements than the nine per entry of one-by-one storage.
+    inserts = [s for s in statements if s.lstrip().upper().startswith("INSERT")]
+    assert len(inserts) <= 12, inserts
+    for i in (0, 29):
+        found = system_client.get(f"/fhir/Observation?code=code-{i}&subject=Patient/{patient}").json()
+        assert [e["resource"]["id"] for e in found.get("entry", [])] == [ids[i]]
+    history = system_client.get(f"/fhir/Observation/{ids[7]}/_history").json()
+    assert [e["request"]["method"] for e in history["entry"]] == ["POST"]
+    audits = system_client.get(f"/fhir/AuditEvent?entity=Observation/{ids[7]}&subtype=create").json()
+    events = [e["resource"] for e in audits.get("entry", [])]
+    assert len(events) == 1
+    by_patient = system_client.get(f"/fhir/AuditEvent?patient={patient}&subtype=create&_count=100").json()
+    assert len(by_patient.get("entry", [])) == 31  # the Patient and its 30 Observations
+
+
+def test_transaction_failing_after_its_batched_creates_leaves_nothing(system_client: TestClient) -> None:
+    """The batched creates are stored before the entries that follow them; a later entry that fails
+    (here a PUT whose If-Match names no version) rolls them back with the rest."""
+    patient = system_client.post("/fhir/Patient", json={"resourceType": "Patient"}, headers=FHIR).json()["id"]
+    before = total(system_client, "Observation")
+    audits_before = len(
+        system_client.get("/fhir/AuditEvent?subtype=create&_count=1000").json().get("entry", [])
+    )
+    entries = [
+        {"resource": observation(f"Patient/{patient}"), "request": {"method": "POST", "url": "Observation"}}
+        for _ in range(20)
+    ]
+    entries.append(
+        {
+            "resource": {"resourceType": "Patient", "id": patient, "active": True},
+            "request": {"method": "PUT", "url": f"Patient/{patient}", "ifMatch": 'W/"7"'},
+        }
+    )
+    response = system_client.post("/fhir", json=_transaction(entries), headers=FHIR)
+    assert response.status_code == 412, response.text
+    assert response.json()["resourceType"] == "OperationOutcome"
+    assert total(system_client, "Observation") == before
+    audits_after = system_client.get("/fhir/AuditEvent?subtype=create&_count=1000").json().get("entry", [])
+    assert len(audits_after) == audits_before
+
+
+def test_transaction_search_of_the_audit_trail_sees_its_own_creates(system_client: TestClient) -> None:
+    """A transaction's AuditEvents are inserted together before it commits, and before any entry of it
+    reads the trail."""
+    patient = system_client.post("/fhir/Patient", json={"resourceType": "Patient"}, headers=FHIR).json()["id"]
+    entries = [
+        {"resource": observation(f"Patient/{patient}"), "request": {"method": "POST", "url": "Observation"}},
+        {"request": {"method": "GET", "url": f"AuditEvent?patient={patient}&subtype=create"}},
+    ]
+    response = system_client.post("/fhir", json=_transaction(entries), headers=FHIR)
+    assert response.status_code == 200, response.text
+    created, searched = response.json()["entry"]
+    obs_id = created["response"]["location"].split("/")[1]
+    entities = [
+        e["what"].get("reference")
+        for hit in searched["resource"].get("entry", [])
+        for e in hit["resource"].get("entity", [])
+        if "what" in e
+    ]
+    assert f"Observation/{obs_id}/_history/1" in entities

@@ -32,7 +32,10 @@ from fhir_norse.api.app import create_app
 from fhir_norse.auth.audit import AUTHENTICATION, TOKEN_GRANT, AuditRecorder
 from fhir_norse.auth.build import build_token_service
 from fhir_norse.auth.refusals import RefusalAudit
+from fhir_norse.auth.tables import RateWindowRow
 from fhir_norse.config import Settings
+from fhir_norse.server.audit_log import render_row
+from fhir_norse.store.audit_tables import AUDIT_LOG
 from fhir_norse.store.db import create_engine
 from fhir_norse.store.tables import ResourceRow
 from tests.fhir_r4_client import parse_r4
@@ -67,12 +70,8 @@ def audit_events(database_url: str) -> list[dict[str, Any]]:
     engine = create_engine(database_url)
     try:
         with engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(RESOURCES.c.body)
-                .where(RESOURCES.c.res_type == "AuditEvent")
-                .order_by(RESOURCES.c.pk)
-            )
-            return [row.body if isinstance(row.body, dict) else orjson.loads(row.body) for row in rows]
+            rows = conn.execute(sa.select(AUDIT_LOG).order_by(AUDIT_LOG.c.pk))
+            return [orjson.loads(render_row(row)) for row in rows]
     finally:
         engine.dispose()
 
@@ -170,6 +169,11 @@ def test_forwarded_addresses_are_believed_from_trusted_proxies_only(database_url
         assert statuses == [401] * 20 + [429]
 
     before = len(refusal_events(database_url))
+    # The failure counts are in the database (shared by workers, kept over a restart): a new window.
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(sa.delete(RateWindowRow.__table__))  # type: ignore[attr-defined]
+    engine.dispose()
     with app_with(database_url, trusted_proxies=["127.0.0.1"]) as app:
         with TestClient(app, client=("127.0.0.1", 40000)) as client:
             statuses = [
@@ -404,6 +408,8 @@ def serving(database_url: str) -> Iterator[Served]:
         "FHIR_NORSE_PUBLISH_CONTENT": "false",
         "FHIR_NORSE_LOG_LEVEL": "WARNING",
         "FHIR_NORSE_PORT": str(port),
+        # One process: the refusal counts below are aggregated per worker.
+        "FHIR_NORSE_WORKERS": "1",
     }
     env.pop("FHIR_NORSE_BASE_URL", None)
     command = [

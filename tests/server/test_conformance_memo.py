@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from fhir_norse.server.conformance_memo import ConformanceMemo, shape
+from fhir_norse.server.conformance_memo import FREE_TEXT, ConformanceMemo, shape
 
 OBSERVATION: dict[str, Any] = {
     "resourceType": "Observation",
@@ -81,3 +81,65 @@ def test_the_memo_is_bounded() -> None:
     for key in (b"a", b"b", b"c"):
         memo.remember(key)
     assert b"c" in memo and len([k for k in (b"a", b"b", b"c") if k in memo]) <= 2
+
+
+REPORT: dict[str, Any] = {
+    "resourceType": "DiagnosticReport",
+    "meta": {"profile": ["http://fhir-norse.org/fhir/StructureDefinition/rom-report"]},
+    "status": "final",
+    "code": {"coding": [{"system": "http://loinc.org", "code": "11502-2"}], "text": "ROM report"},
+    "conclusion": "URGENT alert: suicide risk (suicidality score 4.25 > 3.5)",
+}
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("conclusion", "Elevated: Sad Affect (score 6.5 > 3.5)."),
+        ("conclusion", "   "),  # whitespace is a valid R4 string
+        ("text", "Another report title"),
+    ],
+)
+def test_free_text_shares_a_shape(key: str, value: str) -> None:
+    """The report's conclusion carries its scores: without this every report was checked in full."""
+    changed = copy.deepcopy(REPORT)
+    if key == "text":
+        changed["code"]["text"] = value
+    else:
+        changed[key] = value
+    assert shape("DiagnosticReport", changed) == shape("DiagnosticReport", REPORT)
+
+
+@pytest.mark.parametrize("value", ["", "control \x01 character", 42, ["a list"], {"an": "object"}])
+def test_free_text_that_is_not_a_valid_string_changes_the_shape(value: Any) -> None:
+    changed = {**REPORT, "conclusion": value}
+    assert shape("DiagnosticReport", changed) != shape("DiagnosticReport", REPORT)
+    without = {k: v for k, v in REPORT.items() if k != "conclusion"}
+    assert shape("DiagnosticReport", without) != shape("DiagnosticReport", REPORT)
+
+
+def test_no_profile_reads_the_words_of_free_text() -> None:
+    """What makes hiding :data:`FREE_TEXT` values sound: no profile of the pack fixes, patterns or binds
+    such an element, slices on it, or has an invariant that reads more than its existence. A profile
+    that does must make this fail (then take the key out of FREE_TEXT)."""
+    import json
+    import re
+
+    from tests.intake_support import ROOT
+
+    rules = ("fixed", "pattern", "binding", "constraint", "slicing", "maxLength", "minValue", "maxValue")
+    for path in sorted((ROOT / "profiles").glob("StructureDefinition-*.json")):
+        definition = json.loads(path.read_text(encoding="utf-8"))
+        differential = definition.get("differential", {}).get("element", [])
+        for element in differential:
+            types = {t.get("code") for t in element.get("type") or []}
+            # The pack's own rules on such an element (``text`` typed Narrative is an object: kept whole).
+            if element["path"].rsplit(".", 1)[-1] in FREE_TEXT and not types - {"string", "markdown"}:
+                assert not [k for k in element if k.startswith(rules)], (path.name, element["path"])
+        for element in [*differential, *definition.get("snapshot", {}).get("element", [])]:
+            for constraint in element.get("constraint") or []:
+                expression = str(constraint.get("expression") or "")
+                for key in FREE_TEXT:
+                    # ``text.div`` is the Narrative (an object, whose shape is kept whole).
+                    uses = re.findall(rf"\b{key}\b(\.`?div`?|\.\w+\(\))?", expression)
+                    assert all(u in (".exists()", ".div", ".`div`") for u in uses), (path.name, expression)

@@ -39,7 +39,7 @@ from fhir_norse.server.search.extract import (
 from fhir_norse.server.search.fastpath import FastEvaluator, Node
 from fhir_norse.store.resource_types import SUPPORTED_TYPES
 from fhir_norse.store.rows import IndexRow
-from fhir_norse.store.search.params import SearchParamRegistry, default_registry, split_union
+from fhir_norse.store.search.params import SearchParamRegistry, full_registry, split_union
 from tests.property_support import picks
 from tests.scoring.test_resources import build, phq9, phq9_total, sad_changes
 
@@ -842,28 +842,33 @@ def audit_events() -> list[JsonDict]:
     )
     when = datetime(2026, 3, 4, 9, 15, 0, 250000, tzinfo=UTC)
     common: JsonDict = {"outcome": SUCCESS, "recorded": when, "source_address": "10.1.2.3"}
+    # Plain dicts, as a stored AuditEvent is read back (the builders return a dict that also carries
+    # its inputs).
     return [
-        build_audit_event(
-            interaction="read",
-            caller=system,
-            resource_type="Observation",
-            resource_id="o-1",
-            patients=["p-1"],
-            request_id="req-1",
-            server_address="https://fhir.example.org/fhir",
-            **common,
-        ),
-        build_audit_event(
-            interaction="search-type",
-            caller=practitioner,
-            resource_type="Observation",
-            query="Observation?patient=p-1&code=http://loinc.org|44261-6",
-            patients=["p-1", "p-2"],
-            **common,
-        ),
-        build_audit_event(
-            interaction="create", caller=practitioner, resource_type="Flag", resource_id="f-1", **common
-        ),
+        dict(event)
+        for event in [
+            build_audit_event(
+                interaction="read",
+                caller=system,
+                resource_type="Observation",
+                resource_id="o-1",
+                patients=["p-1"],
+                request_id="req-1",
+                server_address="https://fhir.example.org/fhir",
+                **common,
+            ),
+            build_audit_event(
+                interaction="search-type",
+                caller=practitioner,
+                resource_type="Observation",
+                query="Observation?patient=p-1&code=http://loinc.org|44261-6",
+                patients=["p-1", "p-2"],
+                **common,
+            ),
+            build_audit_event(
+                interaction="create", caller=practitioner, resource_type="Flag", resource_id="f-1", **common
+            ),
+        ]
     ]
 
 
@@ -898,8 +903,8 @@ def test_the_corpus_covers_every_supported_type() -> None:
 
 @pytest.fixture(scope="module")
 def extractors() -> tuple[IndexExtractor, IndexExtractor]:
-    fast = IndexExtractor(default_registry())
-    slow = IndexExtractor(default_registry(), fast=False)
+    fast = IndexExtractor(full_registry())
+    slow = IndexExtractor(full_registry(), fast=False)
     fast.prepare()
     slow.prepare()
     return fast, slow
@@ -1054,7 +1059,7 @@ def variations(draw: st.DrawFn, resources: Sequence[tuple[str, JsonDict]], odd: 
 
 def _extractor_pair() -> list[IndexExtractor]:
     """The fast path and fhirpathpy, each in an extractor that has seen no failure yet."""
-    return [IndexExtractor(default_registry()), IndexExtractor(default_registry(), fast=False)]
+    return [IndexExtractor(full_registry()), IndexExtractor(full_registry(), fast=False)]
 
 
 @pytest.mark.parametrize("odd", [False, True], ids=["fhir-like", "odd-types"])
@@ -1086,7 +1091,7 @@ def test_fast_rows_equal_fhirpathpy_rows_on_variations(odd: bool) -> None:
 
 
 def _expressions(resource_type: str) -> list[str]:
-    registry = default_registry()
+    registry = full_registry()
     found: list[str] = []
     for definition in registry.indexed(resource_type):
         if definition.expression:
@@ -1210,7 +1215,7 @@ SCORING_TYPES = ("Observation", "DiagnosticReport", "Flag", "Provenance", "Task"
 
 
 def test_share_of_parameters_on_the_fast_path() -> None:
-    extractor = IndexExtractor(default_registry())
+    extractor = IndexExtractor(full_registry())
     extractor.prepare()
     paths = extractor.fast_path
     assert len(paths) == 591  # every indexed parameter/type pair of the supported types compiles
@@ -1226,16 +1231,16 @@ def test_share_of_parameters_on_the_fast_path() -> None:
 @pytest.mark.parametrize("resource_type", SUPPORTED_TYPES)
 def test_parameters_on_the_fast_path_by_type(resource_type: str) -> None:
     """The listing, type by type: every parameter of the type is compiled to the fast path."""
-    extractor = IndexExtractor(default_registry())
+    extractor = IndexExtractor(full_registry())
     extractor.prepare([resource_type])
     codes = {code: fast for (t, code), fast in extractor.fast_path.items() if t == resource_type}
     slow = {(resource_type, code) for code, fast in codes.items() if not fast}
     assert slow == {pair for pair in SLOW_PARAMETERS if pair[0] == resource_type}
-    assert len(codes) == len(default_registry().indexed(resource_type))
+    assert len(codes) == len(full_registry().indexed(resource_type))
 
 
 def test_fhirpathpy_only_when_asked() -> None:
-    extractor = IndexExtractor(default_registry(), fast=False)
+    extractor = IndexExtractor(full_registry(), fast=False)
     extractor.prepare(["Observation"])
     assert not any(extractor.fast_path.values())
 

@@ -1162,6 +1162,11 @@ def _contained_questionnaire(resource: Mapping[str, Any], rows: dict[_RowKey, In
                         rows[key] = _row(key)
 
 
+# A known shape: the parameter codes its function gives rows for, and the function (None: the resource
+# is not of that shape after all, and the generic plan indexes it).
+KnownShape = tuple[frozenset[str], Callable[[Mapping[str, Any]], "list[IndexRow] | None"]]
+
+
 class IndexExtractor:
     """Evaluates the indexed SearchParameters of a resource into index rows.
 
@@ -1171,15 +1176,27 @@ class IndexExtractor:
 
     With ``fast`` (the default) the expressions of the common shapes are evaluated by
     :mod:`.fastpath`, which gives what fhirpathpy gives many times faster; ``fast=False``
-    evaluates everything with fhirpathpy (the reference the fast path is tested against).
+    evaluates everything with fhirpathpy (the reference the fast path is tested against). With
+    ``known_shapes`` (and ``fast``) the resources of a type whose indexed parameters are exactly a known
+    shape's codes are read off that shape by its function (:mod:`.known_shape` gives the Observations
+    scoring writes; :func:`.known_shape.extractor_for` builds the server's extractor with it).
     """
 
-    def __init__(self, registry: SearchParamRegistry, fast: bool = True) -> None:
+    def __init__(
+        self,
+        registry: SearchParamRegistry,
+        fast: bool = True,
+        known_shapes: Mapping[str, KnownShape] | None = None,
+    ) -> None:
         self.registry = registry
         self.fast = fast
+        self.known_shapes: Mapping[str, KnownShape] = known_shapes or {}
         self._plans: dict[str, _Plan] = {}
         self._unsupported: dict[tuple[str, str], str] = {}
         self._failed: set[tuple[str, str]] = set()
+        # Server-written Observations read off their known shape (:mod:`.known_shape`), while the
+        # indexed Observation parameters are exactly those it produces.
+        self._direct: dict[str, Callable[[Mapping[str, Any]], list[IndexRow] | None]] = {}
 
     @property
     def fast_path(self) -> dict[tuple[str, str], bool]:
@@ -1212,6 +1229,14 @@ class IndexExtractor:
         plan = self._plans.get(resource_type)
         if plan is None:
             plan = self._plan(resource_type)
+        direct = self._direct.get(resource_type)
+        if direct is not None:
+            try:
+                known = direct(resource)
+            except Exception:  # the generic path below decides
+                known = None
+            if known is not None:
+                return known
         # fhirpathpy's ``ofType`` consults a class-wide model that only ``is``/``as`` set; without it
         # ``Age`` is not a ``Quantity``.
         TypeInfo.model = MODEL  # type: ignore[assignment]
@@ -1270,6 +1295,9 @@ class IndexExtractor:
                 log.debug("search parameter %s.%s not indexed: %s", resource_type, definition.code, exc)
         plan = _Plan(tuple(params), len(shared), len(converted))
         self._plans[resource_type] = plan
+        known = self.known_shapes.get(resource_type)
+        if known is not None and self.fast and {p.code for p in params} == known[0]:
+            self._direct[resource_type] = known[1]
         return plan
 
     def _compile(
@@ -1345,7 +1373,8 @@ class IndexExtractor:
 
 @cache
 def extractor_for(registry: SearchParamRegistry) -> IndexExtractor:
-    """The extractor of ``registry`` (one per registry and process: plans are compiled once)."""
+    """The generic extractor of ``registry`` (one per registry and process: plans are compiled once);
+    the server's adds the known shapes (:func:`.known_shape.extractor_for`), which give the same rows."""
     return IndexExtractor(registry)
 
 

@@ -11,13 +11,14 @@ See https://hl7.org/fhir/R4/searchparameter.html.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
 from fhir_norse import definitions
 from fhir_norse.store.resource_types import SUPPORTED_TYPES
+from fhir_norse.store.search.advertised import ExtraParameterError, advertised
 
 DEFINITIONS = definitions.DIR / "search-parameters.json"
 
@@ -91,18 +92,42 @@ def restrict_expression(expression: str, resource_type: str) -> str | None:
 
 
 class SearchParamRegistry:
-    """All SearchParameters by resource type and code, and by canonical URL."""
+    """The SearchParameters by resource type and code, and by canonical URL.
 
-    def __init__(self, definitions: Iterable[Mapping[str, Any]], resource_types: Iterable[str]) -> None:
-        self._by_type: dict[str, dict[str, SearchParamDef]] = {t: {} for t in resource_types}
+    With ``advertised`` (codes per type, see :mod:`.advertised`), :meth:`get`, :meth:`for_type` and
+    :meth:`indexed` know only those: what the server indexes, lists and answers; a type missing from it
+    has only the codes starting with ``_``. :meth:`by_url` and :meth:`defined` still know every
+    definition (the components of an advertised composite need not be advertised themselves).
+    Without ``advertised``: every definition, as the specification lists them.
+    """
+
+    def __init__(
+        self,
+        definitions: Iterable[Mapping[str, Any]],
+        resource_types: Iterable[str],
+        advertised: Mapping[str, Collection[str]] | None = None,
+    ) -> None:
+        self._all_by_type: dict[str, dict[str, SearchParamDef]] = {t: {} for t in resource_types}
         self._by_url: dict[str, dict[str, SearchParamDef]] = {}
         for sp in definitions:
             for base in sp.get("base", []):
-                targets = list(self._by_type) if base in ("Resource", "DomainResource") else [base]
+                targets = list(self._all_by_type) if base in ("Resource", "DomainResource") else [base]
                 for rtype in targets:
-                    if rtype not in self._by_type:
+                    if rtype not in self._all_by_type:
                         continue
                     self._add(sp, rtype)
+        if advertised is None:
+            self._by_type = self._all_by_type
+        else:
+            self._by_type = {
+                t: {
+                    c: d
+                    for c, d in defs.items()
+                    if c in advertised.get(t, ()) or (t not in advertised and c.startswith("_"))
+                }
+                for t, defs in self._all_by_type.items()
+            }
+        self._indexed = {t: self._indexed_of(t) for t in self._by_type}
 
     def _add(self, sp: Mapping[str, Any], rtype: str) -> None:
         raw = sp.get("expression")
@@ -123,7 +148,7 @@ class SearchParamRegistry:
         )
         if raw and expression is None and sp["type"] != "composite":
             return  # the union names this type in ``base`` but has no branch for it
-        self._by_type[rtype][sp["code"]] = definition
+        self._all_by_type[rtype][sp["code"]] = definition
         self._by_url.setdefault(sp["url"], {})[rtype] = definition
 
     def for_type(self, resource_type: str) -> Mapping[str, SearchParamDef]:
@@ -135,8 +160,15 @@ class SearchParamRegistry:
     def by_url(self, url: str, resource_type: str) -> SearchParamDef | None:
         return self._by_url.get(url, {}).get(resource_type)
 
+    def defined(self, resource_type: str, code: str) -> SearchParamDef | None:
+        """The definition of ``code`` on ``resource_type``, advertised or not."""
+        return self._all_by_type.get(resource_type, {}).get(code)
+
     def indexed(self, resource_type: str) -> list[SearchParamDef]:
         """The definitions whose values are extracted into index rows on write."""
+        return list(self._indexed.get(resource_type, ()))
+
+    def _indexed_of(self, resource_type: str) -> list[SearchParamDef]:
         return [
             d
             for d in self._by_type.get(resource_type, {}).values()
@@ -159,8 +191,26 @@ _EXAMPLES = frozenset({"example", "example-extension"})
 
 
 @cache
-def default_registry() -> SearchParamRegistry:
+def full_registry() -> SearchParamRegistry:
+    """Every R4 SearchParameter of the stored types (what the specification defines)."""
     return SearchParamRegistry(_r4_definitions(), SUPPORTED_TYPES)
+
+
+@cache
+def default_registry() -> SearchParamRegistry:
+    """The R4 SearchParameters this server advertises (:mod:`.advertised`), without a content pack."""
+    return SearchParamRegistry(_r4_definitions(), SUPPORTED_TYPES, advertised())
+
+
+def extra_problems(extra: Iterable[tuple[str, str]], custom: Iterable[Mapping[str, Any]] = ()) -> list[str]:
+    """Why site-enabled parameters ``extra`` cannot be enabled (empty when they can)."""
+    own = {(str(b), str(sp.get("code"))) for sp in custom for b in sp.get("base") or []}
+    full = full_registry()
+    return [
+        f"search parameter {t}.{c}: not a parameter of a stored resource type"
+        for t, c in extra
+        if (t, c) not in own and full.get(t, c) is None
+    ]
 
 
 class CustomParameterError(ValueError):
@@ -185,7 +235,7 @@ def custom_problems(sp: Mapping[str, Any]) -> list[str]:
     bases = sp.get("base")
     if not isinstance(bases, list) or not bases:
         return [*problems, f"{label}: needs base"]
-    r4 = default_registry()
+    r4 = full_registry()
     for base in bases:
         if base not in SUPPORTED_TYPES:
             problems.append(f"{label}: base {base!r} is not a resource type this server stores")
@@ -194,11 +244,18 @@ def custom_problems(sp: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def registry_with(custom: Iterable[Mapping[str, Any]]) -> SearchParamRegistry:
-    """The R4 definitions plus the ``custom`` SearchParameters (a content pack's), each checked by
-    :func:`custom_problems` (:class:`CustomParameterError` names the first problem)."""
+def registry_with(
+    custom: Iterable[Mapping[str, Any]], enabled: Iterable[tuple[str, str]] = ()
+) -> SearchParamRegistry:
+    """The advertised R4 definitions plus the ``custom`` SearchParameters (a content pack's, always
+    advertised), each checked by :func:`custom_problems` (:class:`CustomParameterError` names the first
+    problem), plus the site-``enabled`` (type, code) pairs of R4 (:class:`ExtraParameterError` for one
+    R4 does not define on a stored type)."""
     extra = list(custom)
-    if not extra:
+    enabled = tuple(enabled)
+    if problems := extra_problems(enabled, extra):
+        raise ExtraParameterError(problems[0])
+    if not extra and not enabled:
         return default_registry()
     seen: set[tuple[str, str]] = set()
     for sp in extra:
@@ -210,4 +267,5 @@ def registry_with(custom: Iterable[Mapping[str, Any]]) -> SearchParamRegistry:
             seen.add(key)
         if problems:
             raise CustomParameterError(problems[0])
-    return SearchParamRegistry([*_r4_definitions(), *extra], SUPPORTED_TYPES)
+    own = [(str(base), str(sp["code"])) for sp in extra for base in sp["base"]]
+    return SearchParamRegistry([*_r4_definitions(), *extra], SUPPORTED_TYPES, advertised([*own, *enabled]))

@@ -20,7 +20,13 @@ import sqlalchemy as sa
 from sqlalchemy.sql.elements import ColumnElement
 
 from fhir_norse.outcomes import BadRequest
-from fhir_norse.store.rows import IDENTIFIER_SUFFIX
+from fhir_norse.store.rows import (
+    IDENTIFIER_SUFFIX,
+    identity_hash,
+    reference_target_hash,
+    token_code_hash,
+    token_system_code_hash,
+)
 from fhir_norse.store.search.request import (
     AnyCriterion,
     ChainCriterion,
@@ -93,6 +99,9 @@ def like_prefix(text: str) -> str:
 def escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
+
+# Most hashes one IN list may carry before a compartment filter falls back to ``hash_identity``.
+_MAX_HASHES = 500
 
 # --- value matches on one index row -------------------------------------------------------------
 
@@ -209,11 +218,40 @@ def uri_above_candidates(value: str) -> list[str]:
     return sorted(out)
 
 
-def _row_match(table: sa.FromClause, crit: Criterion, v: SearchValue, now: datetime) -> Condition:
-    """The condition one index row must meet to match value ``v``."""
+def rechecked(param: str) -> bool:
+    """Whether equality on ``param`` re-checks the text behind its hash: business identifiers, which
+    conditional operations and de-duplication act on. Other equality searches trust the 64-bit hash (as
+    HAPI does: a collision between two values of one parameter is about 1 in 10^8 among a million
+    distinct values), so the narrow (hash, resource_pk) index answers them without reading the row.
+    Access-control filters (the Patient compartment) always re-check."""
+    return param == "identifier" or param.endswith(IDENTIFIER_SUFFIX)
+
+
+def token_hash_match(
+    table: sa.FromClause, res_type: str, param: str, v: TokenValue, recheck: bool = True
+) -> Condition:
+    """``v`` on a token table: the narrow hash index finds the rows; with ``recheck`` the text columns
+    confirm them (a collision never matches). See "hash columns" in fhir_norse/store/rows.py."""
     c = table.c
+    text = token_match(c.system, c.code, v)
+    if v.code is None:  # ``system|``: every code of a system
+        return sa.and_(c.hash_identity == identity_hash(res_type, param), text)
+    if v.no_system or v.system is not None:
+        hashed = c.hash_sys_code == token_system_code_hash(res_type, param, v.system, v.code)
+    else:
+        hashed = c.hash_code == token_code_hash(res_type, param, v.code)
+    return sa.and_(hashed, text, c.res_type == res_type, c.param == param) if recheck else hashed
+
+
+def _row_match(
+    table: sa.FromClause, crit: Criterion, v: SearchValue, now: datetime, param: str | None = None
+) -> Condition:
+    """The condition one index row must meet to match value ``v`` (``param``: the indexed code, for the
+    hash columns of token and reference rows)."""
+    c = table.c
+    code = param or crit.param.code
     if isinstance(v, TokenValue):
-        return token_match(c.system, c.code, v)
+        return token_hash_match(table, crit.resource_type, code, v, rechecked(code))
     if isinstance(v, StringValue):
         if crit.param.type == "token":  # ``:text``
             return c.text.like(like_prefix(v.folded), escape="\\")
@@ -231,7 +269,7 @@ def _row_match(table: sa.FromClause, crit: Criterion, v: SearchValue, now: datet
     if isinstance(v, NumberValue):
         return number_match(c.value, c.low, c.high, v)
     if isinstance(v, ReferenceValue):
-        return reference_match(table, v)
+        return reference_match(table, v, crit.resource_type, code, rechecked(code))
     if isinstance(v, UriValue):
         if crit.modifier == "below":
             return c.value.like(like_prefix(v.value), escape="\\")
@@ -243,17 +281,31 @@ def _row_match(table: sa.FromClause, crit: Criterion, v: SearchValue, now: datet
     raise AssertionError(f"unexpected value {v!r}")
 
 
-def reference_match(table: sa.FromClause, v: ReferenceValue) -> Condition:
+def reference_match(
+    table: sa.FromClause, v: ReferenceValue, res_type: str, param: str, recheck: bool = True
+) -> Condition:
+    """``v`` on a reference table: local references through ``hash_target`` (of the target id; a typed
+    value checks ``target_type`` on the row, ``recheck`` the id too); URLs and canonicals through the
+    (``hash_identity``, ``url``) index."""
     c = table.c
     if v.url is not None:
-        cond: Condition = c.url == v.url
+        cond: Condition = sa.and_(c.hash_identity == identity_hash(res_type, param), c.url == v.url)
         if v.version is not None:
             cond = sa.and_(cond, c.canonical_version == v.version)
         if v.target_id is not None:
             # An absolute URL ending in Type/id may have been stored as a local reference.
-            cond = sa.or_(cond, sa.and_(c.target_id == v.target_id, c.target_type == v.target_type))
+            cond = sa.or_(
+                cond,
+                sa.and_(
+                    c.hash_target == reference_target_hash(res_type, param, v.target_id),
+                    c.target_id == v.target_id,
+                    c.target_type == v.target_type,
+                ),
+            )
         return cond
-    conds: list[Condition] = [c.target_id == v.target_id]
+    conds: list[Condition] = [c.hash_target == reference_target_hash(res_type, param, v.target_id)]
+    if recheck:
+        conds += [c.target_id == v.target_id, c.res_type == res_type, c.param == param]
     if v.target_type is not None:
         conds.append(c.target_type == v.target_type)
     return sa.and_(*conds)
@@ -324,8 +376,13 @@ def _compartment_filter(crit: CompartmentCriterion, r: sa.FromClause) -> RowFilt
     if not patients or not crit.params:
         return sa.false()
 
+    hashes = [reference_target_hash(crit.resource_type, p, pid) for p in crit.params for pid in patients]
+
     def where(t: sa.FromClause) -> list[Condition]:
         return [
+            t.c.hash_target.in_(hashes)
+            if len(hashes) <= _MAX_HASHES
+            else t.c.hash_identity.in_([identity_hash(crit.resource_type, p) for p in crit.params]),
             t.c.res_type == crit.resource_type,
             t.c.param.in_(crit.params),
             t.c.target_type == "Patient",
@@ -377,8 +434,16 @@ def compile_criterion(crit: AnyCriterion, r: sa.FromClause, now: datetime) -> Ro
         table, code = TOKEN, code + IDENTIFIER_SUFFIX
     rtype = crit.resource_type
 
-    def of_param(t: sa.FromClause) -> list[Condition]:
-        return [t.c.res_type == rtype, t.c.param == code]
+    hashed = table is TOKEN or table is REFERENCE
+
+    def of_param(t: sa.FromClause, *, by_identity: bool = hashed) -> list[Condition]:
+        # On the hashed tables the (type, parameter) rows are found by ``hash_identity`` unless every
+        # value is looked up by a hash of its own (naming both would let a planner pick the wider one).
+        identity = [t.c.hash_identity == identity_hash(rtype, code)] if by_identity else []
+        return [*identity, t.c.res_type == rtype, t.c.param == code]
+
+    # Token and reference values carry their own hash condition (token_hash_match, reference_match).
+    values_hashed = hashed and all(isinstance(v, TokenValue | ReferenceValue) for v in crit.values)
 
     if crit.modifier == "missing":
         wanted = {v.missing for v in crit.values if isinstance(v, MissingValue)}
@@ -386,13 +451,17 @@ def compile_criterion(crit: AnyCriterion, r: sa.FromClause, now: datetime) -> Ro
             return sa.true()
         if False in wanted:
             return RowFilter(table, of_param, _rank(crit))
-        return ~sa.exists().where(table.c.resource_pk == r.c.pk, *of_param(table)).correlate_except(table)
+        return ~sa.exists().where(
+            table.c.resource_pk == r.c.pk, *of_param(table, by_identity=False)
+        ).correlate_except(table)
 
     def matching(t: sa.FromClause) -> list[Condition]:
-        match = sa.or_(*(_row_match(t, crit, v, now) for v in crit.values))
+        match = sa.or_(*(_row_match(t, crit, v, now, code) for v in crit.values))
         if crit.target_type is not None:
             match = sa.and_(t.c.target_type == crit.target_type, match)
-        return [*of_param(t), match]
+        if values_hashed:
+            return [match]  # each value's hash names the type and parameter
+        return [*of_param(t, by_identity=hashed), match]
 
     if crit.modifier == "not":
         # Also matches resources without the element: an anti-join (NOT IN could plan as a

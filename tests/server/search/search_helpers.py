@@ -7,13 +7,11 @@ because other test runs share the database.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -34,9 +32,8 @@ from fhir_norse.store.rows import (
 )
 from fhir_norse.store.search.engine import SearchPage, StoredRow, execute_search
 from fhir_norse.store.search.request import SearchRequest
+from fhir_norse.store.storage import _row_values as store_row_values
 from fhir_norse.store.tables import (
-    DATE_MAX,
-    DATE_MIN,
     METADATA,
     CompositeIndex,
     DateIndex,
@@ -91,19 +88,6 @@ def postgres_engine(url: str) -> Iterator[sa.Engine]:
         admin.dispose()
 
 
-def _row_values(row: IndexRow) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for field in dataclasses.fields(row):
-        value = getattr(row, field.name)
-        if isinstance(value, Decimal):  # the index tables hold FLOATs
-            value = float(value)
-        values[field.name] = value
-    if isinstance(row, DateRow):
-        values["low"] = row.low or DATE_MIN
-        values["high"] = row.high or DATE_MAX
-    return values
-
-
 class Seeder:
     """Inserts resources with hand-written index rows; ``last_updated`` advances by one second."""
 
@@ -137,7 +121,8 @@ class Seeder:
         ).scalar_one()
         for row in rows:
             table = _TABLES[type(row)]
-            self.conn.execute(sa.insert(table).values(resource_pk=pk, res_type=res_type, **_row_values(row)))
+            # The store's own mapping (bounded strings, hash columns), as every write does.
+            self.conn.execute(sa.insert(table).values(**store_row_values(pk, res_type, row)))
         return int(pk)
 
     def delete(self, res_type: str, res_id: str) -> None:

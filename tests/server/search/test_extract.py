@@ -10,6 +10,7 @@ import logging
 from dataclasses import replace
 from datetime import datetime
 from decimal import Decimal
+from functools import cache
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ import pytest
 from fhir_norse.server.search import extract as extract_module
 from fhir_norse.server.search.extract import (
     IndexExtractor,
-    default_extractor,
+    extractor_for,
     first_element,
     parse_reference,
     rewrite_expression,
@@ -32,7 +33,7 @@ from fhir_norse.store.rows import (
     TokenRow,
     UriRow,
 )
-from fhir_norse.store.search.params import SearchParamRegistry
+from fhir_norse.store.search.params import SearchParamRegistry, full_registry
 
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
@@ -42,14 +43,22 @@ SNOMED = "http://snomed.info/sct"
 END_OF_DAY = (23, 59, 59, 999999)
 
 
+@cache
+def spec_extractor() -> IndexExtractor:
+    """Every R4 parameter of the stored types, advertised or not: the extraction rules are tested on the
+    whole specification (a site may enable any of them); what the server advertises is tested in
+    tests/store/search/test_advertised.py."""
+    return extractor_for(full_registry())
+
+
 def rows_of(resource: dict[str, Any], param: str, extractor: IndexExtractor | None = None) -> set[IndexRow]:
-    rows = (extractor or default_extractor()).extract(resource)
+    rows = (extractor or spec_extractor()).extract(resource)
     assert len(rows) == len(set(rows)), "rows are deduplicated"
     return {row for row in rows if row.param == param}
 
 
 def params_of(resource: dict[str, Any]) -> set[str]:
-    return {row.param for row in default_extractor().extract(resource)}
+    return {row.param for row in spec_extractor().extract(resource)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,7 +476,7 @@ def test_identical_values_give_one_row() -> None:
         {"coding": [{"system": CATEGORY, "code": "survey"}]},
         {"coding": [{"system": CATEGORY, "code": "survey"}]},
     ]
-    assert default_extractor().extract(obs).count(TokenRow("category", CATEGORY, "survey")) == 1
+    assert spec_extractor().extract(obs).count(TokenRow("category", CATEGORY, "survey")) == 1
 
 
 def test_extension_parameter_uses_the_extension_value() -> None:
@@ -860,7 +869,7 @@ def test_composites_need_two_indexable_components() -> None:
 
 
 def test_every_r4_parameter_of_our_types_compiles() -> None:
-    extractor = IndexExtractor(default_extractor().registry)
+    extractor = IndexExtractor(spec_extractor().registry)
     extractor.prepare()
     assert extractor.unsupported == []
 
@@ -886,16 +895,16 @@ def test_skipping_absent_elements_never_changes_the_rows(
     sample: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     resource = sample()
-    fast = IndexExtractor(default_extractor().registry).extract(resource)
+    fast = IndexExtractor(spec_extractor().registry).extract(resource)
     monkeypatch.setattr(extract_module, "_present", lambda requires, data: True)
-    slow = IndexExtractor(default_extractor().registry).extract(resource)
+    slow = IndexExtractor(spec_extractor().registry).extract(resource)
     assert set(fast) == set(slow)
     assert len(fast) == len(slow)
 
 
 def test_unrelated_types_and_resources_without_type() -> None:
-    assert default_extractor().extract({"resourceType": "Basic", "id": "b"}) == []
-    assert default_extractor().extract({"id": "b"}) == []
+    assert spec_extractor().extract({"resourceType": "Basic", "id": "b"}) == []
+    assert spec_extractor().extract({"id": "b"}) == []
     assert params_of({"resourceType": "Binary", "contentType": "text/plain"}) == set()
 
 
