@@ -12,6 +12,8 @@ writes from ``--writers`` clients: new Patients, Observations, and completed Que
 again; the writers carry on against the new one. Then, on a last restart:
 
 * every write answered ``201`` is read again by id (none may be missing);
+* every request answered 2xx (the writes, and the reads by id that make a quarter of the operations) has
+  its row in the audit trail, found by its ``X-Request-Id`` (no access goes unrecorded);
 * every QuestionnaireResponse stored, acknowledged or not (a write can commit and die before it
   answers), has its full derived set: as many Observations ``derived-from`` it as the reference
   response of its Questionnaire scored before the first kill, and its DiagnosticReport, whose every
@@ -24,6 +26,7 @@ The exit status is 1 when anything is missing. Figures go to ``bench/results/cra
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import threading
@@ -87,6 +90,8 @@ class Run:
     patients: list[str] = field(default_factory=list)
     acknowledged: list[tuple[str, str]] = field(default_factory=list)
     responses: dict[str, str] = field(default_factory=dict)  # acknowledged response id -> template
+    # X-Request-Id of every request answered 2xx (writes and reads): each must be in the audit trail.
+    answered_requests: list[str] = field(default_factory=list)
     in_flight_lost: int = 0
     server_errors: list[str] = field(default_factory=list)
     answers: Counter[str] = field(default_factory=Counter)
@@ -96,13 +101,32 @@ def _client(server: Server) -> httpx.Client:
     return httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {server.token}"}, timeout=60)
 
 
-def _post(client: httpx.Client, path: str, body: dict[str, Any]) -> httpx.Response:
-    return client.post(path, json=body, headers=FHIR_JSON)
+def _post(client: httpx.Client, path: str, body: dict[str, Any], rid: str | None = None) -> httpx.Response:
+    return client.post(path, json=body, headers={**FHIR_JSON, **({"X-Request-Id": rid} if rid else {})})
+
+
+def _read(run: Run, client: httpx.Client, rng: random.Random) -> None:
+    """One read of something acknowledged; a 200 is a promise that the access is in the audit trail."""
+    with run.lock:
+        res_type, res_id = rng.choice(run.acknowledged)
+    rid = f"crash-read-{uuid.UUID(int=rng.getrandbits(128)).hex}"
+    answer = client.get(f"/{res_type}/{res_id}", headers={"X-Request-Id": rid})
+    with run.lock:
+        run.answers[f"read {answer.status_code}"] += 1
+        if answer.status_code >= 500:
+            run.server_errors.append(f"read {answer.status_code}: {answer.text[:200]}")
+        if answer.status_code == 200:
+            run.answered_requests.append(rid)
 
 
 def _write(run: Run, client: httpx.Client, rng: random.Random) -> None:
-    """One write, its answer recorded (a 201 is a promise the data is there after any crash)."""
+    """One write, its answer recorded (a 201 is a promise the data is there after any crash); one in
+    four operations is a read instead."""
+    if rng.random() < 0.25:
+        _read(run, client, rng)
+        return
     roll = rng.random()
+    rid = f"crash-write-{uuid.UUID(int=rng.getrandbits(128)).hex}"
     with run.lock:
         patient = rng.choice(run.patients)
     template = None
@@ -127,7 +151,7 @@ def _write(run: Run, client: httpx.Client, rng: random.Random) -> None:
         body = response(
             canonical, answers, patient=patient, identifier=f"urn:uuid:{uuid.UUID(int=rng.getrandbits(128))}"
         )
-    answer = _post(client, f"/{res_type}", body)
+    answer = _post(client, f"/{res_type}", body, rid)
     with run.lock:
         run.answers[f"{res_type} {answer.status_code}"] += 1
         if answer.status_code >= 500:
@@ -136,6 +160,7 @@ def _write(run: Run, client: httpx.Client, rng: random.Random) -> None:
             return
         res_id = answer.json()["id"]
         run.acknowledged.append((res_type, res_id))
+        run.answered_requests.append(rid)
         if res_type == "Patient":
             run.patients.append(res_id)
         if template is not None:
@@ -185,8 +210,9 @@ def derived_set(client: httpx.Client, response_id: str) -> tuple[int, bool]:
     return int(derived), all(client.get(f"/{ref}").status_code == 200 for ref in results)
 
 
-def verify(run: Run, expected: dict[str, int]) -> dict[str, Any]:
-    """Everything acknowledged is there; every stored response has its full derived set (module doc)."""
+def verify(run: Run, expected: dict[str, int], kind: str) -> dict[str, Any]:
+    """Everything acknowledged is there; every stored response has its full derived set; every request
+    answered 2xx is in the audit trail (module doc)."""
     with _client(run.server) as client:
         missing = [f"{t}/{i}" for t, i in run.acknowledged if client.get(f"/{t}/{i}").status_code != 200]
         stored = references(client, "/QuestionnaireResponse?_count=500&_elements=questionnaire")
@@ -202,11 +228,18 @@ def verify(run: Run, expected: dict[str, int]) -> dict[str, Any]:
             "/Observation", params={"derived-from:missing": "false", "_summary": "count"}
         ).json()["total"]
     stored_ids = {qr["id"] for qr in stored}
+    engine = sa.create_engine(database_url(kind))
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT extra FROM audit_log WHERE extra IS NOT NULL"))
+        audited = {(json.loads(x) if isinstance(x, str) else x).get("rid") for (x,) in rows}
+    engine.dispose()
     want_total = sum(
         expected["phq9" if qr["questionnaire"].startswith(PHQ9.split("|")[0]) else "nf21"] for qr in stored
     )
     return {
         "acknowledged_missing": missing,
+        "answered_requests": len(run.answered_requests),
+        "answered_not_audited": [rid for rid in run.answered_requests if rid not in audited][:50],
         "responses_stored": len(stored),
         "responses_acknowledged_not_stored": sorted(set(run.responses) - stored_ids),
         "responses_stored_not_acknowledged": len(stored_ids - set(run.responses)),
@@ -278,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     run.server.log.close()
     run.server = Server(url, log.with_name(f"crash-{kind}-verify.log"))
     try:
-        checked = verify(run, expected)
+        checked = verify(run, expected, kind)
     finally:
         run.server.stop()
     result = {
@@ -298,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     path = common.write_json(args.out or f"crash-{kind}.json", result)
     failed = bool(
         checked["acknowledged_missing"]
+        or checked["answered_not_audited"]
         or checked["responses_acknowledged_not_stored"]
         or checked["responses_incomplete"]
         or checked["scoring_observations"] != checked["scoring_observations_expected"]
@@ -305,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     common.log(
         f"{kind}: {len(run.acknowledged)} writes acknowledged over {args.kills} kills, "
-        f"{len(checked['acknowledged_missing'])} missing, {checked['responses_stored']} responses stored, "
+        f"{len(checked['acknowledged_missing'])} missing, {checked['answered_requests']} answered requests "
+        f"of which {len(checked['answered_not_audited'])} not audited, "
+        f"{checked['responses_stored']} responses stored, "
         f"{len(checked['responses_incomplete'])} with an incomplete derived set, "
         f"{len(run.server_errors)} server errors: {'FAILED' if failed else 'ok'} ({path})"
     )
