@@ -97,6 +97,53 @@ class Settings(BaseSettings):
     # Browser origins allowed by CORS; empty (the default) turns CORS off.
     cors_origins: list[str] = Field(default_factory=list)
 
+    # --- the patient's way in (issue 15): administrations, invitations, personal links, the web form ---
+    # The clinic's name in invitation messages (the only thing a message says besides the link).
+    clinic_name: str = "fhir-norse"
+    # The absolute origin patients open links on (https://survey.example.no); default: base_url's origin.
+    patient_base_url: str | None = None
+    # How often the scheduler creates due Tasks, expires windows and sends messages; 0 turns it off.
+    scheduler_interval_s: float = Field(default=30.0, ge=0)
+    # SMS: "log" writes messages to the server log (development default), "twilio" sends through
+    # Twilio's Programmable Messaging API, "off" sends none (production default when unset).
+    sms_gateway: Literal["log", "twilio", "off"] | None = None
+    twilio_account_sid: str | None = None
+    twilio_auth_token: SecretStr = SecretStr("")
+    # The sender: a phone number in E.164 or an alphanumeric sender id; or a Messaging Service SID.
+    twilio_from: str | None = None
+    twilio_messaging_service_sid: str | None = None
+    twilio_api_base: str = "https://api.twilio.com"
+    # E-mail: "log" (development default), "smtp", "off" (production default when unset).
+    email_transport: Literal["log", "smtp", "off"] | None = None
+    smtp_host: str | None = None
+    smtp_port: int = 587
+    smtp_username: str | None = None
+    smtp_password: SecretStr = SecretStr("")
+    # STARTTLS is required unless turned off explicitly (a relay on localhost).
+    smtp_starttls: bool = True
+    smtp_from: str | None = None
+    # A CA bundle to trust for the SMTP server's certificate (default: the system's).
+    smtp_ca_file: Path | None = None
+    # A folder of site templates overriding the built-in ones (invitation/reminder x sms/email x nb/en).
+    message_templates_dir: Path | None = None
+    # No message is sent inside these hours, in messaging_timezone ("21:00-08:00"; empty: any time).
+    messaging_quiet_hours: str = "21:00-08:00"
+    messaging_timezone: str = "Europe/Oslo"
+    # A reminder goes out if the Task is still open this long after the invitation; 0: no reminder.
+    reminder_after_hours: float = Field(default=24.0, ge=0)
+    # Sending attempts per message on gateway errors, with exponential backoff from the base delay.
+    message_max_attempts: int = Field(default=5, ge=1)
+    message_retry_base_s: float = Field(default=60.0, gt=0)
+    # Personal links: lifetime (hours; default: until the Task's window closes), the browser session
+    # a link opens (minutes, sliding), and an optional second step ("birthdate" or "sms-code").
+    link_ttl_hours: float | None = Field(default=None, gt=0)
+    link_session_minutes: int = Field(default=60, gt=0)
+    link_second_factor: Literal["none", "birthdate", "sms-code"] = "none"
+    # Failed link openings per address and minute before 429.
+    link_failure_limit_per_minute: int = Field(default=10, gt=0)
+    # Show the patient their scores on the thank-you page.
+    patient_form_show_scores: bool = False
+
     @field_validator("trusted_proxies")
     @classmethod
     def _proxy_networks(cls, value: list[str]) -> list[str]:
@@ -111,9 +158,40 @@ class Settings(BaseSettings):
         """The number of server processes: ``workers``, else one per core."""
         return self.workers or os.cpu_count() or 1
 
+    def sms_transport(self) -> str:
+        """The SMS gateway in use: as configured, else "log" in development and "off" in production."""
+        return self.sms_gateway or ("log" if self.mode == "development" else "off")
+
+    def mail_transport(self) -> str:
+        """The e-mail transport in use: as configured, else "log" in development and "off" in production."""
+        return self.email_transport or ("log" if self.mode == "development" else "off")
+
+    def patient_origin(self) -> str:
+        """The origin personal links are opened on: ``patient_base_url``, else the FHIR base's origin."""
+        if self.patient_base_url:
+            return self.patient_base_url.rstrip("/")
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.fhir_base_url())
+        return f"{parts.scheme}://{parts.netloc}"
+
     def fhir_base_url(self) -> str:
         """The FHIR base URL from configuration alone: ``base_url``, else this server's own address."""
         return (self.base_url or f"http://{self.host}:{self.port}/fhir").rstrip("/")
+
+    @model_validator(mode="after")
+    def _complete_transports(self) -> Settings:
+        """A chosen gateway has what it needs; production never writes personal links to the log."""
+        if self.sms_gateway == "twilio":
+            if not self.twilio_account_sid or not self.twilio_auth_token.get_secret_value():
+                raise ValueError("sms_gateway=twilio needs FHIR_NORSE_TWILIO_ACCOUNT_SID and _AUTH_TOKEN")
+            if not (self.twilio_from or self.twilio_messaging_service_sid):
+                raise ValueError("sms_gateway=twilio needs FHIR_NORSE_TWILIO_FROM or _MESSAGING_SERVICE_SID")
+        if self.email_transport == "smtp" and not (self.smtp_host and self.smtp_from):
+            raise ValueError("email_transport=smtp needs FHIR_NORSE_SMTP_HOST and FHIR_NORSE_SMTP_FROM")
+        if self.mode == "production" and "log" in (self.sms_gateway, self.email_transport):
+            raise ValueError("the 'log' message transport writes personal links to the log: development only")
+        return self
 
     @model_validator(mode="after")
     def _refuse_weak_secrets(self) -> Settings:

@@ -201,11 +201,12 @@ def test_the_graphs_see_relative_lazy_and_from_imports(tmp_path: Path) -> None:
 
 LAYERS = [
     {"fhir_norse.api", "fhir_norse.cli"},
+    {"fhir_norse.web"},
     {"fhir_norse.compose"},
     {"fhir_norse.rom"},
     {"fhir_norse.server"},
     {"fhir_norse.auth"},
-    {"fhir_norse.store"},
+    {"fhir_norse.store", "fhir_norse.messaging"},
     {"fhir_norse.outcomes", "fhir_norse.canonicals", "fhir_norse.definitions"},
 ]
 DOMAIN = {"fhir_norse.instruments", "fhir_norse.scoring", "fhir_norse.alerts", "fhir_norse.adaptive"}
