@@ -1303,7 +1303,15 @@ def splice(text: str, section: str) -> str:
 
 
 def write_report(label: str) -> Path:
+    """The report of a run: the full scale's (the one the targets are judged at) goes into
+    BENCHMARKS.md and bench/issue14-results.md; a smaller scale's only into bench/results/
+    (git-ignored), so a quick check never replaces the published figures."""
     section = markdown(label)
+    if label != "full":
+        target = common.ROOT / "bench" / "results" / f"issue14-{label}.md"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(section, encoding="utf-8")
+        return target
     SECTION_FILE.write_text(section, encoding="utf-8")
     target = common.ROOT / "BENCHMARKS.md"
     old = target.read_text(encoding="utf-8") if target.exists() else ""

@@ -43,7 +43,7 @@ __all__ = ["Measured", "Override", "ScaleState", "scale_states", "scales_to_ask"
 Override = Literal["open", "closed"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Measured:
     """One scale at one administration: the trigger in the problem direction and, when the scale was
     asked in full, its scale score (``None`` when only the trigger was asked)."""

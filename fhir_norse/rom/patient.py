@@ -25,6 +25,8 @@ of an administration, the scored history, the clinician overrides, and the scale
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,8 +59,8 @@ SDC_Q_ADAPT = "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-
 SDC_ADAPTIVE = "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-questionnaireAdaptive"
 CONTEXTS = ("intake", "weekly", "termination")
 _LIMIT = 100_000
-_FACT_CACHE = 200_000
-_HISTORY_MEMO = 2_000
+# Observation versions the history memo holds in all, per process (:class:`HistoryMemo`).
+_MEMO_ROWS = 60_000
 _QR = "QuestionnaireResponse"
 _CONTEXT_DISPLAY = {"intake": "Intake", "weekly": "Weekly", "termination": "Termination"}
 
@@ -134,12 +136,8 @@ class AdaptiveService:
 
     def __init__(self, registry: InstrumentRegistry) -> None:
         self.registry = registry
-        # Parsed stored versions (immutable), not state: the same answers with an empty cache.
-        self._facts: dict[tuple[str, int, frozenset[str]], Fact | None] = {}
-        # The administrations last derived per patient, with the stored versions they came from.
-        self._histories: dict[
-            tuple[str, frozenset[str]], tuple[list[tuple[int, str, int]], list[Administration]]
-        ] = {}
+        # Derived from stored versions (immutable), not state: the same answers with an empty memo.
+        self.histories = HistoryMemo()
 
     # ------------------------------------------------------------------ instruments
     def adaptive_mappings(self) -> list[InstrumentMapping]:
@@ -190,36 +188,16 @@ class AdaptiveService:
         scales = frozenset(s.code for s in mapping.scales)
         # Ids and versions first; only the versions not read before are fetched and parsed.
         found = repo.find_versions(Where("Observation", references={"subject": patient_ref}), _LIMIT)
+        versions = [(pk, version) for pk, _, version in found]
         memo_key = (patient_ref, scales)
-        memo = self._histories.get(memo_key)
-        if memo is not None and memo[0] == found:
-            every = memo[1]  # the same stored versions as last time: the same administrations
+        memo = self.histories.get(memo_key)
+        if memo is not None and list(memo.facts) == versions:
+            every = memo.every  # the same stored versions as last time: the same administrations
         else:
-            every = from_facts(self._facts_of(repo, found, scales))
-            if len(self._histories) >= _HISTORY_MEMO:
-                self._histories.clear()
-            self._histories[memo_key] = (found, every)
+            facts = _facts_of(repo, versions, scales, memo.facts if memo is not None else {})
+            every = from_facts(facts.values())
+            self.histories.put(memo_key, _History(facts, every))
         return [a for a in every if a.episode == episode and a.response != exclude_response]
-
-    def _facts_of(
-        self, repo: Repository, found: Sequence[tuple[int, str, int]], scales: frozenset[str]
-    ) -> list[Fact | None]:
-        """The fact of each stored version found, in order; only versions not read before are fetched."""
-        known: dict[int, Fact | None] = {}
-        missing: list[tuple[int, tuple[str, int, frozenset[str]]]] = []
-        for pk, rid, version in found:
-            key = (rid, version, scales)
-            if key in self._facts:
-                known[pk] = self._facts[key]
-            else:
-                missing.append((pk, key))
-        if missing:
-            texts = repo.bodies([pk for pk, _ in missing])
-            if len(self._facts) + len(missing) > _FACT_CACHE:
-                self._facts.clear()
-            for pk, key in missing:
-                known[pk] = self._facts[key] = _parse_fact(texts.get(pk), scales)
-        return [known[pk] for pk, _, _ in found]
 
     def overrides(self, repo: Repository, patient_ref: str, episode: str | None) -> dict[str, OverrideRecord]:
         """The active overrides for the patient (episode-bound ones only in their episode)."""
@@ -293,8 +271,94 @@ class AdaptiveService:
         return PatientState(mapping, patient_ref, episode, resolved, history, states, overrides)
 
 
-def _parse_fact(text: str | None, scales: frozenset[str]) -> Fact | None:
+def _parse_fact(text: str | None, scales: frozenset[str], shared: dict[str, str]) -> Fact | None:
     # Cheap filter before parsing: only scale and alliance scores matter here.
     if not text or ("/nf21-scales" not in text and "/nf21-alliance" not in text):
         return None
-    return fact_of(orjson.loads(text), scales)
+    fact = fact_of(orjson.loads(text), scales)
+    if fact is None:
+        return None
+    # The twenty-odd facts of one administration repeat its response id, times, episode and context,
+    # and every fact a system and a scale code: one string each instead of one per fact and field
+    # (the memo holds them for as long as the patient stays in it).
+    return Fact(
+        shared.setdefault(fact.response, fact.response),
+        shared.setdefault(fact.authored, fact.authored),
+        None if fact.episode is None else shared.setdefault(fact.episode, fact.episode),
+        None if fact.context is None else shared.setdefault(fact.context, fact.context),
+        shared.setdefault(fact.system, fact.system),
+        shared.setdefault(fact.code, fact.code),
+        fact.value,
+        fact.measured,
+    )
+
+
+_Version = tuple[int, int]  # (row pk, version) of a stored Observation
+
+
+def _facts_of(
+    repo: Repository,
+    versions: Sequence[_Version],
+    scales: frozenset[str],
+    known: Mapping[_Version, Fact | None],
+) -> dict[_Version, Fact | None]:
+    """The fact of each stored version, in order; only the versions not ``known`` are fetched."""
+    missing = [pk for pk, version in versions if (pk, version) not in known]
+    texts = repo.bodies(missing) if missing else {}
+    shared: dict[str, str] = {}
+    return {
+        (pk, version): known[(pk, version)]
+        if (pk, version) in known
+        else _parse_fact(texts.get(pk), scales, shared)
+        for pk, version in versions
+    }
+
+
+@dataclass(slots=True)
+class _History:
+    """A patient's administrations and the facts of the stored versions they were derived from."""
+
+    facts: dict[_Version, Fact | None]  # in the order the versions were found
+    every: list[Administration]
+
+
+class HistoryMemo:
+    """The patients' histories last derived (:meth:`AdaptiveService.history`), least recently used out
+    first once they hold more than ``limit_rows`` Observation versions in all.
+
+    Bounded by versions rather than patients: a patient's history grows with every administration
+    (about 35 Observations each), so a count of patients put no bound on the bytes. A version costs
+    about 300 bytes here (its key, and its fact when it is a score: 17.7 MB for the 60,000 of the
+    soak in BENCHMARKS.md, "Soak memory"), so the default holds about 18 MB per process. The
+    20-client soak (100 patients round robin) fills it in about four minutes; after that the
+    least recently used patients are read afresh, at no measurable cost to its throughput. A
+    patient whose history alone is over the bound is derived afresh every time."""
+
+    def __init__(self, limit_rows: int = _MEMO_ROWS) -> None:
+        self.limit_rows = limit_rows
+        self.rows = 0
+        self._entries: OrderedDict[tuple[str, frozenset[str]], _History] = OrderedDict()
+        self._lock = threading.Lock()  # request threads share the memo; the count must stay exact
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple[str, frozenset[str]]) -> _History | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def put(self, key: tuple[str, frozenset[str]], entry: _History) -> None:
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.rows -= len(old.facts)
+            if len(entry.facts) > self.limit_rows:
+                return
+            self._entries[key] = entry
+            self.rows += len(entry.facts)
+            while self.rows > self.limit_rows:
+                _, evicted = self._entries.popitem(last=False)
+                self.rows -= len(evicted.facts)

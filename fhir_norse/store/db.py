@@ -36,8 +36,13 @@ DEFAULT_SQLITE_PRAGMAS: dict[str, int | str] = {
     "page_size": 4096,
     # Per connection, in KiB when negative: the hot index pages stay in the process.
     "cache_size": -32_768,
-    # Reads through a memory map of the file instead of read() calls (shared by the connections).
-    "mmap_size": 256 * 1024 * 1024,
+    # Reads through a memory map of the file instead of read() calls (shared by the connections and
+    # the workers, and reclaimable: the kernel's page cache). Pages past the map are read into each
+    # connection's own cache instead: with 256 MiB, once the database outgrew it, the caches filled
+    # and emptied (a write elsewhere resets them) 32 MiB at a time and left a 1-worker server 400 MB
+    # of fragmented heap in 20 s of the mixed soak (BENCHMARKS.md, "Soak memory"). Just under
+    # SQLite's usual compile-time ceiling (0x7fff0000), which would lower a bigger value silently.
+    "mmap_size": 2000 * 1024 * 1024,
     # Sorts and temporary b-trees of a search in memory, not in temporary files.
     "temp_store": "MEMORY",
     # Checkpoint the WAL after this many pages (SQLite's default): a larger WAL slows readers.
