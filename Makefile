@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test migrate lint typecheck check content-check bench clean
+.PHONY: serve test migrate lint typecheck check content-check bench clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ serve: $(STAMP)
 migrate: $(STAMP)
 	FHIR_NORSE_MODE=$${FHIR_NORSE_MODE:-development} $(BIN)/fhir-norse migrate
 
-test: $(STAMP)
+# Debian's chromium for the browser tests (tests/web/), installed when missing.
+chromium:
+	tools/ensure_chromium.sh
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

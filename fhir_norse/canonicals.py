@@ -78,3 +78,14 @@ SOFTWARE_SYSTEM: Final = f"{BASE}/software"
 LOINC: Final = "http://loinc.org"
 UCUM: Final = "http://unitsofmeasure.org"
 OBSERVATION_CATEGORY: Final = "http://terminology.hl7.org/CodeSystem/observation-category"
+
+# --- the patient's way in (issue 15): monitoring plans, invitations ---------------------------------
+# On an activity of a monitoring plan (CarePlan.activity.detail, or a plan ServiceRequest): the time
+# the patient has to answer (valueDuration), and "one administration before each appointment, opening
+# this long before it" (valueDuration). fhir_norse/rom/scheduler.py documents both.
+EXT_ANSWER_WINDOW: Final = structure_definition("monitoring-answer-window")
+EXT_BEFORE_APPOINTMENT: Final = structure_definition("monitoring-before-appointment")
+# On Patient: the channels the patient declined (valueCode sms | email | all), fhir_norse/rom/invitations.py.
+EXT_MESSAGING_OPT_OUT: Final = structure_definition("messaging-opt-out")
+# Identifier systems of the messages a provider accepted (Communication.identifier): <base>/<provider>.
+MESSAGE_ID_SYSTEM: Final = f"{BASE}/message-id"

@@ -9,15 +9,25 @@ and the operations it runs (``$extract`` always, the adaptive ones where an inst
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
 from fhir_norse.auth.audit import AuditRecorder
+from fhir_norse.auth.links import PersonalLinks
 from fhir_norse.auth.policy import AccessPolicy
 from fhir_norse.config import Settings
 from fhir_norse.instruments.registry import InstrumentRegistry
+from fhir_norse.messaging.base import Transport
+from fhir_norse.messaging.templates import MessageTemplates
 from fhir_norse.rom.adaptive import AdaptiveOperations
+from fhir_norse.rom.administrations import Administrations
 from fhir_norse.rom.intake import QuestionnaireResponseIntake
+from fhir_norse.rom.invitations import Dispatcher, Invitations
 from fhir_norse.rom.operations import adaptive_state, extract, next_question, populate, tailored_form
 from fhir_norse.rom.overrides import ScaleOverrideHook
 from fhir_norse.rom.patient import AdaptiveService
+from fhir_norse.rom.scheduler import Scheduler
 from fhir_norse.server.content import search_registry
 from fhir_norse.server.interactions import FhirService
 from fhir_norse.server.operations.registry import Operation, OperationRegistry
@@ -109,3 +119,107 @@ def event_recorder(service: FhirService, settings: Settings) -> AuditRecorder:
     """The recorder of events outside a FHIR interaction (token grants), each stored durably in a
     transaction of its own."""
     return AuditRecorder(service.record_now, server_name=SERVER_NAME, server_address=settings.base_url)
+
+
+# ---------------------------------------------------------------------- the patient's way in (issue 15)
+
+
+@dataclass(frozen=True)
+class Journey:
+    """What the patient's way in runs on: personal links, the Task lifecycle, message templates and
+    transports (by channel: "sms", "email"; a channel switched off is absent), the dispatcher and the
+    scheduler (not started: the app starts it)."""
+
+    links: PersonalLinks
+    administrations: Administrations
+    templates: MessageTemplates
+    transports: Mapping[str, Transport]
+    dispatcher: Dispatcher
+    scheduler: Scheduler
+
+    def send_code(self, patient_id: str, code: str) -> None:
+        """The "sms-code" second step's text message (:meth:`Dispatcher.send_code`)."""
+        self.dispatcher.send_code(patient_id, code)
+
+    def close(self) -> None:
+        """Stop the scheduler and close the transports that hold connections."""
+        self.scheduler.stop()
+        for transport in self.transports.values():
+            close = getattr(transport, "close", None)
+            if callable(close):
+                close()
+
+
+def message_transports(settings: Settings) -> dict[str, Transport]:
+    """The transports ``settings`` choose, by channel ("off": none for that channel)."""
+    from fhir_norse.messaging.logsink import LogTransport
+    from fhir_norse.messaging.smtp import SmtpEmail
+    from fhir_norse.messaging.twilio import TwilioSms
+
+    out: dict[str, Transport] = {}
+    sms = settings.sms_transport()
+    if sms == "twilio":
+        out["sms"] = TwilioSms(
+            str(settings.twilio_account_sid),
+            settings.twilio_auth_token.get_secret_value(),
+            sender=settings.twilio_from,
+            messaging_service_sid=settings.twilio_messaging_service_sid,
+            api_base=settings.twilio_api_base,
+        )
+    elif sms == "log":
+        out["sms"] = LogTransport("sms")
+    mail = settings.mail_transport()
+    if mail == "smtp":
+        out["email"] = SmtpEmail(
+            str(settings.smtp_host),
+            settings.smtp_port,
+            str(settings.smtp_from),
+            username=settings.smtp_username,
+            password=settings.smtp_password.get_secret_value() or None,
+            starttls=settings.smtp_starttls,
+            ca_file=settings.smtp_ca_file,
+        )
+    elif mail == "log":
+        out["email"] = LogTransport("email")
+    return out
+
+
+def build_journey(
+    settings: Settings,
+    service: FhirService,
+    *,
+    transports: Mapping[str, Transport] | None = None,
+    now: Callable[[], datetime] | None = None,
+) -> Journey:
+    """The patient's way in over ``service`` (``transports``/``now``: tests replace the gateways and
+    the clock)."""
+    clock: Callable[[], datetime] = now or (lambda: datetime.now(UTC))
+    links = PersonalLinks(service.storage.engine, session_minutes=settings.link_session_minutes, now=clock)
+    administrations = Administrations(links, now=clock)
+    templates = MessageTemplates(settings.message_templates_dir, timezone=settings.messaging_timezone)
+    chosen = dict(message_transports(settings) if transports is None else transports)
+    dispatcher = Dispatcher(
+        service,
+        links=links,
+        templates=templates,
+        transports=chosen,
+        settings=settings,
+        administrations=administrations,
+        now=clock,
+    )
+    invitations = Invitations(
+        channels=chosen.keys(),
+        reminder_after_hours=settings.reminder_after_hours,
+        administrations=administrations,
+    )
+    scheduler = Scheduler(
+        service,
+        administrations=administrations,
+        invitations=invitations,
+        dispatcher=dispatcher,
+        timezone=settings.messaging_timezone,
+        clinic_name=settings.clinic_name,
+        interval_s=settings.scheduler_interval_s,
+        now=clock,
+    )
+    return Journey(links, administrations, templates, chosen, dispatcher, scheduler)

@@ -18,8 +18,11 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+# Their tables are on METADATA (emptied between PostgreSQL tests).
+import fhir_norse.auth.link_tables
 import fhir_norse.auth.tables
-import fhir_norse.store.audit_tables  # noqa: F401  (their tables are on METADATA)
+import fhir_norse.store.audit_tables
+import fhir_norse.store.scheduling_tables  # noqa: F401
 from fhir_norse.api.app import create_app
 from fhir_norse.api.auth_setup import build_key_store
 from fhir_norse.config import Settings
@@ -28,6 +31,10 @@ from fhir_norse.store.db import create_engine
 from fhir_norse.store.tables import METADATA
 from tests.fhir_r4_client import check_response
 from tests.tokens import bearer
+
+# No app built by a test runs the administration scheduler in the background (it would write Tasks and
+# send messages between a test's steps); the scheduler's tests tick it themselves or turn it on.
+os.environ.setdefault("FHIR_NORSE_SCHEDULER_INTERVAL_S", "0")
 
 PG_URL = os.environ.get("FHIR_NORSE_TEST_POSTGRES_URL")
 REQUIRE_PG = os.environ.get("FHIR_NORSE_REQUIRE_POSTGRES") == "1"

@@ -7,8 +7,9 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import ClassVar
 
 from fastapi import FastAPI, Request, Response
@@ -21,10 +22,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from fhir_norse.api.auth_setup import install_auth
+from fhir_norse.api.messaging_routes import install_messaging_routes
 from fhir_norse.api.rendering import render_error
 from fhir_norse.api.routes import fhir_router, install_hot_routes
 from fhir_norse.auth.refusals import RefusalAudit
-from fhir_norse.compose import build_service, event_recorder
+from fhir_norse.compose import Journey, build_journey, build_service, event_recorder
 from fhir_norse.config import Settings, load_settings
 from fhir_norse.logs import request_id
 from fhir_norse.outcomes import (
@@ -37,6 +39,7 @@ from fhir_norse.outcomes import (
 )
 from fhir_norse.server.content import publish_content
 from fhir_norse.server.interactions import FhirService
+from fhir_norse.web.routes import install_patient_form
 
 log = logging.getLogger("fhir_norse")
 
@@ -121,13 +124,29 @@ class UriTooLong(FhirError):
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """At shutdown, record the refusal counts not written yet (:mod:`fhir_norse.auth.refusals`)."""
-    yield
-    refusals: RefusalAudit = app.state.refusal_audit
-    await run_in_threadpool(lambda: refusals.write(refusals.flush()))
+    """Start the administration scheduler (every worker runs one; a lease in the database lets one
+    tick at a time: :mod:`fhir_norse.rom.scheduler`); at shutdown stop it, close the message
+    transports, and record the refusal counts not written yet (:mod:`fhir_norse.auth.refusals`)."""
+    journey: Journey = app.state.journey
+    settings: Settings = app.state.settings
+    if settings.scheduler_interval_s > 0:
+        journey.scheduler.start()
+    try:
+        yield
+    finally:
+        await run_in_threadpool(journey.close)
+        refusals: RefusalAudit = app.state.refusal_audit
+        await run_in_threadpool(lambda: refusals.write(refusals.flush()))
 
 
-def create_app(settings: Settings, service: FhirService | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    service: FhirService | None = None,
+    *,
+    clock: Callable[[], datetime] | None = None,
+) -> FastAPI:
+    """The app for ``settings`` (``service``: an already built server to share; ``clock``: the time the
+    administrations, links and messages go by, timezone-aware UTC; tests move it)."""
     development = settings.mode == "development"
     app = FastAPI(
         title="fhir-norse",
@@ -172,6 +191,18 @@ def create_app(settings: Settings, service: FhirService | None = None) -> FastAP
     app.include_router(fhir_router())
     install_auth(app, settings, app.state.service.storage.engine)
     install_hot_routes(app)
+    # The patient's way in (issue 15): personal links, the form, invitations and their delivery reports.
+    journey = app.state.journey = build_journey(settings, app.state.service, now=clock)
+    install_messaging_routes(app, app.state.service, settings, journey.dispatcher)
+    install_patient_form(
+        app,
+        app.state.service,
+        settings,
+        links=journey.links,
+        administrations=journey.administrations,
+        send_code=journey.send_code,
+        now=clock,
+    )
     if settings.publish_content:
         try:
             report = publish_content(app.state.service, settings.content_dir)

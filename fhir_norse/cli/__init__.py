@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from fhir_norse.cli import auth as auth_cli
 from fhir_norse.cli import calibrate as calibrate_cli
+from fhir_norse.cli import invite as invite_cli
 from fhir_norse.cli import reindex as reindex_cli
 from fhir_norse.cli import score as score_command
 from fhir_norse.config import Settings, load_settings
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     calibrate_cli.register_commands(sub)
     reindex_cli.register_commands(sub)
     score_command.register_commands(sub)
+    invite_cli.register_commands(sub)
 
     args = parser.parse_args(argv)
     if args.command in score_command.COMMANDS:
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         return calibrate_cli.run_command(args, settings)
     if args.command in reindex_cli.COMMANDS:
         return reindex_cli.run_command(args, settings)
+    if args.command in invite_cli.COMMANDS:
+        return invite_cli.run_command(args, settings)
 
     from fhir_norse.store import migrate as migrations
     from fhir_norse.store.db import create_engine

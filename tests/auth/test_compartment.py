@@ -109,6 +109,8 @@ AUDIT_EVENT: dict[str, Any] = {
         ("CareTeam", ("patient", "participant")),
         ("EpisodeOfCare", ("patient",)),
         ("Encounter", ("patient",)),
+        ("CarePlan", ("patient", "performer")),
+        ("Appointment", ("actor",)),
         ("AuditEvent", ("patient",)),
         ("Flag", ("patient",)),
         ("Provenance", ("patient",)),
@@ -168,6 +170,35 @@ def test_observation_performed_by_a_patient_is_in_that_patients_compartment() ->
     index = rows({**OBSERVATION, "performer": [{"reference": "Patient/7"}]})
     assert resource_in_patient_compartment("Observation", "obs-1", index, "7")
     assert patients_referenced("Observation", index) == {"1", "7"}
+
+
+def test_a_monitoring_plan_and_an_appointment_are_in_their_patients_compartment() -> None:
+    """The two types the scheduler reads (issue 15): a patient token reaches its own, no one else's."""
+    plan = {
+        "resourceType": "CarePlan",
+        "id": "cp-1",
+        "status": "active",
+        "intent": "plan",
+        "subject": {"reference": "Patient/1"},
+        "activity": [{"detail": {"status": "scheduled", "performer": [{"reference": "Patient/1"}]}}],
+    }
+    assert resource_in_patient_compartment("CarePlan", "cp-1", rows(plan), "1")
+    assert not resource_in_patient_compartment("CarePlan", "cp-1", rows(plan), "2")
+    assert patients_referenced("CarePlan", rows(plan)) == {"1"}
+    visit = {
+        "resourceType": "Appointment",
+        "id": "ap-1",
+        "status": "booked",
+        "start": "2026-03-05T08:00:00Z",
+        "end": "2026-03-05T08:45:00Z",
+        "participant": [
+            {"actor": {"reference": "Patient/1"}, "status": "accepted"},
+            {"actor": {"reference": "Practitioner/2"}, "status": "accepted"},
+        ],
+    }
+    assert resource_in_patient_compartment("Appointment", "ap-1", rows(visit), "1")
+    assert not resource_in_patient_compartment("Appointment", "ap-1", rows(visit), "2")
+    assert patients_referenced("Appointment", rows(visit)) == {"1"}
 
 
 def test_questionnaire_response_authored_by_the_patient() -> None:

@@ -51,6 +51,9 @@ EXPECTED_PROFILES = {
     "rom-scale-override": "ServiceRequest",
     "administration-context": "Extension",
     "nf21-item": "Extension",
+    "monitoring-answer-window": "Extension",
+    "monitoring-before-appointment": "Extension",
+    "messaging-opt-out": "Extension",
 }
 # id -> code of this server's own operations (listed in the CapabilityStatement on Patient).
 EXPECTED_OPERATIONS = {

@@ -595,6 +595,74 @@ def workflow() -> list[JsonDict]:
             "bodySite": [concept("http://snomed.info/sct", "38266002")],
         },
         {
+            # A monitoring plan (fhir_norse/rom/scheduler.py) with every element an R4 parameter reads.
+            "resourceType": "CarePlan",
+            "id": "cp-1",
+            "identifier": [{"system": "urn:cp", "value": "cp-1"}],
+            "instantiatesCanonical": ["http://example.org/PlanDefinition/rom|1.0"],
+            "instantiatesUri": ["http://example.org/protocol"],
+            "basedOn": [{"reference": "CarePlan/cp-0"}],
+            "replaces": [{"reference": "CarePlan/cp-0"}],
+            "partOf": [{"reference": "CarePlan/cp-0"}],
+            "status": "active",
+            "intent": "plan",
+            "category": [concept("http://snomed.info/sct", "736378000")],
+            "subject": {"reference": "Patient/p-1"},
+            "encounter": {"reference": "Encounter/e-1"},
+            "period": {"start": "2026-03-02T08:00:00+01:00", "end": "2026-06-01"},
+            "created": "2026-03-01",
+            "author": {"reference": "Practitioner/pr-1"},
+            "careTeam": [{"reference": "CareTeam/ct-1"}],
+            "addresses": [{"reference": "Condition/c-1"}],
+            "goal": [{"reference": "Goal/g-1"}],
+            "activity": [
+                {
+                    "outcomeCodeableConcept": [concept(SNOMED, "385669000")],
+                    "outcomeReference": [{"reference": "QuestionnaireResponse/qr-1"}],
+                    "reference": {"reference": "ServiceRequest/sr-1"},
+                },
+                {
+                    "detail": {
+                        "kind": "Task",
+                        "instantiatesCanonical": ["http://fhir-norse.org/fhir/Questionnaire/phq9|1.0.0"],
+                        "code": concept(
+                            "http://fhir-norse.org/fhir/CodeSystem/administration-context", "weekly"
+                        ),
+                        "status": "scheduled",
+                        "scheduledTiming": {
+                            "event": ["2026-03-02T08:00:00+01:00"],
+                            "repeat": {"dayOfWeek": ["mon"], "timeOfDay": ["08:00:00"], "periodUnit": "wk"},
+                        },
+                        "performer": [{"reference": "Patient/p-1"}],
+                    }
+                },
+                {"detail": {"status": "scheduled", "scheduledPeriod": {"start": "2026-03-09"}}},
+                {"detail": {"status": "scheduled", "scheduledString": "before each session"}},
+            ],
+        },
+        {
+            "resourceType": "Appointment",
+            "id": "ap-1",
+            "identifier": [{"system": "urn:ap", "value": "ap-1"}],
+            "status": "booked",
+            "serviceCategory": [concept("http://terminology.hl7.org/CodeSystem/service-category", "8")],
+            "serviceType": [concept(SNOMED, "310029005")],
+            "specialty": [concept(SNOMED, "394587001")],
+            "appointmentType": concept("http://terminology.hl7.org/CodeSystem/v2-0276", "FOLLOWUP"),
+            "reasonCode": [concept(SNOMED, "35489007")],
+            "reasonReference": [{"reference": "Condition/c-1"}],
+            "supportingInformation": [{"reference": "QuestionnaireResponse/qr-1"}],
+            "start": "2026-03-05T09:00:00+01:00",
+            "end": "2026-03-05T09:45:00+01:00",
+            "slot": [{"reference": "Slot/s-1"}],
+            "basedOn": [{"reference": "ServiceRequest/sr-1"}],
+            "participant": [
+                {"actor": {"reference": "Patient/p-1"}, "status": "accepted"},
+                {"actor": {"reference": "Practitioner/pr-1"}, "required": "required", "status": "accepted"},
+                {"actor": {"reference": "Location/l-1"}, "status": "tentative"},
+            ],
+        },
+        {
             "resourceType": "CommunicationRequest",
             "id": "cr-1",
             "identifier": [{"value": "cr-1"}],
@@ -1218,7 +1286,7 @@ def test_share_of_parameters_on_the_fast_path() -> None:
     extractor = IndexExtractor(full_registry())
     extractor.prepare()
     paths = extractor.fast_path
-    assert len(paths) == 591  # every indexed parameter/type pair of the supported types compiles
+    assert len(paths) == 636  # every indexed parameter/type pair of the supported types compiles
     slow = {pair for pair, fast in paths.items() if not fast}
     assert slow == SLOW_PARAMETERS
     assert len(paths) - len(slow) >= 0.8 * len(paths)

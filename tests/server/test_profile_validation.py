@@ -36,6 +36,9 @@ QUESTIONNAIRE_RESPONSE = SD + "rom-questionnaire-response"
 ALERT_FLAG = SD + "rom-alert-flag"
 ADMINISTRATION_CONTEXT = SD + "administration-context"
 NF21_ITEM = SD + "nf21-item"
+ANSWER_WINDOW = SD + "monitoring-answer-window"
+BEFORE_APPOINTMENT = SD + "monitoring-before-appointment"
+OPT_OUT = SD + "messaging-opt-out"
 
 
 @cache
@@ -152,6 +155,22 @@ def administration_context(code: str = "weekly") -> JsonDict:
     }
 
 
+def hours(url: str, value: float = 48) -> JsonDict:
+    return {"url": url, "valueDuration": {"value": value, "unit": "h", "system": UCUM, "code": "h"}}
+
+
+def answer_window() -> JsonDict:
+    return hours(ANSWER_WINDOW, 72)
+
+
+def before_appointment() -> JsonDict:
+    return hours(BEFORE_APPOINTMENT, 48)
+
+
+def opt_out() -> JsonDict:
+    return {"url": OPT_OUT, "valueCode": "sms"}
+
+
 def questionnaire_response() -> JsonDict:
     return {
         "resourceType": "QuestionnaireResponse",
@@ -233,6 +252,9 @@ CONFORMING: dict[str, tuple[str, Callable[[], JsonDict]]] = {
     "rom-scale-override": (SD + "rom-scale-override", scale_override),
     "administration-context": (ADMINISTRATION_CONTEXT, administration_context),
     "nf21-item": (NF21_ITEM, nf21_item),
+    "monitoring-answer-window": (ANSWER_WINDOW, answer_window),
+    "monitoring-before-appointment": (BEFORE_APPOINTMENT, before_appointment),
+    "messaging-opt-out": (OPT_OUT, opt_out),
 }
 
 
@@ -534,6 +556,32 @@ def test_the_administration_context_extension_alone() -> None:
     ext = administration_context()
     del ext["valueCoding"]
     assert errors(validator().validate(ext, ADMINISTRATION_CONTEXT)) == [("Extension.value[x]",)]
+
+
+@pytest.mark.parametrize("url", [ANSWER_WINDOW, BEFORE_APPOINTMENT])
+def test_the_monitoring_durations_are_positive_times_in_ucum(url: str) -> None:
+    """The scheduler reads these durations (fhir_norse/rom/scheduler.py): a UCUM unit of time, above 0."""
+    assert validator().validate(hours(url, 0.5), url) == []
+    ext = hours(url)
+    ext["valueDuration"]["code"] = "cm"
+    assert errors(validator().validate(ext, url)) == [("Extension.valueDuration.code",)]
+    ext = hours(url)
+    del ext["valueDuration"]["system"]
+    assert errors(validator().validate(ext, url)) == [("Extension.valueDuration.system",)]
+    issue = only_error(validator().validate(hours(url, 0), url))
+    assert issue.code == "invariant" and "monitoring-" in issue.diagnostics
+    assert errors(validator().validate({"url": url, "valueString": "48 h"}, url)) == [
+        ("Extension.valueString",)
+    ]
+
+
+def test_the_messaging_opt_out_extension() -> None:
+    for code in ("sms", "email", "all"):
+        assert validator().validate({"url": OPT_OUT, "valueCode": code}, OPT_OUT) == []
+    assert errors(validator().validate({"url": OPT_OUT, "valueCode": "fax"}, OPT_OUT)) == [
+        ("Extension.valueCode",)
+    ]
+    assert errors(validator().validate({"url": OPT_OUT}, OPT_OUT)) == [("Extension.value[x]",)]
 
 
 def test_the_nf21_item_extension() -> None:

@@ -87,6 +87,24 @@ ADVERTISED: Mapping[str, frozenset[str]] = {
         "status",
         "type",
     ),
+    # A monitoring plan (fhir_norse/rom/scheduler.py) and what an EHR asks of one; patient and performer
+    # put it in the Patient compartment.
+    "CarePlan": _set(
+        "activity-code",
+        "based-on",
+        "care-team",
+        "category",
+        "date",
+        "encounter",
+        "identifier",
+        "instantiates-canonical",
+        "intent",
+        "part-of",
+        "patient",
+        "performer",
+        "status",
+        "subject",
+    ),
     "Encounter": _set(
         "based-on",
         "class",
@@ -104,6 +122,20 @@ ADVERTISED: Mapping[str, frozenset[str]] = {
         "status",
         "subject",
         "type",
+    ),
+    # The visits a "before each appointment" plan counts; actor puts it in the Patient compartment.
+    "Appointment": _set(
+        "actor",
+        "appointment-type",
+        "based-on",
+        "date",
+        "identifier",
+        "location",
+        "part-status",
+        "patient",
+        "practitioner",
+        "service-type",
+        "status",
     ),
     "Questionnaire": _set(_CANONICAL, "code", "context-type", "definition", "effective", "subject-type"),
     "QuestionnaireResponse": _set(
