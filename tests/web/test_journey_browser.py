@@ -163,7 +163,7 @@ def _journey(
             ctx,
             care_plan(
                 who,
-                before_appointment_activity(questionnaire, hours_before=48, context="intake"),
+                before_appointment_activity(questionnaire, hours_before=48, context="weekly"),
                 start=now - timedelta(days=1),
             ),
         )
