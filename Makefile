@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test migrate lint typecheck check content-check bench clean chromium
+.PHONY: serve test migrate lint typecheck check content-check bench clean chromium node-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ migrate: $(STAMP)
 chromium:
 	tools/ensure_chromium.sh
 
-test: $(STAMP) chromium
+# The npm packages of the SMART launch tests (tests/support/oidc/: oidc-provider, fhirclient).
+node-deps:
+	tools/ensure_node_deps.sh
+
+test: $(STAMP) chromium node-deps
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -144,6 +144,41 @@ class Settings(BaseSettings):
     # Show the patient their scores on the thank-you page.
     patient_form_show_scores: bool = False
 
+    # --- sign-in for apps and clinicians (issue 16: SMART App Launch) ---
+    # Authorization codes live this long and are good for one exchange.
+    authorization_code_seconds: int = Field(default=60, gt=0, le=600)
+    # The browser's sign-in session at this server (server-side, sliding; short): an online_access
+    # refresh token ends with it. An authorization request must be finished within the same time.
+    signin_session_minutes: int = Field(default=30, gt=0)
+    # Refresh tokens of offline_access grants (rotated on every use).
+    refresh_token_days: float = Field(default=30.0, gt=0)
+    # An EHR launch handle (POST /auth/launch) must be used within this time, once.
+    launch_seconds: int = Field(default=300, gt=0)
+    # The patients' login: an OpenID Connect provider (ID-porten in Norway). Discovery from the issuer's
+    # /.well-known/openid-configuration; the client authenticates with its secret (client_secret_post)
+    # or, when a key file (a private JWK) is set, with private_key_jwt. The verified identity claim
+    # must match exactly one Patient.identifier of the system below.
+    patient_login_name: str = "ID-porten"
+    patient_login_issuer: str | None = None
+    patient_login_client_id: str | None = None
+    patient_login_client_secret: SecretStr = SecretStr("")
+    patient_login_client_key_file: Path | None = None
+    patient_login_scopes: str = "openid profile"
+    patient_login_acr_values: str | None = "idporten-loa-high"
+    patient_login_claim: str = "pid"
+    patient_login_identifier_system: str = "urn:oid:2.16.578.1.12.4.1.4.1"
+    # The clinicians' login (HelseID in Norway): the claim is the HPR number, matched to
+    # Practitioner.identifier; user/ scopes reach the patients of their CareTeams and episodes.
+    clinician_login_name: str = "HelseID"
+    clinician_login_issuer: str | None = None
+    clinician_login_client_id: str | None = None
+    clinician_login_client_secret: SecretStr = SecretStr("")
+    clinician_login_client_key_file: Path | None = None
+    clinician_login_scopes: str = "openid profile helseid://scopes/identity/hpr_number"
+    clinician_login_acr_values: str | None = None
+    clinician_login_claim: str = "helseid://claims/hpr/hpr_number"
+    clinician_login_identifier_system: str = "urn:oid:2.16.578.1.12.4.1.4.4"
+
     @field_validator("trusted_proxies")
     @classmethod
     def _proxy_networks(cls, value: list[str]) -> list[str]:

@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 
 # Their tables are on METADATA (emptied between PostgreSQL tests).
 import fhir_norse.auth.link_tables
+import fhir_norse.auth.smart_tables
 import fhir_norse.auth.tables
 import fhir_norse.store.audit_tables
 import fhir_norse.store.scheduling_tables  # noqa: F401

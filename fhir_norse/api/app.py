@@ -25,6 +25,7 @@ from fhir_norse.api.auth_setup import install_auth
 from fhir_norse.api.messaging_routes import install_messaging_routes
 from fhir_norse.api.rendering import render_error
 from fhir_norse.api.routes import fhir_router, install_hot_routes
+from fhir_norse.api.smart_routes import install_smart_launch
 from fhir_norse.auth.refusals import RefusalAudit
 from fhir_norse.compose import Journey, build_journey, build_service, event_recorder
 from fhir_norse.config import Settings, load_settings
@@ -135,6 +136,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await run_in_threadpool(journey.close)
+        await run_in_threadpool(app.state.smart_launch.close)
         refusals: RefusalAudit = app.state.refusal_audit
         await run_in_threadpool(lambda: refusals.write(refusals.flush()))
 
@@ -190,6 +192,8 @@ def create_app(
 
     app.include_router(fhir_router())
     install_auth(app, settings, app.state.service.storage.engine)
+    # SMART App Launch in the browser (issue 16): authorize, the national logins, picker and consent.
+    install_smart_launch(app, app.state.service, settings)
     install_hot_routes(app)
     # The patient's way in (issue 15): personal links, the form, invitations and their delivery reports.
     journey = app.state.journey = build_journey(settings, app.state.service, now=clock)
@@ -210,23 +214,9 @@ def create_app(
             app.state.service.storage.engine.dispose()
             raise
         log.info("content: %d published, %d unchanged", len(report.created), len(report.unchanged))
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-            allow_headers=[
-                "Authorization",
-                "Content-Type",
-                "Prefer",
-                "If-Match",
-                "If-None-Match",
-                "If-None-Exist",
-                "If-Modified-Since",
-                "X-Request-ID",
-            ],
-            expose_headers=["ETag", "Location", "Last-Modified", "X-Request-ID"],
-        )
+    # Browser apps (SMART public clients) call the token endpoints and discovery from their own origin:
+    # those answer CORS for any origin, without credentials; the FHIR API for the configured origins.
+    app.add_middleware(CorsByPath, origins=settings.cors_origins)
     app.add_middleware(
         RequestContextMiddleware,
         max_url_length=settings.max_url_length,
@@ -238,6 +228,58 @@ def create_app(
         # trusted proxy vouches for; X-Forwarded-For from anyone else is ignored.
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
     return app
+
+
+# Paths any origin may call from a browser, without credentials: the OAuth endpoints a public app uses and
+# the discovery documents (SMART App Launch: "servers SHALL support CORS" for browser-based apps there).
+OPEN_CORS_PATHS = ("/auth/token", "/auth/revoke", "/auth/introspect")
+OPEN_CORS_SUFFIX = "/.well-known/"
+_CORS_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "Prefer",
+    "If-Match",
+    "If-None-Match",
+    "If-None-Exist",
+    "If-Modified-Since",
+    "X-Request-ID",
+]
+
+
+class CorsByPath:
+    """CORS in two policies: any origin (no cookies) on :data:`OPEN_CORS_PATHS` and the ``.well-known``
+    documents; the configured ``cors_origins`` (none by default: off) everywhere else."""
+
+    def __init__(self, app: ASGIApp, origins: list[str]) -> None:
+        self.app = app
+        self.open = CORSMiddleware(
+            app,
+            allow_origins=["*"],
+            allow_methods=["GET", "POST"],
+            allow_headers=_CORS_HEADERS,
+            max_age=600,
+        )
+        self.configured: ASGIApp = (
+            CORSMiddleware(
+                app,
+                allow_origins=origins,
+                allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+                allow_headers=_CORS_HEADERS,
+                expose_headers=["ETag", "Location", "Last-Modified", "X-Request-ID"],
+            )
+            if origins
+            else app
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path in OPEN_CORS_PATHS or OPEN_CORS_SUFFIX in path:
+            await self.open(scope, receive, send)
+        else:
+            await self.configured(scope, receive, send)
 
 
 class RequestContextMiddleware:

@@ -6,6 +6,8 @@ It puts on ``app.state``:
 ``key_store``                   :class:`~fhir_norse.auth.keys.KeyStore` (first key generated now)
 ``clients``                     :class:`~fhir_norse.auth.clients.ClientRegistry`
 ``token_service``               :class:`~fhir_norse.auth.tokens.TokenService`
+``grants``                      :class:`~fhir_norse.auth.grants.Grants` (SMART App Launch: codes,
+                                refresh tokens, revocation, introspection, EHR launch handles)
 ``token_verifier``              :class:`~fhir_norse.auth.tokens.TokenVerifier`
 ``authenticator``               :class:`~fhir_norse.auth.tokens.RequestAuthenticator` (verifier +
                                 failed-authentication limits): what ``get_caller`` calls
@@ -27,13 +29,13 @@ from __future__ import annotations
 import sqlalchemy as sa
 from fastapi import FastAPI
 
-from fhir_norse.auth.build import build_key_store, build_token_service
+from fhir_norse.auth.build import build_grants, build_key_store, build_token_service
 from fhir_norse.auth.ratelimit import SharedRateLimiter
 from fhir_norse.auth.tokens import OidcProvider, RequestAuthenticator, TokenVerifier
 from fhir_norse.config import Settings
 
 # The builders live in fhir_norse.auth.build (the CLI uses them too); re-exported for existing callers.
-__all__ = ["build_key_store", "build_token_service", "install_auth"]
+__all__ = ["build_grants", "build_key_store", "build_token_service", "install_auth"]
 
 
 def install_auth(app: FastAPI, settings: Settings, engine: sa.Engine) -> None:
@@ -49,8 +51,13 @@ def install_auth(app: FastAPI, settings: Settings, engine: sa.Engine) -> None:
     key_store.ensure()
     key_store.check_passphrase()
     service = build_token_service(settings, engine, key_store)
+    grants = build_grants(settings, engine, service)
     verifier = TokenVerifier(
-        key_store, service.clients, issuer=service.issuer, oidc=OidcProvider.from_settings(settings)
+        key_store,
+        service.clients,
+        issuer=service.issuer,
+        oidc=OidcProvider.from_settings(settings),
+        revoked_grants=grants.revoked_grant_ids,
     )
     # In the database: every worker of `fhir-norse serve --workers N` counts against the same limits.
     failures = SharedRateLimiter(engine, "auth-address", settings.auth_failure_limit_per_minute)
@@ -62,6 +69,7 @@ def install_auth(app: FastAPI, settings: Settings, engine: sa.Engine) -> None:
     state.key_store = key_store
     state.clients = service.clients
     state.token_service = service
+    state.grants = grants
     state.token_verifier = verifier
     state.authenticator = RequestAuthenticator(verifier, failures, credential_failures)
     state.token_rate_limiter = SharedRateLimiter(engine, "token-address", settings.token_rate_per_minute)

@@ -50,6 +50,8 @@ from fhir_norse.auth.caller import Caller
 
 __all__ = [
     "AUTHENTICATION",
+    "AUTHORIZATION",
+    "AUTHORIZATION_STEPS",
     "CLIENT_SYSTEM",
     "FAILED",
     "INTERACTIONS",
@@ -86,6 +88,14 @@ TOKEN_GRANT: Final = "token-grant"
 # (401), and too many of those (429). See build_authentication_refusal.
 AUTHENTICATION: Final = "authentication"
 THROTTLED: Final = "throttled"
+# A step of SMART App Launch (issue 16): sign-in, consent, the code and refresh grants, revocation,
+# introspection, EHR launch. See build_authorization_event.
+AUTHORIZATION: Final = "authorization"
+AUTHORIZATION_STEPS: Final = frozenset(
+    {"authorize", "login", "consent", "authorization_code", "refresh_token", "revoke", "introspect", "launch"}
+)
+# Extra subtype coding naming the step of an authorization event.
+STEP_SYSTEM: Final = "urn:fhir-norse:authorization-step"
 CLIENT_SYSTEM: Final = "urn:fhir-norse:client"
 # Extra subtype coding naming the operation of an ``operation:<name>`` interaction.
 OPERATION_SYSTEM: Final = "urn:fhir-norse:operation"
@@ -640,6 +650,110 @@ def _render_grant(inputs: AuditInputs) -> dict[str, Any]:
     return _fresh(event)
 
 
+def build_authorization_event(
+    *,
+    step: str,
+    outcome: str,
+    client_id: str | None,
+    person: str | None,
+    patient: str | None,
+    scopes: str | None,
+    source_address: str | None,
+    recorded: datetime,
+    failure_reason: str | None = None,
+    token_id: str | None = None,
+    server_name: str = "fhir-norse",
+    server_address: str | None = None,
+    site: str | None = None,
+) -> dict[str, Any]:
+    """The AuditEvent of one step of SMART App Launch, in the shape of the token grant's (BALP
+    ``IHE.IUA.71``): type DCM 110114 *User Authentication*, subtypes ITI-71 and the step
+    (``urn:fhir-norse:authorization-step#<step>``), action ``E``; agents the app (DCM 110150, its
+    ``client_id``, the issued token's jti as ``policy``), the person (``who`` ``Patient/x`` or
+    ``Practitioner/y``, ``requestor``) and this server (``AuthzOauthService``); entities the request
+    (``grant_type``/step and ``scope``, no secret) and the patient concerned (``object-role#1``), which
+    ``AuditEvent?patient=`` finds. ``person`` that is no such reference is kept as an identifier."""
+    if step not in AUTHORIZATION_STEPS:
+        raise ValueError(
+            f"unknown authorization step {step!r}; expected one of {sorted(AUTHORIZATION_STEPS)}"
+        )
+    _outcome({}, outcome, failure_reason)
+    _instant(recorded)
+    person_text = _normal(person)
+    reference = person_text if person_text and _USER_REFERENCE.fullmatch(person_text) else None
+    patients: tuple[str, ...] = ()
+    if patient:
+        bare = patient.removeprefix("Patient/")
+        patients = (bare,) if _ID.fullmatch(bare) else ()
+    inputs = AuditInputs(
+        kind=AUTHORIZATION,
+        outcome=outcome,
+        recorded=recorded,
+        interaction=step,
+        client_id=_normal(client_id),
+        user_reference=reference,
+        user_identifier=person_text if reference is None else None,
+        token_id=_jti(token_id),
+        source_address=_normal(source_address),
+        patients=patients,
+        failure_reason=_text(failure_reason) or None if failure_reason else None,
+        scopes=_text(scopes, _QUERY_LIMIT) or None if scopes else None,
+        server_name=server_name,
+        server_address=server_address,
+        site=site,
+    )
+    return BuiltEvent(_render_authorization(inputs), inputs)
+
+
+def _render_authorization(inputs: AuditInputs) -> dict[str, Any]:
+    step = inputs.interaction or ""
+    event: dict[str, Any] = {
+        "resourceType": "AuditEvent",
+        "type": _USER_AUTHENTICATION,
+        "subtype": [_ITI_71, _coding(STEP_SYSTEM, step, step)],
+        "action": "E",
+        "recorded": _instant(inputs.recorded),
+    }
+    _outcome(event, inputs.outcome, inputs.failure_reason)
+    jti = inputs.token_id or ""
+    user_who: dict[str, Any] | None = None
+    if inputs.user_reference is not None:
+        user_who = {"reference": inputs.user_reference}
+    elif inputs.user_identifier is not None:
+        user_who = {"identifier": {"value": inputs.user_identifier}}
+    agents = [
+        _agent(
+            [_APPLICATION],
+            requestor=user_who is None,
+            who=_client_who(inputs.client_id),
+            network=_network(inputs.source_address),
+            policy=JTI_PREFIX + jti if jti else None,
+        )
+    ]
+    if user_who is not None:
+        agents.append(_agent([_RECIPIENT], requestor=True, who=user_who))
+    agents.append(
+        _agent(
+            [_AUTH_SERVER],
+            requestor=False,
+            who={"display": _text(inputs.server_name, 256) or "fhir-norse"},
+            network=_network(inputs.server_address),
+        )
+    )
+    event["agent"] = agents
+    event["source"] = _source(inputs.server_name, inputs.site)
+    request = [("grant_type" if step in ("authorization_code", "refresh_token") else "step", step)]
+    if inputs.scopes:
+        request.append(("scope", inputs.scopes))
+    entities = [_query_entity(urlencode(request))]
+    entities.extend(
+        {"what": {"reference": f"Patient/{patient}"}, "type": _PERSON, "role": _PATIENT_ROLE}
+        for patient in inputs.patients
+    )
+    event["entity"] = entities
+    return _fresh(event)
+
+
 def build_authentication_refusal(
     *,
     failure_reason: str,
@@ -727,10 +841,11 @@ class AuditInputs:
     arguments after checking, normalising and redacting them, so that :func:`render_audit_event`
     gives back exactly the event the builder returned."""
 
-    kind: str  # REST, TOKEN_GRANT or AUTHENTICATION
+    kind: str  # REST, TOKEN_GRANT, AUTHENTICATION or AUTHORIZATION
     outcome: str  # SUCCESS, REFUSED or FAILED
     recorded: datetime  # timezone-aware
-    # REST: the interaction (``read``, ``operation:validate``); TOKEN_GRANT: the grant type.
+    # REST: the interaction (``read``, ``operation:validate``); TOKEN_GRANT: the grant type;
+    # AUTHORIZATION: the step (``consent``, ``authorization_code``...).
     interaction: str | None = None
     client_id: str | None = None
     # The user agent's ``who``: a reference (``Practitioner/x``, ``Patient/y``) or an identifier value.
@@ -772,6 +887,8 @@ def render_audit_event(inputs: AuditInputs) -> dict[str, Any]:
         event = _render_grant(inputs)
     elif inputs.kind == AUTHENTICATION:
         event = _render_refusal(inputs)
+    elif inputs.kind == AUTHORIZATION:
+        event = _render_authorization(inputs)
     else:
         raise ValueError(f"unknown kind of audit event {inputs.kind!r}")
     if inputs.repeats is not None:
@@ -908,6 +1025,40 @@ class AuditRecorder:
             server_name=self.server_name,
             server_address=self.server_address,
             site=self.site,
+        )
+
+    def record_authorization(
+        self,
+        step: str,
+        outcome: str,
+        *,
+        client_id: str | None,
+        person: str | None,
+        patient: str | None,
+        scopes: str | None,
+        reason: str | None,
+        source_address: str | None,
+        token_id: str | None = None,
+    ) -> None:
+        """Record one step of SMART App Launch (see :func:`build_authorization_event`): ``step`` one of
+        :data:`AUTHORIZATION_STEPS`, ``person`` ``Patient/x`` or ``Practitioner/y``, ``patient`` the
+        patient in context, ``reason`` why it was refused (None on success)."""
+        self.emit(
+            build_authorization_event(
+                step=step,
+                outcome=outcome,
+                client_id=client_id,
+                person=person,
+                patient=patient,
+                scopes=scopes,
+                source_address=source_address,
+                recorded=self._clock(),
+                failure_reason=reason,
+                token_id=token_id,
+                server_name=self.server_name,
+                server_address=self.server_address,
+                site=self.site,
+            )
         )
 
     def authentication_refused(

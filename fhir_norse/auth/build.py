@@ -9,12 +9,13 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from fhir_norse.auth.clients import ClientRegistry
+from fhir_norse.auth.grants import Grants
 from fhir_norse.auth.keys import KeyStore, passphrase_from
 from fhir_norse.auth.ratelimit import SharedRateLimiter
 from fhir_norse.auth.tokens import TokenService
 from fhir_norse.config import Settings
 
-__all__ = ["build_key_store", "build_token_service"]
+__all__ = ["build_grants", "build_key_store", "build_token_service"]
 
 
 def build_key_store(settings: Settings, engine: sa.Engine) -> KeyStore:
@@ -37,4 +38,18 @@ def build_token_service(
         token_ttl=settings.token_ttl_seconds,
         issuer=settings.token_issuer or None,
         client_limiter=SharedRateLimiter(engine, "token-client", settings.token_rate_per_minute),
+    )
+
+
+def build_grants(settings: Settings, engine: sa.Engine, token_service: TokenService) -> Grants:
+    """SMART App Launch codes, refresh tokens, grants and launch handles (``/auth/token``, the
+    browser's consent step, ``/auth/revoke``, ``/auth/introspect``, ``/auth/launch``)."""
+    return Grants(
+        engine,
+        token_service,
+        code_seconds=settings.authorization_code_seconds,
+        refresh_days=settings.refresh_token_days,
+        launch_seconds=settings.launch_seconds,
+        session_minutes=settings.signin_session_minutes,
+        cache_seconds=settings.auth_cache_seconds,
     )

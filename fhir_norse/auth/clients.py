@@ -1,16 +1,25 @@
-"""Registered SMART Backend Services clients, their public keys and allowed scopes, and the record of
-client-assertion ``jti`` values already used.
+"""Registered clients (SMART Backend Services clients and SMART App Launch apps), their public keys
+and allowed scopes, and the record of client-assertion ``jti`` values already used.
 
-A client is registered by an operator (``fhir-norse clients add``) with a JWK Set of public keys
-(RSA >= 2048 bits for RS384, EC P-384 for ES384) and the system scopes it may ask for. A revoked
-client gets no new token, and its tokens still in flight are refused within ``refresh_seconds``
-(immediately in the process that revoked it).
-See https://hl7.org/fhir/smart-app-launch/client-confidential-asymmetric.html.
+A client is registered by an operator (``fhir-norse clients add``), of one of three kinds:
+
+- ``backend``: SMART Backend Services (``client_credentials``), a JWK Set of public keys (RSA >= 2048
+  bits for RS384, EC P-384 for ES384) and the ``system/`` scopes it may ask for;
+- ``public``: an app that runs where it cannot keep a secret (a browser, a phone), authorization code
+  with PKCE only (https://hl7.org/fhir/smart-app-launch/client-public.html);
+- ``confidential-asymmetric``: an app that authenticates with ``private_key_jwt`` and a JWK Set
+  (https://hl7.org/fhir/smart-app-launch/client-confidential-asymmetric.html).
+
+Apps register their exact redirect URIs (RFC 6749 3.1.2, matched as strings), ``patient/``, ``user/``
+and the identity/launch scopes they may be granted, and the launches they use (``ehr``,
+``standalone``). A revoked client gets no new token, and its tokens still in flight are refused
+within ``refresh_seconds`` (immediately in the process that revoked it).
 """
 
 from __future__ import annotations
 
 import builtins
+import ipaddress
 import re
 import secrets
 import threading
@@ -19,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -36,6 +46,30 @@ ES384_CURVE = "P-384"
 MIN_RSA_BITS = 2048
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 MAX_JTI_LENGTH = 255
+
+# Client kinds (ClientRow.kind).
+BACKEND = "backend"
+PUBLIC = "public"
+CONFIDENTIAL = "confidential-asymmetric"
+APP_KINDS: frozenset[str] = frozenset({PUBLIC, CONFIDENTIAL})
+LAUNCH_TYPES: tuple[str, ...] = ("ehr", "standalone")
+# Scopes an app may be granted besides patient/ and user/ resource scopes: identity, launch context
+# and refresh (https://hl7.org/fhir/smart-app-launch/scopes-and-launch-context.html).
+APP_OTHER_SCOPES: frozenset[str] = frozenset(
+    {
+        "openid",
+        "fhirUser",
+        "profile",
+        "launch",
+        "launch/patient",
+        "launch/encounter",
+        "offline_access",
+        "online_access",
+    }
+)
+MAX_REDIRECT_URI_LENGTH = 2000
+MAX_REDIRECT_URIS = 20
+_LOOPBACK_HOSTS = frozenset({"localhost"})
 
 
 def utcnow() -> datetime:
@@ -132,6 +166,72 @@ def validate_allowed_scopes(scopes: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+def validate_app_scopes(scopes: str | Iterable[str]) -> tuple[str, ...]:
+    """The allowed scopes of an app: ``patient/`` and ``user/`` resource scopes (v1 or v2) and the
+    identity, launch and refresh scopes. ``system/`` scopes belong to backend clients only: an app
+    acts for a person, never for the whole system."""
+    items = scopes.split() if isinstance(scopes, str) else [s for x in scopes for s in x.split()]
+    if not items:
+        raise ValueError("an app needs at least one allowed scope")
+    bad = [
+        s
+        for s in items
+        if s not in APP_OTHER_SCOPES
+        and ((p := parse_resource_scope(s)) is None or p.context not in ("patient", "user"))
+    ]
+    if bad:
+        raise ValueError(
+            "allowed scopes of an app are patient/ and user/ resource scopes "
+            "(patient/*.rs, user/Observation.read) "
+            f"and {' '.join(sorted(APP_OTHER_SCOPES))}; not {' '.join(bad)}"
+        )
+    return tuple(dict.fromkeys(items))
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def validate_redirect_uri(uri: str) -> str:
+    """An app's redirect URI as registered: absolute, ``https`` (``http`` only on the loopback host,
+    for apps on the user's own machine, RFC 8252 7.3), no fragment (RFC 6749 3.1.2), no user info."""
+    uri = uri.strip()
+    if not uri or len(uri) > MAX_REDIRECT_URI_LENGTH or any(c.isspace() for c in uri):
+        raise ValueError(f"a redirect URI is 1 to {MAX_REDIRECT_URI_LENGTH} characters without spaces")
+    try:
+        parts = urlsplit(uri)
+        host = parts.hostname
+        parts.port  # noqa: B018 - a port that is not a number raises here
+    except ValueError:
+        raise ValueError(f"redirect URI {uri!r} is not a valid URI") from None
+    if parts.fragment or "#" in uri:
+        raise ValueError(f"redirect URI {uri!r} must not have a fragment")
+    if not host:
+        raise ValueError(f"redirect URI {uri!r} must be absolute (scheme and host)")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"redirect URI {uri!r} must not carry a user name or password")
+    if parts.scheme == "https":
+        return uri
+    if parts.scheme == "http" and _loopback(host):
+        return uri
+    raise ValueError(f"redirect URI {uri!r} must use https (http only on 127.0.0.1, [::1] or localhost)")
+
+
+def validate_launch_types(launch_types: Iterable[str]) -> tuple[str, ...]:
+    items = tuple(dict.fromkeys(t.strip() for x in launch_types for t in x.split(",") if t.strip()))
+    bad = [t for t in items if t not in LAUNCH_TYPES]
+    if bad:
+        raise ValueError(f"launch types are ehr and standalone; not {' '.join(bad)}")
+    if not items:
+        raise ValueError("an app needs at least one launch type (ehr, standalone)")
+    return items
+
+
 # -- client keys ------------------------------------------------------------------------------
 def validate_client_jwks(jwks: Any) -> dict[str, Any]:
     """Check a client's JWK Set: public keys only, each with a unique ``kid``, RSA >= 2048 bits or
@@ -183,6 +283,13 @@ def _public_key(jwk: Mapping[str, Any], alg: str, where: str) -> Any:
 
 
 # -- the registry -----------------------------------------------------------------------------
+def _name(name: str) -> str:
+    name = name.strip()
+    if not name or len(name) > 200:
+        raise ValueError("a client needs a name of 1 to 200 characters")
+    return name
+
+
 @dataclass(frozen=True, slots=True)
 class Client:
     client_id: str
@@ -191,10 +298,18 @@ class Client:
     scopes: tuple[str, ...]
     created_at: datetime
     revoked_at: datetime | None
+    kind: str = BACKEND
+    redirect_uris: tuple[str, ...] = ()
+    launch_types: tuple[str, ...] = ()
 
     @property
     def active(self) -> bool:
         return self.revoked_at is None
+
+    @property
+    def is_app(self) -> bool:
+        """An app of the authorization code flow (public or confidential-asymmetric)."""
+        return self.kind in APP_KINDS
 
     def key(self, kid: str) -> dict[str, Any] | None:
         for jwk in self.jwks.get("keys", ()):
@@ -211,12 +326,15 @@ def _client(row: Any) -> Client:
         scopes=tuple(row.scopes.split()),
         created_at=row.created_at,
         revoked_at=row.revoked_at,
+        kind=row.kind or BACKEND,
+        redirect_uris=tuple(row.redirect_uris or ()),
+        launch_types=tuple(row.launch_types or ()),
     )
 
 
 class ClientRegistry:
-    """Backend clients in the database. Thread-safe; the set of revoked client ids is cached in
-    memory for ``refresh_seconds`` so that checking a token needs no query."""
+    """Clients (backend clients and apps) in the database. Thread-safe; the set of revoked client
+    ids is cached in memory for ``refresh_seconds`` so that checking a token needs no query."""
 
     def __init__(self, engine: sa.Engine, *, refresh_seconds: float = 30.0) -> None:
         self.engine = engine
@@ -226,25 +344,72 @@ class ClientRegistry:
         self._revoked_at = float("-inf")
 
     def add(self, name: str, jwks: Any, scopes: str | Sequence[str]) -> Client:
-        name = name.strip()
-        if not name or len(name) > 200:
-            raise ValueError("a client needs a name of 1 to 200 characters")
-        clean_jwks = validate_client_jwks(jwks)
-        allowed = validate_allowed_scopes(scopes)
+        """Register a backend client (``client_credentials`` with ``private_key_jwt``)."""
+        return self._insert(
+            _name(name), BACKEND, validate_client_jwks(jwks), validate_allowed_scopes(scopes), (), ()
+        )
+
+    def add_app(
+        self,
+        name: str,
+        *,
+        kind: str,
+        redirect_uris: Iterable[str],
+        scopes: str | Sequence[str],
+        launch_types: Iterable[str],
+        jwks: Any = None,
+    ) -> Client:
+        """Register an app of the authorization code flow: ``public`` (PKCE only, no keys) or
+        ``confidential-asymmetric`` (``private_key_jwt`` with the JWK Set ``jwks``)."""
+        clean_name = _name(name)
+        if kind not in APP_KINDS:
+            raise ValueError(f"an app is {PUBLIC} or {CONFIDENTIAL}, not {kind!r}")
+        if kind == PUBLIC and jwks is not None:
+            raise ValueError("a public app has no keys (it authenticates with PKCE only)")
+        if kind == CONFIDENTIAL and jwks is None:
+            raise ValueError("a confidential-asymmetric app needs a JWK Set of its public keys")
+        clean_jwks = validate_client_jwks(jwks) if jwks is not None else {"keys": []}
+        uris = tuple(dict.fromkeys(validate_redirect_uri(u) for u in redirect_uris))
+        if not uris:
+            raise ValueError("an app needs at least one redirect URI")
+        if len(uris) > MAX_REDIRECT_URIS:
+            raise ValueError(f"an app may register at most {MAX_REDIRECT_URIS} redirect URIs")
+        return self._insert(
+            clean_name,
+            kind,
+            clean_jwks,
+            validate_app_scopes(scopes),
+            uris,
+            validate_launch_types(launch_types),
+        )
+
+    def _insert(
+        self,
+        name: str,
+        kind: str,
+        jwks: dict[str, Any],
+        allowed: tuple[str, ...],
+        redirect_uris: tuple[str, ...],
+        launch_types: tuple[str, ...],
+    ) -> Client:
         created = utcnow()
+        # Hex, not base64url: an id starting with "-" reads as an option on a command line
+        # (``fhir-norse clients revoke <id>`` failed that way, 1 time in 32).
+        client_id = secrets.token_hex(18)
         row = {
-            # Hex, not base64url: an id starting with "-" reads as an option on a command line
-            # (``fhir-norse clients revoke <id>`` failed that way, 1 time in 32).
-            "client_id": secrets.token_hex(18),
+            "client_id": client_id,
             "name": name,
-            "jwks": clean_jwks,
+            "jwks": jwks,
             "scopes": " ".join(allowed),
             "created_at": created,
             "revoked_at": None,
+            "kind": kind,
+            "redirect_uris": list(redirect_uris),
+            "launch_types": list(launch_types),
         }
         with self.engine.begin() as conn:
             conn.execute(sa.insert(_CLIENTS).values(**row))
-        return Client(str(row["client_id"]), name, clean_jwks, allowed, created, None)
+        return Client(client_id, name, jwks, allowed, created, None, kind, redirect_uris, launch_types)
 
     def list(self) -> builtins.list[Client]:
         with self.engine.connect() as conn:

@@ -47,6 +47,20 @@ class ClientRow(SQLModel, table=True):
     scopes: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
     created_at: datetime = Field(sa_column=sa.Column(sa.DateTime, nullable=False))
     revoked_at: datetime | None = Field(default=None, sa_column=sa.Column(sa.DateTime, nullable=True))
+    # Revision 0009 (SMART App Launch): "backend" (client_credentials), "public" (authorization code
+    # with PKCE, no secret) or "confidential-asymmetric" (authorization code, private_key_jwt).
+    kind: str = Field(
+        default="backend",
+        sa_column=sa.Column(sa.String(32), nullable=False, server_default="backend"),
+    )
+    # The redirect URIs an app registered (matched exactly), and the launches it may use
+    # ("ehr", "standalone").
+    redirect_uris: Any = Field(
+        default_factory=list, sa_column=sa.Column(sa.JSON, nullable=False, server_default="[]")
+    )
+    launch_types: Any = Field(
+        default_factory=list, sa_column=sa.Column(sa.JSON, nullable=False, server_default="[]")
+    )
 
 
 class UsedJtiRow(SQLModel, table=True):

@@ -48,6 +48,7 @@ from jwt.exceptions import (
 from fhir_norse.auth.caller import Caller
 from fhir_norse.auth.clients import (
     ASSERTION_KEY_TYPES,
+    BACKEND,
     ES384_CURVE,
     MAX_JTI_LENGTH,
     Client,
@@ -227,27 +228,18 @@ class TokenService:
         assertion_type = form.get("client_assertion_type")
         if assertion_type != ASSERTION_TYPE:
             raise _invalid_request(f"client_assertion_type must be {ASSERTION_TYPE}", claimed)
-        assertion = form.get("client_assertion")
-        if not assertion:
+        if not form.get("client_assertion"):
             raise _invalid_request("client_assertion is required", claimed)
         requested = self._requested_scopes(form.get("scope"), claimed)
-
-        client, claims = self._authenticate(assertion, token_url, form.get("client_id"))
-        if self.client_limiter is not None:
-            wait = self.client_limiter.hit(client.client_id)
-            if wait is not None:
-                raise OAuthError(
-                    429,
-                    "temporarily_unavailable",
-                    "too many token requests for this client",
-                    client_id=client.client_id,
-                    headers={"Retry-After": retry_after_header(wait)},
-                )
-        # Recorded only after the signature is verified, so nobody can burn another client's jti.
-        expires_at = _epoch(float(claims["exp"]) + CLOCK_SKEW)
-        if not self.clients.record_jti(client.client_id, claims["jti"], expires_at):
-            raise _invalid_client("this assertion jti was used before (replay refused)", client.client_id)
-        self._purge_used_jti()
+        client = self.authenticate_client(form, token_url)
+        if client.kind != BACKEND:
+            raise OAuthError(
+                400,
+                "unauthorized_client",
+                "this app uses the authorization code grant, not client_credentials",
+                client_id=client.client_id,
+                authenticated=True,
+            )
 
         missing = uncovered_scopes(client.scopes, requested)
         if missing:
@@ -270,6 +262,35 @@ class TokenService:
             "scope": scope,
         }
         return Grant(client_id=client.client_id, scope=scope, token_id=jti, response=response)
+
+    def authenticate_client(self, form: Mapping[str, str], token_url: str) -> Client:
+        """The client a token-endpoint request comes from, proved by its ``private_key_jwt`` assertion
+        (``client_assertion`` + ``client_assertion_type``; ``aud`` = ``token_url``); the assertion's
+        ``jti`` is recorded (a replay is refused) and the client's request rate limited.
+        :class:`OAuthError` ``invalid_client`` when it does not prove who it is."""
+        claimed = _claimed_client_id(form)
+        if form.get("client_assertion_type") != ASSERTION_TYPE:
+            raise _invalid_client(f"client_assertion_type must be {ASSERTION_TYPE}", claimed)
+        assertion = form.get("client_assertion")
+        if not assertion:
+            raise _invalid_client("client_assertion is required", claimed)
+        client, claims = self._authenticate(assertion, token_url, form.get("client_id"))
+        if self.client_limiter is not None:
+            wait = self.client_limiter.hit(client.client_id)
+            if wait is not None:
+                raise OAuthError(
+                    429,
+                    "temporarily_unavailable",
+                    "too many token requests for this client",
+                    client_id=client.client_id,
+                    headers={"Retry-After": retry_after_header(wait)},
+                )
+        # Recorded only after the signature is verified, so nobody can burn another client's jti.
+        expires_at = _epoch(float(claims["exp"]) + CLOCK_SKEW)
+        if not self.clients.record_jti(client.client_id, claims["jti"], expires_at):
+            raise _invalid_client("this assertion jti was used before (replay refused)", client.client_id)
+        self._purge_used_jti()
+        return client
 
     @staticmethod
     def _requested_scopes(raw: str | None, claimed: str | None) -> list[str]:
@@ -377,8 +398,16 @@ class TokenService:
         ttl: int | None = None,
         patient: str | None = None,
         practitioner: str | None = None,
+        encounter: str | None = None,
+        fhir_user: str | None = None,
+        grant: str | None = None,
     ) -> tuple[str, str]:
-        """Sign an access token; returns (token, jti). ``audience`` is the FHIR base URL."""
+        """Sign an access token; returns (token, jti). ``audience`` is the FHIR base URL.
+
+        Launch context (SMART App Launch): ``patient``, ``encounter``, ``practitioner`` (the
+        clinician's Practitioner id), ``fhir_user`` (the person's absolute URL; without it a
+        practitioner is named ``Practitioner/<id>``) and ``grant`` (the AUTH_GRANT id: revoking the
+        grant refuses the token at once)."""
         now = int(self._clock())
         lifetime = self.token_ttl if ttl is None else int(ttl)
         jti = secrets.token_urlsafe(18)
@@ -394,14 +423,28 @@ class TokenService:
         }
         if patient is not None:
             claims["patient"] = patient
+        if encounter is not None:
+            claims["encounter"] = encounter
         if practitioner is not None:
             claims["practitioner"] = practitioner
             claims["fhirUser"] = f"Practitioner/{practitioner}"
+        if fhir_user is not None:
+            claims["fhirUser"] = fhir_user
+        if grant is not None:
+            claims["grant"] = grant
         key = self.keys.signing_key()
         token = jwt.encode(
             claims, key.private_key, algorithm=key.alg, headers={"kid": key.kid, "typ": ACCESS_TOKEN_TYPE}
         )
         return token, jti
+
+    def sign_id_token(self, claims: Mapping[str, Any]) -> str:
+        """An OpenID Connect id_token (``typ`` JWT), RS256 with the key that signs our access tokens, so
+        a relying party verifies it with ``/.well-known/jwks.json``."""
+        key = self.keys.signing_key()
+        return jwt.encode(
+            dict(claims), key.private_key, algorithm=key.alg, headers={"kid": key.kid, "typ": "JWT"}
+        )
 
 
 def _client_key(client: Client, kid: str, alg: str) -> Any:
@@ -479,6 +522,19 @@ class _Verified:
     caller: Caller
     kid: str
     exp: float
+    grant: str | None = None
+
+
+_PERSON_TYPES = ("Patient", "Practitioner", "PractitionerRole", "RelatedPerson", "Person")
+
+
+def relative_person(fhir_user: str) -> str:
+    """``fhirUser`` as a relative reference (``Patient/1``) when it names a person by a FHIR URL
+    (``https://host/fhir/Patient/1``); otherwise as given."""
+    parts = fhir_user.rstrip("/").split("/")
+    if len(parts) >= 2 and parts[-2] in _PERSON_TYPES and _FHIR_ID.match(parts[-1]):
+        return f"{parts[-2]}/{parts[-1]}"
+    return fhir_user
 
 
 class TokenVerifier:
@@ -488,7 +544,8 @@ class TokenVerifier:
     A backend client sends the same token for minutes, so a token that verified is remembered
     (bounded, ``cache_size`` entries, keyed by the exact token and audience) until its ``exp``;
     a remembered token is still refused at once when it expires, when its key is retired or when
-    its client is revoked.
+    its client is revoked, or its grant (an app's token family, ``grant`` claim) is revoked
+    (``revoked_grants``: the ids from memory, see :meth:`fhir_norse.auth.grants.Grants.revoked_grant_ids`).
     """
 
     def __init__(
@@ -501,9 +558,11 @@ class TokenVerifier:
         leeway: float = 5.0,
         cache_size: int = 4096,
         clock: Callable[[], float] = time.time,
+        revoked_grants: Callable[[], frozenset[str]] | None = None,
     ) -> None:
         self.keys = keys
         self.clients = clients
+        self.revoked_grants = revoked_grants
         self.oidc = oidc
         self.leeway = leeway
         self.issuer = issuer
@@ -538,22 +597,53 @@ class TokenVerifier:
         header = _peek_header(token)
         kid = header.get("kid")
         key = self.keys.lookup(kid) if isinstance(kid, str) else None
+        if (key is None or not isinstance(kid, str)) and (
+            self.oidc is not None and isinstance(kid, str) and self.oidc.knows(kid)
+        ):
+            return self.oidc.verify(token, header)
+        claims, kid = self._decode(token, header, audience)
+        client_id = claims.get("client_id") or claims["sub"]
+        scope = claims.get("scope")
+        if not isinstance(client_id, str) or not isinstance(scope, str):
+            raise invalid_token("the token lacks client_id or scope")
+        patient = claims.get("patient")
+        practitioner = claims.get("practitioner")
+        user = claims.get("fhirUser")
+        grant = claims.get("grant")
+        caller = Caller(
+            client_id=client_id,
+            scopes=frozenset(scope.split()),
+            patient=patient if isinstance(patient, str) else None,
+            practitioner=practitioner if isinstance(practitioner, str) else None,
+            user=relative_person(user) if isinstance(user, str) else None,
+            token_id=str(claims["jti"]),
+            source="token",
+        )
+        verified = _Verified(caller, kid, float(claims["exp"]), grant if isinstance(grant, str) else None)
+        self._recheck(verified)
+        self._remember((token, audience), verified)
+        return caller
+
+    def _decode(
+        self, token: str, header: Mapping[str, Any], audience: str, *, verify_exp: bool = True
+    ) -> tuple[dict[str, Any], str]:
+        """The verified claims of one of our access tokens (signature, type, issuer, audience, expiry)."""
+        kid = header.get("kid")
+        key = self.keys.lookup(kid) if isinstance(kid, str) else None
         if key is None or not isinstance(kid, str):
-            if self.oidc is not None and isinstance(kid, str) and self.oidc.knows(kid):
-                return self.oidc.verify(token, header)
             raise invalid_token("the token is not signed by a key of this server")
         if header.get("alg") != ACCESS_TOKEN_ALG or header.get("typ") != ACCESS_TOKEN_TYPE:
             raise invalid_token(
                 f"only {ACCESS_TOKEN_ALG} access tokens of type {ACCESS_TOKEN_TYPE} are accepted"
             )
         try:
-            claims = jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token,
                 key,
                 algorithms=[ACCESS_TOKEN_ALG],
                 audience=audience,
                 issuer=self._issuer(audience),
-                options=_REQUIRED_CLAIMS,  # type: ignore[arg-type]
+                options={**_REQUIRED_CLAIMS, "verify_exp": verify_exp},  # type: ignore[arg-type]
                 leeway=self.leeway,
             )
         except ExpiredSignatureError:
@@ -568,26 +658,31 @@ class TokenVerifier:
             raise invalid_token(f"the token lacks the {exc.claim} claim") from None
         except (DecodeError, InvalidTokenError):
             raise invalid_token("the token is invalid") from None
-        client_id = claims.get("client_id") or claims["sub"]
-        scope = claims.get("scope")
-        if not isinstance(client_id, str) or not isinstance(scope, str):
-            raise invalid_token("the token lacks client_id or scope")
-        patient = claims.get("patient")
-        practitioner = claims.get("practitioner")
-        user = claims.get("fhirUser")
-        caller = Caller(
-            client_id=client_id,
-            scopes=frozenset(scope.split()),
-            patient=patient if isinstance(patient, str) else None,
-            practitioner=practitioner if isinstance(practitioner, str) else None,
-            user=user if isinstance(user, str) else None,
-            token_id=str(claims["jti"]),
-            source="token",
-        )
-        verified = _Verified(caller, kid, float(claims["exp"]))
-        self._recheck(verified)
-        self._remember((token, audience), verified)
-        return caller
+        return claims, kid
+
+    def signed_claims(self, token: str, audience: str) -> dict[str, Any] | None:
+        """The claims of an access token this server signed for ``audience``, expired or not (to
+        revoke its grant, RFC 7009); None if it is not one of ours."""
+        try:
+            return self._decode(token, _peek_header(token), audience, verify_exp=False)[0]
+        except Unauthorized:
+            return None
+
+    def active_claims(self, token: str, audience: str) -> dict[str, Any] | None:
+        """The claims of one of our access tokens while it is active (for introspection, RFC 7662):
+        verified, not expired, its key, client and grant not revoked; None otherwise."""
+        try:
+            header = _peek_header(token)
+            claims, kid = self._decode(token, header, audience)
+            grant = claims.get("grant")
+            client_id = claims.get("client_id") or claims["sub"]
+            caller = Caller(client_id=str(client_id))
+            self._recheck(
+                _Verified(caller, kid, float(claims["exp"]), grant if isinstance(grant, str) else None)
+            )
+        except Unauthorized:
+            return None
+        return claims
 
     def _recheck(self, verified: _Verified) -> Caller:
         """What may change after a token verified: time, our key set, revoked clients."""
@@ -597,6 +692,9 @@ class TokenVerifier:
             raise invalid_token("the token is not signed by a key of this server")
         if self.clients is not None and verified.caller.client_id in self.clients.revoked_ids():
             raise invalid_token("the client of this token has been revoked")
+        grants = self.revoked_grants
+        if verified.grant is not None and grants is not None and verified.grant in grants():
+            raise invalid_token("the authorization of this token has been revoked")
         return verified.caller
 
     def _remember(self, key: tuple[str, str], verified: _Verified) -> None:

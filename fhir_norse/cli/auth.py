@@ -1,7 +1,11 @@
 """Operator commands of the authorization server, for ``fhir_norse.cli``:
 
-- ``fhir-norse clients add --name NAME --jwks FILE --scope SCOPES`` prints the new client_id;
-- ``fhir-norse clients list`` and ``fhir-norse clients revoke CLIENT_ID``;
+- ``fhir-norse clients add --name NAME --jwks FILE --scope SCOPES`` registers a backend client and
+  prints the new client_id; with ``--redirect-uri URI`` (repeatable) it registers a SMART App Launch
+  app instead: public with ``--public`` (PKCE only), else confidential-asymmetric with ``--jwks``;
+  ``--launch ehr|standalone`` (repeatable or a comma list; default both) names its launches;
+- ``fhir-norse clients list`` (kind, scopes, keys, redirect URIs, launches) and
+  ``fhir-norse clients revoke CLIENT_ID``;
 - ``fhir-norse token --scope SCOPES [--patient ID] [--practitioner ID] [--ttl SECONDS]`` prints an
   access token signed with the server key (``sub`` ``local-operator``, ``aud`` the FHIR base URL);
 - ``fhir-norse keys rotate [--retire-now]`` and ``fhir-norse keys list``.
@@ -26,7 +30,14 @@ from typing import Any
 import sqlalchemy as sa
 
 from fhir_norse.auth.build import build_key_store, build_token_service
-from fhir_norse.auth.clients import ClientRegistry, is_scope_token, parse_resource_scope
+from fhir_norse.auth.clients import (
+    CONFIDENTIAL,
+    LAUNCH_TYPES,
+    PUBLIC,
+    ClientRegistry,
+    is_scope_token,
+    parse_resource_scope,
+)
 from fhir_norse.auth.keys import StoredKey
 from fhir_norse.auth.tokens import server_root
 from fhir_norse.config import Settings
@@ -68,6 +79,9 @@ class ClientListing:
     kids: tuple[str, ...]
     created_at: datetime
     revoked_at: datetime | None
+    kind: str = "backend"
+    redirect_uris: tuple[str, ...] = ()
+    launch_types: tuple[str, ...] = ()
 
 
 def clients_add(settings: Settings, name: str, jwks_path: str | Path, scopes: str) -> str:
@@ -75,6 +89,35 @@ def clients_add(settings: Settings, name: str, jwks_path: str | Path, scopes: st
     jwks = json.loads(Path(jwks_path).read_text(encoding="utf-8"))
     with _engine(settings) as engine:
         return ClientRegistry(engine).add(name, jwks, scopes).client_id
+
+
+def apps_add(
+    settings: Settings,
+    name: str,
+    scopes: str,
+    redirect_uris: list[str],
+    *,
+    public: bool = False,
+    jwks_path: str | Path | None = None,
+    launch_types: list[str] | None = None,
+) -> str:
+    """Register a SMART App Launch app (public, or confidential-asymmetric with a JWK Set file);
+    returns its client_id."""
+    if public and jwks_path is not None:
+        raise ValueError("a public app has no keys: give --public or --jwks, not both")
+    if not public and jwks_path is None:
+        raise ValueError("an app is --public, or confidential with --jwks FILE of its public keys")
+    jwks = json.loads(Path(jwks_path).read_text(encoding="utf-8")) if jwks_path is not None else None
+    with _engine(settings) as engine:
+        client = ClientRegistry(engine).add_app(
+            name,
+            kind=PUBLIC if public else CONFIDENTIAL,
+            redirect_uris=redirect_uris,
+            scopes=scopes,
+            launch_types=launch_types or list(LAUNCH_TYPES),
+            jwks=jwks,
+        )
+        return client.client_id
 
 
 def clients_list(settings: Settings) -> list[ClientListing]:
@@ -87,6 +130,9 @@ def clients_list(settings: Settings) -> list[ClientListing]:
                 tuple(str(k.get("kid")) for k in c.jwks.get("keys", ())),
                 c.created_at,
                 c.revoked_at,
+                c.kind,
+                c.redirect_uris,
+                c.launch_types,
             )
             for c in ClientRegistry(engine).list()
         ]
@@ -157,13 +203,31 @@ def register_commands(subparsers: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--database-url", help="SQLAlchemy URL (env FHIR_NORSE_DATABASE_URL)")
 
-    clients = subparsers.add_parser("clients", help="register, list and revoke SMART backend clients")
+    clients = subparsers.add_parser(
+        "clients", help="register, list and revoke SMART backend clients and apps"
+    )
     sub = clients.add_subparsers(dest="clients_command", required=True)
-    add = sub.add_parser("add", parents=[common], help="register a client; prints its client_id")
-    add.add_argument("--name", required=True, help="a name for people")
-    add.add_argument("--jwks", required=True, help="JWK Set file of the client's public keys (RS384/ES384)")
+    add = sub.add_parser("add", parents=[common], help="register a client or app; prints its client_id")
+    add.add_argument("--name", required=True, help="a name for people (shown on the consent page)")
+    add.add_argument("--jwks", help="JWK Set file of the client's public keys (RS384/ES384)")
     add.add_argument(
-        "--scope", required=True, help='allowed scopes, e.g. "system/Observation.rs system/Patient.rs"'
+        "--scope",
+        required=True,
+        help='allowed scopes, e.g. "system/Observation.rs" (backend) or "launch/patient openid fhirUser '
+        'patient/*.rs" (app)',
+    )
+    add.add_argument(
+        "--redirect-uri",
+        action="append",
+        default=[],
+        help="an app's redirect URI (repeatable; https, or http on 127.0.0.1/localhost): registers an app",
+    )
+    add.add_argument("--public", action="store_true", help="a public app (PKCE, no keys)")
+    add.add_argument(
+        "--launch",
+        action="append",
+        default=[],
+        help="the app's launches: ehr, standalone (repeatable or comma list; default both)",
     )
     sub.add_parser("list", parents=[common], help="list clients")
     revoke = sub.add_parser("revoke", parents=[common], help="revoke a client")
@@ -217,7 +281,22 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
 
 def _clients(args: argparse.Namespace, settings: Settings) -> int:
     if args.clients_command == "add":
-        client_id = clients_add(settings, args.name, args.jwks, args.scope)
+        if args.redirect_uri:
+            client_id = apps_add(
+                settings,
+                args.name,
+                args.scope,
+                args.redirect_uri,
+                public=args.public,
+                jwks_path=args.jwks,
+                launch_types=args.launch,
+            )
+        elif args.public or args.launch:
+            raise ValueError("an app needs --redirect-uri")
+        elif not args.jwks:
+            raise ValueError("a backend client needs --jwks FILE")
+        else:
+            client_id = clients_add(settings, args.name, args.jwks, args.scope)
         print(client_id)
         root = server_root(fhir_base_url(settings))
         print(f"registered; token endpoint {root}/auth/token (assertion aud)", file=sys.stderr)
@@ -225,7 +304,10 @@ def _clients(args: argparse.Namespace, settings: Settings) -> int:
     if args.clients_command == "list":
         for c in clients_list(settings):
             status = f"revoked {_when(c.revoked_at)}" if c.revoked_at else "active"
-            print(f"{c.client_id}\t{c.name}\t{status}\t{c.scopes}\tkids={','.join(c.kids)}")
+            line = f"{c.client_id}\t{c.name}\t{c.kind}\t{status}\t{c.scopes}\tkids={','.join(c.kids) or '-'}"
+            if c.redirect_uris:
+                line += f"\tredirect={','.join(c.redirect_uris)}\tlaunch={','.join(c.launch_types)}"
+            print(line)
         return 0
     clients_revoke(settings, args.client_id)
     print(f"revoked {args.client_id}", file=sys.stderr)

@@ -32,12 +32,14 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from fhir_norse.auth.audit import (
     AUTHENTICATION,
+    AUTHORIZATION,
     CLIENT_SYSTEM,
     FAILED,
     JTI_PREFIX,
     OPERATION_SYSTEM,
     REFUSED,
     REST,
+    STEP_SYSTEM,
     SUCCESS,
     TOKEN_GRANT,
     AuditInputs,
@@ -405,7 +407,7 @@ def _type(v: TokenValue) -> ColumnElement[bool]:
     if v.code == "rest" and v.system in (None, _REST_TYPE_SYSTEM) and not v.no_system:
         return L.c.kind == REST
     if v.code == "110114" and v.system in (None, _DCM) and not v.no_system:
-        return L.c.kind.in_([TOKEN_GRANT, AUTHENTICATION])
+        return L.c.kind.in_([TOKEN_GRANT, AUTHENTICATION, AUTHORIZATION])
     return sa.false()
 
 
@@ -414,7 +416,9 @@ def _subtype(v: TokenValue) -> ColumnElement[bool]:
     if code is None or v.no_system:
         return sa.false()
     if code == "ITI-71" and system in (None, "urn:ihe:event-type-code"):
-        return L.c.kind == TOKEN_GRANT
+        return L.c.kind.in_([TOKEN_GRANT, AUTHORIZATION])
+    if system == STEP_SYSTEM:
+        return sa.and_(L.c.kind == AUTHORIZATION, L.c.interaction == code)
     if code == "110122" and system in (None, _DCM):
         return L.c.kind == AUTHENTICATION
     alternatives: list[ColumnElement[bool]] = []

@@ -290,18 +290,24 @@ def test_smart_configuration(env: Env, path: str) -> None:
     assert response.status_code == 200
     config = response.json()
     assert config == {
+        "issuer": "http://testserver/auth",
         "jwks_uri": "http://testserver/.well-known/jwks.json",
+        "authorization_endpoint": "http://testserver/auth/authorize",
         "token_endpoint": TOKEN_URL,
-        "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+        "revocation_endpoint": "http://testserver/auth/revoke",
+        "introspection_endpoint": "http://testserver/auth/introspect",
+        "token_endpoint_auth_methods_supported": ["private_key_jwt", "none"],
         "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
-        "grant_types_supported": ["client_credentials"],
+        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
+        "code_challenge_methods_supported": ["S256"],
         "scopes_supported": config["scopes_supported"],
-        "response_types_supported": [],
+        "response_types_supported": ["code"],
         "capabilities": CAPABILITIES,
     }
-    assert "system/*.rs" in config["scopes_supported"] and "system/*.read" in config["scopes_supported"]
-    assert all(s.startswith("system/") for s in config["scopes_supported"])
-    assert set(config["capabilities"]) == {"client-confidential-asymmetric", "permission-v2", "permission-v1"}
+    assert "system/*.rs" in config["scopes_supported"] and "patient/*.rs" in config["scopes_supported"]
+    assert {"openid", "fhirUser", "launch", "offline_access"} <= set(config["scopes_supported"])
+    wanted = {"launch-ehr", "client-public", "sso-openid-connect", "permission-v1"}
+    assert wanted <= set(config["capabilities"])
     # Every advertised endpoint answers.
     assert env.http.get("/.well-known/jwks.json").status_code == 200
     assert env.http.post("/auth/token", data={}).json()["error"] == "invalid_request"
