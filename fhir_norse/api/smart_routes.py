@@ -746,9 +746,7 @@ class SmartLaunch:
         if session is not None:
             await run_in_threadpool(self.store.end_session, session.id)
             await run_in_threadpool(self.grants.end_session, session.id, "signed out")
-            await self._record(
-                request, "login", "success", client_id=None, person=session.person, reason="signed out"
-            )
+            await self._record(request, "revoke", "success", client_id=None, person=session.person)
         response = self._refusal(request, "signed-out", 200)
         response.delete_cookie(SESSION_COOKIE, path=COOKIE_PATH)
         return response

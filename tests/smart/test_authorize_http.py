@@ -219,3 +219,26 @@ def test_the_steps_are_bound_to_the_browser_and_used_once(clinic: Clinic) -> Non
         resubmit = post_form(http, clinic, consent, scope=offered_scopes(consent), decision="allow")
         assert resubmit.status_code == 400
         assert exchange(http, ask, code).status_code == 200
+
+
+@SQLITE
+def test_signing_out_ends_the_session_and_its_online_access(clinic: Clinic) -> None:
+    ask = Ask(clinic, scope="patient/*.rs openid fhirUser online_access")
+    with _http() as http:
+        consent = follow(http, clinic, sign_in(http, ask, "sonja"))
+        body = exchange(http, ask, consent_and_code(http, ask, consent)).json()
+        assert "refresh_token" in body
+        out = http.post(clinic.root + "/auth/signout")
+        assert out.status_code == 200 and "fhir_norse_signin" in out.headers.get("set-cookie", "")
+        refreshed = http.post(
+            clinic.root + "/auth/token",
+            data={
+                "grant_type": "refresh_token",
+                "refresh_token": body["refresh_token"],
+                "client_id": ask.client_id,
+            },
+        )
+        # The next authorization needs a new sign-in.
+        again = http.get(Ask(clinic, scope="patient/*.rs", state="st-3").url())
+    assert refreshed.status_code == 400 and refreshed.json()["error"] == "invalid_grant"
+    assert again.headers["location"].startswith(clinic.provider.oidc.issuer)
