@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test migrate lint typecheck check content-check bench clean chromium node-deps
+.PHONY: serve test migrate lint typecheck check content-check bench clean chromium node-deps debian-deps debian-test-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,11 +14,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-serve: $(STAMP)
-	FHIR_NORSE_MODE=$${FHIR_NORSE_MODE:-development} $(BIN)/fhir-norse serve --host 127.0.0.1 --port 8080
+serve: $(STAMP) debian-deps
+	FHIR_NORSE_MODE=$${FHIR_NORSE_MODE:-development} FHIR_NORSE_DEMO_ON_EMPTY=$${FHIR_NORSE_DEMO_ON_EMPTY:-1} \
+	    $(BIN)/fhir-norse serve --host 127.0.0.1 --port 8080
 
 migrate: $(STAMP)
 	FHIR_NORSE_MODE=$${FHIR_NORSE_MODE:-development} $(BIN)/fhir-norse migrate
+
+# Debian packages beyond Python (Pango and a font for the report's PDF; poppler-utils for the tests).
+debian-deps:
+	tools/ensure_debian_packages.sh serve
+
+debian-test-deps:
+	tools/ensure_debian_packages.sh test
 
 # Debian's chromium for the browser tests (tests/web/), installed when missing.
 chromium:
@@ -28,7 +36,7 @@ chromium:
 node-deps:
 	tools/ensure_node_deps.sh
 
-test: $(STAMP) chromium node-deps
+test: $(STAMP) chromium node-deps debian-test-deps
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -9,19 +9,23 @@ and the operations it runs (``$extract`` always, the adaptive ones where an inst
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from fhir_norse.auth.audit import AuditRecorder
+from fhir_norse.auth.caller import Caller
 from fhir_norse.auth.links import PersonalLinks
 from fhir_norse.auth.policy import AccessPolicy
 from fhir_norse.config import Settings
 from fhir_norse.instruments.registry import InstrumentRegistry
 from fhir_norse.messaging.base import Transport
 from fhir_norse.messaging.templates import MessageTemplates
+from fhir_norse.outcomes import FhirError
 from fhir_norse.rom.adaptive import AdaptiveOperations
 from fhir_norse.rom.administrations import Administrations
+from fhir_norse.rom.demo import DemoError, load_demo, site_root
 from fhir_norse.rom.intake import QuestionnaireResponseIntake
 from fhir_norse.rom.invitations import Dispatcher, Invitations
 from fhir_norse.rom.operations import adaptive_state, extract, next_question, populate, tailored_form
@@ -29,13 +33,16 @@ from fhir_norse.rom.overrides import ScaleOverrideHook
 from fhir_norse.rom.patient import AdaptiveService
 from fhir_norse.rom.scheduler import Scheduler
 from fhir_norse.server.content import search_registry
+from fhir_norse.server.context import RequestContext
 from fhir_norse.server.interactions import FhirService
+from fhir_norse.server.operations.everything import EVERYTHING
 from fhir_norse.server.operations.registry import Operation, OperationRegistry
 from fhir_norse.server.operations.validate import VALIDATE
 from fhir_norse.server.profiles import ProfileValidator
 from fhir_norse.server.repository import Kernel, StorageHook
 from fhir_norse.server.search.extract import default_extractor
 from fhir_norse.server.search.known_shape import extractor_for
+from fhir_norse.server.search.typed import Where
 from fhir_norse.server.validation import preload as preload_validation
 from fhir_norse.store.db import create_engine
 from fhir_norse.store.maintenance import StatisticsKeeper
@@ -45,6 +52,8 @@ from fhir_norse.store.search.request import SearchLimits
 from fhir_norse.store.storage import Storage
 
 SERVER_NAME = "fhir-norse"
+
+log = logging.getLogger(__name__)
 
 
 def build_service(settings: Settings) -> FhirService:
@@ -71,7 +80,7 @@ def build_service(settings: Settings) -> FhirService:
         "QuestionnaireResponse": intake,
         "ServiceRequest": ScaleOverrideHook(instruments),
     }
-    operations: list[Operation] = [VALIDATE, extract.operation(intake)]
+    operations: list[Operation] = [VALIDATE, EVERYTHING, extract.operation(intake)]
     if adaptive.adaptive_mappings():
         ops = AdaptiveOperations(adaptive, intake)
         operations += [
@@ -112,7 +121,7 @@ def build_reader(database_url: str, *, pool_size: int = 1) -> FhirService:
         policy=AccessPolicy(),
         audit=AuditRecorder(server_name=SERVER_NAME),
     )
-    return FhirService(kernel, OperationRegistry([VALIDATE]))
+    return FhirService(kernel, OperationRegistry([VALIDATE, EVERYTHING]))
 
 
 def event_recorder(service: FhirService, settings: Settings) -> AuditRecorder:
@@ -223,3 +232,29 @@ def build_journey(
         now=clock,
     )
     return Journey(links, administrations, templates, chosen, dispatcher, scheduler)
+
+
+# ---------------------------------------------------------------------- the demo clinic (issue 17)
+
+
+def load_demo_if_empty(settings: Settings, service: FhirService) -> bool:
+    """Load the demo clinic (:mod:`fhir_norse.rom.demo`) when ``settings.demo_on_empty`` is set, the mode
+    is development and the database holds no Patient; whether it was loaded. Call it where the content
+    pack was just published, once per database: in the process that starts the server, not in each
+    worker. A failure of the demo is logged, not raised: the server starts all the same, and
+    ``fhir-norse demo`` finishes the load."""
+    if not settings.demo_on_empty or settings.mode != "development":
+        return False
+    ctx = RequestContext(caller=Caller.operator(), base_url=settings.fhir_base_url())
+    with service.session(ctx, read_only=True) as repo:
+        if repo.find(Where("Patient"), 1):
+            return False
+    log.info("the database holds no Patient: loading the demo clinic (FHIR_NORSE_DEMO_ON_EMPTY)")
+    try:
+        result = load_demo(service, base_url=settings.fhir_base_url(), timezone=settings.messaging_timezone)
+    except (DemoError, FhirError) as error:
+        log.error("the demo clinic was not loaded: %s; run `fhir-norse demo` to load it", error)
+        return False
+    for line in result.describe(site_root(settings.fhir_base_url())):
+        log.info("%s", line)
+    return True

@@ -179,6 +179,14 @@ class Settings(BaseSettings):
     clinician_login_claim: str = "helseid://claims/hpr/hpr_number"
     clinician_login_identifier_system: str = "urn:oid:2.16.578.1.12.4.1.4.4"
 
+    # --- the demo clinic (issue 17) ---
+    # Load the demo clinic (`fhir-norse demo`: invented patients, a clinician, care teams) when a server in
+    # development mode starts on a database without any Patient; ignored in production. `make serve` sets it.
+    demo_on_empty: bool = False
+    # Give every scored administration's DiagnosticReport its report as a PDF (presentedForm) and a
+    # DocumentReference, in the scheduler's tick (fhir_norse/web/report/documents.py).
+    report_documents: bool = True
+
     @field_validator("trusted_proxies")
     @classmethod
     def _proxy_networks(cls, value: list[str]) -> list[str]:

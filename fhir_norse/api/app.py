@@ -24,10 +24,11 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from fhir_norse.api.auth_setup import install_auth
 from fhir_norse.api.messaging_routes import install_messaging_routes
 from fhir_norse.api.rendering import render_error
+from fhir_norse.api.report_routes import install_report
 from fhir_norse.api.routes import fhir_router, install_hot_routes
 from fhir_norse.api.smart_routes import install_smart_launch
 from fhir_norse.auth.refusals import RefusalAudit
-from fhir_norse.compose import Journey, build_journey, build_service, event_recorder
+from fhir_norse.compose import Journey, build_journey, build_service, event_recorder, load_demo_if_empty
 from fhir_norse.config import Settings, load_settings
 from fhir_norse.logs import request_id
 from fhir_norse.outcomes import (
@@ -40,6 +41,8 @@ from fhir_norse.outcomes import (
 )
 from fhir_norse.server.content import publish_content
 from fhir_norse.server.interactions import FhirService
+from fhir_norse.web.report import ReportPages
+from fhir_norse.web.report.documents import ReportDocuments
 from fhir_norse.web.routes import install_patient_form
 
 log = logging.getLogger("fhir_norse")
@@ -194,9 +197,15 @@ def create_app(
     install_auth(app, settings, app.state.service.storage.engine)
     # SMART App Launch in the browser (issue 16): authorize, the national logins, picker and consent.
     install_smart_launch(app, app.state.service, settings)
+    # The clinician's feedback report (issue 17), a SMART app this server ships.
+    install_report(app, app.state.service, settings, now=clock)
     install_hot_routes(app)
     # The patient's way in (issue 15): personal links, the form, invitations and their delivery reports.
     journey = app.state.journey = build_journey(settings, app.state.service, now=clock)
+    if settings.report_documents:
+        # Each scored administration's report as a PDF in the record (issue 17), rendered in the tick.
+        documents = ReportDocuments(app.state.service, ReportPages(), now=clock)
+        journey.scheduler.add_job(documents.render_pending, name="report-documents")
     install_messaging_routes(app, app.state.service, settings, journey.dispatcher)
     install_patient_form(
         app,
@@ -214,6 +223,8 @@ def create_app(
             app.state.service.storage.engine.dispose()
             raise
         log.info("content: %d published, %d unchanged", len(report.created), len(report.unchanged))
+        # `make serve` on an empty development database: the demo clinic (issue 17), once.
+        load_demo_if_empty(settings, app.state.service)
     # Browser apps (SMART public clients) call the token endpoints and discovery from their own origin:
     # those answer CORS for any origin, without credentials; the FHIR API for the configured origins.
     app.add_middleware(CorsByPath, origins=settings.cors_origins)

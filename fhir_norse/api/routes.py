@@ -31,7 +31,7 @@ from fhir_norse.api.deps import (
     resource_body,
     search_form,
 )
-from fhir_norse.api.rendering import render
+from fhir_norse.api.rendering import render, render_binary
 from fhir_norse.auth.caller import Caller
 from fhir_norse.outcomes import BadRequest
 from fhir_norse.server.bundles import BundleProcessor
@@ -90,7 +90,12 @@ def _interaction_endpoint(interaction: Interaction) -> Endpoint:
             if_none_exist=headers.get("if-none-exist"),
             if_modified_since=headers.get("if-modified-since"),
         )
-        return render(await run_in_threadpool(service.perform, ctx, interaction, call))
+        result = await run_in_threadpool(service.perform, ctx, interaction, call)
+        if call.res_type == "Binary" and interaction.code == "read":
+            native = render_binary(result, headers.get("accept"))
+            if native is not None:
+                return native
+        return render(result)
 
     endpoint.__name__ = f"{interaction.code}_{interaction.method.lower()}_{interaction.level}".replace(
         "-", "_"

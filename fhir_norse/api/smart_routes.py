@@ -44,6 +44,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from fhir_norse.api.auth_routes import audit_step
+from fhir_norse.api.browser import display_name, other_lang, preferred_lang, set_private_cookie
 from fhir_norse.api.deps import base_url, client_address
 from fhir_norse.auth.caller import Access, Caller
 from fhir_norse.auth.clients import Client, ClientRegistry
@@ -62,6 +63,7 @@ from fhir_norse.server.search.typed import Where
 from fhir_norse.web.signin import (
     REFUSAL_KINDS,
     ConsentView,
+    DevLoginView,
     Lang,
     PickerView,
     RefusalView,
@@ -133,16 +135,15 @@ class SmartLaunch:
         router.add_api_route("/auth/consent", self.consent, methods=["GET", "POST"], response_model=None)
         router.add_api_route("/auth/signout", self.signout, methods=["POST"], response_model=None)
         router.add_api_route("/auth/refused", self.refused, methods=["GET"], response_model=None)
+        if self.settings.mode == "development":
+            router.add_api_route(
+                "/auth/dev-login", self.dev_login, methods=["GET", "POST"], response_model=None
+            )
         return router
 
     # ------------------------------------------------------------------ helpers
     def _lang(self, request: Request, params: Mapping[str, Any] | None = None) -> Lang:
-        chosen = request.query_params.get("lang") or (params or {}).get("lang")
-        if chosen in ("nb", "en"):
-            return chosen  # type: ignore[return-value]
-        accept = request.headers.get("accept-language", "").lower()
-        first = accept.split(",", 1)[0].strip()
-        return "en" if first.startswith("en") else "nb"
+        return preferred_lang(request, (params or {}).get("lang"))
 
     @staticmethod
     def _page(html: str, status: int = 200, *, redirect_uri: str | None = None) -> Response:
@@ -152,7 +153,7 @@ class SmartLaunch:
     def _refusal(self, request: Request, kind: str, status: int, lang: Lang | None = None) -> Response:
         lang = lang or self._lang(request)
         title, message, advice = refusal_text(kind, lang)
-        other: Lang = "en" if lang == "nb" else "nb"
+        other = other_lang(lang)
         # The other language is the same refusal at an address of its own: the step that was refused
         # (a login callback, a posted form) must not be repeated by following the link.
         view = RefusalView(
@@ -213,15 +214,7 @@ class SmartLaunch:
         return response
 
     def _cookie(self, response: Response, name: str, value: str, max_age: int) -> None:
-        response.set_cookie(
-            name,
-            value,
-            max_age=max_age,
-            path=COOKIE_PATH,
-            httponly=True,
-            samesite="lax",
-            secure=self.settings.fhir_base_url().startswith("https://"),
-        )
+        set_private_cookie(response, self.settings, name, value, path=COOKIE_PATH, max_age=max_age)
 
     def _callback_url(self, request: Request) -> str:
         return server_root(base_url(request)) + "/auth/login/callback"
@@ -343,7 +336,7 @@ class SmartLaunch:
             # A patient acts for themself: patient/ scopes only.
             allowed = [s for s in allowed if not s.startswith("user/")]
         login = self.logins.get(role)
-        if login is None:
+        if login is None and self.settings.mode != "development":
             await self._record(
                 request, "authorize", "refused", client_id=client_id, reason=f"no {role} login"
             )
@@ -372,6 +365,9 @@ class SmartLaunch:
         if session is not None and session.role == role:
             # Signed in here a moment ago (the session is short): no second login.
             response = await self._after_signin(request, pending, session)
+        elif login is None:
+            # Development mode without a national login: the development sign-in page (module doc).
+            response = RedirectResponse("/auth/dev-login", status_code=303)
         else:
             start = await run_in_threadpool(
                 lambda: login.start(
@@ -562,6 +558,76 @@ class SmartLaunch:
             return self._refusal(request, "request-expired", 400, self._lang(request, pending.params))
         return pending, session, secret
 
+    # ------------------------------------------------------------------ /auth/dev-login
+    async def dev_login(self, request: Request) -> Response:
+        """Development mode only, for a role without a configured login: choose who to be among the
+        people here who have that login's identifier (the demo clinic's clinicians and patients). Audited
+        like a login (the session's provider is "development")."""
+        secret = request.cookies.get(REQUEST_COOKIE) or ""
+        pending = await run_in_threadpool(self.store.request, secret)
+        if pending is None or pending.stage != "login" or pending.session_id is not None:
+            return self._refusal(request, "request-expired", 400)
+        if self.logins.get(pending.role) is not None:
+            return self._refusal(request, "session-mismatch", 400)
+        lang = self._lang(request, pending.params)
+        people = await run_in_threadpool(self._people_to_be, request, pending.role)
+        if request.method == "POST":
+            form = await self._form(request)
+            if (
+                not SigninStore.check_csrf(secret, form.get("csrf", ""))
+                or form.get("request_id") != pending.id
+            ):
+                return self._refusal(request, "session-mismatch", 403, lang)
+            person = form.get("person", "")
+            if person not in {reference for reference, _name, _value in people}:
+                return self._refusal(request, "session-mismatch", 403, lang)
+            session, session_secret = await run_in_threadpool(
+                lambda: self.store.open_session(
+                    role=pending.role, provider="development", subject=person, person=person
+                )
+            )
+            await self._record(
+                request,
+                "login",
+                "success",
+                client_id=pending.client_id,
+                person=person,
+            )
+            response = await self._after_signin(request, pending, session)
+            self._cookie(response, SESSION_COOKIE, session_secret, int(self.store.lifetime.total_seconds()))
+            return response
+        other = other_lang(lang)
+        view = DevLoginView(
+            lang=lang,
+            role="clinician" if pending.role == "clinician" else "patient",
+            people=people,
+            action="/auth/dev-login",
+            csrf=SigninStore.csrf_token(secret),
+            request_id=pending.id,
+            other_lang_url=_with_lang(request, other),
+        )
+        return self._page(self.pages.dev_login(view))
+
+    def _people_to_be(self, request: Request, role: str) -> list[tuple[str, str, str]]:
+        """(reference, name, identifier value) of the Practitioners (clinicians) or Patients with the
+        role's login identifier system, at most 200, by name."""
+        res_type = "Practitioner" if role == "clinician" else "Patient"
+        system = (
+            self.settings.clinician_login_identifier_system
+            if role == "clinician"
+            else self.settings.patient_login_identifier_system
+        )
+        found: list[tuple[str, str, str]] = []
+        with self.service.session(self._context(request), read_only=True) as repo:
+            for stored in repo.as_server().find(Where(res_type), 500):
+                body = loads(stored.body_text)
+                value = next(
+                    (i.get("value") for i in body.get("identifier") or [] if i.get("system") == system), None
+                )
+                if value:
+                    found.append((f"{res_type}/{body['id']}", display_name(body) or body["id"], str(value)))
+        return sorted(found, key=lambda p: p[1])[:200]
+
     # ------------------------------------------------------------------ /auth/pick
     async def pick(self, request: Request) -> Response:
         current = await self._current(request, PICK)
@@ -599,17 +665,17 @@ class SmartLaunch:
         patients = []
         for pid in reachable:
             patient = people.get(f"Patient/{pid}", {})
-            name = _name(patient) or f"Patient/{pid}"
+            name = display_name(patient) or f"Patient/{pid}"
             if query and query.lower() not in name.lower():
                 continue
             patients.append((pid, name, patient.get("birthDate")))
         patients.sort(key=lambda p: p[1])
         client = await run_in_threadpool(self.clients.get, pending.client_id)
-        other: Lang = "en" if lang == "nb" else "nb"
+        other = other_lang(lang)
         view = PickerView(
             lang=lang,
             app_name=client.name if client else pending.client_id,
-            person_name=_name(people.get(session.person, {})) or session.person,
+            person_name=display_name(people.get(session.person, {})) or session.person,
             patients=patients,
             action="/auth/pick",
             csrf=SigninStore.csrf_token(secret),
@@ -652,13 +718,13 @@ class SmartLaunch:
         refs = [(person_type, person_id)] + ([("Patient", pending.patient_id)] if pending.patient_id else [])
         people = await run_in_threadpool(self._people, request, refs)
         patient = people.get(f"Patient/{pending.patient_id}", {}) if pending.role == "clinician" else {}
-        other: Lang = "en" if lang == "nb" else "nb"
+        other = other_lang(lang)
         view = ConsentView(
             lang=lang,
             app_name=client.name,
-            person_name=_name(people.get(session.person, {})) or session.person,
+            person_name=display_name(people.get(session.person, {})) or session.person,
             role=pending.role,
-            patient_name=(_name(patient) or None) if patient else None,
+            patient_name=(display_name(patient) or None) if patient else None,
             patient_birth_date=patient.get("birthDate") if patient else None,
             lines=lines,
             action="/auth/consent",
@@ -790,17 +856,6 @@ def _launch_json(launch: LaunchContext | None) -> dict[str, Any] | None:
     if launch is None:
         return None
     return {"patient": launch.patient, "encounter": launch.encounter, "practitioner": launch.practitioner}
-
-
-def _name(resource: Mapping[str, Any]) -> str:
-    for name in resource.get("name") or []:
-        if name.get("text"):
-            return str(name["text"])
-        parts = [*name.get("given", []), name.get("family", "")]
-        text = " ".join(p for p in parts if p)
-        if text:
-            return text
-    return ""
 
 
 def _with_query(uri: str, values: Mapping[str, str | None]) -> str:

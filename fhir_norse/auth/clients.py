@@ -383,6 +383,46 @@ class ClientRegistry:
             validate_launch_types(launch_types),
         )
 
+    def ensure_builtin_app(
+        self,
+        client_id: str,
+        name: str,
+        *,
+        redirect_uris: Iterable[str],
+        scopes: str,
+        launch_types: Iterable[str],
+    ) -> Client:
+        """A public app this server ships (the clinician's report), under a fixed ``client_id``:
+        registered on first start, its redirect URIs and scopes kept current (the base URL may move),
+        and left revoked if an operator revoked it."""
+        uris = [validate_redirect_uri(u) for u in redirect_uris]
+        allowed = " ".join(validate_app_scopes(scopes))
+        launches = list(validate_launch_types(launch_types))
+        with self.engine.begin() as conn:
+            found = conn.execute(sa.select(_CLIENTS).where(_CLIENTS.c.client_id == client_id)).first()
+            if found is None:
+                conn.execute(
+                    sa.insert(_CLIENTS).values(
+                        client_id=client_id,
+                        name=_name(name),
+                        jwks={"keys": []},
+                        scopes=allowed,
+                        created_at=utcnow(),
+                        revoked_at=None,
+                        kind=PUBLIC,
+                        redirect_uris=uris,
+                        launch_types=launches,
+                    )
+                )
+            elif (found.redirect_uris, found.scopes, found.launch_types) != (uris, allowed, launches):
+                conn.execute(
+                    sa.update(_CLIENTS)
+                    .where(_CLIENTS.c.client_id == client_id)
+                    .values(redirect_uris=uris, scopes=allowed, launch_types=launches)
+                )
+            row = conn.execute(sa.select(_CLIENTS).where(_CLIENTS.c.client_id == client_id)).one()
+        return _client(row)
+
     def _insert(
         self,
         name: str,

@@ -82,6 +82,8 @@ INTERACTION_PERMISSIONS: Mapping[str, str] = MappingProxyType(
         "operation:tailored-form": "r",
         "operation:populate": "r",
         "operation:adaptive-state": "r",
+        # The clinician's feedback report (issue 17) reads the patient's record and writes nothing.
+        "operation:report": "r",
     }
 )
 

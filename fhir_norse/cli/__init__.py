@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from fhir_norse.cli import auth as auth_cli
 from fhir_norse.cli import calibrate as calibrate_cli
+from fhir_norse.cli import demo as demo_cli
 from fhir_norse.cli import invite as invite_cli
 from fhir_norse.cli import reindex as reindex_cli
 from fhir_norse.cli import score as score_command
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     reindex_cli.register_commands(sub)
     score_command.register_commands(sub)
     invite_cli.register_commands(sub)
+    demo_cli.register_commands(sub)
 
     args = parser.parse_args(argv)
     if args.command in score_command.COMMANDS:
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         return reindex_cli.run_command(args, settings)
     if args.command in invite_cli.COMMANDS:
         return invite_cli.run_command(args, settings)
+    if args.command in demo_cli.COMMANDS:
+        return demo_cli.run_command(args, settings)
 
     from fhir_norse.store import migrate as migrations
     from fhir_norse.store.db import create_engine

@@ -22,6 +22,7 @@ An e-mail template's first line is ``Subject: ...``; it becomes the subject, the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -44,7 +45,8 @@ DEFAULT_LANGUAGE = "nb"
 # How long the one-time code of the "sms-code" second step is valid (the links' contract).
 CODE_VALID_MINUTES = 10
 
-_MONTHS = {
+# Month names as people write them in dates (the pages of fhir_norse/web format dates with them too).
+MONTHS: Mapping[str, tuple[str, ...]] = {
     "nb": (
         "januar", "februar", "mars", "april", "mai", "juni",
         "juli", "august", "september", "oktober", "november", "desember",
@@ -98,8 +100,8 @@ def normalise_language(language: str | None) -> str:
 
 def format_expiry(moment: datetime, language: str) -> tuple[str, str]:
     """(short, long) wording of a local moment: "14. mars kl. 08.00" / "fredag 14. mars 2025 kl. 08.00"."""
-    lang = language if language in _MONTHS else DEFAULT_LANGUAGE
-    month = _MONTHS[lang][moment.month - 1]
+    lang = language if language in MONTHS else DEFAULT_LANGUAGE
+    month = MONTHS[lang][moment.month - 1]
     weekday = _WEEKDAYS[lang][moment.weekday()]
     if lang == "en":
         clock = f"{moment:%H:%M}"

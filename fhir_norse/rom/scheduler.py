@@ -33,7 +33,9 @@ worker never makes two); fail open Tasks whose window has passed and revoke thei
 Tasks of plans ended (completed, revoked, entered-in-error) or deleted, and of Appointments cancelled
 or moved (above), and revoke their links; create invitations and
 reminders (:class:`~fhir_norse.rom.invitations.Invitations`); send what is due
-(:class:`~fhir_norse.rom.invitations.Dispatcher`). Only one worker ticks at a time: a lease row
+(:class:`~fhir_norse.rom.invitations.Dispatcher`); then the extra periodic work registered with
+:meth:`Scheduler.add_job` (the feedback report's PDF documents), each job on its own, a failure logged.
+Only one worker ticks at a time: a lease row
 (``scheduler_lease``) taken with ``UPDATE ... WHERE expires_at < now OR holder = me``. All state is in
 the database; every write goes through the repository as the client ``fhir-norse-scheduler`` and is
 audited.
@@ -297,6 +299,7 @@ class TickReport:
     tasks_cancelled: list[str] = field(default_factory=list)
     requests_created: list[str] = field(default_factory=list)
     messages: list[Any] = field(default_factory=list)
+    jobs: dict[str, Any] = field(default_factory=dict)  # what each extra job returned (None if it failed)
 
 
 class Scheduler:
@@ -330,6 +333,13 @@ class Scheduler:
         self.ctx = RequestContext(caller=SCHEDULER_CALLER, base_url="urn:fhir-norse:scheduler")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._jobs: list[tuple[str, Callable[[], object]]] = []
+
+    def add_job(self, job: Callable[[], object], *, name: str | None = None) -> None:
+        """Run ``job`` at the end of every tick, under the same lease (one worker at a time). Work that
+        is slow or may fail on its own belongs here rather than in a request: the job's exception is
+        logged and the tick goes on; ``job`` must be safe to run again after a crash."""
+        self._jobs.append((name or getattr(job, "__qualname__", None) or repr(job), job))
 
     # ------------------------------------------------------------------ lease
     def acquire(self, now: datetime) -> bool:
@@ -380,6 +390,12 @@ class Scheduler:
         report.tasks_failed, report.tasks_cancelled = failed, cancelled
         report.requests_created = self.create_invitations(now)
         report.messages = self.dispatcher.dispatch(now)
+        for name, job in self._jobs:
+            try:
+                report.jobs[name] = job()
+            except Exception:
+                report.jobs[name] = None
+                log.exception("scheduler job %s failed; the next tick runs it again", name)
         return report
 
     def _plans(self, repo: Repository) -> Iterator[Plan]:

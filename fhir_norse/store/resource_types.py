@@ -19,6 +19,7 @@ SUPPORTED_TYPES: tuple[str, ...] = (
     "QuestionnaireResponse",
     "Observation",
     "DiagnosticReport",
+    "DocumentReference",
     "Flag",
     "Task",
     "ServiceRequest",

@@ -113,10 +113,10 @@ def install_patient_form(
         service, settings, links, administrations, send_code, now or (lambda: datetime.now(UTC))
     )
     app.include_router(form.router())
-    app.mount("/static/form", _Secured(StaticFiles(directory=STATIC)), name="patient-form-static")
+    app.mount("/static/form", Secured(StaticFiles(directory=STATIC)), name="patient-form-static")
 
 
-class _Secured:
+class Secured:
     """The static files with the pages' security headers (nosniff above all)."""
 
     def __init__(self, app: ASGIApp) -> None:

@@ -46,6 +46,7 @@ from urllib.parse import urlsplit
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from fhir_norse.auth.scopes import InvalidScope, ResourceScope
+from fhir_norse.messaging.templates import MONTHS
 from fhir_norse.web.pages import SECURITY_HEADERS
 
 __all__ = [
@@ -715,34 +716,6 @@ TEXTS: Mapping[str, Mapping[str, str]] = {
     },
 }
 
-_MONTHS_NB = (
-    "januar",
-    "februar",
-    "mars",
-    "april",
-    "mai",
-    "juni",
-    "juli",
-    "august",
-    "september",
-    "oktober",
-    "november",
-    "desember",
-)
-_MONTHS_EN = (
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-)
 _DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?$")
 
 
@@ -755,7 +728,7 @@ def format_birth_date(value: str, lang: Lang) -> str:
     year, month, day = match.groups()
     if month is None or not 1 <= int(month) <= 12:
         return year if month is None else value
-    name = (_MONTHS_EN if lang == "en" else _MONTHS_NB)[int(month) - 1]
+    name = MONTHS[lang][int(month) - 1]
     if day is None:
         return f"{name} {year}"
     if lang == "en":
@@ -784,6 +757,46 @@ def signin_headers(redirect_uri: str | None = None) -> dict[str, str]:
                 "form-action 'self'", f"form-action 'self' {origin}"
             )
     return headers
+
+
+@dataclass(frozen=True, slots=True)
+class DevLoginView:
+    """The development sign-in: who to be, among the people here with the login's identifier
+    (``people``: reference, name, identifier value). Never offered outside development mode."""
+
+    lang: Lang
+    role: Role
+    people: list[tuple[str, str, str]]
+    action: str
+    csrf: str
+    request_id: str
+    other_lang_url: str | None
+
+
+_DEV_TEXTS: Mapping[str, Mapping[str, str]] = {
+    "nb": {
+        "title": "Innlogging for utvikling",
+        "warning": (
+            "Denne serveren kjører i utviklingsmodus uten nasjonal innlogging. Velg hvem du vil være. "
+            "I produksjon logger pasienter inn med ID-porten og behandlere med HelseID."
+        ),
+        "legend_patient": "Pasienter",
+        "legend_clinician": "Behandlere",
+        "none": "Ingen her har et identifikasjonsnummer å logge inn med.",
+        "sign_in": "Logg inn",
+    },
+    "en": {
+        "title": "Development sign-in",
+        "warning": (
+            "This server runs in development mode without a national login. Choose who to be. In "
+            "production, patients sign in with ID-porten and clinicians with HelseID."
+        ),
+        "legend_patient": "Patients",
+        "legend_clinician": "Clinicians",
+        "none": "Nobody here has an identifier to sign in with.",
+        "sign_in": "Sign in",
+    },
+}
 
 
 class SigninPages:
@@ -857,3 +870,15 @@ class SigninPages:
 
     def refusal(self, view: RefusalView) -> str:
         return self._render("refusal.html", view.lang, view.other_lang_url, view=view, title=view.title)
+
+    def dev_login(self, view: DevLoginView) -> str:
+        dev = _DEV_TEXTS[_lang(view.lang)]
+        return self._render(
+            "dev_login.html",
+            view.lang,
+            view.other_lang_url,
+            view=view,
+            title=dev["title"],
+            dev=dev,
+            legend=dev["legend_clinician" if view.role == "clinician" else "legend_patient"],
+        )

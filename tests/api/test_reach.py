@@ -89,6 +89,7 @@ OPERATIONS: dict[str, Callable[[TestClient, str, str, dict[str, str]], httpx.Res
     "populate": lambda c, p, qr, h: c.get(f"/fhir/Questionnaire/$populate?subject=Patient/{p}", headers=h),
     "tailored-form": lambda c, p, qr, h: c.get(f"/fhir/Patient/{p}/$tailored-form", headers=h),
     "adaptive-state": lambda c, p, qr, h: c.get(f"/fhir/Patient/{p}/$adaptive-state", headers=h),
+    "everything": lambda c, p, qr, h: c.get(f"/fhir/Patient/{p}/$everything", headers=h),
 }
 
 

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from fractions import Fraction
 from typing import Any
@@ -41,11 +41,11 @@ from fastapi.testclient import TestClient
 from fhir_norse.api.app import create_app
 from fhir_norse.config import Settings
 from fhir_norse.instruments.schema import InstrumentMapping
+from fhir_norse.rom.demo.scenarios import Report, answers_for, case_study
 from tests.intake_support import (
     NF21_STATIC,
     create_patient,
     nf21,
-    nf21_answers,
     post_response,
     publish_questionnaires,
     response,
@@ -66,57 +66,14 @@ CS_INTERPRETATION = f"{BASE}/CodeSystem/rom-interpretation"
 ALERT_KEY = f"{BASE}/alert-key"
 RUPTURE = "alliance-rupture"
 
-ALLIANCE_ITEMS = ("alliance-goal", "alliance-bond-1", "alliance-bond-2", "alliance-task")
-# alliance code -> positions in ALLIANCE_ITEMS
+# alliance code -> positions in Report.alliance (goal, bond-1, bond-2, task)
 ALLIANCE_PARTS: dict[str, tuple[int, ...]] = {
     "goal": (0,),
     "bond": (1, 2),
     "task": (3,),
     "total": (0, 1, 2, 3),
 }
-PREFERENCE_ITEMS = (
-    "pref-techniques",
-    "pref-style",
-    "pref-feelings",
-    "pref-feelings-thoughts",
-    "pref-relationship",
-)
-
-
-# --- the scenario model ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Report:
-    """One feedback report: per tracked scale the item answers in the problem direction (mapping item
-    order, trigger first; a 1-tuple is the trigger alone, which must leave the scale closed), the four
-    alliance answers (goal, bond-1, bond-2, task) and the therapy preferences answered."""
-
-    number: int
-    scales: Mapping[str, tuple[int, ...]]
-    alliance: tuple[int, int, int, int]
-    preferences: Mapping[str, str] = field(default_factory=dict)
-
-
-def answers_for(report: Report, mapping: InstrumentMapping) -> dict[str, str]:
-    """The linkId -> answer code set for ``report``: untracked scales sit at level 2 (closed)."""
-    levels = {code: values[0] for code, values in report.scales.items()}
-    answers = nf21_answers(
-        levels,
-        alliance=dict(zip(ALLIANCE_ITEMS, report.alliance, strict=True)),
-        preferences=report.preferences,
-    )
-    for code, values in report.scales.items():
-        scale = mapping.scale(code)
-        opens = values[0] > scale.open_if_trigger_gt
-        if len(values) == 1:
-            assert not opens, f"report {report.number}: {code} opens, give all its items"
-            continue
-        assert opens, f"report {report.number}: {code} stays closed, give its trigger only"
-        assert len(values) == len(scale.items), f"report {report.number}: {code} needs {len(scale.items)}"
-        for link_id, value in zip(scale.items, values, strict=True):
-            answers[link_id] = str(8 - value if link_id in scale.reverse_keyed else value)
-    return answers
+# --- the scenario model (Report, answers_for: fhir_norse.rom.demo.scenarios) -------------------------
 
 
 def reported(total: int, count: int) -> float:
@@ -597,106 +554,8 @@ def check_retry(system_client: TestClient, run_: Run, numbers: Sequence[int]) ->
 
 # --- Sonja -------------------------------------------------------------------------------------------------
 
-ASNOW = {p: "as-now" for p in PREFERENCE_ITEMS}
-
-
-def _sonja() -> list[Report]:
-    """Sonja: 13 reports over 8 months.
-
-    * internal avoidance (cut-off 5.5, SD 1.43: a reliable change needs > 1.77 points, more than the
-      whole elevated range) elevated from report 1 -> stagnation from report 4;
-    * worry (cut-off 5.5) below it at report 1 (trigger 5), elevated from report 2 -> from report 5;
-    * need for control (cut-off 4.5) elevated from report 3 -> from report 6, dips to its trigger 4 at
-      report 9 (not elevated, not a reliable change) -> no stagnation at 9-12, again at 13;
-    * sad affect and hopelessness below their cut-off until a reliable worsening at report 13
-      (sad 4 -> 7: RC 2.82; hopelessness 4 -> 6.4: RC 2.64) while the alliance is near its ceiling;
-    * alliance at 75 % exactly at report 2 (not below the floor), low on every dimension at report 3
-      (42.9 % total, task 28.6 %), low until report 8, 85.7 % at report 9, 96.4 % at report 10;
-    * "more focus on feelings" at reports 6 and 7, "as it is now" at report 8.
-    """
-    internal = [
-        (6, 6, 6, 6, 6),
-        (6, 7, 6, 6, 6),
-        (7, 6, 6, 7, 6),
-        (6, 6, 6, 6, 6),
-        (6, 7, 6, 6, 7),
-        (7, 6, 7, 6, 6),
-        (6, 6, 6, 7, 6),
-        (7, 7, 6, 6, 6),
-        (6, 6, 6, 6, 6),
-        (6, 6, 7, 6, 6),
-        (6, 6, 6, 6, 6),
-        (6, 7, 6, 6, 6),
-        (7, 7, 7, 7, 7),
-    ]
-    worry = [
-        (5,),
-        (6, 6, 7),
-        (6, 7, 7),
-        (7, 6, 6),
-        (6, 6, 6),
-        (7, 7, 6),
-        (6, 6, 7),
-        (7, 7, 7),
-        (6, 6, 6),
-        (6, 7, 6),
-        (6, 6, 6),
-        (7, 6, 6),
-        (7, 7, 7),
-    ]
-    control = [
-        (4,),
-        (4,),
-        (5, 5, 6, 5),
-        (5, 6, 5, 5),
-        (6, 5, 5, 5),
-        (5, 5, 5, 5),
-        (6, 6, 5, 5),
-        (5, 5, 6, 6),
-        (4,),
-        (5, 5, 5, 6),
-        (6, 5, 5, 5),
-        (5, 6, 6, 5),
-        (6, 6, 6, 6),
-    ]
-    sad = [(4,), (4,), (3,), (4,), (4,), (3,), (4,), (4,), (4,), (3,), (4,), (4,), (7, 7, 7)]
-    hopeless = [(4,)] * 12 + [(7, 6, 6, 7, 6)]
-    alliance = [
-        (5, 6, 6, 5),
-        (5, 5, 6, 5),
-        (3, 3, 4, 2),
-        (3, 4, 4, 3),
-        (4, 4, 4, 3),
-        (4, 4, 5, 4),
-        (4, 5, 4, 4),
-        (3, 4, 4, 3),
-        (6, 6, 6, 6),
-        (7, 7, 7, 6),
-        (7, 7, 7, 7),
-        (7, 7, 7, 6),
-        (7, 7, 6, 7),
-    ]
-    preferences = [dict(ASNOW) for _ in range(13)]
-    preferences[5]["pref-feelings"] = "more"
-    preferences[6]["pref-feelings"] = "more"
-    return [
-        Report(
-            number=k + 1,
-            scales={
-                "internal": internal[k],
-                "worry": worry[k],
-                "control": control[k],
-                "sad": sad[k],
-                "hopeless": hopeless[k],
-            },
-            alliance=alliance[k],
-            preferences=preferences[k],
-        )
-        for k in range(13)
-    ]
-
-
-SONJA = _sonja()
+# The story, report by report: fhir_norse/rom/demo/case-studies.yaml.
+SONJA = list(case_study("sonja").reports)
 
 
 def test_sonja(server: TestClient) -> None:
@@ -783,55 +642,9 @@ def test_sonja(server: TestClient) -> None:
 
 # --- Harald -------------------------------------------------------------------------------------------------
 
-# 14 of his 33 reports: the ones the story names (9, 11, 17, 18, 21, 26-27, 30-33) and a few between.
-# report: (sad affect, self-criticism, social avoidance, alliance goal/bond-1/bond-2/task)
-_A = (6, 6, 5, 6, 6, 5, 6, 6)  # self-criticism 5.75 (selfCrit-3 is reverse-keyed: answered 8 - 5)
-_B = (6, 6, 6, 6, 6, 6, 6, 6)  # 6.0
-_C = (6, 5, 5, 6, 5, 6, 6, 5)  # 5.5
-_HARALD: dict[int, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, int, int, int]]] = {
-    1: ((6, 6, 6), _A, (2,), (4, 5, 5, 4)),
-    9: ((6, 6, 6), _B, (2,), (3, 5, 4, 3)),
-    11: ((6, 6, 7), _C, (2,), (4, 4, 4, 3)),
-    17: ((6, 5, 6), _A, (2,), (4, 4, 5, 3)),
-    18: ((6, 6, 7), _B, (2,), (6, 6, 6, 5)),
-    20: ((6, 5, 6), _A, (2,), (6, 6, 6, 6)),
-    21: ((6, 6, 6), _C, (2,), (4, 4, 4, 3)),
-    24: ((6, 6, 6), _A, (2,), (4, 5, 5, 4)),
-    26: ((3,), _C, (2,), (5, 5, 5, 4)),
-    27: ((3,), (3,), (2,), (5, 5, 5, 4)),
-    30: ((3,), (3,), (7, 6, 7), (4, 5, 5, 4)),
-    31: ((3,), (3,), (6, 6, 7), (4, 4, 5, 4)),
-    32: ((2,), (2,), (2,), (5, 5, 5, 4)),
-    33: ((2,), (2,), (2,), (5, 5, 5, 5)),
-}
-
-
-def _harald() -> list[Report]:
-    """Harald: inner pain (sad affect) and self-criticism severe and stable for a year and a half,
-    then a sudden reliable improvement (sad at report 26: 6.0 -> 3, RC -2.82; self-criticism at 27:
-    5.5 -> 3, RC -2.6) down to mild (2) at 33; a weak alliance from the start (reports 9, 11, 17 below
-    60 %), 82 % once his first preferences appear at report 18, and a reliable drop at report 21 (mean
-    6.0 -> 3.75, RC -4.1, 53.6 %) after which it stays below the floor; social avoidance jumps from 2
-    to 6.67 after a trauma reminder at report 30 (RC 4.45), is still elevated at 31 and back at 2 at 32."""
-    first_preferences = {
-        "pref-techniques": "more",
-        "pref-style": "less",
-        "pref-feelings": "more",
-        "pref-feelings-thoughts": "more",
-        "pref-relationship": "more",
-    }
-    return [
-        Report(
-            number=k,
-            scales={"sad": sad, "selfCrit": self_crit, "avoidSoc": avoid_soc},
-            alliance=alliance,
-            preferences=first_preferences if k == 18 else {},
-        )
-        for k, (sad, self_crit, avoid_soc, alliance) in _HARALD.items()
-    ]
-
-
-HARALD = _harald()
+# The 14 of his 33 reports the story names (9, 11, 17, 18, 21, 26-27, 30-33) and a few between, as listed
+# in fhir_norse/rom/demo/case-studies.yaml (the demo carries them forward to all 33; this test does not).
+HARALD = list(case_study("harald").reports)
 
 
 def test_harald(server: TestClient) -> None:

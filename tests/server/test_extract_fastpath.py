@@ -800,6 +800,57 @@ def workflow() -> list[JsonDict]:
             },
         },
         {
+            "resourceType": "DocumentReference",
+            "id": "doc-1",
+            "masterIdentifier": {
+                "system": "urn:ietf:rfc:3986",
+                "value": "urn:uuid:0f0e0d0c-0b0a-4090-8070-605040302010",
+            },
+            "identifier": [{"system": "http://fhir-norse.org/fhir/report-document", "value": "dr-1|1"}],
+            "status": "current",
+            "docStatus": "final",
+            "type": {"coding": [{"system": "http://loinc.org", "code": "11506-3"}]},
+            "category": [
+                {"coding": [{"system": "http://fhir-norse.org/fhir/CodeSystem/rom-codes", "code": "rom"}]}
+            ],
+            "subject": {"reference": "Patient/p-1"},
+            "date": "2026-01-05T10:00:00+01:00",
+            "author": [{"reference": "Practitioner/pr-1"}],
+            "custodian": {"reference": "Organization/o-1"},
+            "relatesTo": [{"code": "replaces", "target": {"reference": "DocumentReference/doc-0"}}],
+            "description": "Feedback report",
+            "securityLabel": [
+                {
+                    "coding": [
+                        {"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R"}
+                    ]
+                }
+            ],
+            "content": [
+                {
+                    "attachment": {
+                        "contentType": "application/pdf",
+                        "language": "nb",
+                        "url": "Binary/bin-1",
+                        "title": "Report",
+                        "creation": "2026-01-05T10:00:00+01:00",
+                    },
+                    "format": {
+                        "system": "urn:oid:1.3.6.1.4.1.19376.1.2.3",
+                        "code": "urn:ihe:iti:xds:2017:mimeTypeSufficient",
+                    },
+                }
+            ],
+            "context": {
+                "encounter": [{"reference": "Encounter/e-1"}],
+                "period": {"start": "2026-01-05T10:00:00+01:00", "end": "2026-01-05T10:00:00+01:00"},
+                "facilityType": {"coding": [{"system": "http://snomed.info/sct", "code": "225728007"}]},
+                "practiceSetting": {"coding": [{"system": "http://snomed.info/sct", "code": "394587001"}]},
+                "sourcePatientInfo": {"reference": "Patient/p-1"},
+                "related": [{"reference": "DiagnosticReport/dr-1"}],
+            },
+        },
+        {
             "resourceType": "Binary",
             "id": "bin-1",
             "meta": {
@@ -1286,7 +1337,9 @@ def test_share_of_parameters_on_the_fast_path() -> None:
     extractor = IndexExtractor(full_registry())
     extractor.prepare()
     paths = extractor.fast_path
-    assert len(paths) == 636  # every indexed parameter/type pair of the supported types compiles
+    # Every indexed parameter/type pair of the supported types compiles, but DocumentReference's
+    # ``relationship`` (a composite with a reference component; see test_extract.py).
+    assert len(paths) == 664
     slow = {pair for pair, fast in paths.items() if not fast}
     assert slow == SLOW_PARAMETERS
     assert len(paths) - len(slow) >= 0.8 * len(paths)
@@ -1304,7 +1357,8 @@ def test_parameters_on_the_fast_path_by_type(resource_type: str) -> None:
     codes = {code: fast for (t, code), fast in extractor.fast_path.items() if t == resource_type}
     slow = {(resource_type, code) for code, fast in codes.items() if not fast}
     assert slow == {pair for pair in SLOW_PARAMETERS if pair[0] == resource_type}
-    assert len(codes) == len(full_registry().indexed(resource_type))
+    unsupported = {code for t, code, _why in extractor.unsupported if t == resource_type}
+    assert len(codes) == len(full_registry().indexed(resource_type)) - len(unsupported)
 
 
 def test_fhirpathpy_only_when_asked() -> None:

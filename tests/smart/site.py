@@ -42,6 +42,9 @@ ACCOUNTS: dict[str, dict[str, Any]] = {
     "tvilling": {"pid": "02029900000", "name": "Tvilling Testesen", "acr": "idporten-loa-high"},
     "dr-berg": {HPR_CLAIM: "9144889", "name": "Kari Berg"},
     "dr-annen": {HPR_CLAIM: "9100001", "name": "Ola Annen"},
+    # The demo clinic's clinicians (fhir_norse/rom/demo/clinic.yaml).
+    "kari": {HPR_CLAIM: "999900001", "name": "Kari Berg"},
+    "jonas": {HPR_CLAIM: "999900002", "name": "Jonas Lie"},
 }
 SCORES = 3  # Observations of Sonja's
 

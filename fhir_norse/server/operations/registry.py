@@ -2,9 +2,9 @@
 
 https://hl7.org/fhir/R4/operations.html. An :class:`Operation` names its resource types and levels,
 whether it may be invoked with GET (it changes nothing), its OperationDefinition canonical, and its
-handler. The server registers ``$validate``; the outcome-monitoring layer registers its own (``$extract``,
-``$next-question``, ``$populate``, ``$tailored-form``, ``$adaptive-state``) only where it runs them, so
-the CapabilityStatement lists exactly what answers.
+handler. The server registers ``$validate`` and ``Patient/$everything``; the outcome-monitoring layer
+registers its own (``$extract``, ``$next-question``, ``$populate``, ``$tailored-form``,
+``$adaptive-state``) only where it runs them, so the CapabilityStatement lists exactly what answers.
 """
 
 from __future__ import annotations

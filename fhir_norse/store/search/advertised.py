@@ -195,6 +195,24 @@ ADVERTISED: Mapping[str, frozenset[str]] = {
         "status",
         "subject",
     ),
+    # What a document archive and an EHR search by (https://hl7.org/fhir/R4/documentreference.html#search);
+    # ``related`` finds the document of a DiagnosticReport (context.related).
+    "DocumentReference": _set(
+        "author",
+        "category",
+        "contenttype",
+        "date",
+        "description",
+        "encounter",
+        "identifier",
+        "patient",
+        "period",
+        "related",
+        "relatesto",
+        "status",
+        "subject",
+        "type",
+    ),
     "Flag": _set("author", "date", "encounter", "identifier", "patient", "subject"),
     "Task": _set(
         "authored-on",
