@@ -27,8 +27,8 @@ reaches"):
   ``for`` and ``owner``; Binary, through the resource its ``securityContext`` names);
 * :data:`SHARED_TYPES`: definitional and directory resources that hold no patient's data (read as the
   scopes allow, written only with system access);
-* every other type (Subscription, and any type added later until it is classified here): never
-  reached by a restricted caller.
+* :data:`SYSTEM_ONLY_TYPES` (Group) and every other type (Subscription, and any type added later until
+  it is classified here): never reached by a restricted caller.
 """
 
 from __future__ import annotations
@@ -109,6 +109,11 @@ SHARED_TYPES: frozenset[str] = frozenset(
     }
 )
 
+# Types of the R4 compartment that a restricted caller never reaches all the same: a Group is a cohort (the
+# Bulk Data export's unit), and its member list names other patients, so a patient's or practitioner's
+# token would learn who else is in it. Groups are read and written with system access only.
+SYSTEM_ONLY_TYPES: frozenset[str] = frozenset({"Group"})
+
 # ``Type/id`` or ``Type/id/_history/v``: a local literal reference (https://hl7.org/fhir/R4/references.html).
 _LOCAL_REFERENCE = re.compile(r"^(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
 
@@ -117,6 +122,8 @@ def reach_of(resource_type: str) -> Reach:
     """How a restricted caller reaches ``resource_type`` (module doc): unclassified types fail closed."""
     if resource_type in SHARED_TYPES:
         return Reach.SHARED
+    if resource_type in SYSTEM_ONLY_TYPES:
+        return Reach.NONE
     if membership_params(resource_type):
         return Reach.PATIENTS
     return Reach.NONE

@@ -851,6 +851,44 @@ def workflow() -> list[JsonDict]:
             },
         },
         {
+            "resourceType": "Group",
+            "id": "g-1",
+            "identifier": [{"system": "http://fhir-norse.org/fhir/cohort", "value": "in-treatment"}],
+            "active": True,
+            "type": "person",
+            "actual": True,
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "116154003"}]},
+            "name": "Patients in treatment",
+            "managingEntity": {"reference": "Organization/o-1"},
+            "characteristic": [
+                {
+                    "code": {"coding": [{"system": "http://snomed.info/sct", "code": "225728007"}]},
+                    "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "1"}]},
+                    "exclude": False,
+                },
+                {
+                    "code": {"text": "age"},
+                    "valueBoolean": True,
+                    "exclude": True,
+                },
+            ],
+            "member": [
+                {"entity": {"reference": "Patient/p-1"}, "period": {"start": "2026-01-05"}},
+                {"entity": {"reference": "Patient/p-2"}, "inactive": True},
+            ],
+        },
+        {
+            "resourceType": "Basic",
+            "id": "topic-1",
+            "identifier": [
+                {"system": "urn:ietf:rfc:3986", "value": "urn:uuid:0f0e0d0c-0b0a-4090-8070-605040302011"}
+            ],
+            "code": {"coding": [{"system": "http://hl7.org/fhir/fhir-types", "code": "SubscriptionTopic"}]},
+            "subject": {"reference": "Patient/p-1"},
+            "created": "2026-01-05",
+            "author": {"reference": "Practitioner/pr-1"},
+        },
+        {
             "resourceType": "Binary",
             "id": "bin-1",
             "meta": {
@@ -1339,7 +1377,7 @@ def test_share_of_parameters_on_the_fast_path() -> None:
     paths = extractor.fast_path
     # Every indexed parameter/type pair of the supported types compiles, but DocumentReference's
     # ``relationship`` (a composite with a reference component; see test_extract.py).
-    assert len(paths) == 664
+    assert len(paths) == 688
     slow = {pair for pair, fast in paths.items() if not fast}
     assert slow == SLOW_PARAMETERS
     assert len(paths) - len(slow) >= 0.8 * len(paths)

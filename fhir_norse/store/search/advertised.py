@@ -322,7 +322,11 @@ ADVERTISED: Mapping[str, frozenset[str]] = {
         "source-reference",
         "status",
     ),
+    # Cohorts for Bulk Data's Group-level export (system access only: auth/compartment.py).
+    "Group": _set("actual", "characteristic", "code", "identifier", "managing-entity", "member", "type"),
     "Subscription": _set("contact", "criteria", "payload", "status", "type", "url"),
+    # The backported SubscriptionTopics (R4 has no SubscriptionTopic: the Backport IG puts them in Basic).
+    "Basic": _set("author", "code", "created", "identifier", "patient", "subject"),
     "Binary": frozenset(),
     "CodeSystem": _set(_CANONICAL, "code", "content-mode", "language", "supplements", "system"),
     "ValueSet": _set(_CANONICAL, "code", "expansion", "reference"),

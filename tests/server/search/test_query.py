@@ -210,7 +210,8 @@ def test_chains() -> None:
     (crit,) = parse("Observation", "patient.identifier=urn:mrn|1").criteria
     assert isinstance(crit, ChainCriterion)
     assert crit.reference.code == "patient"
-    assert [h.resource_type for h in crit.hops] == ["Patient"]  # Group is not a supported type
+    # Every supported target of Observation.patient that defines ``identifier``.
+    assert [h.resource_type for h in crit.hops] == ["Patient", "Group"]
     (crit,) = parse("Observation", "performer.name=anna").criteria
     assert isinstance(crit, ChainCriterion)
     # Every supported target that defines ``name`` (CareTeam and PractitionerRole do not).

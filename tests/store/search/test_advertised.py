@@ -111,8 +111,8 @@ def test_an_extra_parameter_must_be_type_dot_code(raw: str) -> None:
 def test_an_extra_parameter_must_exist(settings: Settings) -> None:
     with pytest.raises(ExtraParameterError, match=r"Observation\.nope"):
         registry_with([], [("Observation", "nope")])
-    with pytest.raises(ExtraParameterError, match=r"Basic\.code"):
-        registry_with([], [("Basic", "code")])
+    with pytest.raises(ExtraParameterError, match=r"Account\.name"):
+        registry_with([], [("Account", "name")])
     with pytest.raises(ContentConflict, match=r"Observation\.nope"):
         search_registry(settings.content_dir, (("Observation", "nope"),))
 
