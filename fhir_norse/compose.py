@@ -32,6 +32,9 @@ from fhir_norse.rom.operations import adaptive_state, extract, next_question, po
 from fhir_norse.rom.overrides import ScaleOverrideHook
 from fhir_norse.rom.patient import AdaptiveService
 from fhir_norse.rom.scheduler import Scheduler
+from fhir_norse.server.bulk import BulkExportConfig
+from fhir_norse.server.bulk import operations as bulk_export
+from fhir_norse.server.bulk.worker import BulkExportWorker
 from fhir_norse.server.content import search_registry
 from fhir_norse.server.context import RequestContext
 from fhir_norse.server.interactions import FhirService
@@ -80,7 +83,7 @@ def build_service(settings: Settings) -> FhirService:
         "QuestionnaireResponse": intake,
         "ServiceRequest": ScaleOverrideHook(instruments),
     }
-    operations: list[Operation] = [VALIDATE, EVERYTHING, extract.operation(intake)]
+    operations: list[Operation] = [VALIDATE, EVERYTHING, extract.operation(intake), *bulk_export.operations()]
     if adaptive.adaptive_mappings():
         ops = AdaptiveOperations(adaptive, intake)
         operations += [
@@ -107,6 +110,17 @@ def build_service(settings: Settings) -> FhirService:
         ),
     )
     return FhirService(kernel, OperationRegistry(operations))
+
+
+def build_bulk_export(settings: Settings, service: FhirService) -> BulkExportWorker:
+    """The Bulk Data export worker of ``service`` (started by the app; ``bulk_export_interval_s`` 0: not)."""
+    config = BulkExportConfig(
+        directory=settings.bulk_export_dir,
+        file_hours=settings.bulk_file_hours,
+        file_lines=settings.bulk_file_lines,
+        interval_s=settings.bulk_export_interval_s,
+    )
+    return BulkExportWorker(service, config, grace_s=settings.bulk_snapshot_grace_s)
 
 
 def build_reader(database_url: str, *, pool_size: int = 1) -> FhirService:

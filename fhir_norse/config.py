@@ -187,6 +187,19 @@ class Settings(BaseSettings):
     # DocumentReference, in the scheduler's tick (fhir_norse/web/report/documents.py).
     report_documents: bool = True
 
+    # --- Bulk Data export ($export; README "Bulk Data export") ---
+    # Where export files are written (one folder per job); every server process must see the same folder.
+    bulk_export_dir: Path = Path("var") / "bulk-export"
+    # How long a finished export's files (and its status URL) stay; then the sweep deletes them.
+    bulk_file_hours: float = Field(default=24.0, gt=0)
+    # Resources per NDJSON file; a type with more is split into several files.
+    bulk_file_lines: int = Field(default=100_000, gt=0)
+    # How often each server process's export worker looks for queued jobs; 0: no worker thread.
+    bulk_export_interval_s: float = Field(default=2.0, ge=0)
+    # PostgreSQL: resources written this long before an export's snapshot are the latest it holds (writes
+    # in flight may carry an earlier lastUpdated; the next _since export gets them). SQLite is exact.
+    bulk_snapshot_grace_s: float = Field(default=1.0, ge=0)
+
     @field_validator("trusted_proxies")
     @classmethod
     def _proxy_networks(cls, value: list[str]) -> list[str]:

@@ -23,6 +23,7 @@ import fhir_norse.auth.link_tables
 import fhir_norse.auth.smart_tables
 import fhir_norse.auth.tables
 import fhir_norse.store.audit_tables
+import fhir_norse.store.bulk_tables
 import fhir_norse.store.document_tables
 import fhir_norse.store.scheduling_tables  # noqa: F401
 from fhir_norse.api.app import create_app
@@ -40,6 +41,8 @@ os.environ.setdefault("FHIR_NORSE_SCHEDULER_INTERVAL_S", "0")
 # Nor does a tick render the feedback report's PDFs (about a second each) unless a test asks for it
 # (tests/web/test_report_documents.py).
 os.environ.setdefault("FHIR_NORSE_REPORT_DOCUMENTS", "0")
+# Nor do export jobs run in a background thread: tests/api/test_bulk_export.py runs them itself.
+os.environ.setdefault("FHIR_NORSE_BULK_EXPORT_INTERVAL_S", "0")
 
 PG_URL = os.environ.get("FHIR_NORSE_TEST_POSTGRES_URL")
 REQUIRE_PG = os.environ.get("FHIR_NORSE_REQUIRE_POSTGRES") == "1"

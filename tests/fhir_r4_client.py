@@ -27,7 +27,8 @@ def check_response(response: httpx.Response) -> None:
     if not response.request.url.path.startswith("/fhir"):
         return
     content_type = response.headers.get("content-type", "")
-    if "json" not in content_type:
+    # NDJSON (Bulk Data export files) holds one resource a line: its reader parses each.
+    if "json" not in content_type or "ndjson" in content_type:
         return
     response.read()
     if not response.content:

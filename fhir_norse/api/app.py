@@ -22,13 +22,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from fhir_norse.api.auth_setup import install_auth
+from fhir_norse.api.bulk_routes import install_bulk_routes
 from fhir_norse.api.messaging_routes import install_messaging_routes
 from fhir_norse.api.rendering import render_error
 from fhir_norse.api.report_routes import install_report
 from fhir_norse.api.routes import fhir_router, install_hot_routes
 from fhir_norse.api.smart_routes import install_smart_launch
 from fhir_norse.auth.refusals import RefusalAudit
-from fhir_norse.compose import Journey, build_journey, build_service, event_recorder, load_demo_if_empty
+from fhir_norse.compose import (
+    Journey,
+    build_bulk_export,
+    build_journey,
+    build_service,
+    event_recorder,
+    load_demo_if_empty,
+)
 from fhir_norse.config import Settings, load_settings
 from fhir_norse.logs import request_id
 from fhir_norse.outcomes import (
@@ -135,9 +143,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     if settings.scheduler_interval_s > 0:
         journey.scheduler.start()
+    app.state.bulk_export.start()
     try:
         yield
     finally:
+        await run_in_threadpool(app.state.bulk_export.stop)
         await run_in_threadpool(journey.close)
         await run_in_threadpool(app.state.smart_launch.close)
         refusals: RefusalAudit = app.state.refusal_audit
@@ -200,6 +210,9 @@ def create_app(
     # The clinician's feedback report (issue 17), a SMART app this server ships.
     install_report(app, app.state.service, settings, now=clock)
     install_hot_routes(app)
+    # Bulk Data export (system, Patient and Group $export): the status and file URLs, and the worker.
+    app.state.bulk_export = build_bulk_export(settings, app.state.service)
+    install_bulk_routes(app)
     # The patient's way in (issue 15): personal links, the form, invitations and their delivery reports.
     journey = app.state.journey = build_journey(settings, app.state.service, now=clock)
     if settings.report_documents:

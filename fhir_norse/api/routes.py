@@ -103,12 +103,21 @@ def _interaction_endpoint(interaction: Interaction) -> Endpoint:
     return endpoint
 
 
+# The request headers an operation may read itself (OperationCall.headers).
+_OPERATION_HEADERS = ("accept", "prefer")
+
+
 async def _operation(
     request: Request, ctx: Context, service: Service, res_type: str, operation: str, res_id: str | None
 ) -> Response:
+    """``res_type`` "": a system-level operation (``[base]/$name``)."""
     body = await optional_body(request) if request.method == "POST" else None
-    call = OperationCall(ctx=ctx, res_type=res_type, res_id=res_id, params=_query(request), body=body)
-    return render(await run_in_threadpool(service.invoke, call, operation, method=request.method))
+    headers = {name: request.headers[name] for name in _OPERATION_HEADERS if name in request.headers}
+    call = OperationCall(
+        ctx=ctx, res_type=res_type, res_id=res_id, params=_query(request), body=body, headers=headers
+    )
+    invoke = service.invoke_system if not res_type else service.invoke
+    return render(await run_in_threadpool(invoke, call, operation, method=request.method))
 
 
 def fhir_router() -> APIRouter:
@@ -129,6 +138,11 @@ def fhir_router() -> APIRouter:
 
     # Operations before the interactions, so that ``Type/$op`` is never taken for a read of id "$op".
     # One route per method, so that every operation of the OpenAPI document has its own id.
+    @router.get("/${operation}")
+    @router.post("/${operation}")
+    async def system_operation(request: Request, operation: str, ctx: Context, service: Service) -> Response:
+        return await _operation(request, ctx, service, "", operation, None)
+
     @router.get("/{res_type}/${operation}")
     @router.post("/{res_type}/${operation}")
     async def type_operation(

@@ -17,8 +17,17 @@ from typing import Any
 from fhir_norse import __version__
 from fhir_norse.server.context import RequestContext, Result
 from fhir_norse.server.interactions import SYSTEM_INTERACTION_CODES, TYPE_INTERACTION_CODES, FhirService
+from fhir_norse.server.operations.registry import Operation
 from fhir_norse.store.resource_types import SUPPORTED_TYPES
 from fhir_norse.store.search.params import RESOURCE_COLUMN_PARAMS
+
+# Bulk Data Access 2.0 (https://hl7.org/fhir/uv/bulkdata/STU2/): the server CapabilityStatement a server
+# with the $export operations instantiates, and those operations' canonicals.
+BULK_DATA_CAPABILITY = "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"
+BULK_DATA_DEFINITIONS = frozenset(
+    f"http://hl7.org/fhir/uv/bulkdata/OperationDefinition/{name}"
+    for name in ("export", "patient-export", "group-export")
+)
 
 
 def _resource(service: FhirService, res_type: str) -> dict[str, Any]:
@@ -63,19 +72,21 @@ def _resource(service: FhirService, res_type: str) -> dict[str, Any]:
         "searchInclude": ["*", *(f"{res_type}:{code}" for code in references)],
         "searchRevInclude": revincludes,
         "searchParam": params,
-        "operation": [
-            {
-                "name": o.name,
-                "definition": o.definition,
-                **({"documentation": o.documentation} if o.documentation else {}),
-            }
-            for o in service.operations.for_type(res_type)
-        ],
+        "operation": [_operation(o) for o in service.operations.for_type(res_type)],
+    }
+
+
+def _operation(o: Operation) -> dict[str, Any]:
+    return {
+        "name": o.name,
+        "definition": o.definition,
+        **({"documentation": o.documentation} if o.documentation else {}),
     }
 
 
 def capability_statement(service: FhirService, ctx: RequestContext) -> Result:
-    statement = {
+    system = service.operations.system()
+    statement: dict[str, Any] = {
         "resourceType": "CapabilityStatement",
         "status": "active",
         "date": "2026-11-26",
@@ -96,7 +107,11 @@ def capability_statement(service: FhirService, ctx: RequestContext) -> Result:
                 ),
                 "resource": [_resource(service, t) for t in SUPPORTED_TYPES],
                 "interaction": [{"code": code} for code in SYSTEM_INTERACTION_CODES],
+                **({"operation": [_operation(o) for o in system]} if system else {}),
             }
         ],
     }
+    if any(o.definition in BULK_DATA_DEFINITIONS for o in service.operations):
+        # Bulk Data Access: the IG's server CapabilityStatement, which this server implements.
+        statement["instantiates"] = [BULK_DATA_CAPABILITY]
     return Result(200, body=statement)

@@ -521,6 +521,11 @@ class FhirService:
         operation = self.operations.find(name, call.res_type, instance=call.res_id is not None, method=method)
         return operation.handler(self, call)
 
+    def invoke_system(self, call: OperationCall, name: str, *, method: str) -> Result:
+        """Run the system-level operation ``[base]/$name`` (``call.res_type`` is "")."""
+        check_depth(call.body)
+        return self.operations.find_system(name, method=method).handler(self, call)
+
     # In-process callers (commands, tools, tests) run the same table rows as HTTP does.
     def read(self, ctx: RequestContext, res_type: str, res_id: str) -> Result:
         return self.perform(

@@ -9,7 +9,7 @@ registers its own (``$extract``, ``$next-question``, ``$populate``, ``$tailored-
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,14 +19,16 @@ from fhir_norse.server.context import RequestContext, Result
 
 @dataclass(frozen=True, slots=True)
 class OperationCall:
-    """One invocation: where (type, instance), its parameters (the query string plus the simple
-    parameters of a Parameters body) and the parsed JSON body, if any."""
+    """One invocation: where (type, instance; ``res_type`` "" at the system level), its parameters (the
+    query string plus the simple parameters of a Parameters body), the parsed JSON body, if any, and the
+    request headers an operation reads itself (``accept``, ``prefer``; lower-case names)."""
 
     ctx: RequestContext
     res_type: str
     res_id: str | None = None
     params: list[tuple[str, str]] = field(default_factory=list)
     body: Any = None
+    headers: Mapping[str, str] = field(default_factory=dict)
 
     def param(self, name: str) -> str | None:
         """The single value of ``name`` (400 when given twice)."""
@@ -80,6 +82,8 @@ class Operation:
     # May be invoked with GET (it changes nothing): https://hl7.org/fhir/R4/operations.html#request.
     idempotent: bool = False
     documentation: str | None = None
+    # Invoked on the base (``[base]/$name``); such an operation names no types.
+    system_level: bool = False
 
     def applies_to(self, res_type: str) -> bool:
         return "*" in self.types or res_type in self.types
@@ -99,6 +103,19 @@ class OperationRegistry:
 
     def for_type(self, res_type: str) -> list[Operation]:
         return [o for o in self._operations if o.applies_to(res_type)]
+
+    def system(self) -> list[Operation]:
+        """The operations invoked on the base (``[base]/$name``)."""
+        return [o for o in self._operations if o.system_level]
+
+    def find_system(self, name: str, *, method: str) -> Operation:
+        """The system-level operation ``$name``, or 400 ``not-supported`` (405 as in :meth:`find`)."""
+        for operation in self.system():
+            if operation.name == name:
+                if method == "GET" and not operation.idempotent:
+                    raise MethodNotAllowed(f"${name} is invoked with POST")
+                return operation
+        raise BadRequest(f"Operation ${name} is not supported on the system level", code="not-supported")
 
     def find(self, name: str, res_type: str, *, instance: bool, method: str) -> Operation:
         """The operation invoked, or 400 ``not-supported`` (405 for GET on one that changes state)."""
