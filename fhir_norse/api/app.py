@@ -209,10 +209,10 @@ def create_app(
     install_smart_launch(app, app.state.service, settings)
     # The clinician's feedback report (issue 17), a SMART app this server ships.
     install_report(app, app.state.service, settings, now=clock)
-    install_hot_routes(app)
     # Bulk Data export (system, Patient and Group $export): the status and file URLs, and the worker.
     app.state.bulk_export = build_bulk_export(settings, app.state.service)
     install_bulk_routes(app)
+    install_hot_routes(app)
     # The patient's way in (issue 15): personal links, the form, invitations and their delivery reports.
     journey = app.state.journey = build_journey(settings, app.state.service, now=clock)
     if settings.report_documents:

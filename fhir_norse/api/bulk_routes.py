@@ -107,7 +107,7 @@ def install_bulk_routes(app: FastAPI) -> None:
         await run_in_threadpool(_audited, service, ctx, f"{FILE_PATH}/{job_id}/{name}", listed.type)
         return FileResponse(path, media_type=NDJSON)
 
-    # Before every route added so far (the FHIR routes, and the hot routes put first).
+    # Before the FHIR routes added so far (the hot routes are put before these).
     before = len(app.router.routes)
     app.include_router(router)
     added = app.router.routes[before:]
