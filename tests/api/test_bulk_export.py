@@ -66,7 +66,7 @@ def kick_off(client: TestClient, path: str, params: Any = None, **headers: str) 
     """The kick-off request; the status URL (Content-Location) of the 202."""
     response = client.get(f"/fhir/{path}", params=params, headers={**ASYNC, **headers})
     assert response.status_code == 202, response.text
-    location = response.headers["content-location"]
+    location = str(response.headers["content-location"])
     assert location.startswith(f"{BASE}/")
     return location
 
