@@ -250,6 +250,19 @@ def test_kari_bergs_care_teams_reach_the_demo_patients_and_the_other_clinician_n
         demo.service.read(ctx, "Patient", harald)
 
 
+def test_the_cohort_group_lists_the_patients_in_treatment(demo: Loaded) -> None:
+    """The Group a registry's Bulk Data export starts from: every demo patient, managed by the clinic."""
+    (group,) = _find(demo.service, "Group")
+    patients = {str(p["id"]) for p in _find(demo.service, "Patient")}
+    assert {str(m["entity"]["reference"]).removeprefix("Patient/") for m in group["member"]} == patients
+    assert group["actual"] is True and group["type"] == "person" and group["quantity"] == len(patients)
+    (organization,) = _find(demo.service, "Organization")
+    assert group["managingEntity"] == {"reference": f"Organization/{organization['id']}"}
+    assert f"cohort: Group/{group['id']} (Bulk Data: {SITE}/fhir/Group/{group['id']}/$export)" in "\n".join(
+        demo.log
+    )
+
+
 def test_open_tasks_an_overdue_questionnaire_and_an_alert_to_review(demo: Loaded) -> None:
     kari = _practitioner_id(demo.service, "999900001")
     per = _patient_id(demo.service, "30918515158")

@@ -121,6 +121,7 @@ class DemoResult:
     patients: list[DemoPatient] = field(default_factory=list)
     clinicians: list[DemoClinician] = field(default_factory=list)
     organization: str = ""
+    cohort: str = ""  # the Group of the clinic's patients in treatment
 
     @property
     def changed(self) -> bool:
@@ -165,6 +166,10 @@ class DemoResult:
             lines.append(
                 f"  {patient.name:<{width}}  Patient/{patient.patient_id}: {patient.reports} reports "
                 f"(last {last}){notes}"
+            )
+        if self.cohort:
+            lines.append(
+                f"  cohort: Group/{self.cohort} (Bulk Data: {site}/fhir/Group/{self.cohort}/$export)"
             )
         lines.append("Open in a browser:")
         lines.append(f"  caseload: {site}/caseload")
@@ -220,6 +225,7 @@ class _Loader:
         for task in self.clinic.get("open_questionnaires") or []:
             self._open_questionnaire(task, ids[str(task["patient"])], manager, str(forms["tasks"]))
         self.result.patients = [self._summary(s, ids[s.key]) for s in patients]
+        self.result.cohort = self._cohort(organization, list(ids.values()))
         return self.result
 
     # ------------------------------------------------------------------ prerequisites
@@ -337,6 +343,22 @@ class _Loader:
         del task["id"]  # the server names what it creates (and would ignore an id: R4 http.html#create)
         task["identifier"] = [_demo_identifier(f"{spec['patient']}/questionnaire-task")]
         self._ensure(task)
+
+    def _cohort(self, organization: str, patient_ids: list[str]) -> str:
+        """The clinic's patients in treatment as a Group: the unit of a Bulk Data Group-level export
+        (``GET [base]/Group/[id]/$export``), for a registry or a quality report."""
+        body: JsonDict = {
+            "resourceType": "Group",
+            "identifier": [_demo_identifier("cohort-in-treatment")],
+            "active": True,
+            "type": "person",
+            "actual": True,
+            "name": f"{self.clinic['organization']['name']}: patients in treatment",
+            "managingEntity": {"reference": f"Organization/{organization}"},
+            "quantity": len(patient_ids),
+            "member": [{"entity": {"reference": f"Patient/{pid}"}} for pid in patient_ids],
+        }
+        return str(self._ensure(body)["id"])
 
     # ------------------------------------------------------------------ writing and reading back
     def _ensure(self, body: JsonDict) -> JsonDict:
