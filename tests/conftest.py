@@ -24,7 +24,8 @@ import fhir_norse.auth.smart_tables
 import fhir_norse.auth.tables
 import fhir_norse.store.audit_tables
 import fhir_norse.store.document_tables
-import fhir_norse.store.scheduling_tables  # noqa: F401
+import fhir_norse.store.scheduling_tables
+import fhir_norse.store.subscription_tables  # noqa: F401
 from fhir_norse.api.app import create_app
 from fhir_norse.api.auth_setup import build_key_store
 from fhir_norse.config import Settings
@@ -40,6 +41,8 @@ os.environ.setdefault("FHIR_NORSE_SCHEDULER_INTERVAL_S", "0")
 # Nor does a tick render the feedback report's PDFs (about a second each) unless a test asks for it
 # (tests/web/test_report_documents.py).
 os.environ.setdefault("FHIR_NORSE_REPORT_DOCUMENTS", "0")
+# Nor does the Subscription delivery worker run in the background: its tests call tick() themselves.
+os.environ.setdefault("FHIR_NORSE_SUBSCRIPTION_INTERVAL_S", "0")
 
 PG_URL = os.environ.get("FHIR_NORSE_TEST_POSTGRES_URL")
 REQUIRE_PG = os.environ.get("FHIR_NORSE_REQUIRE_POSTGRES") == "1"

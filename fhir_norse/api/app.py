@@ -28,7 +28,14 @@ from fhir_norse.api.report_routes import install_report
 from fhir_norse.api.routes import fhir_router, install_hot_routes
 from fhir_norse.api.smart_routes import install_smart_launch
 from fhir_norse.auth.refusals import RefusalAudit
-from fhir_norse.compose import Journey, build_journey, build_service, event_recorder, load_demo_if_empty
+from fhir_norse.compose import (
+    Journey,
+    build_delivery,
+    build_journey,
+    build_service,
+    event_recorder,
+    load_demo_if_empty,
+)
 from fhir_norse.config import Settings, load_settings
 from fhir_norse.logs import request_id
 from fhir_norse.outcomes import (
@@ -135,9 +142,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     if settings.scheduler_interval_s > 0:
         journey.scheduler.start()
+    # Subscription notifications (Subscriptions R5 Backport): a lease lets one worker deliver at a time.
+    delivery = app.state.subscription_delivery
+    delivery.start()
     try:
         yield
     finally:
+        await run_in_threadpool(delivery.stop)
         await run_in_threadpool(journey.close)
         await run_in_threadpool(app.state.smart_launch.close)
         refusals: RefusalAudit = app.state.refusal_audit
@@ -200,6 +211,7 @@ def create_app(
     # The clinician's feedback report (issue 17), a SMART app this server ships.
     install_report(app, app.state.service, settings, now=clock)
     install_hot_routes(app)
+    app.state.subscription_delivery = build_delivery(settings, app.state.service)
     # The patient's way in (issue 15): personal links, the form, invitations and their delivery reports.
     journey = app.state.journey = build_journey(settings, app.state.service, now=clock)
     if settings.report_documents:
