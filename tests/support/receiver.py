@@ -48,11 +48,14 @@ class Receiver:
     # Statuses to answer, one per request, before answering 200 again.
     answers: deque[int] = field(default_factory=deque)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # While set: requests are recorded as held (answered 0) and not answered until the event is set.
+    hold: threading.Event | None = None
+    held: int = 0
 
     def events(self) -> list[Received]:
         """The event notifications acknowledged with 2xx."""
         with self.lock:
-            return [r for r in self.received if r.kind == "event-notification" and r.answered < 300]
+            return [r for r in self.received if r.kind == "event-notification" and 200 <= r.answered < 300]
 
     def of_kind(self, kind: str) -> list[Received]:
         with self.lock:
@@ -69,6 +72,14 @@ def receiver() -> Iterator[Receiver]:
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length) or b"{}")
             target = state["r"]
+            hold = target.hold
+            if hold is not None:
+                with target.lock:
+                    target.held += 1
+                    target.received.append(Received(self.path, {}, body, 0))
+                hold.wait(60)
+                self.close_connection = True
+                return
             with target.lock:
                 status = target.answers.popleft() if target.answers else 200
                 headers = {k.lower(): v for k, v in self.headers.items()}

@@ -66,6 +66,10 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+class LeaseLost(Exception):
+    """Another process holds the delivery lease (this one stalled past it): stop this tick."""
+
+
 @dataclass
 class DeliveryReport:
     """What one tick sent (subscription id, notification type, event number) and which failed."""
@@ -101,8 +105,10 @@ class SubscriptionDelivery:
         self.max_failures = max_failures
         self.timeout_s = timeout_s
         self.now = now
+        # Renewed before every POST (:meth:`_send`), so it only has to outlast one POST and the steps
+        # around it; a crashed holder's lease expires that soon after.
         self.lease = timedelta(
-            seconds=lease_s if lease_s is not None else max(30.0, 10 * interval_s, 3 * timeout_s)
+            seconds=lease_s if lease_s is not None else max(5.0, 2 * timeout_s + 2 * interval_s)
         )
         self.holder = f"{os.getpid()}-{secrets.token_hex(6)}"
         self.ctx = RequestContext(caller=DELIVERY_CALLER, base_url=self.base_url)
@@ -159,6 +165,10 @@ class SubscriptionDelivery:
         for row in due:
             try:
                 self._serve(row, report)
+            except LeaseLost:
+                log.warning("subscription delivery lease lost to another process; it delivers from here")
+                report.ran = False
+                break
             except Exception:
                 log.exception("subscription %s: delivery failed unexpectedly", row.subscription_id)
         return report
@@ -258,6 +268,8 @@ class SubscriptionDelivery:
             self._failed(row, spec, str(error), report)
             return False
         timeout = min(float(spec.timeout_s or self.timeout_s), self.timeout_s)
+        if not self.acquire(self.now()):
+            raise LeaseLost
         number = events[0].number if events else None
         try:
             answer = self.http().post(
