@@ -89,7 +89,10 @@ class Serve:
         engine = create_engine(self.database_url)
         try:
             token, _ = build_token_service(settings, engine).issue(
-                subject="crash-test", client_id="crash-test", scope="system/*.cruds", audience=settings.fhir_base_url()
+                subject="crash-test",
+                client_id="crash-test",
+                scope="system/*.cruds",
+                audience=settings.fhir_base_url(),
             )
         finally:
             engine.dispose()
@@ -120,18 +123,35 @@ def test_an_event_unacknowledged_at_a_crash_is_delivered_after_restart(serve: Se
                     "type": "rest-hook",
                     "endpoint": hook.url,
                     "payload": "application/fhir+json",
-                    "_payload": {"extension": [{"url": BACKPORT + "backport-payload-content", "valueCode": "id-only"}]},
+                    "_payload": {
+                        "extension": [{"url": BACKPORT + "backport-payload-content", "valueCode": "id-only"}]
+                    },
                 },
             }
-            assert client.post(f"{serve.base}/Subscription", json=subscription, headers=auth).status_code == 201
+            assert (
+                client.post(f"{serve.base}/Subscription", json=subscription, headers=auth).status_code == 201
+            )
             _until(lambda: bool(hook.of_kind("handshake")), "the handshake")
             release = threading.Event()
             hook.hold = release
             flag = {
                 "resourceType": "Flag",
                 "status": "active",
-                "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/flag-category", "code": "clinical"}]}],
-                "code": {"coding": [{"system": "http://fhir-norse.org/fhir/CodeSystem/rom-alerts", "code": "suicide-risk"}]},
+                "category": [
+                    {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/flag-category",
+                                "code": "clinical",
+                            }
+                        ]
+                    }
+                ],
+                "code": {
+                    "coding": [
+                        {"system": "http://fhir-norse.org/fhir/CodeSystem/rom-alerts", "code": "suicide-risk"}
+                    ]
+                },
                 "subject": {"reference": f"Patient/{patient.json()['id']}"},
             }
             assert client.post(f"{serve.base}/Flag", json=flag, headers=auth).status_code == 201

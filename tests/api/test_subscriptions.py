@@ -15,7 +15,15 @@ from fhir_norse.api.app import create_app
 from fhir_norse.config import Settings
 from fhir_norse.server.subscriptions.delivery import SubscriptionDelivery
 from tests.fhir_r4_client import check_response
-from tests.intake_support import FHIR, PHQ9, PHQ9_ITEMS, create_patient, post_response, publish_questionnaires, response
+from tests.intake_support import (
+    FHIR,
+    PHQ9,
+    PHQ9_ITEMS,
+    create_patient,
+    post_response,
+    publish_questionnaires,
+    response,
+)
 from tests.support.receiver import Receiver, receiver
 from tests.tokens import bearer
 
@@ -70,7 +78,9 @@ def subscription(
     if headers:
         channel["header"] = list(headers)
     if heartbeat is not None:
-        channel["extension"] = [{"url": BACKPORT + "backport-heartbeat-period", "valueUnsignedInt": heartbeat}]
+        channel["extension"] = [
+            {"url": BACKPORT + "backport-heartbeat-period", "valueUnsignedInt": heartbeat}
+        ]
     body: dict[str, Any] = {
         "resourceType": "Subscription",
         "meta": {"profile": [BACKPORT + "backport-subscription"]},
@@ -80,7 +90,9 @@ def subscription(
         "channel": channel,
     }
     if filters:
-        body["_criteria"] = {"extension": [{"url": BACKPORT + "backport-filter-criteria", "valueString": f} for f in filters]}
+        body["_criteria"] = {
+            "extension": [{"url": BACKPORT + "backport-filter-criteria", "valueString": f} for f in filters]
+        }
     return body
 
 
@@ -113,10 +125,12 @@ def test_scored_response_notifies_each_matching_subscription_once_per_content_le
         for level in ("empty", "id-only", "full-resource")
     }
     mine = subscribe(
-        system_client, subscription(hook.url + "/mine", filters=(f"DiagnosticReport?patient=Patient/{patient}",))
+        system_client,
+        subscription(hook.url + "/mine", filters=(f"DiagnosticReport?patient=Patient/{patient}",)),
     )
     not_mine = subscribe(
-        system_client, subscription(hook.url + "/other", filters=(f"DiagnosticReport?patient=Patient/{other}",))
+        system_client,
+        subscription(hook.url + "/other", filters=(f"DiagnosticReport?patient=Patient/{other}",)),
     )
     tick(app)  # the handshakes: every Subscription becomes active
     handshakes = {r.path for r in hook.of_kind("handshake")}
@@ -132,7 +146,7 @@ def test_scored_response_notifies_each_matching_subscription_once_per_content_le
     (report,) = [r for r in [system_client.get(f"/fhir/DiagnosticReport?subject=Patient/{patient}").json()]]
     report_id = report["entry"][0]["resource"]["id"]
     focus = f"http://testserver/fhir/DiagnosticReport/{report_id}"
-    for path, note in events.items():
+    for note in events.values():
         assert note.body["resourceType"] == "Bundle" and note.body["type"] == "history"
         assert note.headers["authorization"] == SECRET
         assert note.headers["content-type"].startswith("application/fhir+json")
@@ -165,7 +179,9 @@ def test_alert_topic_filters_by_kind_and_events_are_ordered(
     alerts = subscribe(
         system_client,
         subscription(
-            hook.url, ALERT, filters=("Flag?code=http://fhir-norse.org/fhir/CodeSystem/rom-alerts|suicide-risk",)
+            hook.url,
+            ALERT,
+            filters=("Flag?code=http://fhir-norse.org/fhir/CodeSystem/rom-alerts|suicide-risk",),
         ),
     )
     other_kind = subscribe(
@@ -201,7 +217,9 @@ def test_retries_deliver_once_after_failures_and_events_replay_a_gap(
     assert len([r for r in hook.received if r.kind == "event-notification"]) == 3
     assert system_client.get(f"/fhir/Subscription/{res_id}").json()["status"] == "active"
     # A subscriber that lost event 1 asks for it again.
-    replay = system_client.get(f"/fhir/Subscription/{res_id}/$events?eventsSinceNumber=1&content=full-resource")
+    replay = system_client.get(
+        f"/fhir/Subscription/{res_id}/$events?eventsSinceNumber=1&content=full-resource"
+    )
     assert replay.status_code == 200, replay.text
     bundle = replay.json()
     params = {p["name"]: p for p in bundle["entry"][0]["resource"]["parameter"]}
@@ -269,14 +287,48 @@ def test_heartbeat_when_nothing_happens(system_client: TestClient, hook: Receive
     [
         ({"criteria": TOPICS + "no-such-topic"}, "Subscription.criteria"),
         (
-            {"_criteria": {"extension": [{"url": BACKPORT + "backport-filter-criteria", "valueString": "DiagnosticReport?status=final"}]}},
+            {
+                "_criteria": {
+                    "extension": [
+                        {
+                            "url": BACKPORT + "backport-filter-criteria",
+                            "valueString": "DiagnosticReport?status=final",
+                        }
+                    ]
+                }
+            },
             "Subscription.criteria",
         ),
         ({"channel": {"type": "websocket", "payload": "application/fhir+json"}}, "Subscription.channel.type"),
-        ({"channel": {"type": "rest-hook", "endpoint": "http://ehr.example.org/hook", "payload": "application/fhir+json"}}, "Subscription.channel.endpoint"),
-        ({"channel": {"type": "rest-hook", "endpoint": "https://ehr.example.org/hook", "payload": "application/xml"}}, "Subscription.channel.payload"),
         (
-            {"channel": {"type": "rest-hook", "endpoint": "https://ehr.example.org/hook", "payload": "application/fhir+json", "header": ["no colon"]}},
+            {
+                "channel": {
+                    "type": "rest-hook",
+                    "endpoint": "http://ehr.example.org/hook",
+                    "payload": "application/fhir+json",
+                }
+            },
+            "Subscription.channel.endpoint",
+        ),
+        (
+            {
+                "channel": {
+                    "type": "rest-hook",
+                    "endpoint": "https://ehr.example.org/hook",
+                    "payload": "application/xml",
+                }
+            },
+            "Subscription.channel.payload",
+        ),
+        (
+            {
+                "channel": {
+                    "type": "rest-hook",
+                    "endpoint": "https://ehr.example.org/hook",
+                    "payload": "application/fhir+json",
+                    "header": ["no colon"],
+                }
+            },
             "Subscription.channel.header[0]",
         ),
     ],
@@ -295,7 +347,10 @@ def test_bad_subscriptions_are_refused(
 def test_only_system_scopes_reach_subscriptions(system_client: TestClient, app: FastAPI) -> None:
     patient = create_patient(system_client)
     res_id = subscribe(system_client, subscription("https://ehr.example.org/hook"))
-    for token in (bearer(app, "patient/*.cruds", patient=patient), bearer(app, "user/*.cruds", practitioner="x")):
+    for token in (
+        bearer(app, "patient/*.cruds", patient=patient),
+        bearer(app, "user/*.cruds", practitioner="x"),
+    ):
         assert system_client.get(f"/fhir/Subscription/{res_id}", headers=token).status_code == 403
         assert system_client.get(f"/fhir/Subscription/{res_id}/$status", headers=token).status_code == 403
         created = system_client.post(
@@ -309,9 +364,42 @@ def test_only_system_scopes_reach_subscriptions(system_client: TestClient, app: 
 def test_capability_statement_lists_topics_and_operations(system_client: TestClient) -> None:
     statement = system_client.get("/fhir/metadata").json()
     (entry,) = [r for r in statement["rest"][0]["resource"] if r["type"] == "Subscription"]
-    topics = {e["valueCanonical"] for e in entry["extension"] if e["url"].endswith("subscriptiontopic-canonical")}
+    topics = {
+        e["valueCanonical"] for e in entry["extension"] if e["url"].endswith("subscriptiontopic-canonical")
+    }
     assert {t.split("|")[0] for t in topics} == {
         TOPICS + t for t in ("scored-administration", "alert", "alert-review", "administration-closed")
     }
     assert BACKPORT + "backport-subscription" in entry["supportedProfile"]
     assert {o["name"] for o in entry["operation"]} >= {"status", "events"}
+
+
+def test_the_topics_are_published_read_only(settings: Settings) -> None:
+    """At start-up the content pack's topics are stored as Basic (found by their code), each once,
+    and cannot be changed over the API."""
+    from tests.api.test_operation_definitions import ROOT
+
+    application = create_app(settings.model_copy(update={"publish_content": True, "content_dir": ROOT}))
+    try:
+        with TestClient(application, headers=bearer(application), raise_server_exceptions=False) as client:
+            client.event_hooks["response"] = [check_response]
+            found = client.get("/fhir/Basic?code=http://hl7.org/fhir/fhir-types|SubscriptionTopic").json()
+            topics = [e["resource"] for e in found["entry"]]
+            urls = {
+                x["valueUri"]
+                for t in topics
+                for x in t["extension"]
+                if x["url"].endswith("SubscriptionTopic.url")
+            }
+            assert urls == {
+                TOPICS + t
+                for t in ("scored-administration", "alert", "alert-review", "administration-closed")
+            }
+            one = topics[0]
+            changed = client.put(
+                f"/fhir/Basic/{one['id']}", json=one | {"created": "2026-01-01"}, headers=FHIR
+            )
+            assert changed.status_code == 405, changed.text
+            assert client.delete(f"/fhir/Basic/{one['id']}").status_code == 405
+    finally:
+        application.state.service.storage.engine.dispose()
