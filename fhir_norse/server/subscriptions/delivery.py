@@ -60,6 +60,7 @@ DELIVERY_CALLER = Caller(
 LEASE_NAME = "subscriptions"
 # Events sent per Subscription and tick (the rest follow in the next tick).
 _BATCH = 100
+_EPOCH = datetime(1970, 1, 1)
 
 
 def _now() -> datetime:
@@ -113,6 +114,8 @@ class SubscriptionDelivery:
         self.holder = f"{os.getpid()}-{secrets.token_hex(6)}"
         self.ctx = RequestContext(caller=DELIVERY_CALLER, base_url=self.base_url)
         self._http: httpx.Client | None = None
+        self._lease_until = _EPOCH
+        self._last_failure = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -142,7 +145,9 @@ class SubscriptionDelivery:
                 )
                 .values(holder=self.holder, expires_at=now + self.lease)
             )
-            return bool(result.rowcount)
+            held = bool(result.rowcount)
+        self._lease_until = now + self.lease if held else _EPOCH
+        return held
 
     def release(self) -> None:
         lease = SCHEDULER_LEASE
@@ -211,31 +216,42 @@ class SubscriptionDelivery:
     def _deliver_events(
         self, row: State, spec: SubscriptionSpec, status: str, report: DeliveryReport
     ) -> None:
+        """The pending events in order, each POSTed only after the previous one got its 2xx. The
+        acknowledged number is written once for the run of successes (before a failure is recorded, and
+        at the end): a crash in between sends those events again, which at-least-once allows."""
         with self.service.storage.read() as view:
             events = state.events_between(
                 view.conn, row.subscription_id, row.delivered + 1, row.events, _BATCH
             )
-        for event in events:
-            if not self._send(row, spec, "event-notification", status, (event,), report):
-                return
-            with self.service.storage.write() as uow:
-                uow.conn.execute(
-                    sa.update(state.STATE)
-                    .where(
-                        state.STATE.c.subscription_id == row.subscription_id,
-                        state.STATE.c.delivered < event.number,
-                    )
-                    .values(
-                        delivered=event.number, last_sent_at=self.now(), failures=0, updated_at=self.now()
-                    )
-                )
-            if status == "error":
-                self._set_status(row.subscription_id, "active", None)
-                status = "active"
+        acknowledged = row.delivered
+        try:
+            for event in events:
+                if not self._send(
+                    row, spec, "event-notification", status, (event,), report, record_failure=False
+                ):
+                    break
+                acknowledged = event.number
+        finally:
+            if acknowledged > row.delivered:
+                self._acknowledge(row.subscription_id, acknowledged)
+        if acknowledged < (events[-1].number if events else row.delivered):
+            self._failed(row, spec, self._last_failure, report)
+            return
+        if events and status == "error":
+            self._set_status(row.subscription_id, "active", None)
         if not events:
             # Nothing stored past the acknowledged number (the events were removed): nothing to wait for.
             with self.service.storage.write() as uow:
                 state.update_state(uow.conn, row.subscription_id, delivered=row.events)
+
+    def _acknowledge(self, subscription_id: str, number: int) -> None:
+        now = self.now()
+        with self.service.storage.write() as uow:
+            uow.conn.execute(
+                sa.update(state.STATE)
+                .where(state.STATE.c.subscription_id == subscription_id, state.STATE.c.delivered < number)
+                .values(delivered=number, last_sent_at=now, failures=0, updated_at=now)
+            )
 
     # ------------------------------------------------------------------ one POST
     def _send(
@@ -246,8 +262,11 @@ class SubscriptionDelivery:
         status: str,
         events: tuple[Event, ...],
         report: DeliveryReport,
+        *,
+        record_failure: bool = True,
     ) -> bool:
-        """POST one notification; on failure record it (:meth:`_failed`) and answer False."""
+        """POST one notification; on failure answer False, and record it (:meth:`_failed`) unless the
+        caller does (``record_failure`` False: the reason is kept in ``_last_failure``)."""
         bundle = notification_bundle(
             base=self.base_url,
             subscription_id=spec.res_id,
@@ -265,10 +284,11 @@ class SubscriptionDelivery:
                 name, _, value = header.partition(":")
                 headers[name.strip()] = value.strip()
         except SealError as error:
-            self._failed(row, spec, str(error), report)
-            return False
+            return self._failure(row, spec, str(error), report, record_failure)
         timeout = min(float(spec.timeout_s or self.timeout_s), self.timeout_s)
-        if not self.acquire(self.now()):
+        now = self.now()
+        # Renewed when less than half of it is left: long enough for this POST, one write at most.
+        if now >= self._lease_until - self.lease / 2 and not self.acquire(now):
             raise LeaseLost
         number = events[0].number if events else None
         try:
@@ -276,17 +296,21 @@ class SubscriptionDelivery:
                 spec.endpoint, content=orjson.dumps(bundle), headers=headers, timeout=timeout
             )
         except httpx.HTTPError as error:
-            self._failed(
-                row, spec, f"{notification_type} to {spec.endpoint} failed: {type(error).__name__}", report
-            )
-            return False
+            reason = f"{notification_type} to {spec.endpoint} failed: {type(error).__name__}"
+            return self._failure(row, spec, reason, report, record_failure)
         if not 200 <= answer.status_code < 300:
-            self._failed(
-                row, spec, f"{notification_type} to {spec.endpoint} answered {answer.status_code}", report
-            )
-            return False
+            reason = f"{notification_type} to {spec.endpoint} answered {answer.status_code}"
+            return self._failure(row, spec, reason, report, record_failure)
         report.sent.append((spec.res_id, notification_type, number))
         return True
+
+    def _failure(
+        self, row: State, spec: SubscriptionSpec, reason: str, report: DeliveryReport, record: bool
+    ) -> bool:
+        self._last_failure = reason
+        if record:
+            self._failed(row, spec, reason, report)
+        return False
 
     def _focus_reader(self, row: State) -> Callable[[Event], JsonDict | None]:
         """What a full-resource notification may carry: what the Subscription's owner (its client and
