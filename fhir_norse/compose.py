@@ -16,8 +16,10 @@ from datetime import UTC, datetime
 
 from fhir_norse.auth.audit import AuditRecorder
 from fhir_norse.auth.caller import Caller
+from fhir_norse.auth.keys import passphrase_from
 from fhir_norse.auth.links import PersonalLinks
 from fhir_norse.auth.policy import AccessPolicy
+from fhir_norse.auth.sealed import Sealer
 from fhir_norse.config import Settings
 from fhir_norse.instruments.registry import InstrumentRegistry
 from fhir_norse.messaging.base import Transport
@@ -37,6 +39,7 @@ from fhir_norse.server.bulk import operations as bulk_export
 from fhir_norse.server.bulk.worker import BulkExportWorker
 from fhir_norse.server.content import search_registry
 from fhir_norse.server.context import RequestContext
+from fhir_norse.server.hooks import merge_hooks
 from fhir_norse.server.interactions import FhirService
 from fhir_norse.server.operations.everything import EVERYTHING
 from fhir_norse.server.operations.registry import Operation, OperationRegistry
@@ -46,6 +49,12 @@ from fhir_norse.server.repository import Kernel, StorageHook
 from fhir_norse.server.search.extract import default_extractor
 from fhir_norse.server.search.known_shape import extractor_for
 from fhir_norse.server.search.typed import Where
+from fhir_norse.server.subscriptions import subscription_hooks
+from fhir_norse.server.subscriptions.delivery import SubscriptionDelivery
+from fhir_norse.server.subscriptions.hooks import SubscriptionHook
+from fhir_norse.server.subscriptions.operations import EVENTS as SUBSCRIPTION_EVENTS
+from fhir_norse.server.subscriptions.operations import STATUS as SUBSCRIPTION_STATUS
+from fhir_norse.server.subscriptions.topics import load_topics
 from fhir_norse.server.validation import preload as preload_validation
 from fhir_norse.store.db import create_engine
 from fhir_norse.store.maintenance import StatisticsKeeper
@@ -79,11 +88,24 @@ def build_service(settings: Settings) -> FhirService:
     instruments = InstrumentRegistry.from_content_dir(settings.content_dir)
     adaptive = AdaptiveService(instruments)
     intake = QuestionnaireResponseIntake(instruments, adaptive)
-    hooks: dict[str, StorageHook] = {
+    rom_hooks: dict[str, StorageHook] = {
         "QuestionnaireResponse": intake,
         "ServiceRequest": ScaleOverrideHook(instruments),
     }
-    operations: list[Operation] = [VALIDATE, EVERYTHING, extract.operation(intake), *bulk_export.operations()]
+    # Topic-based Subscriptions (Subscriptions R5 Backport): the Subscription hook and the outbox on the
+    # types the content pack's topics trigger on (DiagnosticReport, Flag, Task), after the domain's own.
+    subscriptions = subscription_hooks(
+        settings.content_dir, Sealer(passphrase_from(settings)), allow_http=settings.subscription_allow_http
+    )
+    hooks = merge_hooks(rom_hooks, subscriptions.by_type())
+    operations: list[Operation] = [
+        VALIDATE,
+        EVERYTHING,
+        extract.operation(intake),
+        SUBSCRIPTION_STATUS,
+        SUBSCRIPTION_EVENTS,
+        *bulk_export.operations(),
+    ]
     if adaptive.adaptive_mappings():
         ops = AdaptiveOperations(adaptive, intake)
         operations += [
@@ -121,6 +143,21 @@ def build_bulk_export(settings: Settings, service: FhirService) -> BulkExportWor
         interval_s=settings.bulk_export_interval_s,
     )
     return BulkExportWorker(service, config, grace_s=settings.bulk_snapshot_grace_s)
+
+
+def build_delivery(settings: Settings, service: FhirService) -> SubscriptionDelivery:
+    """The Subscription delivery worker over ``service`` (not started: the app starts it)."""
+    hook = SubscriptionHook(load_topics(settings.content_dir), Sealer(passphrase_from(settings)))
+    return SubscriptionDelivery(
+        service,
+        hook,
+        base_url=settings.fhir_base_url(),
+        interval_s=settings.subscription_interval_s,
+        retry_base_s=settings.subscription_retry_base_s,
+        retry_max_s=settings.subscription_retry_max_s,
+        max_failures=settings.subscription_max_failures,
+        timeout_s=settings.subscription_timeout_s,
+    )
 
 
 def build_reader(database_url: str, *, pool_size: int = 1) -> FhirService:

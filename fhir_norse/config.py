@@ -200,6 +200,20 @@ class Settings(BaseSettings):
     # in flight may carry an earlier lastUpdated; the next _since export gets them). SQLite is exact.
     bulk_snapshot_grace_s: float = Field(default=1.0, ge=0)
 
+    # --- topic-based Subscriptions (Subscriptions R5 Backport IG; fhir_norse/server/subscriptions) ---
+    # How often the delivery worker looks for notifications to send (seconds); 0 turns it off.
+    subscription_interval_s: float = Field(default=0.5, ge=0)
+    # Retries after a failed delivery: this delay, doubled per consecutive failure, at most the maximum.
+    subscription_retry_base_s: float = Field(default=5.0, ge=0)
+    subscription_retry_max_s: float = Field(default=600.0, ge=0)
+    # Consecutive failed deliveries after which a Subscription is set off (its owner restarts it).
+    subscription_max_failures: int = Field(default=10, ge=1)
+    # The longest a notification POST may take (seconds); a Subscription's backport-timeout may ask less.
+    subscription_timeout_s: float = Field(default=10.0, gt=0)
+    # Accept plain http endpoints on any host (tests, closed networks); by default https, or http to a
+    # loopback address only.
+    subscription_allow_http: bool = False
+
     @field_validator("trusted_proxies")
     @classmethod
     def _proxy_networks(cls, value: list[str]) -> list[str]:

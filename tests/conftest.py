@@ -25,7 +25,8 @@ import fhir_norse.auth.tables
 import fhir_norse.store.audit_tables
 import fhir_norse.store.bulk_tables
 import fhir_norse.store.document_tables
-import fhir_norse.store.scheduling_tables  # noqa: F401
+import fhir_norse.store.scheduling_tables
+import fhir_norse.store.subscription_tables  # noqa: F401
 from fhir_norse.api.app import create_app
 from fhir_norse.api.auth_setup import build_key_store
 from fhir_norse.config import Settings
@@ -43,6 +44,8 @@ os.environ.setdefault("FHIR_NORSE_SCHEDULER_INTERVAL_S", "0")
 os.environ.setdefault("FHIR_NORSE_REPORT_DOCUMENTS", "0")
 # Nor do export jobs run in a background thread: tests/api/test_bulk_export.py runs them itself.
 os.environ.setdefault("FHIR_NORSE_BULK_EXPORT_INTERVAL_S", "0")
+# Nor does the Subscription delivery worker run in the background: its tests call tick() themselves.
+os.environ.setdefault("FHIR_NORSE_SUBSCRIPTION_INTERVAL_S", "0")
 
 PG_URL = os.environ.get("FHIR_NORSE_TEST_POSTGRES_URL")
 REQUIRE_PG = os.environ.get("FHIR_NORSE_REQUIRE_POSTGRES") == "1"

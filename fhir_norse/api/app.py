@@ -32,6 +32,7 @@ from fhir_norse.auth.refusals import RefusalAudit
 from fhir_norse.compose import (
     Journey,
     build_bulk_export,
+    build_delivery,
     build_journey,
     build_service,
     event_recorder,
@@ -144,9 +145,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if settings.scheduler_interval_s > 0:
         journey.scheduler.start()
     app.state.bulk_export.start()
+    # Subscription notifications (Subscriptions R5 Backport): a lease lets one worker deliver at a time.
+    delivery = app.state.subscription_delivery
+    delivery.start()
     try:
         yield
     finally:
+        await run_in_threadpool(delivery.stop)
         await run_in_threadpool(app.state.bulk_export.stop)
         await run_in_threadpool(journey.close)
         await run_in_threadpool(app.state.smart_launch.close)
@@ -213,6 +218,7 @@ def create_app(
     app.state.bulk_export = build_bulk_export(settings, app.state.service)
     install_bulk_routes(app)
     install_hot_routes(app)
+    app.state.subscription_delivery = build_delivery(settings, app.state.service)
     # The patient's way in (issue 15): personal links, the form, invitations and their delivery reports.
     journey = app.state.journey = build_journey(settings, app.state.service, now=clock)
     if settings.report_documents:

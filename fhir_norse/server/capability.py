@@ -18,6 +18,8 @@ from fhir_norse import __version__
 from fhir_norse.server.context import RequestContext, Result
 from fhir_norse.server.interactions import SYSTEM_INTERACTION_CODES, TYPE_INTERACTION_CODES, FhirService
 from fhir_norse.server.operations.registry import Operation
+from fhir_norse.server.subscriptions import advertised_topics
+from fhir_norse.server.subscriptions.model import EXT_TOPIC_CANONICAL, PROFILE_SUBSCRIPTION
 from fhir_norse.store.resource_types import SUPPORTED_TYPES
 from fhir_norse.store.search.params import RESOURCE_COLUMN_PARAMS
 
@@ -56,7 +58,13 @@ def _resource(service: FhirService, res_type: str) -> dict[str, Any]:
     profiles = service.kernel.profiles
     if profiles is not None:
         supported = [u for u in profiles.urls if profiles.profile_type(u) == res_type]
+    extensions: list[dict[str, Any]] = []
+    if res_type == "Subscription" and (topics := advertised_topics(service.kernel.hooks)):
+        # Subscriptions R5 Backport: the topics this server runs, and the profile of its Subscriptions.
+        extensions = [{"url": EXT_TOPIC_CANONICAL, "valueCanonical": topic} for topic in topics]
+        supported = [*supported, PROFILE_SUBSCRIPTION]
     return {
+        **({"extension": extensions} if extensions else {}),
         "type": res_type,
         "profile": f"http://hl7.org/fhir/StructureDefinition/{res_type}",
         **({"supportedProfile": supported} if supported else {}),

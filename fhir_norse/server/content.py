@@ -31,6 +31,7 @@ from fhir_norse.server.interactions import FhirService
 from fhir_norse.server.published import CONTENT_TYPES, PUBLISHED_TAG
 from fhir_norse.server.reindex import reindex
 from fhir_norse.server.search.typed import Where
+from fhir_norse.server.subscriptions.topics import is_topic, topic_canonical
 from fhir_norse.store.search.advertised import ExtraParameterError
 from fhir_norse.store.search.params import CustomParameterError, SearchParamRegistry, registry_with
 
@@ -95,6 +96,9 @@ def publish_content(service: FhirService, root: Path) -> PublishReport:
     new_params: set[str] = set()
     for path in content_files(root):
         resource = orjson.loads(path.read_bytes())
+        if isinstance(resource, dict) and is_topic(resource):
+            _publish_topic(service, ctx, path, resource, report)
+            continue
         if not isinstance(resource, dict) or resource.get("resourceType") not in CONTENT_TYPES:
             continue
         if not resource.get("url") or not resource.get("version"):
@@ -127,3 +131,33 @@ def publish_content(service: FhirService, root: Path) -> PublishReport:
     if new_params:
         report.reindexed = reindex(service.kernel, new_params)
     return report
+
+
+def _publish_topic(
+    service: FhirService, ctx: RequestContext, path: Path, resource: dict[str, Any], report: PublishReport
+) -> None:
+    """Publish a backported SubscriptionTopic (a ``Basic``: its url and version are extensions, so it is
+    stored under the id ``<file id>-<version>`` and found by that id)."""
+    canonical = topic_canonical(resource)
+    if canonical is None or not canonical[1] or not resource.get("id"):
+        raise ContentConflict(f"{path}: a SubscriptionTopic needs an id, a url and a version")
+    res_id = _ID_UNSAFE.sub("-", f"{resource['id']}-{canonical[1]}")[:64]
+    label = f"{canonical[0]}|{canonical[1]}"
+    with service.session(ctx) as repo:
+        found = repo.uow.current("Basic", res_id)
+        if found is not None and not found.deleted:
+            if _comparable(orjson.loads(found.body_text or "{}")) != _comparable(resource):
+                raise ContentConflict(
+                    f"{path}: SubscriptionTopic {label} is already published with other content; "
+                    "give the changed file a new version"
+                )
+            report.unchanged.append(label)
+            return
+        meta = dict(resource.get("meta") or {})
+        meta["tag"] = [*meta.get("tag", []), PUBLISHED_TAG]
+        try:
+            outcome = repo.as_server().update("Basic", res_id, {**resource, "id": res_id, "meta": meta})
+        except FhirError as error:
+            raise ContentConflict(f"{path}: {error.message}") from error
+        repo.audit("update", "Basic", res_id, version=outcome.stored.version)
+        report.created.append(label)

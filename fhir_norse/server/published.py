@@ -43,6 +43,8 @@ CONTENT_TYPES = frozenset(
     }
 )
 PUBLISHED_TAG = {"system": CS_CONTENT_TAGS, "code": "published"}
+# Published content without url and version elements: the backported SubscriptionTopics (Basic).
+PUBLISHED_OTHER_TYPES = frozenset({"Basic"})
 
 
 @cache
@@ -68,7 +70,9 @@ def is_published(resource: Mapping[str, Any]) -> bool:
 
 def refuse_change_to_published(res_type: str, body_text: str | None) -> None:
     """A published canonical version never changes: a new version is a new file in the content pack."""
-    if res_type not in canonical_types() or not body_text or '"published"' not in body_text:
+    if res_type not in canonical_types() and res_type not in PUBLISHED_OTHER_TYPES:
+        return
+    if not body_text or '"published"' not in body_text:
         return
     if is_published(orjson.loads(body_text)):
         raise MethodNotAllowed(

@@ -93,15 +93,34 @@ OPERATIONS: dict[str, Callable[[TestClient, str, str, dict[str, str]], httpx.Res
 }
 
 
-# Operations for backend services only (system scopes): a patient or practitioner token gets 403 there,
-# whatever patient it names (tests/api/test_bulk_export.py), so they reach no compartment to test here.
-SYSTEM_ONLY_OPERATIONS = frozenset({"export"})
+# Operations for backend services only (system scopes) or on types no patient's compartment holds
+# (Subscription): a patient or practitioner token gets 403 there, whatever patient it names.
+SYSTEM_ONLY_OPERATIONS: dict[str, Callable[[TestClient, dict[str, str]], httpx.Response]] = {
+    "export": lambda c, h: c.get(
+        "/fhir/$export", headers={**h, "Prefer": "respond-async", "Accept": "application/fhir+json"}
+    ),
+    "status": lambda c, h: c.get("/fhir/Subscription/$status", headers=h),
+    "events": lambda c, h: c.get("/fhir/Subscription/any/$events", headers=h),
+}
 
 
 def test_every_registered_operation_is_covered(app: FastAPI) -> None:
     registered = {o.name for o in app.state.service.operations}
-    covered = {name.split(" ")[0] for name in OPERATIONS}
-    assert registered == covered | SYSTEM_ONLY_OPERATIONS
+    covered = {name.split(" ")[0] for name in [*OPERATIONS, *SYSTEM_ONLY_OPERATIONS]}
+    assert registered == covered
+
+
+@pytest.mark.parametrize("name", SYSTEM_ONLY_OPERATIONS)
+def test_system_only_operations_refuse_restricted_tokens(
+    app: FastAPI, system_client: TestClient, world: dict[str, str], name: str
+) -> None:
+    for token in (
+        bearer(app, "patient/*.cruds", patient=world["mine"]),
+        bearer(app, "user/*.cruds", practitioner="someone"),
+    ):
+        answer = SYSTEM_ONLY_OPERATIONS[name](system_client, token)
+        assert answer.status_code == 403, (name, answer.text)
+        assert answer.json()["resourceType"] == "OperationOutcome"
 
 
 @pytest.mark.parametrize("name", [*INTERACTIONS, *OPERATIONS])
