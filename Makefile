@@ -36,8 +36,11 @@ chromium:
 node-deps:
 	tools/ensure_node_deps.sh
 
+# Test processes (pytest-xdist); each test file runs whole on one of them (its module fixtures: a browser,
+# a server, an OpenID provider). TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP) chromium node-deps debian-test-deps
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -67,7 +67,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if PG_URL:
+    # Under pytest-xdist the controller sees every worker's reports (pytest_runtest_logreport above) and
+    # writes the count; a worker, which saw only its own, does not.
+    if PG_URL and not hasattr(session.config, "workerinput"):
         LANE_FILE.parent.mkdir(parents=True, exist_ok=True)
         LANE_FILE.write_text(f"{_pg_passed}\n")
 
