@@ -53,7 +53,28 @@ LANE_FILE = Path(__file__).resolve().parents[1] / "var" / "postgres-lane.txt"
 _pg_passed = 0
 
 
+# The longest test files (browsers, server processes), longest first, start before all others: pytest-xdist
+# hands out whole files in collection order, and one of these at the end would leave the other process
+# idle for minutes.
+_LONG_FIRST = (
+    "tests/web/test_form_browser.py",
+    "tests/web/test_journey_browser.py",
+    "tests/smart/",
+    "tests/web/",
+    "tests/api/test_workers.py",
+    "tests/cli/test_cli.py",
+)
+
+
+def _long_first(item: pytest.Item) -> int:
+    path = item.path.relative_to(Path(__file__).resolve().parents[1]).as_posix()
+    return next(
+        (rank for rank, prefix in enumerate(_LONG_FIRST) if path.startswith(prefix)), len(_LONG_FIRST)
+    )
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=_long_first)  # stable: the order within each group stays
     for item in items:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and any("postgres" in str(v) for v in callspec.params.values()):

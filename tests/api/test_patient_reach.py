@@ -162,10 +162,16 @@ def test_a_task_is_reached_through_the_patient_it_is_for(
 def _subscription() -> dict[str, Any]:
     return {
         "resourceType": "Subscription",
-        "status": "active",
+        "status": "requested",
         "reason": "Alerts to the EHR",
-        "criteria": "Flag?status=active",
-        "channel": {"type": "rest-hook", "endpoint": "https://ehr.example/hook", "header": [SECRET]},
+        # A topic of this server (Subscriptions R5 Backport, R4 form: tests/api/test_subscriptions.py).
+        "criteria": "http://fhir-norse.org/fhir/SubscriptionTopic/alert",
+        "channel": {
+            "type": "rest-hook",
+            "endpoint": "https://ehr.example/hook",
+            "payload": "application/fhir+json",
+            "header": [SECRET],
+        },
     }
 
 
