@@ -37,7 +37,7 @@ SECRET = "Bearer s3cret-for-the-ehr"
 @pytest.fixture
 def app(settings: Settings) -> Iterator[FastAPI]:
     # Retries at once (no backoff) and off after three consecutive failures.
-    changed = settings.model_copy(update={"subscription_retry_base_s": 0.0, "subscription_max_failures": 3})
+    changed = settings.model_copy(update={"subscription_retry_base_s": 0.0, "subscription_max_failures": 4})
     application = create_app(changed)
     publish_questionnaires(application.state.service)
     yield application
@@ -208,13 +208,13 @@ def test_retries_deliver_once_after_failures_and_events_replay_a_gap(
     patient = create_patient(system_client)
     res_id = subscribe(system_client, subscription(hook.url))
     tick(app)
-    hook.answers.extend([500, 500])  # fewer than the three failures that set it off
+    hook.answers.extend([500, 500, 500])  # fewer than the four failures that set it off
     score(system_client, patient)
     tick(app)
     assert system_client.get(f"/fhir/Subscription/{res_id}").json()["status"] == "error"
     tick(app, 3)
     assert [r.event_numbers() for r in hook.events()] == [[1]]  # acknowledged once
-    assert len([r for r in hook.received if r.kind == "event-notification"]) == 3
+    assert len([r for r in hook.received if r.kind == "event-notification"]) == 4
     assert system_client.get(f"/fhir/Subscription/{res_id}").json()["status"] == "active"
     # A subscriber that lost event 1 asks for it again.
     replay = system_client.get(
@@ -235,10 +235,10 @@ def test_failures_set_error_then_off(system_client: TestClient, hook: Receiver, 
     tick(app)
     first = system_client.get(f"/fhir/Subscription/{res_id}").json()
     assert first["status"] == "error" and "503" in first["error"]
-    tick(app, 2)
+    tick(app, 3)
     assert system_client.get(f"/fhir/Subscription/{res_id}").json()["status"] == "off"
     tick(app)
-    assert len(hook.received) == 3  # nothing more once off
+    assert len(hook.received) == 4  # nothing more once off
     # Its owner restarts it.
     body = system_client.get(f"/fhir/Subscription/{res_id}").json() | {"status": "requested"}
     hook.answers.clear()
