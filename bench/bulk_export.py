@@ -88,7 +88,9 @@ def load(kind: str, resources: int, per_patient: int) -> float:
 def export(kind: str, file_lines: int) -> dict[str, Any]:
     """Queue and run one system-level export of Patient and Observation; its figures."""
     shutil.rmtree(EXPORT_DIR, ignore_errors=True)
-    service = build_reader(common.database_url(kind))
+    # The worker holds a job-store connection, and on PostgreSQL two more for the snapshot (module doc of
+    # fhir_norse.server.bulk.exporter): the server's pool has them, a reader's default of one does not.
+    service = build_reader(common.database_url(kind), pool_size=4)
     config = BulkExportConfig(directory=EXPORT_DIR, file_lines=file_lines, interval_s=0)
     worker = BulkExportWorker(service, config, grace_s=0.0)
     job_id = new_job_id()
