@@ -7,6 +7,7 @@ and the number of PostgreSQL tests that passed is written to ``var/postgres-lane
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import uuid
@@ -93,6 +94,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if PG_URL and not hasattr(session.config, "workerinput"):
         LANE_FILE.parent.mkdir(parents=True, exist_ok=True)
         LANE_FILE.write_text(f"{_pg_passed}\n")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _collect_garbage_per_file() -> Iterator[None]:
+    """Collect garbage after each test file, so an object it left open (a socket, a file) is reported
+    as a ResourceWarning in that file, not in whichever later test the collector happens to run in."""
+    yield
+    gc.collect()
 
 
 def _with_search_path(url: str, schema: str) -> str:
