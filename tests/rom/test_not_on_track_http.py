@@ -178,15 +178,15 @@ def test_not_on_track_is_raised_once_kept_and_resolved(app: FastAPI, client: Tes
 
     ctx = RequestContext(caller=Caller.operator(), base_url="http://testserver/fhir")
     with app.state.service.session(ctx, read_only=True) as repo:
-        report = assemble_report(repo, patient, administration=report_at[4])
-    sad_tr = next(tr for g in report.domains for tr in g.trajectories if tr.code == "sad")
+        shown = assemble_report(repo, patient, administration=report_at[4])
+    sad_tr = next(tr for g in shown.domains for tr in g.trajectories if tr.code == "sad")
     assert sad_tr.expected is not None and sad_tr.expected.intake == 6
     assert [k for k, *_ in sad_tr.expected.points] == [2, 3, 4]
     k4 = sad_tr.expected.points[-1]
     assert k4[1] == pytest.approx(6 - 1.2 * 1.3863, abs=1e-3) and k4[3] - k4[1] == pytest.approx(0.5)
-    assert {a.kind for a in report.alerts} >= {"not-on-track"}
+    assert {a.kind for a in shown.alerts} >= {"not-on-track"}
     html = ReportPages().report_html(
-        report, "en", pdf_url="/r.pdf", all_scales_url="/r?all=1", other_lang_url="/r?lang=nb"
+        shown, "en", pdf_url="/r.pdf", all_scales_url="/r?all=1", other_lang_url="/r?lang=nb"
     )
     caption = "fitted on 260 episodes of 250 patients at this clinic"
     label = next(
