@@ -80,8 +80,9 @@ ORDINAL_VALUE = "http://hl7.org/fhir/StructureDefinition/ordinalValue"
 SDC_ADAPT_PROFILE = "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-adapt"
 SDC_ADAPTIVE = "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-questionnaireAdaptive"
 PROJECT_TERMINOLOGY_VERSION = "1.0.0"
-# Project code systems whose content changed since 1.0.0 (issue 13: the elevated range, closed).
-PROJECT_CODE_SYSTEM_VERSIONS = {"rom-interpretation": "1.1.0"}
+# Project code systems whose content changed since 1.0.0 (issue 13: the elevated range, closed; issue 19:
+# not on track, the expected-recovery range).
+PROJECT_CODE_SYSTEM_VERSIONS = {"rom-interpretation": "1.2.0", "rom-alerts": "1.1.0"}
 
 ITEMS_SOURCE = Path("questionnaires/source/nf21-items.yaml")
 MAPPING = Path("mappings/nf21-2.1.0.yaml")  # what the one-off ``mapping`` subcommand writes
@@ -178,6 +179,22 @@ PROJECT_CODE_SYSTEMS: dict[str, tuple[str, str, list[_Concept]]] = {
                 "In the elevated range at every administration of the stagnation window with no "
                 "reliable change.",
             ),
+            (
+                "expected-range",
+                "Forventet område",
+                "Expected-recovery range",
+                "The type of the referenceRange that gives the expected-recovery band at this "
+                "administration for the episode's intake score (the mapping's expected_recovery, fitted "
+                "on the clinic's own finished episodes).",
+            ),
+            (
+                "not-on-track",
+                "Ikke i rute",
+                "Not on track",
+                "The score is outside the expected-recovery band on its worse side at this administration "
+                "and at the previous one: a worse course than expected for the starting point. A signal "
+                "for the clinician's attention, not a diagnosis.",
+            ),
         ],
     ),
     "rom-components": (
@@ -248,6 +265,13 @@ PROJECT_CODE_SYSTEMS: dict[str, tuple[str, str, list[_Concept]]] = {
                 "Ville ikke svare om selvmord",
                 "Declined suicidality item",
                 "The patient chose 'prefer not to answer' on a suicidality item.",
+            ),
+            (
+                "not-on-track",
+                "Ikke i rute",
+                "Not on track",
+                "A scale (or the alliance total) outside its expected-recovery band on the worse side at "
+                "two administrations in a row; resolves when the score is back inside the band.",
             ),
         ],
     ),

@@ -7,6 +7,7 @@ from fhir_norse.alerts.rules import (
     AlertDecision,
     AlertRules,
     AllianceState,
+    RecoveryState,
     ScaleState,
     evaluate_alerts,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "AlertDecision",
     "AlertRules",
     "AllianceState",
+    "RecoveryState",
     "ScaleState",
     "evaluate_alerts",
 ]

@@ -19,6 +19,11 @@ Rules (``../shared/domain/README.md``, "Change, stagnation and alerts"; issue 5,
   problem at SRS <= 36 of 40 (90 %), but on a different instrument with a strong ceiling effect; 75 % is
   this project's starting point for Norse Feedback and is meant to be tuned per site.
 * ``prefer-not-suicide``: any suicidality item answered "prefer not to answer" (not urgent by default).
+* ``not-on-track`` (issue 19; one per scale and one for the alliance total, keyed ``alliance:<total>``;
+  only where the mapping switches the signal on): the score is outside the expected-recovery band on
+  its bad side at this administration and at the previous scored one (``fhir_norse.scoring.recovery``).
+  An active one is kept while the score stays outside and resolved once it is back inside the band. Not
+  urgent, but it asks for a review (``Alert.review``: a Task for the care manager, as urgent alerts do).
 
 Identity: an alert is identified by ``(code, scale)``. An active alert whose condition still holds is
 kept (the active instance is returned, never a second one); one whose condition was evaluated and no
@@ -47,11 +52,12 @@ __all__ = [
     "AlertRules",
     "AllianceState",
     "ChangeClass",
+    "RecoveryState",
     "ScaleState",
     "evaluate_alerts",
 ]
 
-AlertCode = Literal["suicide-risk", "deterioration", "alliance-rupture", "prefer-not-suicide"]
+AlertCode = Literal["suicide-risk", "deterioration", "alliance-rupture", "prefer-not-suicide", "not-on-track"]
 # Same vocabulary as fhir_norse.scoring.change.ChangeClass (Literal types compare by value).
 ChangeClass = Literal["reliably-deteriorated", "reliably-improved", "no-reliable-change"]
 
@@ -60,16 +66,29 @@ _DETERIORATED: ChangeClass = "reliably-deteriorated"
 
 @dataclass(frozen=True)
 class Alert:
-    """One clinical alert. ``scale`` is set for per-scale alerts (deterioration, suicide-risk)."""
+    """One clinical alert. ``scale`` is set for per-scale alerts (deterioration, suicide-risk,
+    not-on-track). ``review``: ask the care manager for a review (a Task) though it is not urgent."""
 
     code: AlertCode
     scale: str | None
     urgent: bool
     reason: str
+    review: bool = False
 
     @property
     def key(self) -> tuple[AlertCode, str | None]:
         return (self.code, self.scale)
+
+
+@dataclass(frozen=True)
+class RecoveryState:
+    """A score against its expected-recovery band (the signal is on and the score could be judged):
+    ``outside`` now, ``outside_previous`` at the previous scored administration after intake (None: no
+    such administration), and the words of the reason."""
+
+    outside: bool
+    outside_previous: bool | None
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -86,6 +105,7 @@ class ScaleState:
     score: float | None
     trigger_score: float | None = None
     change_vs_previous: ChangeClass | None = None
+    recovery: RecoveryState | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +115,8 @@ class AllianceState:
     total_mean: float | None
     total_percent: float | None
     change_vs_previous: ChangeClass | None = None
+    recovery: RecoveryState | None = None
+    total_code: str = "total"
 
 
 @dataclass(frozen=True)
@@ -211,6 +233,20 @@ def evaluate_alerts(
             )
         if reasons:
             holding[key] = Alert("alliance-rupture", None, False, "; ".join(reasons))
+
+    active = list(active)
+    active_keys = {a.key for a in active}
+    tracked = [(s.scale, s.recovery) for s in scales]
+    if alliance is not None:
+        tracked.append((f"alliance:{alliance.total_code}", alliance.recovery))
+    for scale, recovery in tracked:
+        if recovery is None:
+            continue
+        key = ("not-on-track", scale)
+        evaluated.add(key)
+        # Raised at the second administration in a row outside the band; kept while it stays outside.
+        if recovery.outside and (recovery.outside_previous or key in active_keys):
+            holding[key] = Alert("not-on-track", scale, False, recovery.detail, review=True)
 
     raise_: list[Alert] = []
     keep: list[Alert] = []

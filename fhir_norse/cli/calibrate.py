@@ -17,6 +17,12 @@ and writes a file; the computation stays pure):
    (:class:`~fhir_norse.instruments.registry.InstrumentRegistry`) picks the new mapping for the same,
    unchanged Questionnaire version. A file or a version that already exists is never overwritten.
 
+With ``--expected-recovery`` (issue 19) the same pass over the responses also yields the series of
+each completed episode (:func:`recovery_sample`), and each scale's and the alliance total's
+expected-recovery curve is fitted (:mod:`fhir_norse.scoring.recovery`, at least ``--min-episodes``
+episodes) and written as its ``expected_recovery`` block; with too little data for any curve nothing is
+written (exit 1). Progress goes to stderr.
+
 Exit codes: 0 written (or, with ``--dry-run``, would be written), 1 nothing estimable or refused,
 2 bad arguments, content or settings. Wire with ``register_commands(subparsers)`` and, for
 ``args.command in COMMANDS``, ``run_command(args, settings)``.
@@ -28,8 +34,10 @@ import argparse
 import re
 import sys
 import textwrap
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -40,24 +48,31 @@ import yaml
 from fhir_norse.instruments.registry import Instrument, InstrumentRegistry, version_key
 from fhir_norse.instruments.schema import ContentError, InstrumentMapping
 from fhir_norse.scoring.calibrate import (
+    ALLIANCE_KEY_PREFIX,
     DEFAULT_MIN_COMPLETE,
     Estimate,
+    RecoveryFit,
     calibrated_mapping,
     estimate_reliabilities,
+    fit_expected_recovery,
     usable_alpha,
+    with_expected_recovery,
     write_mapping,
 )
 from fhir_norse.scoring.engine import answers_from_response
+from fhir_norse.scoring.recovery import DEFAULT_MIN_EPISODES, Episode
 
 __all__ = [
     "COMMANDS",
     "COUNTED_STATUSES",
     "Calibration",
     "CalibrationRefused",
+    "RecoverySample",
     "calibrate",
     "counts_response",
     "next_patch_version",
     "pinned_questionnaires",
+    "recovery_sample",
     "register_commands",
     "render_table",
     "run_command",
@@ -95,6 +110,9 @@ class Calibration:
     estimates: dict[str, Estimate]
     content: dict[str, Any]
     written: bool
+    # --expected-recovery: the fit per scale (and alliance:<total>) and the sample it was fitted on.
+    recovery: dict[str, RecoveryFit] = field(default_factory=dict)
+    sample: str | None = None
 
 
 # -- selecting the source mapping and the new version ----------------------------------------------
@@ -198,19 +216,14 @@ def counts_response(body: Mapping[str, Any], targets: frozenset[tuple[str, str]]
     return any(url == u for u, _ in targets)
 
 
-def _answer_sets(
-    database_url: str, targets: frozenset[tuple[str, str]], link_ids: frozenset[str]
-) -> Iterator[dict[str, str]]:
-    """The clinical-scale answers (linkId -> code) of every counted response, read in keyset pages."""
-    from urllib.parse import urlencode
-
+@contextmanager
+def _reader(database_url: str) -> Iterator[Any]:
+    """The generic server on ``database_url`` (:func:`fhir_norse.compose.build_reader`), checked to hold
+    a schema; disposed of at the end."""
     import sqlalchemy as sa
     from sqlalchemy.engine import make_url
 
-    from fhir_norse.auth.caller import Caller
     from fhir_norse.compose import build_reader
-    from fhir_norse.server.context import RequestContext
-    from fhir_norse.server.search.parse import parse_search
     from fhir_norse.store import migrate
 
     parsed = make_url(database_url)
@@ -225,30 +238,163 @@ def _answer_sets(
             raise CalibrationRefused(f"cannot open the database: {exc.__class__.__name__}: {exc}", 2) from exc
         if revision is None:
             raise CalibrationRefused("the database has no schema yet; run `fhir-norse migrate` first", 2)
-        # Counted responses of the target Questionnaires, by their canonical, in keyset pages; each page
-        # is a search of the operator through the repository (and so in the audit trail).
-        ctx = RequestContext(caller=Caller.operator(), base_url="urn:fhir-norse:calibrate")
-        params = [
-            ("status", ",".join(COUNTED_STATUSES)),
-            ("questionnaire", ",".join(sorted({url for url, _ in targets}))),
-            ("_count", str(PAGE_SIZE)),
-        ]
-        cursor: str | None = None
-        while True:
-            paged = params if cursor is None else [*params, ("_cursor", cursor)]
-            request = parse_search("QuestionnaireResponse", paged, strict=True, registry=service.registry)
-            with service.session(ctx) as repo:
-                page = repo.search(request, query=f"QuestionnaireResponse?{urlencode(paged)}")
-            for row in page.matches:
-                body = orjson.loads(row.body_text) if row.body_text else None
-                if isinstance(body, dict) and counts_response(body, targets):
-                    answers = answers_from_response(body)
-                    yield {k: sys.intern(v) for k, v in answers.items() if k in link_ids}
-            cursor = page.next_cursor
-            if cursor is None:
-                break
+        yield service
     finally:
         service.storage.engine.dispose()
+
+
+def _pages(service: Any, res_type: str, params: Sequence[tuple[str, str]]) -> Iterator[list[Any]]:
+    """The matches of a search, page by page (keyset); each page is a search of the operator through
+    the repository (and so in the audit trail)."""
+    from urllib.parse import urlencode
+
+    from fhir_norse.auth.caller import Caller
+    from fhir_norse.server.context import RequestContext
+    from fhir_norse.server.search.parse import parse_search
+
+    ctx = RequestContext(caller=Caller.operator(), base_url="urn:fhir-norse:calibrate")
+    cursor: str | None = None
+    while True:
+        paged = list(params) if cursor is None else [*params, ("_cursor", cursor)]
+        request = parse_search(res_type, paged, strict=True, registry=service.registry)
+        with service.session(ctx) as repo:
+            page = repo.search(request, query=f"{res_type}?{urlencode(paged)}")
+        yield list(page.matches)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+
+
+def _responses(service: Any, targets: frozenset[tuple[str, str]], progress: Any = None) -> Iterator[Any]:
+    """Every counted response (its stored JSON, parsed), read in keyset pages."""
+    params = [
+        ("status", ",".join(COUNTED_STATUSES)),
+        ("questionnaire", ",".join(sorted({url for url, _ in targets}))),
+        ("_count", str(PAGE_SIZE)),
+    ]
+    started = time.perf_counter()
+    read = 0
+    for matches in _pages(service, "QuestionnaireResponse", params):
+        for row in matches:
+            body = orjson.loads(row.body_text) if row.body_text else None
+            if isinstance(body, dict) and counts_response(body, targets):
+                body["id"] = row.res_id
+                yield body
+        read += len(matches)
+        if progress is not None and matches:
+            print(
+                f"calibrate: {read} responses read in {time.perf_counter() - started:.1f} s",
+                file=progress,
+                flush=True,
+            )
+
+
+def _answers(body: Mapping[str, Any], link_ids: frozenset[str]) -> dict[str, str]:
+    return {k: sys.intern(v) for k, v in answers_from_response(body).items() if k in link_ids}
+
+
+def _answer_sets(
+    database_url: str, targets: frozenset[tuple[str, str]], link_ids: frozenset[str]
+) -> Iterator[dict[str, str]]:
+    """The clinical-scale answers (linkId -> code) of every counted response, read in keyset pages."""
+    with _reader(database_url) as service:
+        for body in _responses(service, targets):
+            yield _answers(body, link_ids)
+
+
+@dataclass
+class RecoverySample:
+    """The episodes' score series per scale (and ``alliance:<total>``) and what the sample is."""
+
+    series: dict[str, list[Episode]]
+    description: str
+    n_episodes: int  # episodes in the sample (counted for a scale or not)
+
+
+def _episodes(service: Any) -> tuple[set[str], str]:
+    """The ``EpisodeOfCare/<id>`` of the sample: the finished episodes, or every stored one when none
+    is finished; and the words for it."""
+    finished: set[str] = set()
+    for matches in _pages(service, "EpisodeOfCare", [("status", "finished"), ("_count", str(PAGE_SIZE))]):
+        finished.update(f"EpisodeOfCare/{row.res_id}" for row in matches)
+    if finished:
+        return finished, "finished EpisodeOfCare"
+    every: set[str] = set()
+    for matches in _pages(service, "EpisodeOfCare", [("_count", str(PAGE_SIZE))]):
+        every.update(f"EpisodeOfCare/{row.res_id}" for row in matches)
+    return every, "every EpisodeOfCare (none is finished)"
+
+
+def _administrations(service: Any, episodes: set[str]) -> dict[str, tuple[str, str]]:
+    """DiagnosticReport id -> (episode, when) of the scored administrations in ``episodes``: the
+    ``rom-report`` that scoring wrote for each (``final`` or ``amended``), which carries the episode and
+    the time the answers were given as scoring saw them."""
+    from fhir_norse.adaptive.history import episode_of
+
+    out: dict[str, tuple[str, str]] = {}
+    params = [("status", "final,amended"), ("_count", str(PAGE_SIZE * 2))]
+    for matches in _pages(service, "DiagnosticReport", params):
+        for row in matches:
+            body = orjson.loads(row.body_text) if row.body_text else {}
+            episode = episode_of(body)
+            when = body.get("effectiveDateTime")
+            if episode in episodes and isinstance(when, str):
+                out[row.res_id] = (str(episode), when)
+    return out
+
+
+def recovery_sample(
+    database_url: str,
+    targets: frozenset[tuple[str, str]],
+    mapping: InstrumentMapping,
+    *,
+    link_ids: frozenset[str] = frozenset(),
+    answer_sets: list[dict[str, str]] | None = None,
+    progress: Any = None,
+) -> RecoverySample:
+    """The score series of the completed episodes (module doc of :mod:`fhir_norse.scoring.recovery`).
+
+    The sample: the EpisodeOfCare with status ``finished`` (when the database has none, every stored
+    episode, and the sample says so). An administration is a counted response whose scoring wrote its
+    DiagnosticReport in one of those episodes; administrations are numbered from 1 (intake) in the
+    order of the report's time within the episode, as scoring numbers a patient's history. Each is
+    scored again with ``mapping`` (the engine, :func:`~fhir_norse.scoring.score_nf21`, at the
+    instrument's precision: the scores scoring stored for the same mapping), which reads one response
+    per administration instead of its twenty-odd score Observations. When ``answer_sets`` is given,
+    the same pass appends each counted response's clinical answers (``link_ids``) to it, for alpha.
+    """
+    from fhir_norse.adaptive.history import moment
+    from fhir_norse.rom.intake import derived_id
+    from fhir_norse.scoring.engine import score_nf21
+
+    codes = [s.code for s in mapping.scales]
+    total = mapping.alliance.total
+    with _reader(database_url) as service:
+        episodes, description = _episodes(service)
+        reports = _administrations(service, episodes) if episodes else {}
+        by_episode: dict[str, list[tuple[Any, str, dict[str, float | None], float | None]]] = {}
+        patients: dict[str, str] = {}
+        for body in _responses(service, targets, progress):
+            if answer_sets is not None:
+                answer_sets.append(_answers(body, link_ids))
+            found = reports.get(derived_id(str(body["id"]), "report"))
+            if found is None:
+                continue
+            episode, when = found
+            scores = score_nf21(answers_from_response(body), mapping)
+            scales = {code: scores.scales[code].score if code in scores.scales else None for code in codes}
+            by_episode.setdefault(episode, []).append(
+                (moment(when), str(body["id"]), scales, scores.alliance.total.mean)
+            )
+            patients[episode] = str((body.get("subject") or {}).get("reference"))
+    series: dict[str, list[Episode]] = {k: [] for k in [*codes, ALLIANCE_KEY_PREFIX + total]}
+    for episode, administrations in by_episode.items():
+        administrations.sort(key=lambda a: (a[0], a[1]))
+        patient = patients[episode]
+        for code in codes:
+            series[code].append(Episode(patient, [a[2][code] for a in administrations]))
+        series[ALLIANCE_KEY_PREFIX + total].append(Episode(patient, [a[3] for a in administrations]))
+    return RecoverySample(series, description, len(by_episode))
 
 
 # -- the command ----------------------------------------------------------------------------------
@@ -265,13 +411,21 @@ def calibrate(
     output: Path | None = None,
     dry_run: bool = False,
     today: date | None = None,
+    expected_recovery: bool = False,
+    min_episodes: int = DEFAULT_MIN_EPISODES,
+    progress: Any = None,
 ) -> Calibration:
     """Estimate, and (unless ``dry_run``) write the new mapping version; see the module doc.
 
-    Raises :class:`CalibrationRefused` with the exit code when it cannot or will not write.
+    ``expected_recovery`` also fits the expected-recovery curves (at least ``min_episodes`` counted
+    episodes per scale); then nothing is written unless at least one curve could be fitted.
+    ``progress`` (a text stream) follows the reading of the episodes. Raises
+    :class:`CalibrationRefused` with the exit code when it cannot or will not write.
     """
     if min_complete < 2:
         raise CalibrationRefused(f"--min-complete must be at least 2 (got {min_complete})", 2)
+    if min_episodes < 2:
+        raise CalibrationRefused(f"--min-episodes must be at least 2 (got {min_episodes})", 2)
     folder = Path(content_dir) / "mappings"
     if not folder.is_dir():
         raise CalibrationRefused(f"no mappings/ folder in {content_dir}", 2)
@@ -290,17 +444,50 @@ def calibrate(
     assert isinstance(mapping, InstrumentMapping)  # checked by _source
     targets = frozenset(source.questionnaires())
     link_ids = frozenset(i for scale in mapping.scales for i in scale.items)
-    answer_sets = list(_answer_sets(database_url, targets, link_ids))
-    estimates = estimate_reliabilities(answer_sets, mapping, min_complete=min_complete)
+    fits: dict[str, RecoveryFit] = {}
+    sample_text: str | None = None
     when = today or datetime.now(UTC).date()
+    if expected_recovery:
+        # One pass over the responses serves both: alpha and the episodes' series.
+        answer_sets: list[dict[str, str]] = []
+        sample = recovery_sample(
+            database_url, targets, mapping, link_ids=link_ids, answer_sets=answer_sets, progress=progress
+        )
+        fits = fit_expected_recovery(sample.series, mapping, when=when, min_episodes=min_episodes)
+        sample_text = (
+            f"{sample.n_episodes} episodes ({sample.description}) of this server, read {when.isoformat()}"
+        )
+    else:
+        answer_sets = list(_answer_sets(database_url, targets, link_ids))
+    estimates = estimate_reliabilities(answer_sets, mapping, min_complete=min_complete)
     raw = yaml.load(source.path.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
     content = calibrated_mapping(
         pinned_questionnaires(raw, source), estimates, new_version=version, when=when
     )
+    if expected_recovery:
+        assert sample_text is not None
+        content = with_expected_recovery(content, fits, sample=sample_text)
     result = Calibration(
-        source, version, target, targets, len(answer_sets), estimates, content, written=False
+        source,
+        version,
+        target,
+        targets,
+        len(answer_sets),
+        estimates,
+        content,
+        written=False,
+        recovery=fits,
+        sample=sample_text,
     )
-    if not any(usable_alpha(e) is not None for e in estimates.values()):
+    fitted = sum(f.model is not None for f in fits.values())
+    if expected_recovery and not fitted:
+        raise CalibrationRefused(
+            f"too little data for an expected-recovery curve: no scale has {min_episodes} episodes with "
+            "an intake and at least 2 later scored administrations; nothing written",
+            1,
+            table=render_table(result),
+        )
+    if not expected_recovery and not any(usable_alpha(e) is not None for e in estimates.values()):
         raise CalibrationRefused(
             f"nothing estimable: no scale has {min_complete} complete administrations with a usable "
             f"alpha among {len(answer_sets)} completed or amended responses; nothing written",
@@ -320,6 +507,16 @@ def calibrate(
         subsequent_indent="#   ",
         break_on_hyphens=False,
     )
+    if expected_recovery:
+        header += textwrap.wrap(
+            f"Expected-recovery curves (issue 19, expected_recovery) of {fitted} of {len(fits)} scales "
+            f"and the alliance total, fitted on {sample_text}; the other scales keep theirs, if any. "
+            "not_on_track_signal switches the signal on per scale.",
+            width=_HEADER_WIDTH,
+            initial_indent="# ",
+            subsequent_indent="#   ",
+            break_on_hyphens=False,
+        )
     try:
         write_mapping(target, content)
     except FileExistsError as exc:
@@ -328,7 +525,18 @@ def calibrate(
         raise CalibrationRefused(f"cannot write {target}: {exc}", 2) from exc
     # write_mapping writes YAML only; the header (comments) goes in front of it.
     target.write_text("\n".join(header) + "\n" + target.read_text(encoding="utf-8"), encoding="utf-8")
-    return Calibration(source, version, target, targets, len(answer_sets), estimates, content, written=True)
+    return Calibration(
+        source,
+        version,
+        target,
+        targets,
+        len(answer_sets),
+        estimates,
+        content,
+        written=True,
+        recovery=fits,
+        sample=sample_text,
+    )
 
 
 def render_table(result: Calibration) -> str:
@@ -351,7 +559,32 @@ def render_table(result: Calibration) -> str:
             r = scale.reliability
             kept = f"{r.value:g} (kept{', assumed' if r.assumed else ''})"
         lines.append(f"{scale.code:<14} {estimate.n_items:>5} {estimate.n_complete:>8}  {alpha:<14} {kept}")
+    if result.recovery:
+        lines += _recovery_table(mapping, result.recovery, result.sample)
     return "\n".join(lines)
+
+
+def _recovery_table(
+    mapping: InstrumentMapping, fits: Mapping[str, RecoveryFit], sample: str | None
+) -> list[str]:
+    """One line per scale and the alliance total: episodes counted, and the curve and band fitted."""
+    lines = [
+        f"expected recovery ({sample}):",
+        f"{'scale':<14} {'episodes':>8} {'patients':>8}  curve at k=2..max (intake 4)       band",
+    ]
+    for key in [s.code for s in mapping.scales] + [ALLIANCE_KEY_PREFIX + mapping.alliance.total]:
+        fit = fits[key]
+        m = fit.model
+        if m is None:
+            lines.append(
+                f"{key:<14} {fit.n_counted:>8} {'':>8}  too few episodes (minimum {fit.min_episodes})"
+            )
+            continue
+        last = m.max_administration
+        curve = f"{m.expected(2, 4.0):.2f} -> {m.expected(last, 4.0):.2f} at k={last}"
+        band = f"{m.band_low:+.2f} / {m.band_high:+.2f}"
+        lines.append(f"{key:<14} {m.n_episodes:>8} {m.n_patients:>8}  {curve:<32} {band}")
+    return lines
 
 
 # -- argparse -----------------------------------------------------------------------------------
@@ -387,6 +620,20 @@ def register_commands(subparsers: Any) -> None:
         "--output", help="file to write (default <content-dir>/mappings/<instrument>-<new version>.yaml)"
     )
     parser.add_argument("--dry-run", action="store_true", help="print the estimates; write nothing")
+    parser.add_argument(
+        "--expected-recovery",
+        action="store_true",
+        help="also fit each scale's expected-recovery curve from the finished episodes (issue 19)",
+    )
+    parser.add_argument(
+        "--min-episodes",
+        type=int,
+        default=DEFAULT_MIN_EPISODES,
+        help=(
+            "episodes (an intake and >= 2 later scored administrations) a scale needs for an "
+            f"expected-recovery curve (default {DEFAULT_MIN_EPISODES})"
+        ),
+    )
 
 
 def run_command(args: argparse.Namespace, settings: Any) -> int:
@@ -402,6 +649,9 @@ def run_command(args: argparse.Namespace, settings: Any) -> int:
             min_complete=args.min_complete,
             output=Path(args.output) if args.output else None,
             dry_run=args.dry_run,
+            expected_recovery=args.expected_recovery,
+            min_episodes=args.min_episodes,
+            progress=sys.stderr,
         )
     except CalibrationRefused as exc:
         if exc.table:

@@ -14,6 +14,7 @@ example ``mappings/nf21-2.1.0.yaml: scales[3].norms.sd: must be > 0``.
 
 from __future__ import annotations
 
+from datetime import date
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
@@ -27,6 +28,7 @@ __all__ = [
     "CloseRule",
     "CodeRef",
     "ContentError",
+    "ExpectedRecovery",
     "InstrumentMapping",
     "ItemSource",
     "Scale",
@@ -105,6 +107,46 @@ class Reliability(_Model):
         return value
 
 
+class RecoveryCoefficients(_Model):
+    """``expected = intercept + log_k ln(k) + intake x + intake_log_k x ln(k)`` (k >= 2, x = intake)."""
+
+    intercept: float
+    log_k: float
+    intake: float
+    intake_log_k: float
+
+
+class RecoveryBand(_Model):
+    """The tolerance band around the expected score: residual percentiles (``low`` <= 0 <= ``high``)."""
+
+    low: float = Field(le=0)
+    high: float = Field(ge=0)
+    percentiles: tuple[float, float] = (10.0, 90.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RecoveryBand:
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise _field_error("percentiles", "must satisfy 0 <= low < high <= 100")
+        return self
+
+
+class ExpectedRecovery(_Model):
+    """An expected-recovery curve fitted by ``fhir-norse calibrate --expected-recovery`` (issue 19,
+    ``fhir_norse/scoring/recovery.py``): the form, its coefficients and band, and the sample it rests on."""
+
+    form: str = Field(min_length=1)
+    coefficients: RecoveryCoefficients
+    band: RecoveryBand
+    higher_is_worse: bool
+    max_administration: int = Field(ge=2)
+    n_patients: int = Field(ge=1)
+    n_episodes: int = Field(ge=1)
+    n_scores: int = Field(ge=1)
+    fitted: date
+    sample: str = Field(min_length=1)
+
+
 def _within_answer_range(value: float) -> float:
     if not 1 <= value <= 7:
         raise ValueError(f"must be within 1-7 (got {value:g})")
@@ -136,6 +178,14 @@ class Scale(_Model):
     )
     norms: Norms
     reliability: Reliability
+    expected_recovery: ExpectedRecovery | None = None
+    not_on_track_signal: bool = Field(
+        default=False,
+        description=(
+            "Raise the not-on-track signal (interpretation, Flag and Task) for this scale from its "
+            "expected_recovery model; off by default, and it needs the model."
+        ),
+    )
 
     @field_validator("open_if_trigger_gt", "close_if_mean_last3_lt")
     @classmethod
@@ -170,7 +220,20 @@ class Scale(_Model):
         for i, link_id in enumerate(self.reverse_keyed):
             if link_id not in self.items:
                 raise _field_error(f"reverse_keyed[{i}]", f"{link_id!r} is not one of the scale's items")
+        _check_signal(self.not_on_track_signal, self.expected_recovery, higher_is_worse=True)
         return self
+
+
+def _check_signal(on: bool, model: ExpectedRecovery | None, *, higher_is_worse: bool) -> None:
+    if on and model is None:
+        raise _field_error(
+            "not_on_track_signal",
+            "needs an expected_recovery model (fhir-norse calibrate --expected-recovery)",
+        )
+    if model is not None and model.higher_is_worse != higher_is_worse:
+        raise _field_error(
+            "expected_recovery.higher_is_worse", f"must be {str(higher_is_worse).lower()} for this score"
+        )
 
 
 class Domain(_Model):
@@ -237,6 +300,9 @@ class AllianceDefinition(_Model):
     item_max: int = 7
     max_raw: int
     change: ChangeBasis | None = None
+    # The expected-recovery curve of the alliance total (higher is better) and its signal switch.
+    expected_recovery: ExpectedRecovery | None = None
+    not_on_track_signal: bool = False
 
     @property
     def items(self) -> list[str]:
@@ -248,6 +314,7 @@ class AllianceDefinition(_Model):
             raise _field_error(
                 "max_raw", f"must be item_max x number of items = {self.item_max * len(self.items)}"
             )
+        _check_signal(self.not_on_track_signal, self.expected_recovery, higher_is_worse=False)
         return self
 
 

@@ -728,7 +728,7 @@ def assemble_plan(
     for alert in decision.raise_:
         flag = _flag(alert, patient_ref, authored, evidence(alert), instrument.alert_display(alert.code))
         plan.writes.append(PlannedWrite("Flag", flag["id"], flag))
-        if alert.urgent:
+        if alert.urgent or alert.review:
             task = _task(alert, flag, patient_ref, now, owner())
             plan.writes.append(PlannedWrite("Task", task["id"], task))
     for alert in decision.resolve:
@@ -891,14 +891,15 @@ def _flag(alert: Alert, patient_ref: str, authored: str, evidence: str, display:
 
 
 def _task(alert: Alert, flag: JsonDict, patient_ref: str, now: str, owner: JsonDict | None) -> JsonDict:
-    """The clinician's Task to review the urgent ``alert`` of ``flag`` (named as the Flag's code shows it)."""
+    """The clinician's Task to review ``alert`` of ``flag`` (named as the Flag's code shows it): urgent
+    for an urgent alert, routine for one that asks for a review (not on track, issue 19)."""
     name = str(flag["code"]["coding"][0].get("display") or alert.code)
     task: JsonDict = {
         "resourceType": "Task",
         "id": new_id(),
         "status": "requested",
         "intent": "order",
-        "priority": "urgent",
+        "priority": "urgent" if alert.urgent else "routine",
         # Coded, so an EHR finds the alert reviews with the R4 parameter Task?code=<rom-codes>|alert-review.
         "code": {
             "coding": [{"system": CS_ROM, "code": ALERT_REVIEW, "display": "Review a clinical alert"}],

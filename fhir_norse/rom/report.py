@@ -11,8 +11,9 @@ alert rules, :mod:`fhir_norse.rom.intake`):
   (the series scoring computed change over, :mod:`fhir_norse.rom.patient`);
 * per administration its Observations: scale scores (value, ``trigger-only``, ``elevated``, the change
   interpretations since the first and the previous administration, ``stagnation``, the RTI component and
-  the ``elevated-range`` referenceRange), alliance (mean, ``percent-of-max``, change since the previous),
-  preferences (``preference-values``) and the single and medication items;
+  the ``elevated-range`` referenceRange; with the mapping's expected-recovery model, the expected course
+  for the episode's intake score, :class:`ExpectedCurve`), alliance (mean, ``percent-of-max``, change
+  since the previous), preferences (``preference-values``) and the single and medication items;
 * the alert Flags (``rom-alert-flag``) in effect at the administration shown (``period.start`` at or
   before it, no ``period.end`` or one after it), with their review Task (``Task.focus``);
 * the administration's response (context, episode, the item answers of the scales asked in full,
@@ -51,10 +52,11 @@ from fhir_norse.canonicals import (
     PROFILE_REPORT,
 )
 from fhir_norse.instruments.registry import InstrumentRegistry
-from fhir_norse.instruments.schema import InstrumentMapping
+from fhir_norse.instruments.schema import ExpectedRecovery, InstrumentMapping
 from fhir_norse.outcomes import NotFound
 from fhir_norse.rom.administrations import OPEN_STATUSES, parse_instant, task_window
 from fhir_norse.rom.intake import QuestionnaireResponseIntake
+from fhir_norse.scoring.recovery import model_of
 from fhir_norse.server.repository import JsonDict, Repository, loads
 from fhir_norse.server.resources import reference_id
 from fhir_norse.server.search.typed import Where
@@ -67,6 +69,7 @@ __all__ = [
     "ChangeLine",
     "ChangeSummary",
     "DomainGroup",
+    "ExpectedCurve",
     "Header",
     "ItemAnswer",
     "OpenScale",
@@ -190,6 +193,20 @@ class Point:
 
 
 @dataclass(frozen=True, slots=True)
+class ExpectedCurve:
+    """The expected-recovery curve of a scale (issue 19) for this episode's intake score: ``points``
+    are (administration number, expected score, band low, band high) from 2 on (at 1 the curve is the
+    intake itself); the sample is the one the mapping's model was fitted on."""
+
+    intake: float
+    points: tuple[tuple[int, float, float, float], ...]
+    n_patients: int
+    n_episodes: int
+    fitted: date
+    percentiles: tuple[float, float]
+
+
+@dataclass(frozen=True, slots=True)
 class Trajectory:
     """One scale over the administrations up to the one shown."""
 
@@ -208,6 +225,7 @@ class Trajectory:
     change_previous: ChangeKind | None
     rti: float | None
     rti_reliable: ChangeKind | None
+    expected: ExpectedCurve | None = None  # when the mapping has an expected-recovery model
 
 
 @dataclass(frozen=True, slots=True)
@@ -624,6 +642,7 @@ def _trajectories(
             change_previous=_change(interp, "previous"),
             rti=rti,
             rti_reliable=rti_class,
+            expected=_expected_curve(scale.expected_recovery, points, current.number),
         )
     groups = tuple(
         DomainGroup(
@@ -634,6 +653,21 @@ def _trajectories(
         for d in mapping.domains
     )
     return tuple(g for g in groups if g.trajectories), hidden
+
+
+def _expected_curve(
+    block: ExpectedRecovery | None, points: Sequence[Point], last: int
+) -> ExpectedCurve | None:
+    """The expected course from this episode's intake score up to administration ``last`` (none
+    without a model or without a score at the intake)."""
+    if block is None or not points or points[0].number != 1 or last < 2:
+        return None
+    model = model_of(block)
+    intake = points[0].score
+    curve = tuple((k, model.expected(k, intake), *model.band(k, intake)) for k in range(2, last + 1))
+    return ExpectedCurve(
+        intake, curve, block.n_patients, block.n_episodes, block.fitted, block.band.percentiles
+    )
 
 
 def _alliance(
@@ -828,7 +862,9 @@ def _alerts(
         )
         scale = key.partition("/")[2] or None
         name = None
-        if scale is not None:
+        if scale is not None and scale.startswith("alliance:"):
+            name = Text("Samarbeidet (totalt)", "Alliance (total)")  # not-on-track of the alliance total
+        elif scale is not None:
             try:
                 name = _text(mapping.scale(scale).name)
             except KeyError:
@@ -858,7 +894,13 @@ def _alerts(
                 flag_id=str(flag["id"]),
             )
         )
-    rank = {"suicide-risk": 0, "prefer-not-suicide": 1, "deterioration": 2, "alliance-rupture": 3}
+    rank = {
+        "suicide-risk": 0,
+        "prefer-not-suicide": 1,
+        "deterioration": 2,
+        "not-on-track": 3,
+        "alliance-rupture": 4,
+    }
     out.sort(key=lambda a: (not a.urgent, rank.get(a.kind, 9), a.since, a.scale or ""))
     return tuple(out)
 

@@ -13,7 +13,11 @@ returns them) of the completed administrations, and this module
   variances (ddof = 1), or ``None`` when it cannot be estimated (fewer than 2 items, fewer than
   ``min_complete`` complete administrations, zero variance of the total);
 * writes a new mapping version in the layout of the source file, replacing each estimated scale's
-  ``reliability`` with ``{value, source, assumed: false}`` and keeping the assumed value elsewhere.
+  ``reliability`` with ``{value, source, assumed: false}`` and keeping the assumed value elsewhere;
+* with ``--expected-recovery`` (issue 19) also fits each scale's and the alliance total's
+  expected-recovery curve (:mod:`fhir_norse.scoring.recovery`) from the episodes' score series and
+  writes it as the scale's ``expected_recovery`` block (:func:`fit_expected_recovery`,
+  :func:`with_expected_recovery`).
 
 A reliability must lie strictly between 0 and 1 (``Reliability`` in the schema; reliable change needs
 ``1 - r > 0``). An alpha that rounds (to 3 decimals) to 0 or below, or to 1, cannot be used: that scale keeps
@@ -34,16 +38,21 @@ from typing import Any
 import yaml
 
 from fhir_norse.instruments.schema import AnswerHandling, InstrumentMapping, Scale
+from fhir_norse.scoring.recovery import DEFAULT_MIN_EPISODES, Episode, RecoveryModel, fit, mapping_block
 
 __all__ = [
+    "ALLIANCE_KEY_PREFIX",
     "DEFAULT_MIN_COMPLETE",
     "Estimate",
+    "RecoveryFit",
     "calibrated_mapping",
     "cronbach_alpha",
     "estimate_reliabilities",
+    "fit_expected_recovery",
     "scale_matrix",
     "score_clinical_item",
     "usable_alpha",
+    "with_expected_recovery",
     "write_mapping",
 ]
 
@@ -185,3 +194,58 @@ def write_mapping(path: Path, content: Mapping[str, Any]) -> None:
     text = yaml.safe_dump(dict(content), sort_keys=False, allow_unicode=True, width=120)
     with Path(path).open("x", encoding="utf-8") as f:
         f.write(text)
+
+
+# --- expected-recovery curves (issue 19) ------------------------------------------------------------
+
+ALLIANCE_KEY_PREFIX = "alliance:"
+
+
+@dataclass(frozen=True)
+class RecoveryFit:
+    """The expected-recovery fit of one scale (or, keyed ``alliance:<total>``, the alliance total):
+    the model (None: too few counted episodes) and how many episodes counted."""
+
+    model: RecoveryModel | None
+    n_counted: int
+    min_episodes: int
+
+
+def fit_expected_recovery(
+    episodes: Mapping[str, Sequence[Episode]],
+    mapping: InstrumentMapping,
+    *,
+    when: date,
+    min_episodes: int = DEFAULT_MIN_EPISODES,
+) -> dict[str, RecoveryFit]:
+    """One fit per scale of ``mapping`` and one for the alliance total, from the episodes' series
+    (keyed by scale code, and ``alliance:<total>``); clinical scales higher-is-worse, the alliance not."""
+    keys = [s.code for s in mapping.scales] + [ALLIANCE_KEY_PREFIX + mapping.alliance.total]
+    out: dict[str, RecoveryFit] = {}
+    for key in keys:
+        model, counted_episodes = fit(
+            episodes.get(key, ()),
+            higher_is_worse=not key.startswith(ALLIANCE_KEY_PREFIX),
+            min_episodes=min_episodes,
+            fitted=when,
+        )
+        out[key] = RecoveryFit(model, counted_episodes, min_episodes)
+    return out
+
+
+def with_expected_recovery(
+    content: Mapping[str, Any], fits: Mapping[str, RecoveryFit], *, sample: str
+) -> dict[str, Any]:
+    """``content`` (a mapping file's data) with an ``expected_recovery`` block for every fitted scale
+    and the alliance total; the others keep theirs (if any). Validated before it is returned."""
+    out = copy.deepcopy(dict(content))
+    for scale in out.get("scales") or []:
+        found = fits.get(str(scale.get("code")))
+        if found is not None and found.model is not None:
+            scale["expected_recovery"] = mapping_block(found.model, sample)
+    alliance = out.get("alliance") or {}
+    found = fits.get(ALLIANCE_KEY_PREFIX + str(alliance.get("total", "total")))
+    if found is not None and found.model is not None:
+        alliance["expected_recovery"] = mapping_block(found.model, sample)
+    InstrumentMapping.model_validate(out)
+    return out

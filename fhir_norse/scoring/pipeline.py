@@ -29,6 +29,7 @@ from fhir_norse.alerts.rules import (
     AlertDecision,
     AlertRules,
     AllianceState,
+    RecoveryState,
     evaluate_alerts,
 )
 from fhir_norse.alerts.rules import (
@@ -38,6 +39,7 @@ from fhir_norse.instruments.registry import Instrument
 from fhir_norse.instruments.schema import InstrumentMapping, SumScoreMapping
 from fhir_norse.scoring.change import ScaleChange, scale_change, scale_change_for
 from fhir_norse.scoring.engine import Nf21Scores, answers_from_response, score_nf21
+from fhir_norse.scoring.recovery import RecoveryCheck, check, model_of
 from fhir_norse.scoring.resources import AdministrationResources, build_administration
 from fhir_norse.scoring.sums import SumScore, score_sum, submitted_total
 
@@ -68,6 +70,43 @@ class ScoredAdministration:
     resources: AdministrationResources
     alerts: AlertDecision
     warnings: tuple[str, ...]
+    # Scale code (and ``alliance:<total>``) -> the score against its expected-recovery band, where the
+    # mapping switches the not-on-track signal on (issue 19).
+    recovery: Mapping[str, RecoveryCheck] = field(default_factory=dict)
+
+
+def _recovery_checks(
+    mapping: InstrumentMapping, scores: Nf21Scores, history: Sequence[PriorAdministration]
+) -> dict[str, RecoveryCheck]:
+    """The current administration against each expected-recovery curve whose signal is switched on;
+    the series is the episode's administrations so far (intake first), as the curve was fitted on."""
+    out: dict[str, RecoveryCheck] = {}
+    for scale in mapping.scales:
+        if not scale.not_on_track_signal or scale.expected_recovery is None:
+            continue
+        current = scores.scales.get(scale.code)
+        series = [p.scales.get(scale.code) for p in history] + [None if current is None else current.score]
+        found = check(model_of(scale.expected_recovery), series)
+        if found is not None:
+            out[scale.code] = found
+    alliance = mapping.alliance
+    if alliance.not_on_track_signal and alliance.expected_recovery is not None:
+        series = [p.alliance.get(alliance.total) for p in history] + [scores.alliance.total.mean]
+        found = check(model_of(alliance.expected_recovery), series)
+        if found is not None:
+            out[f"alliance:{alliance.total}"] = found
+    return out
+
+
+def _recovery_state(name: str, found: RecoveryCheck | None, higher_is_worse: bool) -> RecoveryState | None:
+    if found is None:
+        return None
+    side = "above" if higher_is_worse else "below"
+    detail = (
+        f"{name}: {side} the expected-recovery band ({found.low:.2f}-{found.high:.2f} at administration "
+        f"{found.k}, intake {found.intake:g}) at two administrations in a row"
+    )
+    return RecoveryState(found.outside, found.outside_previous, detail)
 
 
 def _alliance_changes(
@@ -113,6 +152,7 @@ def _nf21_alerts(
     changes: Mapping[str, ScaleChange],
     alliance_changes: Mapping[str, ScaleChange],
     active: Sequence[Alert],
+    recovery: Mapping[str, RecoveryCheck] | None = None,
 ) -> AlertDecision:
     if mapping.alerts is None:
         return AlertDecision((), tuple(active), ())
@@ -122,21 +162,26 @@ def _nf21_alerts(
         alliance_floor_percent=mapping.alerts.alliance_floor_percent,
         prefer_not_urgent=mapping.alerts.prefer_not_urgent,
     )
+    recovery = recovery or {}
     states = [
         AlertScaleState(
             scale=code,
             score=s.score,
             trigger_score=s.trigger_problem_score,
             change_vs_previous=changes[code].change_previous if code in changes else None,
+            recovery=_recovery_state(mapping.scale(code).name.en, recovery.get(code), True),
         )
         for code, s in scores.scales.items()
     ]
     total = scores.alliance.total
     total_change = alliance_changes.get(total.code)
+    total_key = f"alliance:{mapping.alliance.total}"
     alliance = AllianceState(
         total_mean=total.mean,
         total_percent=total.percent,
         change_vs_previous=None if total_change is None else total_change.change_previous,
+        recovery=_recovery_state("alliance total", recovery.get(total_key), False),
+        total_code=mapping.alliance.total,
     )
     prefer_not = [
         link_id for link_id, code in answers.items() if code == mapping.answer_handling.prefer_not.code
@@ -176,6 +221,7 @@ _ALERT_NAMES = {
     "deterioration": "reliable deterioration since last time",
     "alliance-rupture": "alliance rupture",
     "prefer-not-suicide": "suicidality items not answered",
+    "not-on-track": "not on track (a worse course than expected for the starting point)",
 }
 
 
@@ -230,6 +276,7 @@ def score_administration(
             for code, s in scores.scales.items()
         }
         alliance_changes = _alliance_changes(mapping, scores, history)
+        recovery = _recovery_checks(mapping, scores, history)
         resources = build_administration(
             closing=_closing_states(mapping, scores, history),
             response_ref=response_ref,
@@ -242,11 +289,12 @@ def score_administration(
             mapping=mapping,
             issued=issued,
             terminology=instrument.terminology,
+            recovery=recovery,
         )
-        decision = _nf21_alerts(mapping, scores, answers, changes, alliance_changes, active_alerts)
+        decision = _nf21_alerts(mapping, scores, answers, changes, alliance_changes, active_alerts, recovery)
         _conclude_alerts(resources, decision)
         return ScoredAdministration(
-            instrument, scores, (), changes, alliance_changes, resources, decision, scores.warnings
+            instrument, scores, (), changes, alliance_changes, resources, decision, scores.warnings, recovery
         )
     score = score_sum(answers, mapping, submitted_total(response, mapping))
     resources = build_administration(

@@ -37,6 +37,11 @@ Decisions:
   (``min + max - score`` for an item worded as a resource), so ``value`` always reads as the wording.
 * Change interpretations carry a ``text`` naming the baseline ("since the first administration" /
   "since the previous administration"), so the two classifications can both be recorded.
+* Expected recovery (issue 19, where the mapping switches the not-on-track signal on and the score can
+  be judged: an intake and a later administration): a ``referenceRange`` of type
+  ``rom-interpretation#expected-range`` (the tolerance band around the expected score for this
+  administration and intake) and, when the score is outside it at this administration and the previous
+  scored one, the interpretation ``not-on-track``.
 * Codes and displays of scales and alliance dimensions come from the mapping when given (``name.nb``
   is the CodeSystem display, ``name.en`` the text); without it only the code is written.
 
@@ -73,6 +78,7 @@ from fhir_norse.instruments.terminology import Terminology
 from fhir_norse.scoring.change import ScaleChange, elevated_cutoff
 from fhir_norse.scoring.engine import AllianceScore, Nf21Scores, ScaleScore, SingleItemScore
 from fhir_norse.scoring.precision import at_precision
+from fhir_norse.scoring.recovery import RecoveryCheck
 from fhir_norse.scoring.sums import SumScore
 
 # LOINC is re-exported for fhir_norse.rom.intake, which imports it from here (canonicals is its home).
@@ -248,6 +254,7 @@ def _scale_observation(
     mapping: InstrumentMapping | None,
     elevated: bool | None,
     closing: ScaleState | None = None,
+    recovery: RecoveryCheck | None = None,
 ) -> Resource | None:
     if score.score is None:
         return None
@@ -291,11 +298,50 @@ def _scale_observation(
         change_components, change_interpretations = _change_parts(change)
         components += change_components
         interpretations += change_interpretations
+    interpretations += _not_on_track(recovery)
     if interpretations:
         obs["interpretation"] = interpretations
-    obs["referenceRange"] = [_score_range(mapping), *_elevated_range(score.scale, change, mapping)]
+    obs["referenceRange"] = [
+        _score_range(mapping),
+        *_elevated_range(score.scale, change, mapping),
+        *_expected_range(recovery),
+    ]
     obs["component"] = components
     return obs
+
+
+def _not_on_track(recovery: RecoveryCheck | None) -> list[dict[str, Any]]:
+    if recovery is None or not recovery.not_on_track:
+        return []
+    return [
+        _interpretation(
+            "not-on-track",
+            "Not on track: outside the expected-recovery band at this and the previous administration",
+        )
+    ]
+
+
+def _expected_range(recovery: RecoveryCheck | None) -> list[dict[str, Any]]:
+    """The expected-recovery band at this administration (module doc), when the signal judged it."""
+    if recovery is None:
+        return []
+    return [
+        {
+            "low": _score(round(recovery.low, 2)),
+            "high": _score(round(recovery.high, 2)),
+            "type": {
+                "coding": [
+                    {"system": CS_INTERPRETATION, "code": "expected-range", "display": "Forventet område"}
+                ],
+                "text": "Expected-recovery range",
+            },
+            "text": (
+                f"Expected-recovery range at administration {recovery.k} for an intake of "
+                f"{recovery.intake:g}: {recovery.low:.2f}-{recovery.high:.2f} "
+                f"(expected {recovery.expected:.2f})"
+            ),
+        }
+    ]
 
 
 def _moving_average(closing: ScaleState | None, mapping: InstrumentMapping | None) -> float | None:
@@ -349,7 +395,11 @@ def _score_range(mapping: InstrumentMapping | None) -> dict[str, Any]:
 
 
 def _alliance_observation(
-    ctx: _Context, score: AllianceScore, change: ScaleChange | None, mapping: InstrumentMapping | None
+    ctx: _Context,
+    score: AllianceScore,
+    change: ScaleChange | None,
+    mapping: InstrumentMapping | None,
+    recovery: RecoveryCheck | None = None,
 ) -> Resource | None:
     if score.mean is None:
         return None
@@ -377,6 +427,10 @@ def _alliance_observation(
         components += [c for c in change_components if c["code"]["coding"][0]["code"] != "rti"]
         if change_interpretations:
             obs["interpretation"] = change_interpretations
+    if recovery is not None:
+        if flagged := _not_on_track(recovery):
+            obs["interpretation"] = [*obs.get("interpretation", []), *flagged]
+        obs["referenceRange"] = _expected_range(recovery)
     obs["component"] = components
     return obs
 
@@ -532,6 +586,7 @@ def build_administration(
     issued: str | None = None,
     terminology: Terminology | None = None,
     closing: Mapping[str, ScaleState] | None = None,
+    recovery: Mapping[str, RecoveryCheck] | None = None,
 ) -> AdministrationResources:
     """The Observations, panel and DiagnosticReport for one scored administration.
 
@@ -547,6 +602,7 @@ def build_administration(
         raise ValueError(f"response_ref must be a versioned reference (got {response_ref!r})")
     changes = changes or {}
     closing = closing or {}
+    recovery = recovery or {}
     alliance_changes = alliance_changes or {}
     sum_mappings = sum_mappings or {}
     if id_factory is None and id_for is None:
@@ -563,11 +619,18 @@ def build_administration(
             change = changes.get(code)
             elevated[code] = _elevated(score, change, mapping)
             state = closing.get(code)
-            if (obs := _scale_observation(ctx, score, change, mapping, elevated[code], state)) is not None:
+            judged = recovery.get(code)
+            if (
+                obs := _scale_observation(ctx, score, change, mapping, elevated[code], state, judged)
+            ) is not None:
                 scale_obs.append(obs)
         alliance_scores = [*scores.alliance.dimensions.values(), scores.alliance.total]
+        total = scores.alliance.total.code
         for a in alliance_scores:
-            if (obs := _alliance_observation(ctx, a, alliance_changes.get(a.code), mapping)) is not None:
+            judged = recovery.get(f"alliance:{a.code}") if a.code == total else None
+            if (
+                obs := _alliance_observation(ctx, a, alliance_changes.get(a.code), mapping, judged)
+            ) is not None:
                 alliance_obs.append(obs)
         for link_id, value in scores.preferences.items():
             if (obs := _preference_observation(ctx, link_id, value)) is not None:

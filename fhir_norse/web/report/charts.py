@@ -11,7 +11,9 @@ Meaning never rides on colour alone (WCAG 2.2, 1.4.1 Use of Color):
 * trajectory: full administrations are filled circles, trigger-only (closed) ones hollow squares; a
   reliable deterioration since the previous administration is an upward triangle above the point, a
   reliable improvement a downward triangle below it; the elevated range is shaded *and* labelled in the
-  plot; the norm mean is a dashed rule with a label;
+  plot; the norm mean is a dashed rule with a label; the expected-recovery course (issue 19), when the
+  mapping has a model, is a dotted line from the intake with its tolerance band hatched in grey behind
+  the patient's line, and labelled "expected" at its end;
 * alliance: this administration's bars are solid, the previous one's outlined, each labelled with its
   percent; the floor is a labelled dashed rule; a rupture is a warning triangle and the word beside the
   total.
@@ -40,6 +42,8 @@ LINE = "#0b5394"
 ELEVATED_FILL = "#f4c7a1"
 ELEVATED_TEXT = "#7a3300"
 NORM = "#555555"
+EXPECTED = "#6b6b6b"
+EXPECTED_FILL = "#d9d9d9"
 DETERIORATION = "#b3261e"
 IMPROVEMENT = "#1b6e3a"
 PREVIOUS = "#ffffff"
@@ -59,6 +63,7 @@ class ChartWords:
     previous: str
     floor: str
     rupture: str
+    expected: str = "expected"
 
 
 # Vega's ARIA on mark containers, which ``aria: false`` does not remove from every group.
@@ -145,6 +150,31 @@ def trajectory_svg(trajectory: Trajectory, words: ChartWords, *, width: int = 30
         .encode(y=alt.Y("mean:Q", scale=y_scale), x=alt.value(width), text="label:N")
     )
     x = alt.X("n:Q", scale=x_scale, axis=x_axis)
+    behind: list[Any] = []
+    if trajectory.expected is not None:
+        curve = trajectory.expected
+        rows = [{"n": 1, "mid": curve.intake, "low": curve.intake, "high": curve.intake}] + [
+            {
+                "n": k,
+                "mid": mid,
+                "low": max(lo, trajectory.scale_min - 0.5),
+                "high": min(hi, trajectory.scale_max + 0.5),
+            }
+            for k, mid, lo, hi in curve.points
+            if k <= max(numbers)
+        ]
+        expected_data = _data(rows)
+        behind = [
+            alt.Chart(expected_data)
+            .mark_area(color=EXPECTED_FILL, opacity=0.6)
+            .encode(x=x, y=alt.Y("low:Q", scale=y_scale), y2="high:Q"),
+            alt.Chart(expected_data)
+            .mark_line(color=EXPECTED, strokeDash=[2, 2], strokeWidth=1.5)
+            .encode(x=x, y=alt.Y("mid:Q", scale=y_scale)),
+            alt.Chart(_data([{**rows[-1], "label": words.expected}]))
+            .mark_text(align="left", dx=4, fontSize=9, color=EXPECTED)
+            .encode(x=x, y=alt.Y("mid:Q", scale=y_scale), text="label:N"),
+        ]
     line = alt.Chart(data).mark_line(color=LINE, strokeWidth=2).encode(x=x, y=alt.Y("score:Q", scale=y_scale))
     full = (
         alt.Chart(data)
@@ -174,9 +204,9 @@ def trajectory_svg(trajectory: Trajectory, words: ChartWords, *, width: int = 30
         )
         .encode(x=x, y=alt.Y("marker:Q", scale=y_scale))
     )
-    chart = alt.layer(band, band_label, norm, norm_label, line, full, trigger_only, worse, better).properties(
-        width=width, height=height
-    )
+    chart = alt.layer(
+        band, band_label, norm, norm_label, *behind, line, full, trigger_only, worse, better
+    ).properties(width=width, height=height)
     return _render(_config(chart))
 
 

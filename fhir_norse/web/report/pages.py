@@ -138,6 +138,7 @@ class ReportPages:
             previous=t["previous"],
             floor=t["floor"],
             rupture=t["rupture"],
+            expected=t["col_expected"].split(" ")[0].lower(),
         )
         h = report.header
         context = {
@@ -174,6 +175,7 @@ class ReportPages:
                 }
                 for g in report.domains
             ],
+            "any_expected": any(tr.expected is not None for g in report.domains for tr in g.trajectories),
             "hidden_scales": t["hidden_scales"].format(n=report.hidden_scales)
             if report.hidden_scales
             else None,
@@ -338,6 +340,23 @@ class ReportPages:
         )
         if tr.stagnation:
             label += " " + t["stagnation"]
+        expected = None
+        by_number: dict[int, str] = {}
+        if tr.expected is not None:
+            curve = tr.expected
+            lo, hi = curve.percentiles
+            expected = t["expected_caption"].format(
+                intake=format_number(curve.intake, lang, 2),
+                lo=lo,
+                hi=hi,
+                episodes=curve.n_episodes,
+                patients=curve.n_patients,
+                date=format_date(curve.fitted, lang),
+            )
+            label += " " + expected
+            for k, mid, low, high in curve.points:
+                band = f"{format_number(low, lang, 2)} {DASH} {format_number(high, lang, 2)}"
+                by_number[k] = f"{format_number(mid, lang, 2)} ({band})"
         return {
             "code": tr.code,
             "name": name,
@@ -345,8 +364,10 @@ class ReportPages:
             "label": label,
             "latest": t["not_scored"] if tr.latest is None else t["latest"].format(score=latest),
             "stagnation": tr.stagnation,
+            "expected": expected,
             "rows": [
                 {
+                    "expected": by_number.get(p.number, ""),
                     "n": p.number,
                     "date": format_date(p.date, lang),
                     "score": format_number(p.score, lang, 2),

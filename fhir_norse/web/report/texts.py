@@ -72,6 +72,16 @@ TEXTS: Mapping[str, Mapping[str, str]] = {
         "legend_worse": "▲ over punktet: pålitelig forverring siden forrige rapport",
         "legend_better": "▼ under punktet: pålitelig bedring siden forrige rapport",
         "legend_band": "skravert felt øverst: forhøyet område; stiplet linje: normgjennomsnitt",
+        "legend_expected": (
+            "prikket linje i grått felt: forventet forløp ut fra startskåren, tilpasset på klinikkens egne "
+            "avsluttede forløp (der en modell finnes)"
+        ),
+        "expected_caption": (
+            "Forventet forløp for startskår {intake} (grått felt: {lo:g}. til {hi:g}. persentil), "
+            "tilpasset på {episodes} forløp hos {patients} pasienter ved denne klinikken, {date}. "
+            "Et signal til oppmerksomhet, ikke en diagnose."
+        ),
+        "col_expected": "Forventet (område)",
         "hidden_scales": "{n} skalaer som aldri er besvart i sin helhet, er ikke vist.",
         "chart_label": (
             "{name}: skår {latest} ved rapport {n}. Forhøyet område fra {low} til {high}. "
@@ -118,6 +128,7 @@ TEXTS: Mapping[str, Mapping[str, str]] = {
         "alert_deterioration": "Pålitelig forverring: {scale}",
         "alert_alliance-rupture": "Brudd i samarbeidet",
         "alert_prefer-not-suicide": "«Vil ikke svare» på selvmordstanker",
+        "alert_not-on-track": "Ikke i rute (dårligere forløp enn forventet ut fra startnivået): {scale}",
         "task_requested": "ikke påbegynt",
         "task_received": "mottatt",
         "task_accepted": "akseptert",
@@ -206,6 +217,16 @@ TEXTS: Mapping[str, Mapping[str, str]] = {
         "legend_worse": "▲ above a point: reliable deterioration since the previous report",
         "legend_better": "▼ below a point: reliable improvement since the previous report",
         "legend_band": "shaded band at the top: elevated range; dashed line: norm mean",
+        "legend_expected": (
+            "dotted line in a grey band: the expected course for the intake score, fitted on this clinic's "
+            "own finished episodes (where a model exists)"
+        ),
+        "expected_caption": (
+            "Expected course for an intake score of {intake} (grey band: {lo:g}th-{hi:g}th percentile), "
+            "fitted on {episodes} episodes of {patients} patients at this clinic, {date}. A signal for "
+            "attention, not a diagnosis."
+        ),
+        "col_expected": "Expected (range)",
         "hidden_scales": "{n} scales never asked in full are not shown.",
         "chart_label": (
             "{name}: score {latest} at report {n}. Elevated range {low} to {high}. Norm mean {norm}. {points}"
@@ -251,6 +272,7 @@ TEXTS: Mapping[str, Mapping[str, str]] = {
         "alert_deterioration": "Reliable deterioration: {scale}",
         "alert_alliance-rupture": "Alliance rupture",
         "alert_prefer-not-suicide": "'Prefer not to answer' on suicidality",
+        "alert_not-on-track": "Not on track (a worse course than expected for the starting point): {scale}",
         "task_requested": "not started",
         "task_received": "received",
         "task_accepted": "accepted",
@@ -287,12 +309,14 @@ ALERT_SHORT: Mapping[str, Mapping[str, str]] = {
         "deterioration": "Forverring",
         "alliance-rupture": "Brudd i samarbeidet",
         "prefer-not-suicide": "«Vil ikke svare» på selvmordstanker",
+        "not-on-track": "Ikke i rute",
     },
     "en": {
         "suicide-risk": "Suicide risk",
         "deterioration": "Deterioration",
         "alliance-rupture": "Alliance rupture",
         "prefer-not-suicide": "'Prefer not to answer' on suicidality",
+        "not-on-track": "Not on track",
     },
 }
 
