@@ -1,7 +1,7 @@
 """Issue 19: calibrating expected-recovery curves on 1,000 episodes x 20 administrations, and the signal.
 
     python -m bench.expected_recovery sqlite|postgresql [--episodes 1000] [--administrations 20]
-                                      [--skip-load]
+                                      [--skip-load] [--band LOW,HIGH]
 
 1. The benchmark database (``bench.common``: SQLite ``var/bench/bench.sqlite3`` or PostgreSQL schema
    ``bench``) is recreated with the real migrations and loaded with the seeded synthetic cohort of
@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--episodes", type=int, default=1000)
     parser.add_argument("--administrations", type=int, default=20)
     parser.add_argument("--skip-load", action="store_true")
+    parser.add_argument(
+        "--band", default="10,90", help="the band's residual percentiles, as calibrate --band (default 10,90)"
+    )
     args = parser.parse_args(argv)
     url = common.database_url(args.database)
     cases = cohort(SEED, args.episodes, args.administrations)
@@ -111,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         common.log(f"loaded {written:,} resources in {load_s:.1f} s")
 
     started = time.perf_counter()
-    result = calibrate(url, CONTENT, from_version="2.2.0", expected_recovery=True, progress=sys.stderr)
+    low, high = (float(part) for part in args.band.split(","))
+    result = calibrate(
+        url, CONTENT, from_version="2.2.0", expected_recovery=True, band=(low, high), progress=sys.stderr
+    )
     calibrate_s = time.perf_counter() - started
     common.log(f"calibrated in {calibrate_s:.1f} s: wrote {result.output}")
 
@@ -132,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "database": args.database,
         "episodes": args.episodes,
         "administrations": args.administrations,
+        "band_percentiles": [low, high],
         "resources_loaded": written,
         "load_s": None if load_s is None else round(load_s, 1),
         "calibrate_s": round(calibrate_s, 1),
@@ -143,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         "signal_alliance_fresh_cohort": rates(total, [(e.course, list(e.alliance)) for e in fresh]),
         "code": common.code_version(),
     }
-    path = common.write_json(f"expected-recovery-{args.database}.json", figures)
+    suffix = "" if (low, high) == (10.0, 90.0) else f"-band{low:g}-{high:g}"
+    path = common.write_json(f"expected-recovery-{args.database}{suffix}.json", figures)
     for key in ("signal_sad_in_sample_db", "signal_sad_fresh_cohort", "signal_alliance_fresh_cohort"):
         print(key, figures[key])
     print(f"calibrate {calibrate_s:.1f} s for {result.n_responses:,} responses; figures in {path}")

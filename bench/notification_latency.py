@@ -1,8 +1,8 @@
 """Subscription notification latency: from a scored response's commit to the subscriber's receipt.
 
     python -m bench.notification_latency [--base-url URL --token TOKEN | --spawn sqlite|postgres]
-                                         [--rate 50] [--seconds 20] [--writers 8]
-                                         [--content id-only] [--json OUT]
+                                         [--source response|report] [--rate 50] [--seconds 20]
+                                         [--writers 8] [--content id-only] [--json OUT]
 
 Against a running server (``--base-url`` and a ``system/*.cruds`` ``--token``; the content pack
 published, the delivery worker on: ``FHIR_NORSE_SUBSCRIPTION_INTERVAL_S`` > 0), or one this script
@@ -13,9 +13,13 @@ PostgreSQL schema ``bench_notify``, both emptied first):
    notification arrives (``time.monotonic``) and the DiagnosticReports it names;
 2. a Patient, and a Subscription to the ``scored-administration`` topic filtered on that patient, with
    the chosen content level; the handshake is awaited;
-3. completed PHQ-9 responses posted open-loop at ``--rate`` per second for ``--seconds`` by ``--writers``
-   threads (each request is sent at its scheduled moment, late requests are not dropped); for each
-   ``201`` the DiagnosticReport its scoring writes is known (its id derives from the response's);
+3. commits that fire the topic, posted open-loop at ``--rate`` per second for ``--seconds`` by
+   ``--writers`` threads (each request is sent at its scheduled moment, late requests are not dropped):
+   ``--source response`` (the default) posts completed PHQ-9 responses, which the server scores, and
+   the DiagnosticReport its scoring writes is known from the ``201`` (its id derives from the
+   response's); ``--source report`` posts a rom DiagnosticReport itself, the same topic's trigger
+   without the scoring, so that the delivery path is measured at rates the scoring cannot sustain on a
+   small machine;
 4. latency per report: receipt minus the moment the ``201`` arrived (the commit came before it, so this
    is slightly less than commit-to-receipt) and receipt minus the moment the POST was sent (more than
    commit-to-receipt): p50/p90/p99/max of both, the notifications missing after a 60 s grace, and the
@@ -49,6 +53,7 @@ BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
 TOPIC = "http://fhir-norse.org/fhir/SubscriptionTopic/scored-administration"
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 PG_SCHEMA = "bench_notify"
+ROM_CODES = "http://fhir-norse.org/fhir/CodeSystem/rom-codes"
 
 
 class Subscriber:
@@ -116,7 +121,28 @@ def _reset(kind: str) -> str:
     return url
 
 
-def run(base: str, token: str, *, rate: float, seconds: float, writers: int, content: str) -> dict[str, Any]:
+def _report(patient: str) -> dict[str, Any]:
+    """A feedback report as the scoring writes it, as far as the topic looks: category ``rom``."""
+    return {
+        "resourceType": "DiagnosticReport",
+        "status": "final",
+        "category": [{"coding": [{"system": ROM_CODES, "code": "rom"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "11506-3"}]},
+        "subject": {"reference": f"Patient/{patient}"},
+        "issued": "2026-12-07T10:00:00+01:00",
+    }
+
+
+def run(
+    base: str,
+    token: str,
+    *,
+    rate: float,
+    seconds: float,
+    writers: int,
+    content: str,
+    source: str = "response",
+) -> dict[str, Any]:
     subscriber = Subscriber()
     auth = {"Authorization": f"Bearer {token}", **FHIR_JSON}
     try:
@@ -153,7 +179,13 @@ def run(base: str, token: str, *, rate: float, seconds: float, writers: int, con
                 if time.monotonic() > deadline:
                     raise RuntimeError("no handshake within 30 s: is the delivery worker on?")
                 time.sleep(0.05)
-            body = response(PHQ9, {item: "LA6568-5" for item in PHQ9_ITEMS}, patient=patient)
+            if source == "response":
+                target, body = (
+                    "QuestionnaireResponse",
+                    response(PHQ9, {item: "LA6568-5" for item in PHQ9_ITEMS}, patient=patient),
+                )
+            else:
+                target, body = "DiagnosticReport", _report(patient)
             total = int(rate * seconds)
             sent: dict[str, tuple[float, float]] = {}  # report id -> (sent, answered)
             failed = 0
@@ -166,13 +198,14 @@ def run(base: str, token: str, *, rate: float, seconds: float, writers: int, con
                 if delay > 0:
                     time.sleep(delay)
                 began = time.monotonic()
-                answer = client.post(f"{base}/QuestionnaireResponse", json=body)
+                answer = client.post(f"{base}/{target}", json=body)
                 answered = time.monotonic()
                 with lock:
                     if answer.status_code != 201:
                         failed += 1
                         return
-                    sent[derived_id(answer.json()["id"], "report")] = (began, answered)
+                    made = answer.json()["id"]
+                    sent[derived_id(made, "report") if source == "response" else made] = (began, answered)
 
             with ThreadPoolExecutor(writers) as pool:
                 list(pool.map(post, range(total)))
@@ -198,6 +231,7 @@ def run(base: str, token: str, *, rate: float, seconds: float, writers: int, con
     return {
         "target_rate": rate,
         "achieved_rate": round(len(sent) / elapsed, 1) if elapsed > 0 else 0.0,
+        "source": source,
         "responses": len(sent),
         "failed_posts": failed,
         "missing": missing,
@@ -215,7 +249,8 @@ def markdown(figures: dict[str, Any]) -> str:
 
     return "\n".join(
         [
-            f"Notification latency, {figures['responses']} scored responses at "
+            f"Notification latency, {figures['responses']} "
+            f"{'scored responses' if figures.get('source', 'response') == 'response' else 'rom reports'} at "
             f"{figures['achieved_rate']}/s (target {figures['target_rate']}/s), "
             f"content {figures['content']}; "
             f"missing {figures['missing']}, duplicates {figures['duplicates']}, "
@@ -234,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-url", default=os.environ.get("FHIR_NORSE_BENCH_BASE_URL"))
     parser.add_argument("--token", default=os.environ.get("FHIR_NORSE_BENCH_TOKEN"))
     parser.add_argument("--spawn", choices=["sqlite", "postgres"], default=None)
+    parser.add_argument("--source", choices=["response", "report"], default="response")
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--writers", type=int, default=8)
@@ -255,7 +291,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --base-url and --token (or FHIR_NORSE_BENCH_BASE_URL/_TOKEN), or --spawn")
     try:
         figures = run(
-            base, token, rate=args.rate, seconds=args.seconds, writers=args.writers, content=args.content
+            base,
+            token,
+            rate=args.rate,
+            seconds=args.seconds,
+            writers=args.writers,
+            content=args.content,
+            source=args.source,
         )
     finally:
         if server is not None:

@@ -60,7 +60,7 @@ from fhir_norse.scoring.calibrate import (
     write_mapping,
 )
 from fhir_norse.scoring.engine import answers_from_response
-from fhir_norse.scoring.recovery import DEFAULT_MIN_EPISODES, Episode
+from fhir_norse.scoring.recovery import DEFAULT_BAND_PERCENTILES, DEFAULT_MIN_EPISODES, Episode
 
 __all__ = [
     "COMMANDS",
@@ -413,12 +413,14 @@ def calibrate(
     today: date | None = None,
     expected_recovery: bool = False,
     min_episodes: int = DEFAULT_MIN_EPISODES,
+    band: tuple[float, float] = DEFAULT_BAND_PERCENTILES,
     progress: Any = None,
 ) -> Calibration:
     """Estimate, and (unless ``dry_run``) write the new mapping version; see the module doc.
 
     ``expected_recovery`` also fits the expected-recovery curves (at least ``min_episodes`` counted
-    episodes per scale); then nothing is written unless at least one curve could be fitted.
+    episodes per scale), its band bounded by the residual percentiles ``band`` (low, high); then nothing
+    is written unless at least one curve could be fitted.
     ``progress`` (a text stream) follows the reading of the episodes. Raises
     :class:`CalibrationRefused` with the exit code when it cannot or will not write.
     """
@@ -426,6 +428,8 @@ def calibrate(
         raise CalibrationRefused(f"--min-complete must be at least 2 (got {min_complete})", 2)
     if min_episodes < 2:
         raise CalibrationRefused(f"--min-episodes must be at least 2 (got {min_episodes})", 2)
+    if not 0 <= band[0] < band[1] <= 100:
+        raise CalibrationRefused(f"--band must be LOW,HIGH with 0 <= LOW < HIGH <= 100 (got {band})", 2)
     folder = Path(content_dir) / "mappings"
     if not folder.is_dir():
         raise CalibrationRefused(f"no mappings/ folder in {content_dir}", 2)
@@ -453,7 +457,9 @@ def calibrate(
         sample = recovery_sample(
             database_url, targets, mapping, link_ids=link_ids, answer_sets=answer_sets, progress=progress
         )
-        fits = fit_expected_recovery(sample.series, mapping, when=when, min_episodes=min_episodes)
+        fits = fit_expected_recovery(
+            sample.series, mapping, when=when, min_episodes=min_episodes, percentiles=band
+        )
         sample_text = (
             f"{sample.n_episodes} episodes ({sample.description}) of this server, read {when.isoformat()}"
         )
@@ -634,6 +640,27 @@ def register_commands(subparsers: Any) -> None:
             f"expected-recovery curve (default {DEFAULT_MIN_EPISODES})"
         ),
     )
+    parser.add_argument(
+        "--band",
+        type=_band,
+        default=DEFAULT_BAND_PERCENTILES,
+        metavar="LOW,HIGH",
+        help=(
+            "the residual percentiles that bound an expected-recovery curve's tolerance band "
+            f"(default {DEFAULT_BAND_PERCENTILES[0]:g},{DEFAULT_BAND_PERCENTILES[1]:g})"
+        ),
+    )
+
+
+def _band(text: str) -> tuple[float, float]:
+    """``LOW,HIGH`` percentiles, ``0 <= LOW < HIGH <= 100`` (argparse reports a bad value)."""
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH percentiles, got {text!r}") from None
+    if not 0 <= low < high <= 100:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LOW < HIGH <= 100, got {text!r}")
+    return low, high
 
 
 def run_command(args: argparse.Namespace, settings: Any) -> int:
@@ -651,6 +678,7 @@ def run_command(args: argparse.Namespace, settings: Any) -> int:
             dry_run=args.dry_run,
             expected_recovery=args.expected_recovery,
             min_episodes=args.min_episodes,
+            band=args.band,
             progress=sys.stderr,
         )
     except CalibrationRefused as exc:

@@ -38,7 +38,14 @@ from typing import Any
 import yaml
 
 from fhir_norse.instruments.schema import AnswerHandling, InstrumentMapping, Scale
-from fhir_norse.scoring.recovery import DEFAULT_MIN_EPISODES, Episode, RecoveryModel, fit, mapping_block
+from fhir_norse.scoring.recovery import (
+    DEFAULT_BAND_PERCENTILES,
+    DEFAULT_MIN_EPISODES,
+    Episode,
+    RecoveryModel,
+    fit,
+    mapping_block,
+)
 
 __all__ = [
     "ALLIANCE_KEY_PREFIX",
@@ -217,9 +224,11 @@ def fit_expected_recovery(
     *,
     when: date,
     min_episodes: int = DEFAULT_MIN_EPISODES,
+    percentiles: tuple[float, float] = DEFAULT_BAND_PERCENTILES,
 ) -> dict[str, RecoveryFit]:
     """One fit per scale of ``mapping`` and one for the alliance total, from the episodes' series
-    (keyed by scale code, and ``alliance:<total>``); clinical scales higher-is-worse, the alliance not."""
+    (keyed by scale code, and ``alliance:<total>``); clinical scales higher-is-worse, the alliance not.
+    ``percentiles``: the residual percentiles that bound the tolerance band."""
     keys = [s.code for s in mapping.scales] + [ALLIANCE_KEY_PREFIX + mapping.alliance.total]
     out: dict[str, RecoveryFit] = {}
     for key in keys:
@@ -228,6 +237,7 @@ def fit_expected_recovery(
             higher_is_worse=not key.startswith(ALLIANCE_KEY_PREFIX),
             min_episodes=min_episodes,
             fitted=when,
+            percentiles=percentiles,
         )
         out[key] = RecoveryFit(model, counted_episodes, min_episodes)
     return out

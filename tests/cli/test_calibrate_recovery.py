@@ -123,6 +123,30 @@ def test_too_few_episodes_write_nothing(
     assert _calibrate(database_url, content, "--min-episodes", "10", "--dry-run") == 0
 
 
+def test_the_band_percentiles_are_chosen_and_checked(
+    database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store(database_url, cohort_resources(cohort(7, 40, 5), _mapping()))
+    content = _content(tmp_path)
+    for bad in ("90,10", "10", "ten,90", "-5,90", "10,101"):
+        with pytest.raises(SystemExit) as refused:
+            _calibrate(database_url, content, "--band", bad)
+        assert refused.value.code == 2
+        assert "--band" in capsys.readouterr().err
+    assert not (content / "mappings" / "nf21-2.2.1.yaml").exists()
+
+    assert (
+        _calibrate(database_url, content, "--band", "25,75", "--output", str(tmp_path / "narrow.yaml")) == 0
+    )
+    assert _calibrate(database_url, content, "--output", str(tmp_path / "default.yaml")) == 0
+    narrow = load_mapping(tmp_path / "narrow.yaml").scale("sad").expected_recovery
+    default = load_mapping(tmp_path / "default.yaml").scale("sad").expected_recovery
+    assert narrow is not None and default is not None
+    assert narrow.band.percentiles == (25.0, 75.0) and default.band.percentiles == (10.0, 90.0)
+    # The same residuals, cut nearer their middle: a narrower band on both sides.
+    assert default.band.low < narrow.band.low <= 0 <= narrow.band.high < default.band.high
+
+
 def test_without_finished_episodes_every_episode_is_the_sample(database_url: str, tmp_path: Path) -> None:
     store(database_url, cohort_resources(cohort(6, 40, 5), _mapping(), status="active"))
     content = _content(tmp_path)
