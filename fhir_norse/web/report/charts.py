@@ -44,6 +44,8 @@ ELEVATED_TEXT = "#7a3300"
 NORM = "#555555"
 EXPECTED = "#6b6b6b"
 EXPECTED_FILL = "#d9d9d9"
+# Score points between the expected course's end and the norm line under which their labels would touch.
+_LABEL_CLEARANCE = 0.6
 DETERIORATION = "#b3261e"
 IMPROVEMENT = "#1b6e3a"
 PREVIOUS = "#ffffff"
@@ -171,9 +173,7 @@ def trajectory_svg(trajectory: Trajectory, words: ChartWords, *, width: int = 30
             alt.Chart(expected_data)
             .mark_line(color=EXPECTED, strokeDash=[2, 2], strokeWidth=1.5)
             .encode(x=x, y=alt.Y("mid:Q", scale=y_scale)),
-            alt.Chart(_data([{**rows[-1], "label": words.expected}]))
-            .mark_text(align="left", dx=4, fontSize=9, color=EXPECTED)
-            .encode(x=x, y=alt.Y("mid:Q", scale=y_scale), text="label:N"),
+            _expected_label(rows[-1], trajectory.norm_mean, words.expected, x, y_scale),
         ]
     line = alt.Chart(data).mark_line(color=LINE, strokeWidth=2).encode(x=x, y=alt.Y("score:Q", scale=y_scale))
     full = (
@@ -274,3 +274,24 @@ def alliance_svg(
         )
     chart = alt.layer(*layers).properties(width=width, height=alt.Step(15))
     return _render(_config(chart))
+
+
+def _expected_label(end: dict[str, float], norm_mean: float, text: str, x: Any, y_scale: Any) -> Any:
+    """ "expected" at the end of the expected course; where that end is near the norm line (whose label
+    sits just above the line at the right edge), under the norm line instead, so the two never overlap."""
+    import altair as alt
+
+    near = abs(end["mid"] - norm_mean) < _LABEL_CLEARANCE
+    row = {**end, "mid": min(end["mid"], norm_mean) if near else end["mid"], "label": text}
+    return (
+        alt.Chart(_data([row]))
+        .mark_text(
+            align="left",
+            baseline="top" if near else "middle",
+            dx=4,
+            dy=3 if near else 0,
+            fontSize=9,
+            color=EXPECTED,
+        )
+        .encode(x=x, y=alt.Y("mid:Q", scale=y_scale), text="label:N")
+    )
