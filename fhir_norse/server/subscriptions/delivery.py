@@ -2,9 +2,12 @@
 
 https://hl7.org/fhir/uv/subscriptions-backport/channels.html#rest-hook and
 https://hl7.org/fhir/uv/subscriptions-backport/errors.html. A background thread in every server process
-runs :meth:`SubscriptionDelivery.tick` every ``interval_s``; a lease row (``scheduler_lease``, name
-``subscriptions``) lets one process at a time deliver, so each Subscription's notifications leave in
-order. Per Subscription whose next attempt is due (``subscription_state.retry_at``), one of:
+runs :meth:`SubscriptionDelivery.tick` every ``interval_s``, and at once when a transaction that wrote
+events or a ``requested`` Subscription commits (in this process, or on PostgreSQL in any:
+:mod:`.wakeup`); a lease row
+(``scheduler_lease``, name ``subscriptions``) lets one process at a time deliver, so each
+Subscription's notifications leave in order. Per Subscription whose next attempt is due
+(``subscription_state.retry_at``), one of:
 
 * **handshake** while it is ``requested`` (or its handshake has not reached the endpoint yet): a
   ``handshake`` notification; a 2xx makes it ``active``;
@@ -44,10 +47,11 @@ from fhir_norse.server.interactions import FhirService
 from fhir_norse.server.leased import LeasedWorker
 from fhir_norse.server.repository import JsonDict, loads
 from fhir_norse.server.subscriptions import state
-from fhir_norse.server.subscriptions.hooks import SubscriptionHook
+from fhir_norse.server.subscriptions.hooks import SubscriptionHook, doorbell_of
 from fhir_norse.server.subscriptions.model import PAYLOAD_TYPE, SubscriptionSpec, parse_subscription
 from fhir_norse.server.subscriptions.notifications import notification_bundle
 from fhir_norse.server.subscriptions.state import Event, State
+from fhir_norse.server.subscriptions.wakeup import Listener
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +120,10 @@ class SubscriptionDelivery(LeasedWorker):
         self.ctx = RequestContext(caller=DELIVERY_CALLER, base_url=self.base_url)
         self._http: httpx.Client | None = None
         self._last_failure = ""
+        self._listener = Listener(service.storage.engine, f"{self.thread_name}-{self.holder}")
+        doorbell = doorbell_of(service.kernel.hooks)
+        if doorbell is not None:
+            doorbell.listen(self.wake)
 
     def http(self) -> httpx.Client:
         """The worker's HTTP client (connections kept alive between notifications), made on first use."""
@@ -325,9 +333,23 @@ class SubscriptionDelivery(LeasedWorker):
             repo.audit("update", "Subscription", subscription_id)
 
     # ------------------------------------------------------------------ the thread
+    def wake(self) -> None:
+        """Deliver now rather than at the next poll: events were committed (from any thread)."""
+        super().wake()
+        self._listener.ring()
+
+    def wait(self, timeout: float) -> None:
+        """Wait for the next poll, a wake-up in this process or, on PostgreSQL, a ``NOTIFY`` from any
+        (module :mod:`.wakeup`). A listener just opened does not wait: events committed before it
+        listened were announced to nobody, so the next round looks at once."""
+        if self._listener.open():
+            return
+        self._listener.wait(timeout, self._wake)
+
     def stop(self, timeout: float = 10.0) -> None:
-        """End the thread, give the lease back and close the HTTP client."""
+        """End the thread, give the lease back, close the listener and the HTTP client."""
         super().stop(timeout)
+        self._listener.close()
         if self._http is not None:
             self._http.close()
             self._http = None
