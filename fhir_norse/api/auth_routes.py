@@ -252,6 +252,15 @@ async def _step_refusal(request: Request, step: str, error: OAuthError, scopes: 
     await audit_step(request, step, REFUSED, client_id=error.client_id, scopes=scopes, reason=reason)
 
 
+async def _throttled(request: Request) -> Response | None:
+    """The 429 answer (audited as a refused token request) when this address asked too often."""
+    limited = await _address_limit(request)
+    if limited is None:
+        return None
+    await _audit_refusal(request, limited, None)
+    return _oauth_error(limited, cors=True)
+
+
 async def _address_limit(request: Request) -> OAuthError | None:
     limiter = getattr(request.app.state, "token_rate_limiter", None)
     if limiter is None:
@@ -271,10 +280,9 @@ async def _address_limit(request: Request) -> OAuthError | None:
 @router.post("/auth/token", response_model=None)
 async def token(request: Request) -> Response:
     """The token endpoint: client_credentials, authorization_code (PKCE) and refresh_token."""
-    limited = await _address_limit(request)
-    if limited is not None:
-        await _audit_refusal(request, limited, None)
-        return _oauth_error(limited, cors=True)
+    throttled = await _throttled(request)
+    if throttled is not None:
+        return throttled
     state = request.app.state
     service: TokenService = state.token_service
     base = base_url(request)
@@ -341,10 +349,9 @@ async def preflight(_request: Request) -> Response:
 @router.post("/auth/revoke", response_model=None)
 async def revoke(request: Request) -> Response:
     """RFC 7009: revoke a refresh or access token of the calling app (and with it its grant)."""
-    limited = await _address_limit(request)
-    if limited is not None:
-        await _audit_refusal(request, limited, None)
-        return _oauth_error(limited, cors=True)
+    throttled = await _throttled(request)
+    if throttled is not None:
+        return throttled
     state = request.app.state
     grants: Grants = state.grants
     base = base_url(request)

@@ -244,6 +244,16 @@ class SmartLaunch:
                 form[name] = value
         return form
 
+    async def _page_form(
+        self, request: Request, secret: str, pending: PendingRequest, lang: Lang
+    ) -> dict[str, str] | Response:
+        """The form posted from one of the sign-in pages of ``pending``, or the 403 answer when its CSRF
+        token or request id is not the page's."""
+        form = await self._form(request)
+        if not SigninStore.check_csrf(secret, form.get("csrf", "")) or form.get("request_id") != pending.id:
+            return self._refusal(request, "session-mismatch", 403, lang)
+        return form
+
     # ------------------------------------------------------------------ /auth/authorize
     async def authorize(self, request: Request) -> Response:
         if request.method == "POST":
@@ -572,12 +582,9 @@ class SmartLaunch:
         lang = self._lang(request, pending.params)
         people = await run_in_threadpool(self._people_to_be, request, pending.role)
         if request.method == "POST":
-            form = await self._form(request)
-            if (
-                not SigninStore.check_csrf(secret, form.get("csrf", ""))
-                or form.get("request_id") != pending.id
-            ):
-                return self._refusal(request, "session-mismatch", 403, lang)
+            form = await self._page_form(request, secret, pending, lang)
+            if isinstance(form, Response):
+                return form
             person = form.get("person", "")
             if person not in {reference for reference, _name, _value in people}:
                 return self._refusal(request, "session-mismatch", 403, lang)
@@ -638,12 +645,9 @@ class SmartLaunch:
         practitioner_id = session.person.partition("/")[2]
         reachable = sorted(await run_in_threadpool(self._patients_of, request, practitioner_id))
         if request.method == "POST":
-            form = await self._form(request)
-            if (
-                not SigninStore.check_csrf(secret, form.get("csrf", ""))
-                or form.get("request_id") != pending.id
-            ):
-                return self._refusal(request, "session-mismatch", 403, lang)
+            form = await self._page_form(request, secret, pending, lang)
+            if isinstance(form, Response):
+                return form
             chosen = form.get("patient", "")
             if chosen not in reachable:
                 return await self._refuse(
@@ -706,12 +710,9 @@ class SmartLaunch:
             )
         offered = _offered(pending, session)
         if request.method == "POST":
-            form = await self._form(request)
-            if (
-                not SigninStore.check_csrf(secret, form.get("csrf", ""))
-                or form.get("request_id") != pending.id
-            ):
-                return self._refusal(request, "session-mismatch", 403, lang)
+            form = await self._page_form(request, secret, pending, lang)
+            if isinstance(form, Response):
+                return form
             return await self._decide(request, pending, session, client, offered, form)
         lines = describe_scopes(offered, lang, role="clinician" if pending.role == "clinician" else "patient")
         person_type, _, person_id = session.person.partition("/")

@@ -362,6 +362,74 @@ def _outcome(event: dict[str, Any], outcome: str, failure_reason: str | None) ->
         event["outcomeDesc"] = description
 
 
+def _checked(outcome: str, failure_reason: str | None, recorded: datetime) -> None:
+    """Refuse (ValueError) an unknown outcome, a failure reason on a success, a naive ``recorded``."""
+    _outcome({}, outcome, failure_reason)
+    _instant(recorded)
+
+
+def _reason(failure_reason: str | None) -> str | None:
+    """The failure reason as recorded (single line, bounded, redacted), None when empty."""
+    return _text(failure_reason) or None if failure_reason else None
+
+
+def _scopes(scopes: str | None) -> str | None:
+    """The scopes asked for as recorded, None when empty."""
+    return _text(scopes, _QUERY_LIMIT) or None if scopes else None
+
+
+def _head(inputs: AuditInputs, event_type: Coding, subtype: list[Coding], action: str) -> dict[str, Any]:
+    """An event's ``type``, ``subtype``, ``action``, ``recorded``, ``outcome`` and ``outcomeDesc``."""
+    event: dict[str, Any] = {
+        "resourceType": "AuditEvent",
+        "type": event_type,
+        "subtype": subtype,
+        "action": action,
+        "recorded": _instant(inputs.recorded),
+    }
+    _outcome(event, inputs.outcome, inputs.failure_reason)
+    return event
+
+
+def _user_of(inputs: AuditInputs) -> dict[str, Any] | None:
+    """The user agent's ``who`` (a reference, else an identifier), None without a user."""
+    if inputs.user_reference is not None:
+        return {"reference": inputs.user_reference}
+    if inputs.user_identifier is not None:
+        return {"identifier": {"value": inputs.user_identifier}}
+    return None
+
+
+def _server_agent(types: list[Coding], inputs: AuditInputs) -> dict[str, Any]:
+    """This server's agent: its name and base URL."""
+    return _agent(
+        types,
+        requestor=False,
+        who={"display": _text(inputs.server_name, 256) or "fhir-norse"},
+        network=_network(inputs.server_address),
+    )
+
+
+def _app_agent(inputs: AuditInputs, *, requestor: bool) -> dict[str, Any]:
+    """The app's agent of a token or authorization event: its client id, address, the issued token's jti."""
+    jti = inputs.token_id or ""
+    return _agent(
+        [_APPLICATION],
+        requestor=requestor,
+        who=_client_who(inputs.client_id),
+        network=_network(inputs.source_address),
+        policy=JTI_PREFIX + jti if jti else None,
+    )
+
+
+def _token_request(name: str, value: str, scopes: str | None) -> dict[str, Any]:
+    """The token request's query entity: ``name=value`` (grant type or step) and the ``scope``."""
+    request = [(name, value)]
+    if scopes:
+        request.append(("scope", scopes))
+    return _query_entity(urlencode(request))
+
+
 def _refused_target(
     resource_type: str | None, resource_id: str | None, version: str | None
 ) -> tuple[str | None, str | None, str | None]:
@@ -451,8 +519,7 @@ def build_audit_event(
         if resource_id is None:
             raise ValueError("a version needs its resource id")
     patient_ids = _patient_ids(patients, resource_type, resource_id)
-    _outcome({}, outcome, failure_reason)
-    _instant(recorded)
+    _checked(outcome, failure_reason, recorded)
     user_who = _user_who(caller)
     inputs = AuditInputs(
         kind=REST,
@@ -470,7 +537,7 @@ def build_audit_event(
         query=_redact(query)[:_QUERY_LIMIT] if query else None,
         request_id=_normal(request_id),
         patients=tuple(patient_ids),
-        failure_reason=_text(failure_reason) or None if failure_reason else None,
+        failure_reason=_reason(failure_reason),
         server_name=server_name,
         server_address=server_address,
         site=site,
@@ -487,20 +554,8 @@ def _render_rest(inputs: AuditInputs) -> dict[str, Any]:
     subtype = [_coding("http://hl7.org/fhir/restful-interaction", pattern.subtype, pattern.subtype)]
     if operation is not None:
         subtype.append(_coding(OPERATION_SYSTEM, operation, f"${operation}"))
-    event: dict[str, Any] = {
-        "resourceType": "AuditEvent",
-        "type": _REST_TYPE,
-        "subtype": subtype,
-        "action": pattern.action,
-        "recorded": _instant(inputs.recorded),
-    }
-    _outcome(event, outcome, inputs.failure_reason)
-
-    user_who: dict[str, Any] | None = None
-    if inputs.user_reference is not None:
-        user_who = {"reference": inputs.user_reference}
-    elif inputs.user_identifier is not None:
-        user_who = {"identifier": {"value": inputs.user_identifier}}
+    event = _head(inputs, _REST_TYPE, subtype, pattern.action)
+    user_who = _user_of(inputs)
     client_network = _network(inputs.source_address)
     server_network = _network(inputs.server_address)
     agents = [
@@ -513,14 +568,7 @@ def _render_rest(inputs: AuditInputs) -> dict[str, Any]:
     ]
     if user_who is not None:
         agents.append(_agent([pattern.user_type], requestor=True, who=user_who))
-    agents.append(
-        _agent(
-            _SERVER_TYPES[pattern.flow],
-            requestor=False,
-            who={"display": _text(inputs.server_name, 256) or "fhir-norse"},
-            network=server_network,
-        )
-    )
+    agents.append(_server_agent(_SERVER_TYPES[pattern.flow], inputs))
     oauth = _oauth_agent(inputs.token_id)
     if oauth is not None:
         agents.append(oauth)
@@ -588,8 +636,7 @@ def build_token_grant_event(
     ``jti`` of the token issued, recorded as the client agent's ``policy`` so later uses of the
     token (``AuditEvent?policy=``) lead back to the grant.
     """
-    _outcome({}, outcome, failure_reason)
-    _instant(recorded)
+    _checked(outcome, failure_reason, recorded)
     inputs = AuditInputs(
         kind=TOKEN_GRANT,
         outcome=outcome,
@@ -598,8 +645,8 @@ def build_token_grant_event(
         client_id=_normal(client_id),
         token_id=_jti(token_id),
         source_address=_normal(source_address),
-        failure_reason=_text(failure_reason) or None if failure_reason else None,
-        scopes=_text(scopes, _QUERY_LIMIT) or None if scopes else None,
+        failure_reason=_reason(failure_reason),
+        scopes=_scopes(scopes),
         server_name=server_name,
         server_address=server_address,
         site=site,
@@ -608,44 +655,13 @@ def build_token_grant_event(
 
 
 def _render_grant(inputs: AuditInputs) -> dict[str, Any]:
-    event: dict[str, Any] = {
-        "resourceType": "AuditEvent",
-        "type": _USER_AUTHENTICATION,
-        "subtype": [_ITI_71],
-        "action": "E",
-        "recorded": _instant(inputs.recorded),
-    }
-    _outcome(event, inputs.outcome, inputs.failure_reason)
-    who = _client_who(inputs.client_id)
-    client_network = _network(inputs.source_address)
-    server_network = _network(inputs.server_address)
-    jti = inputs.token_id or ""
-    event["agent"] = [
-        _agent(
-            [_APPLICATION],
-            requestor=True,
-            who=who,
-            network=client_network,
-            policy=JTI_PREFIX + jti if jti else None,
-        ),
-        _agent(
-            [_AUTH_SERVER],
-            requestor=False,
-            who={"display": _text(inputs.server_name, 256) or "fhir-norse"},
-            network=server_network,
-        ),
-    ]
+    event = _head(inputs, _USER_AUTHENTICATION, [_ITI_71], "E")
+    client, server = _app_agent(inputs, requestor=True), _server_agent([_AUTH_SERVER], inputs)
+    event["agent"] = [client, server]
     event["source"] = _source(inputs.server_name, inputs.site)
-    request = [("grant_type", inputs.interaction or "")]
-    if inputs.scopes:
-        request.append(("scope", inputs.scopes))
-    event["entity"] = [_query_entity(urlencode(request))]
-    if (
-        inputs.outcome == SUCCESS
-        and who is not None
-        and client_network is not None
-        and server_network is not None
-    ):
+    event["entity"] = [_token_request("grant_type", inputs.interaction or "", inputs.scopes)]
+    # The BALP profile asks for both parties' identity and address.
+    if inputs.outcome == SUCCESS and "who" in client and "network" in client and "network" in server:
         event = {"resourceType": "AuditEvent", "meta": {"profile": [PROFILE_TOKEN_GRANT]}, **event}
     return _fresh(event)
 
@@ -677,8 +693,7 @@ def build_authorization_event(
         raise ValueError(
             f"unknown authorization step {step!r}; expected one of {sorted(AUTHORIZATION_STEPS)}"
         )
-    _outcome({}, outcome, failure_reason)
-    _instant(recorded)
+    _checked(outcome, failure_reason, recorded)
     person_text = _normal(person)
     reference = person_text if person_text and _USER_REFERENCE.fullmatch(person_text) else None
     patients: tuple[str, ...] = ()
@@ -696,8 +711,8 @@ def build_authorization_event(
         token_id=_jti(token_id),
         source_address=_normal(source_address),
         patients=patients,
-        failure_reason=_text(failure_reason) or None if failure_reason else None,
-        scopes=_text(scopes, _QUERY_LIMIT) or None if scopes else None,
+        failure_reason=_reason(failure_reason),
+        scopes=_scopes(scopes),
         server_name=server_name,
         server_address=server_address,
         site=site,
@@ -707,45 +722,16 @@ def build_authorization_event(
 
 def _render_authorization(inputs: AuditInputs) -> dict[str, Any]:
     step = inputs.interaction or ""
-    event: dict[str, Any] = {
-        "resourceType": "AuditEvent",
-        "type": _USER_AUTHENTICATION,
-        "subtype": [_ITI_71, _coding(STEP_SYSTEM, step, step)],
-        "action": "E",
-        "recorded": _instant(inputs.recorded),
-    }
-    _outcome(event, inputs.outcome, inputs.failure_reason)
-    jti = inputs.token_id or ""
-    user_who: dict[str, Any] | None = None
-    if inputs.user_reference is not None:
-        user_who = {"reference": inputs.user_reference}
-    elif inputs.user_identifier is not None:
-        user_who = {"identifier": {"value": inputs.user_identifier}}
-    agents = [
-        _agent(
-            [_APPLICATION],
-            requestor=user_who is None,
-            who=_client_who(inputs.client_id),
-            network=_network(inputs.source_address),
-            policy=JTI_PREFIX + jti if jti else None,
-        )
-    ]
+    event = _head(inputs, _USER_AUTHENTICATION, [_ITI_71, _coding(STEP_SYSTEM, step, step)], "E")
+    user_who = _user_of(inputs)
+    agents = [_app_agent(inputs, requestor=user_who is None)]
     if user_who is not None:
         agents.append(_agent([_RECIPIENT], requestor=True, who=user_who))
-    agents.append(
-        _agent(
-            [_AUTH_SERVER],
-            requestor=False,
-            who={"display": _text(inputs.server_name, 256) or "fhir-norse"},
-            network=_network(inputs.server_address),
-        )
-    )
+    agents.append(_server_agent([_AUTH_SERVER], inputs))
     event["agent"] = agents
     event["source"] = _source(inputs.server_name, inputs.site)
-    request = [("grant_type" if step in ("authorization_code", "refresh_token") else "step", step)]
-    if inputs.scopes:
-        request.append(("scope", inputs.scopes))
-    entities = [_query_entity(urlencode(request))]
+    name = "grant_type" if step in ("authorization_code", "refresh_token") else "step"
+    entities = [_token_request(name, step, inputs.scopes)]
     entities.extend(
         {"what": {"reference": f"Patient/{patient}"}, "type": _PERSON, "role": _PATIENT_ROLE}
         for patient in inputs.patients
@@ -772,8 +758,7 @@ def build_authentication_refusal(
     agents the client as far as the network knows it (DCM 110150 *Application*, its address, no
     identity: nothing was verified) and this server; the ``X-Request-Id`` as entity. Never the token.
     """
-    _outcome({}, REFUSED, failure_reason)
-    _instant(recorded)
+    _checked(REFUSED, failure_reason, recorded)
     inputs = AuditInputs(
         kind=AUTHENTICATION,
         outcome=REFUSED,
@@ -789,22 +774,10 @@ def build_authentication_refusal(
 
 
 def _render_refusal(inputs: AuditInputs) -> dict[str, Any]:
-    event: dict[str, Any] = {
-        "resourceType": "AuditEvent",
-        "type": _USER_AUTHENTICATION,
-        "subtype": [_LOGIN],
-        "action": "E",
-        "recorded": _instant(inputs.recorded),
-    }
-    _outcome(event, REFUSED, inputs.failure_reason)
+    event = _head(inputs, _USER_AUTHENTICATION, [_LOGIN], "E")
     event["agent"] = [
         _agent([_APPLICATION], requestor=True, network=_network(inputs.source_address)),
-        _agent(
-            [_DESTINATION],
-            requestor=False,
-            who={"display": _text(inputs.server_name, 256) or "fhir-norse"},
-            network=_network(inputs.server_address),
-        ),
+        _server_agent([_DESTINATION], inputs),
     ]
     event["source"] = _source(inputs.server_name, inputs.site)
     if inputs.request_id:
@@ -962,16 +935,23 @@ class AuditRecorder:
             patients=patients,
             source_address=source_address,
             request_id=request_id,
-            server_name=self.server_name,
-            server_address=self.server_address,
-            site=self.site,
-            recorded=self._clock(),
             failure_reason=failure_reason,
+            **self._stamp(),
         )
 
     def now(self) -> datetime:
         """The time on this recorder's clock (the one its events are stamped with)."""
         return self._clock()
+
+    def _stamp(self) -> dict[str, Any]:
+        """What every builder takes from this recorder: the time on its clock, the server's name,
+        address and site."""
+        return {
+            "recorded": self._clock(),
+            "server_name": self.server_name,
+            "server_address": self.server_address,
+            "site": self.site,
+        }
 
     def emit(self, event: dict[str, Any]) -> None:
         """Hand one built event to the sink (for events not stored with a write of their own)."""
@@ -1018,13 +998,10 @@ class AuditRecorder:
             client_id=client_id,
             scopes=scopes,
             source_address=source_address,
-            recorded=self._clock(),
             failure_reason=reason,
             token_id=token_id,
             grant_type=grant_type,
-            server_name=self.server_name,
-            server_address=self.server_address,
-            site=self.site,
+            **self._stamp(),
         )
 
     def record_authorization(
@@ -1052,12 +1029,9 @@ class AuditRecorder:
                 patient=patient,
                 scopes=scopes,
                 source_address=source_address,
-                recorded=self._clock(),
                 failure_reason=reason,
                 token_id=token_id,
-                server_name=self.server_name,
-                server_address=self.server_address,
-                site=self.site,
+                **self._stamp(),
             )
         )
 
@@ -1069,10 +1043,7 @@ class AuditRecorder:
             failure_reason=reason,
             source_address=source_address,
             request_id=request_id,
-            recorded=self._clock(),
-            server_name=self.server_name,
-            server_address=self.server_address,
-            site=self.site,
+            **self._stamp(),
         )
 
     def refusal_summary(

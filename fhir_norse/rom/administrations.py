@@ -21,16 +21,13 @@ closed), each with ``statusReason`` saying why (:func:`close_task`).
 
 from __future__ import annotations
 
-import threading
-import weakref
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
-
 from fhir_norse.outcomes import Conflict, NotFound
 from fhir_norse.rom.patient import context_extension
+from fhir_norse.server.after_commit import after_commit
 from fhir_norse.server.repository import JsonDict, Repository, loads
 from fhir_norse.server.resources import instant, reference_id
 
@@ -258,55 +255,3 @@ class Administrations:
         after_commit(repo, lambda: links.complete(task_id))
         assert outcome.body is not None
         return outcome.body
-
-
-# ---------------------------------------------------------------------- after commit
-# Work that must follow the commit of a repository's transaction, never precede it: the links live in
-# tables written on a connection of their own, which (on SQLite) must not wait for the write lock
-# the transaction holds, and which must not be used up by a write that is then rolled back.
-_PENDING = "fhir_norse.after_commit.pending"
-_READY = "fhir_norse.after_commit.ready"
-_installed: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
-_install_lock = threading.Lock()
-
-
-def after_commit(repo: Repository, work: Callable[[], object]) -> None:
-    """Run ``work`` once the transaction of ``repo`` has committed (not at all if it rolls back), when
-    its connection goes back to the pool, which :meth:`Storage.write` does before it returns."""
-    conn = repo.uow.conn
-    _install(conn.engine)
-    conn.info.setdefault(_PENDING, []).append(work)
-
-
-def _install(engine: sa.Engine) -> None:
-    with _install_lock:
-        if engine in _installed:
-            return
-        sa.event.listen(engine, "commit", _on_commit)
-        sa.event.listen(engine, "rollback", _on_rollback)
-        sa.event.listen(engine.pool, "checkin", _on_checkin)
-        _installed.add(engine)
-
-
-def _on_commit(conn: sa.Connection) -> None:
-    pending = conn.info.pop(_PENDING, None)
-    if pending:
-        conn.info.setdefault(_READY, []).extend(pending)
-
-
-def _on_rollback(conn: sa.Connection) -> None:
-    conn.info.pop(_PENDING, None)
-
-
-def _on_checkin(dbapi_connection: Any, record: Any) -> None:
-    if record is None:
-        return
-    ready = record.info.pop(_READY, None)
-    record.info.pop(_PENDING, None)
-    for work in ready or ():
-        try:
-            work()
-        except Exception:  # pragma: no cover - logged; the Task state is what counts
-            import logging
-
-            logging.getLogger(__name__).exception("work after commit failed")

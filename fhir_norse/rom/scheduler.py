@@ -44,17 +44,12 @@ audited.
 from __future__ import annotations
 
 import logging
-import os
-import secrets
-import threading
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
-
-import sqlalchemy as sa
 
 from fhir_norse.adaptive.history import CS_CONTEXT, EPISODE_EXTENSION
 from fhir_norse.auth.caller import Caller
@@ -77,10 +72,10 @@ from fhir_norse.rom.administrations import (
 from fhir_norse.rom.invitations import Dispatcher, Invitations
 from fhir_norse.server.context import RequestContext
 from fhir_norse.server.interactions import FhirService
+from fhir_norse.server.leased import LeasedWorker
 from fhir_norse.server.repository import JsonDict, Repository, loads
 from fhir_norse.server.resources import reference_id
 from fhir_norse.server.search.typed import Where
-from fhir_norse.store.scheduling_tables import SCHEDULER_LEASE
 
 log = logging.getLogger(__name__)
 
@@ -302,9 +297,12 @@ class TickReport:
     jobs: dict[str, Any] = field(default_factory=dict)  # what each extra job returned (None if it failed)
 
 
-class Scheduler:
+class Scheduler(LeasedWorker):
     """Runs :meth:`tick` every ``interval_s`` in a daemon thread while this worker holds the lease
     (module doc)."""
+
+    thread_name = "fhir-norse-scheduler"
+    lease_name = LEASE_NAME
 
     def __init__(
         self,
@@ -319,6 +317,11 @@ class Scheduler:
         now: Callable[[], datetime] = _now,
         lease_s: float | None = None,
     ) -> None:
+        super().__init__(
+            service.storage,
+            interval_s=interval_s,
+            lease=timedelta(seconds=lease_s if lease_s is not None else max(60.0, 3 * interval_s)),
+        )
         self.service = service
         self.administrations = administrations
         self.invitations = invitations
@@ -326,13 +329,8 @@ class Scheduler:
         self.links = administrations.links
         self.zone = ZoneInfo(timezone)
         self.clinic_name = clinic_name
-        self.interval_s = interval_s
         self.now = now
-        self.lease = timedelta(seconds=lease_s if lease_s is not None else max(60.0, 3 * interval_s))
-        self.holder = f"{os.getpid()}-{secrets.token_hex(6)}"
         self.ctx = RequestContext(caller=SCHEDULER_CALLER, base_url="urn:fhir-norse:scheduler")
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._jobs: list[tuple[str, Callable[[], object]]] = []
 
     def add_job(self, job: Callable[[], object], *, name: str | None = None) -> None:
@@ -340,39 +338,6 @@ class Scheduler:
         is slow or may fail on its own belongs here rather than in a request: the job's exception is
         logged and the tick goes on; ``job`` must be safe to run again after a crash."""
         self._jobs.append((name or getattr(job, "__qualname__", None) or repr(job), job))
-
-    # ------------------------------------------------------------------ lease
-    def acquire(self, now: datetime) -> bool:
-        """Take or renew the lease (one row; the UPDATE decides atomically on both databases)."""
-        naive = now.astimezone(UTC).replace(tzinfo=None)
-        lease = SCHEDULER_LEASE
-        with self.service.storage.write() as uow:
-            conn = uow.conn
-            conn.execute(
-                sa.text(
-                    "INSERT INTO scheduler_lease (name, holder, expires_at) VALUES (:n, '', :t) "
-                    "ON CONFLICT (name) DO NOTHING"
-                ),
-                {"n": LEASE_NAME, "t": datetime(1970, 1, 1)},
-            )
-            result = conn.execute(
-                sa.update(lease)
-                .where(
-                    lease.c.name == LEASE_NAME,
-                    sa.or_(lease.c.expires_at < naive, lease.c.holder == self.holder),
-                )
-                .values(holder=self.holder, expires_at=naive + self.lease)
-            )
-            return bool(result.rowcount)
-
-    def release(self) -> None:
-        lease = SCHEDULER_LEASE
-        with self.service.storage.write() as uow:
-            uow.conn.execute(
-                sa.update(lease)
-                .where(lease.c.name == LEASE_NAME, lease.c.holder == self.holder)
-                .values(expires_at=datetime(1970, 1, 1))
-            )
 
     # ------------------------------------------------------------------ the tick
     def tick(self, now: datetime | None = None) -> TickReport:
@@ -591,30 +556,3 @@ class Scheduler:
             with self.service.session(self.ctx) as repo:
                 created += self.invitations.ensure(repo, task, now)
         return created
-
-    # ------------------------------------------------------------------ the thread
-    def start(self) -> None:
-        """Tick every ``interval_s`` in a daemon thread (nothing if the interval is 0)."""
-        if self.interval_s <= 0 or self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="fhir-norse-scheduler", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        thread, self._thread = self._thread, None
-        self._stop.set()
-        if thread is not None:
-            thread.join(timeout)
-            try:
-                self.release()
-            except sa.exc.DBAPIError:  # pragma: no cover - the lease simply expires
-                log.warning("scheduler lease not released")
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except Exception:
-                log.exception("scheduler tick failed; the next one tries again")
-            self._stop.wait(self.interval_s)

@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl
 import orjson
 
 from fhir_norse.outcomes import BadRequest, FhirError, Forbidden, NotAcceptable
+from fhir_norse.server.operations.registry import PASSED_OVER
 from fhir_norse.server.search.parse import parse_search
 from fhir_norse.store.resource_types import SUPPORTED_TYPE_SET
 from fhir_norse.store.search.params import SearchParamRegistry
@@ -39,7 +40,6 @@ OUTPUT_FORMATS = frozenset({"application/fhir+ndjson", "application/ndjson", "nd
 NDJSON = "application/fhir+ndjson"
 _ACCEPTED = frozenset({"application/fhir+json", "application/json", "application/*", "*/*"})
 _UNSUPPORTED = ("patient", "includeAssociatedData", "_elements")
-_PASSED_OVER = frozenset({"_format", "_pretty"})
 _SINGLE = ("_outputFormat", "_since")
 # Search result parameters a _typeFilter may not carry (the IG: "SHALL NOT be used").
 _RESULT_PARAMETERS = frozenset(
@@ -144,7 +144,7 @@ def parse_parameters(pairs: Iterable[tuple[str, str]], *, lenient: bool) -> Kick
             out.since = value.strip()
         elif name == "_typeFilter":
             out.filters += [f.strip() for f in _FILTER_SPLIT.split(value) if f.strip()]
-        elif name in _PASSED_OVER:
+        elif name in PASSED_OVER:
             continue
         else:
             known = name in _UNSUPPORTED

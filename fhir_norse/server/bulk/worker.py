@@ -12,10 +12,7 @@ and call :meth:`BulkExportWorker.run_pending` themselves.
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 import shutil
-import threading
 from collections.abc import Callable
 from datetime import datetime
 
@@ -24,6 +21,7 @@ from fhir_norse.server.bulk import BulkExportConfig
 from fhir_norse.server.bulk.exporter import Exporter, Stopped
 from fhir_norse.server.bulk.jobs import Job, JobStore, utc_now
 from fhir_norse.server.interactions import FhirService
+from fhir_norse.server.leased import PeriodicWorker, new_holder
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +29,10 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 
 
-class BulkExportWorker:
+class BulkExportWorker(PeriodicWorker):
     """Runs export jobs of ``service`` (module doc)."""
+
+    thread_name = "fhir-norse-bulk-export"
 
     def __init__(
         self,
@@ -42,20 +42,19 @@ class BulkExportWorker:
         grace_s: float = 1.0,
         now: Callable[[], datetime] = utc_now,
     ) -> None:
+        super().__init__(config.interval_s)
         self.config = config
         self.jobs = JobStore(service.storage, config, now)
         kernel = service.kernel
         self.exporter = Exporter(
             service.storage, kernel.registry, kernel.search_limits, config, grace_s=grace_s
         )
-        self.holder = f"{os.getpid()}-{secrets.token_hex(6)}"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.holder = new_holder()
 
     def run_pending(self) -> int:
         """Claim and run queued jobs until none is left; how many were run."""
         ran = 0
-        while not self._stop.is_set() and (job := self.jobs.claim(self.holder)) is not None:
+        while not self.stopping and (job := self.jobs.claim(self.holder)) is not None:
             self.run(job)
             ran += 1
         return ran
@@ -70,7 +69,7 @@ class BulkExportWorker:
         log.info("export %s: started (attempt %d)", job.id, job.attempts)
 
         def progress(text: str) -> None:
-            if self._stop.is_set():
+            if self.stopping:
                 self.jobs.release(job, self.holder)
                 raise Stopped("the server is stopping")
             if not self.jobs.renew(job, self.holder, text):
@@ -99,26 +98,3 @@ class BulkExportWorker:
         """One round: sweep what has expired, then run the queued jobs."""
         self.jobs.sweep()
         self.run_pending()
-
-    def start(self) -> None:
-        """Tick every ``interval_s`` in a daemon thread (nothing if the interval is 0)."""
-        if self.config.interval_s <= 0 or self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="fhir-norse-bulk-export", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the thread; a job it was running is given back at its next page."""
-        thread, self._thread = self._thread, None
-        self._stop.set()
-        if thread is not None:
-            thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except Exception:
-                log.exception("export worker round failed; the next one tries again")
-            self._stop.wait(self.config.interval_s)

@@ -48,7 +48,7 @@ from fhir_norse.auth.compartment import SHARED_TYPES, Reach, membership_params, 
 from fhir_norse.outcomes import BadRequest, Forbidden, Issue, operation_outcome
 from fhir_norse.server.context import Result
 from fhir_norse.server.interactions import FhirService
-from fhir_norse.server.operations.registry import Operation, OperationCall
+from fhir_norse.server.operations.registry import PASSED_OVER, Operation, OperationCall, non_negative
 from fhir_norse.server.repository import Repository
 from fhir_norse.server.resources import check_id, dumps
 from fhir_norse.store.resource_types import SUPPORTED_TYPE_SET, SUPPORTED_TYPES
@@ -64,7 +64,6 @@ REF: sa.Table = ReferenceIndex.__table__  # type: ignore[attr-defined]
 # The directory resources the record's references bring in (search.mode ``include``).
 INCLUDE_TYPES: tuple[str, ...] = ("Organization", "Practitioner", "PractitionerRole")
 # Parameters that shape the answer but are not the operation's (the API renders them).
-_PASSED_OVER = frozenset({"_format", "_pretty"})
 _NOT_SUPPORTED = frozenset({"start", "end"})
 # The parameters a next link carries, in this order.
 _LINK_PARAMS = ("_type", "_since", "_count")
@@ -149,17 +148,17 @@ def parse_request(
             since = date_range(value)[0]
             echo.append((name, value))
         elif name == "_count":
-            count = min(_non_negative(name, value), max_count)
+            count = min(non_negative(name, value), max_count)
             echo.append((name, str(count)))
         elif name == "_cursor":
-            after = _non_negative(name, value)
+            after = non_negative(name, value)
         elif name in _NOT_SUPPORTED:
             raise BadRequest(
                 f"$everything parameter '{name}' (care dates) is not supported by this server; use _since "
                 "for what changed since a moment",
                 code="not-supported",
             )
-        elif name in _PASSED_OVER:
+        elif name in PASSED_OVER:
             continue
         elif strict:
             raise BadRequest(f"Unknown parameter '{name}' for $everything", code="not-supported")
@@ -186,12 +185,6 @@ def _parse_types(value: str) -> set[str]:
             )
         out.add(name)
     return out
-
-
-def _non_negative(name: str, value: str) -> int:
-    if not value.isdigit() or len(value) > 18:
-        raise BadRequest(f"{name} must be a non-negative integer, not '{value}'")
-    return int(value)
 
 
 # ---------------------------------------------------------------------- the handler

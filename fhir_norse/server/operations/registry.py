@@ -47,6 +47,18 @@ class OperationCall:
         return list(self.params)
 
 
+# Parameters of the response format (https://hl7.org/fhir/R4/http.html#parameters) that every operation
+# accepts and leaves to the route.
+PASSED_OVER = frozenset({"_format", "_pretty"})
+
+
+def non_negative(name: str, value: str, *, code: str = "invalid") -> int:
+    """The non-negative integer parameter ``name`` given as ``value`` (400 with ``code`` otherwise)."""
+    if not value.isdigit() or len(value) > 18:
+        raise BadRequest(f"{name} must be a non-negative integer, not '{value}'", code=code)
+    return int(value)
+
+
 def parameters_as_pairs(body: dict[str, Any]) -> list[tuple[str, str]]:
     """The simple parameters of a Parameters resource as (name, text) pairs."""
     if body.get("resourceType") != "Parameters":

@@ -18,6 +18,7 @@ from fhir_norse.auth.sealed import Sealer
 from fhir_norse.server.repository import StorageHook
 from fhir_norse.server.subscriptions.hooks import ActiveSubscriptions, OutboxHook, SubscriptionHook
 from fhir_norse.server.subscriptions.topics import TopicRegistry, load_topics
+from fhir_norse.server.subscriptions.wakeup import Doorbell
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,10 @@ class SubscriptionHooks:
 def subscription_hooks(content_dir: Path, sealer: Sealer, *, allow_http: bool = False) -> SubscriptionHooks:
     """The Subscription hooks over the topics of the content pack under ``content_dir``."""
     topics = load_topics(content_dir)
+    doorbell = Doorbell()
     return SubscriptionHooks(
-        subscription=SubscriptionHook(topics, sealer, allow_http=allow_http),
-        outbox=OutboxHook(topics, ActiveSubscriptions(topics)),
+        subscription=SubscriptionHook(topics, sealer, allow_http=allow_http, doorbell=doorbell),
+        outbox=OutboxHook(topics, ActiveSubscriptions(topics), doorbell),
         topics=topics,
     )
 

@@ -2,9 +2,12 @@
 
 https://hl7.org/fhir/uv/subscriptions-backport/channels.html#rest-hook and
 https://hl7.org/fhir/uv/subscriptions-backport/errors.html. A background thread in every server process
-runs :meth:`SubscriptionDelivery.tick` every ``interval_s``; a lease row (``scheduler_lease``, name
-``subscriptions``) lets one process at a time deliver, so each Subscription's notifications leave in
-order. Per Subscription whose next attempt is due (``subscription_state.retry_at``), one of:
+runs :meth:`SubscriptionDelivery.tick` every ``interval_s``, and at once when a transaction that wrote
+events or a ``requested`` Subscription commits (in this process, or on PostgreSQL in any:
+:mod:`.wakeup`); a lease row
+(``scheduler_lease``, name ``subscriptions``) lets one process at a time deliver, so each
+Subscription's notifications leave in order. Per Subscription whose next attempt is due
+(``subscription_state.retry_at``), one of:
 
 * **handshake** while it is ``requested`` (or its handshake has not reached the endpoint yet): a
   ``handshake`` notification; a 2xx makes it ``active``;
@@ -27,9 +30,6 @@ Status changes are new versions of the Subscription written by the server as the
 from __future__ import annotations
 
 import logging
-import os
-import secrets
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -44,13 +44,14 @@ from fhir_norse.auth.sealed import SealError
 from fhir_norse.outcomes import FhirError, Forbidden
 from fhir_norse.server.context import RequestContext
 from fhir_norse.server.interactions import FhirService
+from fhir_norse.server.leased import LeasedWorker
 from fhir_norse.server.repository import JsonDict, loads
 from fhir_norse.server.subscriptions import state
-from fhir_norse.server.subscriptions.hooks import SubscriptionHook
+from fhir_norse.server.subscriptions.hooks import SubscriptionHook, doorbell_of
 from fhir_norse.server.subscriptions.model import PAYLOAD_TYPE, SubscriptionSpec, parse_subscription
 from fhir_norse.server.subscriptions.notifications import notification_bundle
 from fhir_norse.server.subscriptions.state import Event, State
-from fhir_norse.store.scheduling_tables import SCHEDULER_LEASE
+from fhir_norse.server.subscriptions.wakeup import Listener
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,6 @@ DELIVERY_CALLER = Caller(
 LEASE_NAME = "subscriptions"
 # Events sent per Subscription and tick (the rest follow in the next tick).
 _BATCH = 100
-_EPOCH = datetime(1970, 1, 1)
 
 
 def _now() -> datetime:
@@ -80,8 +80,11 @@ class DeliveryReport:
     failed: list[str] = field(default_factory=list)
 
 
-class SubscriptionDelivery:
+class SubscriptionDelivery(LeasedWorker):
     """The delivery worker (module doc)."""
+
+    thread_name = "fhir-norse-subscriptions"
+    lease_name = LEASE_NAME
 
     def __init__(
         self,
@@ -97,66 +100,36 @@ class SubscriptionDelivery:
         now: Callable[[], datetime] = _now,
         lease_s: float | None = None,
     ) -> None:
+        # Renewed before every POST (:meth:`_send`), so it only has to outlast one POST and the steps
+        # around it; a crashed holder's lease expires that soon after.
+        super().__init__(
+            service.storage,
+            interval_s=interval_s,
+            lease=timedelta(
+                seconds=lease_s if lease_s is not None else max(5.0, 2 * timeout_s + 2 * interval_s)
+            ),
+        )
         self.service = service
         self.hook = hook
         self.base_url = base_url.rstrip("/")
-        self.interval_s = interval_s
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
         self.max_failures = max_failures
         self.timeout_s = timeout_s
         self.now = now
-        # Renewed before every POST (:meth:`_send`), so it only has to outlast one POST and the steps
-        # around it; a crashed holder's lease expires that soon after.
-        self.lease = timedelta(
-            seconds=lease_s if lease_s is not None else max(5.0, 2 * timeout_s + 2 * interval_s)
-        )
-        self.holder = f"{os.getpid()}-{secrets.token_hex(6)}"
         self.ctx = RequestContext(caller=DELIVERY_CALLER, base_url=self.base_url)
         self._http: httpx.Client | None = None
-        self._lease_until = _EPOCH
         self._last_failure = ""
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._listener = Listener(service.storage.engine, f"{self.thread_name}-{self.holder}")
+        doorbell = doorbell_of(service.kernel.hooks)
+        if doorbell is not None:
+            doorbell.listen(self.wake)
 
     def http(self) -> httpx.Client:
         """The worker's HTTP client (connections kept alive between notifications), made on first use."""
         if self._http is None:
             self._http = httpx.Client(follow_redirects=False)
         return self._http
-
-    # ------------------------------------------------------------------ lease
-    def acquire(self, now: datetime) -> bool:
-        """Take or renew the lease (one UPDATE decides, on SQLite and PostgreSQL alike)."""
-        lease = SCHEDULER_LEASE
-        with self.service.storage.write() as uow:
-            uow.conn.execute(
-                sa.text(
-                    "INSERT INTO scheduler_lease (name, holder, expires_at) VALUES (:n, '', :t) "
-                    "ON CONFLICT (name) DO NOTHING"
-                ),
-                {"n": LEASE_NAME, "t": datetime(1970, 1, 1)},
-            )
-            result = uow.conn.execute(
-                sa.update(lease)
-                .where(
-                    lease.c.name == LEASE_NAME,
-                    sa.or_(lease.c.expires_at < now, lease.c.holder == self.holder),
-                )
-                .values(holder=self.holder, expires_at=now + self.lease)
-            )
-            held = bool(result.rowcount)
-        self._lease_until = now + self.lease if held else _EPOCH
-        return held
-
-    def release(self) -> None:
-        lease = SCHEDULER_LEASE
-        with self.service.storage.write() as uow:
-            uow.conn.execute(
-                sa.update(lease)
-                .where(lease.c.name == LEASE_NAME, lease.c.holder == self.holder)
-                .values(expires_at=datetime(1970, 1, 1))
-            )
 
     # ------------------------------------------------------------------ the tick
     def tick(self) -> DeliveryReport:
@@ -288,7 +261,7 @@ class SubscriptionDelivery:
         timeout = min(float(spec.timeout_s or self.timeout_s), self.timeout_s)
         now = self.now()
         # Renewed when less than half of it is left: long enough for this POST, one write at most.
-        if now >= self._lease_until - self.lease / 2 and not self.acquire(now):
+        if now >= self.lease_until - self.lease / 2 and not self.acquire(now):
             raise LeaseLost
         number = events[0].number if events else None
         try:
@@ -360,34 +333,26 @@ class SubscriptionDelivery:
             repo.audit("update", "Subscription", subscription_id)
 
     # ------------------------------------------------------------------ the thread
-    def start(self) -> None:
-        """Tick every ``interval_s`` in a daemon thread (nothing if the interval is 0)."""
-        if self.interval_s <= 0 or self._thread is not None:
+    def wake(self) -> None:
+        """Deliver now rather than at the next poll: events were committed (from any thread)."""
+        super().wake()
+        self._listener.ring()
+
+    def wait(self, timeout: float) -> None:
+        """Wait for the next poll, a wake-up in this process or, on PostgreSQL, a ``NOTIFY`` from any
+        (module :mod:`.wakeup`). A listener just opened does not wait: events committed before it
+        listened were announced to nobody, so the next round looks at once."""
+        if self._listener.open():
             return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="fhir-norse-subscriptions", daemon=True)
-        self._thread.start()
+        self._listener.wait(timeout, self._wake)
 
     def stop(self, timeout: float = 10.0) -> None:
-        thread, self._thread = self._thread, None
-        self._stop.set()
-        if thread is not None:
-            thread.join(timeout)
-            try:
-                self.release()
-            except sa.exc.DBAPIError:  # pragma: no cover - the lease simply expires
-                log.warning("subscription delivery lease not released")
+        """End the thread, give the lease back, close the listener and the HTTP client."""
+        super().stop(timeout)
+        self._listener.close()
         if self._http is not None:
             self._http.close()
             self._http = None
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except Exception:
-                log.exception("subscription delivery tick failed; the next one tries again")
-            self._stop.wait(self.interval_s)
 
 
 def state_of(service: FhirService, subscription_id: str) -> State | None:

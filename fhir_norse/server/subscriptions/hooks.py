@@ -16,6 +16,10 @@ active, error) on a topic the change fires, whose filters all match, it writes a
 Subscription's next event number in the same transaction (:func:`.state.record_event`). The live
 Subscriptions per topic are cached in the process and reloaded when the generation counter, bumped by
 every Subscription write, has moved: one primary-key read per triggering write.
+
+Both hooks ring the delivery workers' :class:`~.wakeup.Doorbell` for a transaction that gives them
+work (events; a Subscription ``requested``, whose handshake is due): they deliver once it has
+committed rather than at their next poll.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from fhir_norse.server.search.typed import Where
 from fhir_norse.server.subscriptions import state
 from fhir_norse.server.subscriptions.model import LIVE_STATUSES, Filter, SubscriptionSpec, parse_subscription
 from fhir_norse.server.subscriptions.topics import TopicRegistry
+from fhir_norse.server.subscriptions.wakeup import Doorbell
 from fhir_norse.store.rows import ReferenceRow
 from fhir_norse.store.storage import StoredResource
 
@@ -44,10 +49,18 @@ _LIMIT = 100_000
 class SubscriptionHook(StorageHook):
     """Checks Subscriptions, seals their headers, keeps their delivery state (module doc)."""
 
-    def __init__(self, topics: TopicRegistry, sealer: Sealer, *, allow_http: bool = False) -> None:
+    def __init__(
+        self,
+        topics: TopicRegistry,
+        sealer: Sealer,
+        *,
+        allow_http: bool = False,
+        doorbell: Doorbell | None = None,
+    ) -> None:
         self.topics = topics
         self.sealer = sealer
         self.allow_http = allow_http
+        self.doorbell = doorbell
 
     def topic_canonicals(self) -> list[str]:
         """``url|version`` of every topic, for the CapabilityStatement."""
@@ -90,6 +103,8 @@ class SubscriptionHook(StorageHook):
         if current is not None and outcome.body.get("status") == "requested" and before != "requested":
             # (Re)started by its owner: a new handshake, a clean failure count.
             state.update_state(conn, res_id, handshake_done=False, failures=0, retry_at=state.utcnow())
+        if self.doorbell is not None and outcome.body.get("status") == "requested":
+            self.doorbell.ring_after_commit(repo)  # its handshake is due
         return []
 
     def headers(self, sealed: str | None, res_id: str) -> list[str]:
@@ -142,9 +157,12 @@ class ActiveSubscriptions:
 class OutboxHook(StorageHook):
     """Writes the events of a change for every matching live Subscription (module doc)."""
 
-    def __init__(self, topics: TopicRegistry, active: ActiveSubscriptions) -> None:
+    def __init__(
+        self, topics: TopicRegistry, active: ActiveSubscriptions, doorbell: Doorbell | None = None
+    ) -> None:
         self.topics = topics
         self.active = active
+        self.doorbell = doorbell
 
     def before_commit(
         self, repo: Repository, outcome: WriteOutcome, previous: StoredResource | None
@@ -170,7 +188,7 @@ class OutboxHook(StorageHook):
             assert matcher is not None
             for spec in subscriptions:
                 if all(matcher.matches(f) for f in spec.filters if f.res_type == res_type):
-                    state.record_event(
+                    number = state.record_event(
                         repo.uow.conn,
                         spec.res_id,
                         topic.url,
@@ -179,6 +197,8 @@ class OutboxHook(StorageHook):
                         stored.version,
                         interaction,
                     )
+                    if number is not None and self.doorbell is not None:
+                        self.doorbell.ring_after_commit(repo)
         return []
 
 
@@ -249,6 +269,15 @@ class _Matcher:
                 if server.find(where, 1):
                     return True
         return False
+
+
+def doorbell_of(hooks: Mapping[str, StorageHook]) -> Doorbell | None:
+    """The doorbell the Subscription hooks among a kernel's hooks ring (alone or in a chain)."""
+    for hook in hooks.values():
+        for candidate in list(getattr(hook, "hooks", ())) or [hook]:
+            if isinstance(candidate, SubscriptionHook | OutboxHook) and candidate.doorbell is not None:
+                return candidate.doorbell
+    return None
 
 
 def _code_matches(concept: Any, values: Iterable[str]) -> bool:

@@ -25,7 +25,7 @@ from typing import Any
 from fhir_norse.outcomes import BadRequest
 from fhir_norse.server.context import Result
 from fhir_norse.server.interactions import FhirService
-from fhir_norse.server.operations.registry import Operation, OperationCall
+from fhir_norse.server.operations.registry import PASSED_OVER, Operation, OperationCall, non_negative
 from fhir_norse.server.repository import Repository, loads
 from fhir_norse.server.resources import check_id
 from fhir_norse.server.search.typed import Where
@@ -35,7 +35,6 @@ from fhir_norse.server.subscriptions.model import CONTENT_LEVELS, OP_EVENTS, OP_
 from fhir_norse.server.subscriptions.notifications import notification_bundle, status_parameters
 
 _STATUSES = frozenset({"requested", "active", "error", "off"})
-_PASSED_OVER = frozenset({"_format", "_pretty"})
 
 
 def _status_of(repo: Repository, base: str, res_id: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -55,7 +54,7 @@ def _status_of(repo: Repository, base: str, res_id: str, body: dict[str, Any]) -
 def _check_params(call: OperationCall, allowed: set[str], name: str) -> list[tuple[str, str]]:
     pairs = call.all_params()
     for key, _ in pairs:
-        if key not in allowed and key not in _PASSED_OVER:
+        if key not in allowed and key not in PASSED_OVER:
             raise BadRequest(f"Unknown parameter '{key}' for ${name}", code="not-supported")
     return pairs
 
@@ -98,11 +97,7 @@ def status_operation(service: FhirService, call: OperationCall) -> Result:
 
 
 def _number(name: str, value: str | None) -> int | None:
-    if value is None:
-        return None
-    if not value.isdigit() or len(value) > 18:
-        raise BadRequest(f"{name} must be a non-negative integer, not '{value}'", code="value")
-    return int(value)
+    return None if value is None else non_negative(name, value, code="value")
 
 
 def events_operation(service: FhirService, call: OperationCall) -> Result:
