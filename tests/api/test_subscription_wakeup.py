@@ -3,8 +3,9 @@
 
 The worker thread runs (the app's lifespan starts it) with a poll interval of a minute; every
 notification is awaited with a deadline of :data:`DEADLINE_S`, far below it, so one that arrives came
-from a wake-up: in this process after the writing transaction's commit, and on PostgreSQL from another
-app (its own engine, as another process would have) by ``NOTIFY``. When the ``LISTEN`` connection
+from a wake-up: in this process after the writing transaction's commit, and from another app (its own
+engine, as another process would have) by ``NOTIFY`` on PostgreSQL and by a datagram to the lease
+holder's socket on SQLite. When the ``LISTEN`` connection
 breaks, the worker falls back to its poll and listens again."""
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def test_a_committed_event_wakes_the_worker_long_before_its_poll(settings: Setti
         assert _numbers(hook) == [1, 2, 3]
 
 
-# ---------------------------------------------------------------------- PostgreSQL: other processes
+# ---------------------------------------------------------------------- other processes
 
 
 def _pg(settings: Settings) -> None:
@@ -106,13 +107,21 @@ def _listener_pids(app: FastAPI) -> list[int]:
         return [int(r[0]) for r in rows]
 
 
+def _listening(app: FastAPI) -> bool:
+    """Whether ``app``'s worker listens to other processes: its LISTEN backend (PostgreSQL), its socket
+    bound to the database's address (SQLite)."""
+    if app.state.settings.database_url.startswith("postgresql"):
+        return bool(_listener_pids(app))
+    worker: SubscriptionDelivery = app.state.subscription_delivery
+    return worker._listener.listening
+
+
 def test_an_event_written_by_another_process_wakes_the_worker(settings: Settings, hook: Receiver) -> None:
-    _pg(settings)
     with (
         running(settings, INTERVAL_S) as (deliverer, _),
         running(settings, 0, publish=False) as (_writer, client),
     ):
-        _until(lambda: _listener_pids(deliverer), "the worker to listen")
+        _until(lambda: _listening(deliverer), "the worker to listen")
         patient = create_patient(client)
         subscribe(client, subscription(hook.url))  # written by the other app: NOTIFY wakes the worker
         _until(lambda: hook.of_kind("handshake"), "the handshake")

@@ -44,7 +44,7 @@ from fhir_norse.auth.sealed import SealError
 from fhir_norse.outcomes import FhirError, Forbidden
 from fhir_norse.server.context import RequestContext
 from fhir_norse.server.interactions import FhirService
-from fhir_norse.server.leased import LeasedWorker
+from fhir_norse.server.leased import LeasedWorker, naive_utc
 from fhir_norse.server.repository import JsonDict, loads
 from fhir_norse.server.subscriptions import state
 from fhir_norse.server.subscriptions.hooks import SubscriptionHook, doorbell_of
@@ -124,6 +124,7 @@ class SubscriptionDelivery(LeasedWorker):
         doorbell = doorbell_of(service.kernel.hooks)
         if doorbell is not None:
             doorbell.listen(self.wake)
+            doorbell.across_processes(self._listener.address)
 
     def http(self) -> httpx.Client:
         """The worker's HTTP client (connections kept alive between notifications), made on first use."""
@@ -339,9 +340,11 @@ class SubscriptionDelivery(LeasedWorker):
         self._listener.ring()
 
     def wait(self, timeout: float) -> None:
-        """Wait for the next poll, a wake-up in this process or, on PostgreSQL, a ``NOTIFY`` from any
-        (module :mod:`.wakeup`). A listener just opened does not wait: events committed before it
-        listened were announced to nobody, so the next round looks at once."""
+        """Wait for the next poll, a wake-up in this process or one from another (PostgreSQL: a
+        ``NOTIFY``; SQLite: a datagram to the lease holder; module :mod:`.wakeup`). A listener just
+        opened does not wait: events committed before it listened were announced to nobody, so the next
+        round looks at once."""
+        self._listener.holding = self.lease_until > naive_utc(self.now())
         if self._listener.open():
             return
         self._listener.wait(timeout, self._wake)
