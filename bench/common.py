@@ -111,3 +111,25 @@ def code_version() -> dict[str, Any]:
         "subject": git("log", "-1", "--format=%s"),
         "changed": [ln[3:] for ln in git("status", "--porcelain", "--", "fhir_norse").splitlines()],
     }
+
+
+def analyze(kind: str, engine: sa.Engine, *, checkpoint: bool = False) -> None:
+    """Fresh planner statistics after a bulk load: ``ANALYZE`` on SQLite (and, with ``checkpoint``, the
+    WAL folded into the database file), ``VACUUM ANALYZE`` of the resource and index tables on
+    PostgreSQL (what autovacuum would do on a live server)."""
+    from fhir_norse.store.tables import INDEX_TABLES
+
+    if kind == "sqlite":
+        raw = engine.raw_connection()  # autocommit (the engine leaves BEGIN to us)
+        try:
+            cur = raw.cursor()
+            cur.execute("ANALYZE")
+            if checkpoint:
+                cur.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            cur.close()
+        finally:
+            raw.close()
+    else:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            for table in ("resource", "resource_history", *(t.name for t in INDEX_TABLES)):
+                conn.exec_driver_sql(f"VACUUM ANALYZE {PG_SCHEMA}.{table}")

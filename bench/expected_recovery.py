@@ -37,7 +37,6 @@ from fhir_norse.instruments.schema import load_mapping
 from fhir_norse.scoring.recovery import Episode, RecoveryModel, check, model_of
 from fhir_norse.store import migrate
 from fhir_norse.store.db import create_engine
-from fhir_norse.store.tables import INDEX_TABLES
 from tests.scoring.recovery_cohort import STATIC, SyntheticEpisode, cohort, cohort_resources, store
 
 CONTENT = common.ROOT / "var" / "bench" / "expected-recovery-content"
@@ -45,21 +44,10 @@ SEED, FRESH_SEED = 19, 2019
 
 
 def analyze(kind: str, url: str) -> None:
-    """Fresh planner statistics after the load: ANALYZE (SQLite), VACUUM ANALYZE (PostgreSQL)."""
+    """Fresh planner statistics after the load (:func:`bench.common.analyze`)."""
     engine = create_engine(url)
     try:
-        if kind == "sqlite":
-            raw = engine.raw_connection()
-            try:
-                cur = raw.cursor()
-                cur.execute("ANALYZE")
-                cur.close()
-            finally:
-                raw.close()
-        else:
-            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                for table in ("resource", "resource_history", *(t.name for t in INDEX_TABLES)):
-                    conn.exec_driver_sql(f"VACUUM ANALYZE {common.PG_SCHEMA}.{table}")
+        common.analyze(kind, engine)
     finally:
         engine.dispose()
 

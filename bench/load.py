@@ -36,7 +36,6 @@ from fhir_norse.server.validation import validate_resource
 from fhir_norse.store import migrate
 from fhir_norse.store.db import create_engine
 from fhir_norse.store.storage import _INDEX_TABLE, H, R, Storage, _row_values
-from fhir_norse.store.tables import INDEX_TABLES
 
 
 def peak_rss_mb() -> float:
@@ -158,19 +157,7 @@ def load(
     load_s = time.perf_counter() - t_load
 
     t0 = time.perf_counter()
-    if kind == "sqlite":
-        raw = engine.raw_connection()  # autocommit (the engine leaves BEGIN to us)
-        try:
-            cur = raw.cursor()
-            cur.execute("ANALYZE")
-            cur.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            cur.close()
-        finally:
-            raw.close()
-    else:
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            for table in ("resource", "resource_history", *(t.name for t in INDEX_TABLES)):
-                conn.exec_driver_sql(f"VACUUM ANALYZE {common.PG_SCHEMA}.{table}")
+    common.analyze(kind, engine, checkpoint=True)
     analyze_s = time.perf_counter() - t0
 
     with engine.connect() as conn:

@@ -37,7 +37,7 @@ import textwrap
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -531,18 +531,7 @@ def calibrate(
         raise CalibrationRefused(f"cannot write {target}: {exc}", 2) from exc
     # write_mapping writes YAML only; the header (comments) goes in front of it.
     target.write_text("\n".join(header) + "\n" + target.read_text(encoding="utf-8"), encoding="utf-8")
-    return Calibration(
-        source,
-        version,
-        target,
-        targets,
-        len(answer_sets),
-        estimates,
-        content,
-        written=True,
-        recovery=fits,
-        sample=sample_text,
-    )
+    return replace(result, written=True)
 
 
 def render_table(result: Calibration) -> str:
