@@ -1,8 +1,9 @@
 """Subscription notification latency: from a scored response's commit to the subscriber's receipt.
 
     python -m bench.notification_latency [--base-url URL --token TOKEN | --spawn sqlite|postgres]
-                                         [--source response|report] [--rate 50] [--seconds 20]
-                                         [--writers 8] [--content id-only] [--json OUT]
+                                         [--source response|report] [--patients 1] [--rate 50]
+                                         [--seconds 20] [--writers 8] [--max-count N]
+                                         [--content id-only] [--json OUT]
 
 Against a running server (``--base-url`` and a ``system/*.cruds`` ``--token``; the content pack
 published, the delivery worker on: ``FHIR_NORSE_SUBSCRIPTION_INTERVAL_S`` > 0), or one this script
@@ -11,11 +12,14 @@ PostgreSQL schema ``bench_notify``, both emptied first):
 
 1. a subscriber: a threaded HTTP receiver on 127.0.0.1 (a random port) that notes the moment each
    notification arrives (``time.monotonic``) and the DiagnosticReports it names;
-2. a Patient, and a Subscription to the ``scored-administration`` topic filtered on that patient, with
-   the chosen content level; the handshake is awaited;
+2. ``--patients`` Patients, and a Subscription to the ``scored-administration`` topic (filtered on the
+   patient when there is one; unfiltered for several, the benchmark database holding only them), with
+   the chosen content level and, with ``--max-count``, its ``backport-max-count`` (pending events share
+   a notification up to that many); the handshake is awaited;
 3. commits that fire the topic, posted open-loop at ``--rate`` per second for ``--seconds`` by
    ``--writers`` threads (each request is sent at its scheduled moment, late requests are not dropped):
-   ``--source response`` (the default) posts completed PHQ-9 responses, which the server scores, and
+   ``--source response`` (the default) posts completed PHQ-9 responses, which the server scores (the
+   patients in turn: one patient's thousandth response reads a longer history than a clinic's), and
    the DiagnosticReport its scoring writes is known from the ``201`` (its id derives from the
    response's); ``--source report`` posts a rom DiagnosticReport itself, the same topic's trigger
    without the scoring, so that the delivery path is measured at rates the scoring cannot sustain on a
@@ -142,25 +146,22 @@ def run(
     writers: int,
     content: str,
     source: str = "response",
+    patients: int = 1,
+    max_count: int | None = None,
 ) -> dict[str, Any]:
     subscriber = Subscriber()
     auth = {"Authorization": f"Bearer {token}", **FHIR_JSON}
     try:
         with httpx.Client(timeout=60, headers=auth) as client:
-            patient = client.post(f"{base}/Patient", json={"resourceType": "Patient"}).json()["id"]
-            subscription = {
+            ids = [
+                client.post(f"{base}/Patient", json={"resourceType": "Patient"}).json()["id"]
+                for _ in range(patients)
+            ]
+            subscription: dict[str, Any] = {
                 "resourceType": "Subscription",
                 "status": "requested",
                 "reason": "notification latency benchmark",
                 "criteria": TOPIC,
-                "_criteria": {
-                    "extension": [
-                        {
-                            "url": BACKPORT + "backport-filter-criteria",
-                            "valueString": f"DiagnosticReport?patient=Patient/{patient}",
-                        }
-                    ]
-                },
                 "channel": {
                     "type": "rest-hook",
                     "endpoint": subscriber.url,
@@ -170,6 +171,19 @@ def run(
                     },
                 },
             }
+            if max_count is not None:
+                subscription["channel"]["extension"] = [
+                    {"url": BACKPORT + "backport-max-count", "valuePositiveInt": max_count}
+                ]
+            if patients == 1:
+                # One patient: the subscription filters on it (several: unfiltered, the benchmark
+                # database holds only these patients).
+                filter_criteria = f"DiagnosticReport?patient=Patient/{ids[0]}"
+                subscription["_criteria"] = {
+                    "extension": [
+                        {"url": BACKPORT + "backport-filter-criteria", "valueString": filter_criteria}
+                    ]
+                }
             created = client.post(f"{base}/Subscription", json=subscription)
             if created.status_code != 201:
                 raise RuntimeError(f"the Subscription was refused: {created.text}")
@@ -180,12 +194,10 @@ def run(
                     raise RuntimeError("no handshake within 30 s: is the delivery worker on?")
                 time.sleep(0.05)
             if source == "response":
-                target, body = (
-                    "QuestionnaireResponse",
-                    response(PHQ9, {item: "LA6568-5" for item in PHQ9_ITEMS}, patient=patient),
-                )
+                target = "QuestionnaireResponse"
+                bodies = [response(PHQ9, {item: "LA6568-5" for item in PHQ9_ITEMS}, patient=p) for p in ids]
             else:
-                target, body = "DiagnosticReport", _report(patient)
+                target, bodies = "DiagnosticReport", [_report(p) for p in ids]
             total = int(rate * seconds)
             sent: dict[str, tuple[float, float]] = {}  # report id -> (sent, answered)
             failed = 0
@@ -198,7 +210,7 @@ def run(
                 if delay > 0:
                     time.sleep(delay)
                 began = time.monotonic()
-                answer = client.post(f"{base}/{target}", json=body)
+                answer = client.post(f"{base}/{target}", json=bodies[n % len(bodies)])
                 answered = time.monotonic()
                 with lock:
                     if answer.status_code != 201:
@@ -232,6 +244,8 @@ def run(
         "target_rate": rate,
         "achieved_rate": round(len(sent) / elapsed, 1) if elapsed > 0 else 0.0,
         "source": source,
+        "patients": patients,
+        "max_count": max_count,
         "responses": len(sent),
         "failed_posts": failed,
         "missing": missing,
@@ -270,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token", default=os.environ.get("FHIR_NORSE_BENCH_TOKEN"))
     parser.add_argument("--spawn", choices=["sqlite", "postgres"], default=None)
     parser.add_argument("--source", choices=["response", "report"], default="response")
+    parser.add_argument("--patients", type=int, default=1)
+    parser.add_argument("--max-count", type=int, default=None)
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--writers", type=int, default=8)
@@ -298,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             writers=args.writers,
             content=args.content,
             source=args.source,
+            patients=args.patients,
+            max_count=args.max_count,
         )
     finally:
         if server is not None:

@@ -68,6 +68,7 @@ def subscription(
     filters: tuple[str, ...] = (),
     headers: tuple[str, ...] = (f"Authorization: {SECRET}",),
     heartbeat: int | None = None,
+    max_count: int | None = None,
 ) -> dict[str, Any]:
     channel: dict[str, Any] = {
         "type": "rest-hook",
@@ -78,9 +79,13 @@ def subscription(
     if headers:
         channel["header"] = list(headers)
     if heartbeat is not None:
-        channel["extension"] = [
+        channel.setdefault("extension", []).append(
             {"url": BACKPORT + "backport-heartbeat-period", "valueUnsignedInt": heartbeat}
-        ]
+        )
+    if max_count is not None:
+        channel.setdefault("extension", []).append(
+            {"url": BACKPORT + "backport-max-count", "valuePositiveInt": max_count}
+        )
     body: dict[str, Any] = {
         "resourceType": "Subscription",
         "meta": {"profile": [BACKPORT + "backport-subscription"]},
@@ -200,6 +205,34 @@ def test_alert_topic_filters_by_kind_and_events_are_ordered(
         "events-since-subscription-start"
     ] == "2"
     assert system_client.get(f"/fhir/Subscription/{other_kind}").json()["status"] == "active"
+
+
+def test_pending_events_share_notifications_up_to_the_max_count(
+    system_client: TestClient, hook: Receiver, app: FastAPI
+) -> None:
+    """Three events pending at once go out in order as [1, 2] and [3] to a subscriber whose
+    backport-max-count is 2, and one by one to a subscriber without it."""
+    patient = create_patient(system_client)
+    subscribe(system_client, subscription(hook.url + "/two", max_count=2))
+    subscribe(system_client, subscription(hook.url + "/one"))
+    tick(app)  # the handshakes
+    for _ in range(3):
+        score(system_client, patient)
+    tick(app)
+    two = [r for r in hook.events() if r.path == "/hook/two"]
+    one = [r for r in hook.events() if r.path == "/hook/one"]
+    assert [r.event_numbers() for r in two] == [[1, 2], [3]]
+    assert [r.event_numbers() for r in one] == [[1], [2], [3]]
+    # Each notification names the report of every event it carries, and counts up to its last event.
+    focus = [
+        part["valueReference"]["reference"]
+        for r in two
+        for event in r.status["notification-event"]
+        for part in event
+        if part["name"] == "focus"
+    ]
+    assert len(focus) == len(set(focus)) == 3 and all("DiagnosticReport/" in f for f in focus)
+    assert [r.status["events-since-subscription-start"] for r in two] == [["2"], ["3"]]
 
 
 def test_retries_deliver_once_after_failures_and_events_replay_a_gap(

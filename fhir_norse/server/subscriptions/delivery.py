@@ -190,7 +190,8 @@ class SubscriptionDelivery(LeasedWorker):
     def _deliver_events(
         self, row: State, spec: SubscriptionSpec, status: str, report: DeliveryReport
     ) -> None:
-        """The pending events in order, each POSTed only after the previous one got its 2xx. The
+        """The pending events in order, in notifications of at most ``backport-max-count`` events (one
+        without it), each POSTed only after the previous one got its 2xx. The
         acknowledged number is written once for the run of successes (before a failure is recorded, and
         at the end): a crash in between sends those events again, which at-least-once allows."""
         with self.service.storage.read() as view:
@@ -198,13 +199,17 @@ class SubscriptionDelivery(LeasedWorker):
                 view.conn, row.subscription_id, row.delivered + 1, row.events, _BATCH
             )
         acknowledged = row.delivered
+        # Consecutive pending events share a notification up to the subscriber's backport-max-count
+        # (without it, one event per notification).
+        size = max(1, spec.max_count or 1)
         try:
-            for event in events:
+            for start in range(0, len(events), size):
+                chunk = tuple(events[start : start + size])
                 if not self._send(
-                    row, spec, "event-notification", status, (event,), report, record_failure=False
+                    row, spec, "event-notification", status, chunk, report, record_failure=False
                 ):
                     break
-                acknowledged = event.number
+                acknowledged = chunk[-1].number
         finally:
             if acknowledged > row.delivered:
                 self._acknowledge(row.subscription_id, acknowledged)

@@ -11,8 +11,9 @@ https://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition-backport-subs
   ``channel.payload`` ``application/fhir+json`` with ``backport-payload-content`` on ``_payload``:
   ``empty`` | ``id-only`` (the default) | ``full-resource``;
 * ``channel`` extensions ``backport-heartbeat-period`` (seconds), ``backport-timeout`` (seconds,
-  capped by the site's setting) and ``backport-max-count`` (this server sends one event per
-  notification, which every max-count allows);
+  capped by the site's setting) and ``backport-max-count`` (the most events one notification carries:
+  the pending events of a subscription go out in order, up to that many per notification; without it,
+  one per notification);
 * ``channel.header``: ``Name: value`` strings sent with every notification (the subscriber's secret):
   kept sealed apart from the resource and never returned (:mod:`.hooks`).
 
