@@ -147,8 +147,12 @@ class ExpectedRecovery(_Model):
     sample: str = Field(min_length=1)
 
 
+# The answer scale of every multi-scale item (1-7), and so the range of its scale scores and means.
+ANSWER_RANGE = (1, 7)
+
+
 def _within_answer_range(value: float) -> float:
-    if not 1 <= value <= 7:
+    if not ANSWER_RANGE[0] <= value <= ANSWER_RANGE[1]:
         raise ValueError(f"must be within 1-7 (got {value:g})")
     return value
 

@@ -41,6 +41,7 @@ from fhir_norse.instruments.schema import AnswerHandling, InstrumentMapping, Sca
 from fhir_norse.scoring.recovery import (
     DEFAULT_BAND_PERCENTILES,
     DEFAULT_MIN_EPISODES,
+    SCORE_RANGE,
     Episode,
     RecoveryModel,
     fit,
@@ -238,6 +239,7 @@ def fit_expected_recovery(
             min_episodes=min_episodes,
             fitted=when,
             percentiles=percentiles,
+            score_range=SCORE_RANGE,
         )
         out[key] = RecoveryFit(model, counted_episodes, min_episodes)
     return out

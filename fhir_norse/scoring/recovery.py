@@ -38,13 +38,14 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from fhir_norse.instruments.schema import ExpectedRecovery
+from fhir_norse.instruments.schema import ANSWER_RANGE, ExpectedRecovery
 
 __all__ = [
     "DEFAULT_BAND_PERCENTILES",
     "DEFAULT_MIN_EPISODES",
     "FORM",
     "MIN_ADMINISTRATIONS",
+    "SCORE_RANGE",
     "Episode",
     "RecoveryCheck",
     "RecoveryModel",
@@ -56,6 +57,8 @@ __all__ = [
     "outside_band",
 ]
 
+# The range of every scale score and alliance mean a mapping's curve describes (the answer scale).
+SCORE_RANGE = (float(ANSWER_RANGE[0]), float(ANSWER_RANGE[1]))
 FORM = "score_k = b0 + b1 ln(k) + b2 intake + b3 intake ln(k), k >= 2 (OLS); band: residual percentiles"
 DEFAULT_MIN_EPISODES = 30
 MIN_ADMINISTRATIONS = 3
@@ -87,15 +90,22 @@ class RecoveryModel:
     n_scores: int = 0
     fitted: date | None = None
     percentiles: tuple[float, float] = DEFAULT_BAND_PERCENTILES
+    # The scores possible (the answer scale's ends): a linear curve leaves them for an intake far from the
+    # sample's, and no patient can be expected beyond them.
+    score_range: tuple[float, float] | None = None
 
     def expected(self, k: int, intake: float) -> float:
-        """The expected score at administration ``k`` (1-based) for an episode that started at ``intake``."""
+        """The expected score at administration ``k`` (1-based) for an episode that started at ``intake``,
+        within ``score_range``."""
         if k < 1:
             raise ValueError(f"administration numbers start at 1 (got {k})")
         if k == 1:
             return intake
         lk = math.log(min(k, self.max_administration))
-        return self.intercept + self.log_k * lk + self.intake * intake + self.intake_log_k * intake * lk
+        mid = self.intercept + self.log_k * lk + self.intake * intake + self.intake_log_k * intake * lk
+        if self.score_range is not None:
+            mid = min(max(mid, self.score_range[0]), self.score_range[1])
+        return mid
 
     def band(self, k: int, intake: float) -> tuple[float, float]:
         """The tolerance band (low, high) around the expected score at ``k``."""
@@ -200,6 +210,7 @@ def fit(
     min_episodes: int = DEFAULT_MIN_EPISODES,
     percentiles: tuple[float, float] = DEFAULT_BAND_PERCENTILES,
     fitted: date | None = None,
+    score_range: tuple[float, float] | None = None,
 ) -> tuple[RecoveryModel | None, int]:
     """The model fitted on the counted ``episodes`` and how many counted; the model is None when fewer
     than ``min_episodes`` count (or the design is singular, such as every intake the same)."""
@@ -257,6 +268,7 @@ def fit(
             n_scores=len(rows),
             fitted=fitted,
             percentiles=percentiles,
+            score_range=score_range,
         ),
         n_episodes,
     )
@@ -282,6 +294,7 @@ def model_of(block: ExpectedRecovery) -> RecoveryModel:
         n_scores=block.n_scores,
         fitted=block.fitted,
         percentiles=block.band.percentiles,
+        score_range=SCORE_RANGE,
     )
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from fhir_norse.instruments.schema import ContentError, ExpectedRecovery, InstrumentMapping, load_mapping
 from fhir_norse.scoring.recovery import (
+    SCORE_RANGE,
     Episode,
     RecoveryModel,
     check,
@@ -92,6 +93,20 @@ def test_the_signal_finds_non_responders_and_deteriorators() -> None:
     assert alliance is not None
     mirrored = rates(alliance, fresh, alliance=True)
     assert mirrored["deteriorator"] >= 0.85 and mirrored["improver"] <= 0.02
+
+
+def test_the_expected_course_stays_within_the_possible_scores() -> None:
+    """A steep curve leaves 1-7 for an extreme intake; a model with the score range is held to it, and so
+    a patient at the floor is never above a band whose course went below 1."""
+    steep = RecoveryModel(0.0, -3.0, 1.0, 0.0, -0.5, 0.5, True, 20)
+    assert steep.expected(10, 1.5) == pytest.approx(1.5 - 3 * 2.3026, abs=1e-3)  # unclamped: below 1
+    held = RecoveryModel(0.0, -3.0, 1.0, 0.0, -0.5, 0.5, True, 20, score_range=SCORE_RANGE)
+    assert held.expected(10, 1.5) == 1.0 and held.expected(2, 1.5) == 1.0
+    assert held.band(10, 1.5) == (0.5, 1.5)
+    assert check(held, [1.5, 1.0, 1.0]) is not None and not check(held, [1.5, 1.0, 1.0]).not_on_track  # type: ignore[union-attr]
+    assert check(steep, [1.5, 1.0, 1.0]) is not None and check(steep, [1.5, 1.0, 1.0]).not_on_track  # type: ignore[union-attr]
+    rising = RecoveryModel(0.0, 3.0, 1.0, 0.0, -0.5, 0.5, True, 20, score_range=SCORE_RANGE)
+    assert rising.expected(20, 6.5) == 7.0
 
 
 def test_two_consecutive_administrations_outside_raise_and_one_inside_clears() -> None:
